@@ -1,0 +1,88 @@
+"""Framework adapters, one module per framework; installed as ``anycam.backends``.
+
+This module imports no framework. It finds the backend for a model from the model's type, and
+only among frameworks the user has already imported (present in ``sys.modules``): a library
+must never import a multi-hundred-megabyte framework the user did not ask for.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from typing import Any
+
+from anycam._backend import Backend
+from anycam._errors import BackendError
+
+NAMES = ("torch", "tensorflow", "jax")
+
+_INSTALL = {
+    "torch": ("PyTorch", "torch"),
+    "tensorflow": ("TensorFlow/Keras 3", "tensorflow"),
+    "jax": ("JAX", "jax"),
+}
+
+
+def _isinstance(obj: Any, module: str, *attrs: str) -> bool:
+    """True if ``obj`` is an instance of ``module.attr1.attr2...``, without importing ``module``."""
+    found = sys.modules.get(module)
+    for attr in attrs:
+        found = getattr(found, attr, None)
+    return isinstance(found, type) and isinstance(obj, found)
+
+
+def _is_torch(model: Any) -> bool:
+    return _isinstance(model, "torch", "nn", "Module")
+
+
+def _is_tensorflow(model: Any) -> bool:
+    return _isinstance(model, "keras", "Layer") or _isinstance(model, "tensorflow", "Module")
+
+
+def _is_jax(model: Any) -> bool:
+    if isinstance(model, tuple) and len(model) == 2 and _isinstance(model[0], "flax.linen", "Module"):
+        return True
+    return (
+        _isinstance(model, "flax.linen", "Module")
+        or _isinstance(model, "flax.nnx", "Module")
+        or _isinstance(model, "equinox", "Module")
+    )
+
+
+_DETECTORS = (("torch", _is_torch), ("tensorflow", _is_tensorflow), ("jax", _is_jax))
+
+
+def detect(model: Any) -> str:
+    """Returns the backend name for ``model`` from its type.
+
+    Raises:
+        BackendError: if no imported framework recognises the model.
+    """
+    for name, predicate in _DETECTORS:
+        if predicate(model):
+            return name
+    raise BackendError(
+        f"cannot tell which framework a {type(model).__module__}.{type(model).__qualname__} belongs to; "
+        "pass backend='torch', 'tensorflow' or 'jax' (a JAX model given as a (features, head) pair of "
+        "functions always needs backend='jax')"
+    )
+
+
+def load(name: str) -> type[Backend]:
+    """Returns the adapter class of backend ``name``, importing its framework.
+
+    Raises:
+        BackendError: for an unknown name or a framework that cannot be imported.
+    """
+    if name not in NAMES:
+        raise BackendError(f"unknown backend {name!r}; choose one of {', '.join(NAMES)}")
+    try:
+        module = importlib.import_module(f"{__name__}.{name}")
+    except ImportError as exc:
+        framework, extra = _INSTALL[name]
+        raise BackendError(
+            f"backend {name!r} needs {framework}, which failed to import ({exc}); "
+            f'pip install "anycam[{extra}]"'
+        ) from exc
+    backend: type[Backend] = module.BACKEND
+    return backend

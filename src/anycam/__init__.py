@@ -1,0 +1,38 @@
+"""anycam: Grad-CAM for PyTorch, TensorFlow/Keras and JAX from one pure-NumPy core.
+
+``import anycam`` imports no framework; the adapter for a model's framework is loaded on first
+use. See ``anycam.Explainer``.
+"""
+
+from __future__ import annotations
+
+from . import core
+from ._backend import Backend, Capture
+from ._errors import (
+    AnycamError,
+    BackendError,
+    InputError,
+    LayerError,
+    NonFiniteError,
+    TargetError,
+)
+from ._explainer import Explainer, Explanation
+from .core.targets import top_k
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AnycamError",
+    "Backend",
+    "BackendError",
+    "Capture",
+    "Explainer",
+    "Explanation",
+    "InputError",
+    "LayerError",
+    "NonFiniteError",
+    "TargetError",
+    "__version__",
+    "core",
+    "top_k",
+]

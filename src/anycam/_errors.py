@@ -1,0 +1,48 @@
+"""One family of exceptions: every error anycam raises is an ``AnycamError``.
+
+Each also subclasses the builtin it refines, so ``except ValueError`` keeps working in code
+that does not know anycam.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+class AnycamError(Exception):
+    """Base class of every error raised by anycam."""
+
+
+class BackendError(AnycamError, RuntimeError):
+    """No backend fits the model, or the chosen framework cannot be imported."""
+
+
+class LayerError(AnycamError, LookupError):
+    """A layer cannot be found, is never called, or does not reach the model output."""
+
+    def __str__(self) -> str:  # LookupError would otherwise repr() the message
+        return str(self.args[0]) if self.args else ""
+
+
+class TargetError(AnycamError, ValueError):
+    """A target does not fit the model output or the batch."""
+
+
+class InputError(AnycamError, ValueError):
+    """The input has the wrong rank, dtype or layout."""
+
+
+class NonFiniteError(AnycamError, FloatingPointError):
+    """NaN or inf appeared in activations or gradients."""
+
+
+def closest(name: str, candidates: Iterable[str], n: int = 3) -> str:
+    """Returns a "closest: 'a', 'b'" hint for an unknown ``name`` (empty if nothing is close)."""
+    candidates = list(candidates)
+    matches = difflib.get_close_matches(name, candidates, n=n, cutoff=0.4)
+    if not matches:
+        matches = [c for c in candidates if name and (name in c or c in name)][:n]
+    if not matches:
+        return ""
+    return "; closest: " + ", ".join(repr(m) for m in matches)

@@ -1,0 +1,190 @@
+"""The public entry point: ``Explainer`` and the ``Explanation`` it returns."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from . import core
+from ._backend import Backend, Capture, as_list
+from ._errors import AnycamError
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """Everything one call computed.
+
+    Attributes:
+        heatmap: ``(N, *input_spatial)`` or ``(N, K, *input_spatial)`` float32 in [0, 1].
+        cam: the raw map of the (first) layer, ReLU(Σ_k α_k A^k) at layer resolution, not
+            normalised, float32; ``(N, *S)`` or ``(N, K, *S)``.
+        cams: ``cam`` for every layer, in the order given.
+        weights: channel weights α ``(N, C)`` or ``(N, K, C)`` of the (first) layer, or None for
+            methods without them (HiResCAM, LayerCAM, Eigen-CAM).
+        scores: the explained model outputs, ``(N,)`` or ``(N, K)``.
+        target: resolved class indices ``(N,)`` or ``(N, K)``, or None for callable targets.
+        layer: the layer name, or a tuple of names for several layers.
+        method: the method used.
+    """
+
+    heatmap: np.ndarray
+    cam: np.ndarray
+    cams: tuple[np.ndarray, ...]
+    weights: np.ndarray | None
+    scores: np.ndarray
+    target: np.ndarray | None
+    layer: str | tuple[str, ...]
+    method: str
+
+
+class Explainer:
+    """Grad-CAM-family explanations of one model at one (or several) layers, any framework.
+
+    Args:
+        model: a ``torch.nn.Module``, a Keras model or ``tf.Module``, or a JAX model (Flax
+            linen ``(module, variables)`` or bound module, Flax NNX or Equinox module, or a
+            ``(features, head)`` pair of functions with ``backend="jax"``).
+        layer: a layer name (``"layer4"``, ``"layer4.1.conv2"``, ``"resnet50/conv5_block3_out"``),
+            the layer object, or a list of them (maps combined by ``aggregate``).
+        method: one of ``anycam.core.METHODS``.
+        backend: ``"torch"``, ``"tensorflow"`` or ``"jax"``; None detects it from the model's
+            type among frameworks already imported.
+        output: selects the explained output when the model returns a tuple, dict or
+            dataclass: an index, key, attribute name or callable.
+        layout: the layer output's layout when the backend's guess is wrong:
+            ``"channels_first"``, ``"channels_last"`` or ``"tokens"`` (``(N, T, C)``).
+        token_grid: the patch grid of a token layout, e.g. ``(14, 14)``; inferred when square
+            (leading class/register tokens are dropped).
+        input_layout: the input's layout (default: the framework's convention).
+        normalize: ``"minmax"`` (default), ``"max"`` (the Keras example) or None.
+        upsample: ``"linear"`` (default), ``"nearest"`` or None (heatmap at layer resolution).
+        aggregate: ``"mean"`` or ``"max"`` over several layers.
+        **options: backend-specific options (see each backend's docs).
+
+    Raises:
+        anycam.BackendError: no backend fits, or its framework is not installed.
+        anycam.LayerError: a layer cannot be found (the message lists the closest names).
+        ValueError: an unknown method, normalisation, upsampling or aggregation.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        layer: Any,
+        method: str = "gradcam",
+        backend: str | None = None,
+        *,
+        output: Any = None,
+        layout: str | None = None,
+        token_grid: tuple[int, ...] | None = None,
+        input_layout: str | None = None,
+        normalize: str | None = "minmax",
+        upsample: str | None = "linear",
+        aggregate: str = "mean",
+        **options: Any,
+    ) -> None:
+        from . import backends
+
+        if method not in core.METHODS:
+            raise ValueError(f"unknown method {method!r}; choose one of {', '.join(core.METHODS)}")
+        if normalize not in core.NORMALIZATIONS:
+            raise ValueError(f"unknown normalize={normalize!r}; choose 'minmax', 'max' or None")
+        if upsample is not None and upsample not in core.RESIZE_MODES:
+            raise ValueError(f"unknown upsample={upsample!r}; choose 'linear', 'nearest' or None")
+        if aggregate not in core.AGGREGATIONS:
+            raise ValueError(f"unknown aggregate={aggregate!r}; choose 'mean' or 'max'")
+        self.layout = None if layout is None else core.canonical_layout(layout)
+        if input_layout is not None:
+            input_layout = core.canonical_layout(input_layout)
+        self.method = method
+        self.token_grid = None if token_grid is None else tuple(int(g) for g in token_grid)
+        self.normalize = normalize
+        self.upsample = upsample
+        self.aggregate = aggregate
+        name = backend if backend is not None else backends.detect(model)
+        adapter: type[Backend] = backends.load(name)
+        self.backend: Backend = adapter(
+            model, as_list(layer), output=output, input_layout=input_layout, **options
+        )
+        self._single_layer = not isinstance(layer, list)
+
+    @property
+    def layer_names(self) -> tuple[str, ...]:
+        """The resolved names of the explained layers."""
+        return self.backend.layer_names
+
+    def __repr__(self) -> str:
+        layers = ", ".join(self.layer_names)
+        return f"Explainer(method={self.method!r}, backend={self.backend.name!r}, layer=[{layers}])"
+
+    def __call__(self, inputs: Any, target: Any = None) -> np.ndarray:
+        """Returns the heatmaps for ``inputs``; see :meth:`explain` for the target forms."""
+        return self.explain(inputs, target).heatmap
+
+    def explain(self, inputs: Any, target: Any = None) -> Explanation:
+        """Explains a batch.
+
+        Args:
+            inputs: a batch ``(N, ...)`` of the framework's tensors (or a NumPy array).
+            target: None (argmax per sample), an int (the same class for every sample), N ints,
+                an ``(N, K)`` int array (K maps per sample from one forward pass),
+                ``anycam.top_k(k)``, or a callable from the model output to ``(N,)`` or
+                ``(N, K)`` scores (segmentation, detection, embeddings, regression).
+
+        Returns:
+            An :class:`Explanation`; ``heatmap`` is ``(N, *input_spatial)`` for one map per
+            sample, ``(N, K, *input_spatial)`` for K.
+
+        Raises:
+            anycam.TargetError, anycam.InputError, anycam.LayerError, anycam.NonFiniteError.
+        """
+        spec = core.parse_target(target)
+        needs_gradients = self.method in core.GRADIENT_METHODS
+        capture = self.backend.capture(inputs, spec, gradients=needs_gradients)
+        return self._explanation(capture, spec)
+
+    def _explanation(self, capture: Capture, spec: core.TargetSpec) -> Explanation:
+        count = capture.scores.shape[1]
+        results = []
+        for index, name in enumerate(self.layer_names):
+            activations = capture.activations[index]
+            core.check_finite(activations, "activations", name)
+            gradients = None
+            if capture.gradients is not None:
+                gradients = capture.gradients[index]
+                core.check_finite(gradients, "gradients", name)
+            layout = self.layout or capture.layouts[index]
+            try:
+                results.append(
+                    core.layer_cam(self.method, activations, gradients, layout, count=count, grid=self.token_grid)
+                )
+            except AnycamError as exc:
+                raise type(exc)(f"layer {name!r}: {exc}") from exc
+        size = None if self.upsample is None else capture.input_spatial
+        heatmap = core.heatmaps(
+            [r.cam for r in results],
+            size,
+            normalization=self.normalize,
+            resize_mode=self.upsample,
+            aggregate=self.aggregate,
+        )
+        squeeze = spec.squeeze and count == 1
+
+        def shaped(array: np.ndarray | None) -> np.ndarray | None:
+            return array[:, 0] if squeeze and array is not None else array
+
+        cams = tuple(shaped(r.cam) for r in results)
+        target = capture.target
+        layer: str | tuple[str, ...] = self.layer_names[0] if self._single_layer else self.layer_names
+        return Explanation(
+            heatmap=shaped(heatmap),  # type: ignore[arg-type]
+            cam=cams[0],  # type: ignore[arg-type]
+            cams=cams,  # type: ignore[arg-type]
+            weights=shaped(results[0].weights),
+            scores=shaped(capture.scores),  # type: ignore[arg-type]
+            target=shaped(target),
+            layer=layer,
+            method=self.method,
+        )

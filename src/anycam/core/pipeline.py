@@ -1,0 +1,106 @@
+"""From captured arrays to heatmaps: layout → method → upsample → normalise → aggregate."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from .._errors import NonFiniteError
+from .layout import to_channels_first
+from .methods import compute_cam
+from .normalize import normalize
+from .resize import resize
+
+AGGREGATIONS = ("mean", "max")
+
+
+def check_finite(array: np.ndarray, what: str, layer: str) -> None:
+    """Raises NonFiniteError naming ``what`` and ``layer`` if ``array`` holds NaN or inf."""
+    finite = np.isfinite(array)
+    if not finite.all():
+        bad = np.argwhere(~finite)[0]
+        kind = "NaN" if np.isnan(array[tuple(bad)]) else "inf"
+        raise NonFiniteError(
+            f"{kind} in the {what} of layer {layer!r} (first at index {tuple(int(i) for i in bad)}, "
+            f"{int((~finite).sum())} values in all); check the input and the model's numerics "
+            "(a float16 overflow is a common cause)"
+        )
+
+
+@dataclass(frozen=True)
+class LayerResult:
+    """One layer's raw map ``(N, K, *S)`` float32 and channel weights ``(N, K, C)`` or None."""
+
+    cam: np.ndarray
+    weights: np.ndarray | None
+
+
+def layer_cam(
+    method: str,
+    activations: np.ndarray,
+    gradients: np.ndarray | None,
+    layout: str,
+    *,
+    count: int = 1,
+    grid: tuple[int, ...] | None = None,
+) -> LayerResult:
+    """Returns the raw map of one layer for K targets.
+
+    Args:
+        method: one of ``anycam.core.METHODS``.
+        activations: ``(N, ...)`` in ``layout``.
+        gradients: ``(N, K, ...)`` in ``layout``, or None for gradient-free methods.
+        layout: the layer's layout (see ``anycam.core.to_channels_first``).
+        count: K, used to repeat a target-independent map.
+        grid: the patch grid of a token layout.
+    """
+    acts = to_channels_first(activations, layout, lead=1, grid=grid)[:, None]
+    grads = None if gradients is None else to_channels_first(gradients, layout, lead=2, grid=grid)
+    cam, weights = compute_cam(method, acts, grads, channel_axis=2)
+    if cam.shape[1] != count:
+        cam = np.broadcast_to(cam, (cam.shape[0], count, *cam.shape[2:]))
+    cam32 = np.ascontiguousarray(cam, dtype=np.float32)
+    return LayerResult(cam32, None if weights is None else weights.astype(np.float32))
+
+
+def heatmaps(
+    cams: Sequence[np.ndarray],
+    size: Sequence[int] | None,
+    *,
+    normalization: str | None = "minmax",
+    resize_mode: str | None = "linear",
+    aggregate: str = "mean",
+) -> np.ndarray:
+    """Returns normalise(upsample(cam)) per layer, combined over layers.
+
+    Upsampling comes first so every map spans exactly [0, 1] at the output resolution (as in
+    pytorch-grad-cam and tf-keras-vis). With several layers each map is upsampled and
+    normalised, then averaged (or maxed) and normalised once more.
+
+    Args:
+        cams: per layer ``(N, K, *S_layer)``.
+        size: output spatial shape; None keeps the layer's (only with one layer).
+        normalization: ``"minmax"``, ``"max"`` or None.
+        resize_mode: ``"linear"``, ``"nearest"`` or None (same as size=None).
+        aggregate: ``"mean"`` or ``"max"`` over layers.
+
+    Returns:
+        ``(N, K, *size)`` float32.
+    """
+    if aggregate not in AGGREGATIONS:
+        raise ValueError(f"unknown aggregate {aggregate!r}; choose 'mean' or 'max'")
+    maps = []
+    for cam in cams:
+        spatial = cam.ndim - 2
+        out = cam if size is None or resize_mode is None else resize(cam, tuple(size)[-spatial:], resize_mode)
+        maps.append(normalize(out, normalization, spatial_ndim=spatial))
+    if len(maps) == 1:
+        return maps[0].astype(np.float32)
+    shapes = {m.shape for m in maps}
+    if len(shapes) != 1:
+        raise ValueError(f"layers give maps of different shapes {sorted(shapes)}; upsample them to one size")
+    stacked = np.stack(maps)
+    combined = stacked.mean(axis=0) if aggregate == "mean" else stacked.max(axis=0)
+    return normalize(combined, normalization, spatial_ndim=maps[0].ndim - 2).astype(np.float32)

@@ -1,0 +1,82 @@
+"""Resizing maps to the input's resolution: separable linear (half-pixel centres) and nearest.
+
+Linear resizing here equals ``torch.nn.functional.interpolate(..., align_corners=False)``,
+OpenCV's ``INTER_LINEAR``, ``jax.image.resize(..., "linear")`` when upsampling and
+``tf.image.resize(..., antialias=False)``: output pixel i samples the input at
+``(i + 0.5) · in/out − 0.5``, clamped to the edge. Every output is a convex combination of
+inputs, so the result never leaves the input's range. Each axis is one small matrix product,
+so any number of axes and any sizes (up or down, non-square) cost the same code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from functools import lru_cache
+
+import numpy as np
+
+RESIZE_MODES = ("linear", "nearest")
+
+
+@lru_cache(maxsize=64)
+def interpolation_matrix(size_in: int, size_out: int, mode: str = "linear") -> np.ndarray:
+    """Returns the ``(size_out, size_in)`` matrix that resizes one axis.
+
+    ``"nearest"`` follows PyTorch's default ``mode="nearest"`` (index ``floor(i · in/out)``),
+    which is also what Captum's ``LayerAttribution.interpolate`` uses by default.
+
+    >>> interpolation_matrix(2, 4)
+    array([[1.  , 0.  ],
+           [0.75, 0.25],
+           [0.25, 0.75],
+           [0.  , 1.  ]])
+    """
+    if size_in < 1 or size_out < 1:
+        raise ValueError(f"sizes must be positive, got {size_in} -> {size_out}")
+    scale = size_in / size_out
+    rows = np.arange(size_out)
+    matrix = np.zeros((size_out, size_in), dtype=np.float64)
+    if mode == "nearest":
+        matrix[rows, np.minimum(np.floor(rows * scale).astype(np.int64), size_in - 1)] = 1.0
+    elif mode == "linear":
+        source = np.maximum((rows + 0.5) * scale - 0.5, 0.0)
+        lower = np.minimum(np.floor(source).astype(np.int64), size_in - 1)
+        upper = np.minimum(lower + 1, size_in - 1)
+        upper_weight = source - lower
+        np.add.at(matrix, (rows, lower), 1.0 - upper_weight)
+        np.add.at(matrix, (rows, upper), upper_weight)
+    else:
+        raise ValueError(f"unknown resize mode {mode!r}; choose 'linear' or 'nearest'")
+    matrix.flags.writeable = False
+    return matrix
+
+
+def resize(array: np.ndarray, size: Sequence[int], mode: str = "linear") -> np.ndarray:
+    """Returns ``array`` with its last ``len(size)`` axes resized to ``size``.
+
+    Args:
+        array: ``(..., *S_in)``.
+        size: the output spatial shape ``S_out``, one entry per trailing axis.
+        mode: ``"linear"`` or ``"nearest"``.
+
+    Returns:
+        ``(..., *size)`` float64.
+
+    Raises:
+        ValueError: if ``size`` has more entries than ``array`` has axes, or the mode is unknown.
+
+    >>> resize(np.array([[0.0, 1.0]]), (1, 4))
+    array([[0.  , 0.25, 0.75, 1.  ]])
+    """
+    size = tuple(int(s) for s in size)
+    if len(size) > array.ndim:
+        raise ValueError(f"cannot resize an array of shape {array.shape} to {size}")
+    out = np.asarray(array, dtype=np.float64)
+    first = array.ndim - len(size)
+    for axis, target in enumerate(size, start=first):
+        if out.shape[axis] == target:
+            continue
+        matrix = interpolation_matrix(out.shape[axis], target, mode)
+        moved = np.moveaxis(out, axis, -1)
+        out = np.moveaxis(moved @ matrix.T, -1, axis)
+    return out
