@@ -127,7 +127,7 @@ def resolve_indices(spec: TargetSpec, outputs: np.ndarray) -> np.ndarray:
         )
     if indices.max() >= classes:
         raise TargetError(f"target class {int(indices.max())} is out of range: the model has {classes} outputs")
-    return np.ascontiguousarray(indices, dtype=np.int64)
+    return np.array(indices, dtype=np.int64)  # a fresh, writable copy
 
 
 def one_hot(indices: np.ndarray, classes: int, dtype: Any = np.float32) -> np.ndarray:

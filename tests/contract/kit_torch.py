@@ -1,0 +1,117 @@
+"""Contract kit for PyTorch: small nets with a nonlinear head, reference by plain autograd."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from .kit import Case
+
+BATCH, CLASSES = 3, 5
+
+
+class Split(nn.Module):
+    """``head(features(x))``; the explained layer is ``features``."""
+
+    def __init__(self, features: nn.Module, head: nn.Module) -> None:
+        super().__init__()
+        self.features = features
+        self.head = head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+def _conv(spatial: int) -> tuple[type[nn.Module], type[nn.Module]]:
+    return {1: (nn.Conv1d, nn.AdaptiveAvgPool1d), 2: (nn.Conv2d, nn.AdaptiveAvgPool2d), 3: (nn.Conv3d, nn.AdaptiveAvgPool3d)}[spatial]
+
+
+def conv_net(spatial: int) -> Split:
+    conv, pool = _conv(spatial)
+    features = nn.Sequential(conv(3, 6, 3, padding=1), nn.ReLU(), conv(6, 8, 3, padding=1, stride=2), nn.ReLU(inplace=True))
+    head = nn.Sequential(conv(8, 8, 1), nn.Tanh(), pool(1), nn.Flatten(), nn.Linear(8, CLASSES))
+    return Split(features, head)
+
+
+class Tokens(nn.Module):
+    """Patch embedding + class token → (N, 1 + 16, D), then a residual MLP block."""
+
+    def __init__(self, dim: int = 8) -> None:
+        super().__init__()
+        self.embed = nn.Conv2d(3, dim, 4, stride=4)
+        self.cls = nn.Parameter(torch.randn(1, 1, dim))
+        self.mlp = nn.Sequential(nn.Linear(dim, dim), nn.GELU())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.embed(x).flatten(2).transpose(1, 2)
+        tokens = torch.cat([self.cls.expand(x.shape[0], -1, -1), tokens], dim=1)
+        return tokens + self.mlp(tokens)
+
+
+class TokenHead(nn.Module):
+    def __init__(self, dim: int = 8) -> None:
+        super().__init__()
+        self.mix = nn.Linear(dim, dim)
+        self.fc = nn.Linear(2 * dim, CLASSES)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        mixed = torch.tanh(self.mix(tokens))
+        return self.fc(torch.cat([mixed[:, 0], mixed[:, 1:].mean(1)], dim=1))
+
+
+class TorchKit:
+    name = "torch"
+
+    def case(self, kind: str) -> Case:
+        torch.manual_seed(0)
+        layout: str | None = None
+        true_layout = "channels_first"
+        if kind in ("conv2d", "channels_last"):
+            model, shape = conv_net(2), (BATCH, 3, 12, 10)
+        elif kind == "conv1d":
+            model, shape = conv_net(1), (BATCH, 3, 17)
+        elif kind == "conv3d":
+            model, shape = conv_net(3), (BATCH, 3, 6, 8, 5)
+        elif kind == "tokens":
+            model, shape = Split(Tokens(), TokenHead()), (BATCH, 3, 16, 16)
+            layout = true_layout = "tokens"
+        else:
+            raise ValueError(kind)
+        model.eval()
+        inputs = torch.randn(*shape)
+        if kind == "channels_last":
+            model = model.to(memory_format=torch.channels_last)
+            inputs = inputs.contiguous(memory_format=torch.channels_last)
+
+        def reference(cotangents: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+            with torch.no_grad():
+                activations = model.features(inputs)
+            leaf = activations.clone().requires_grad_()
+            outputs = model.head(leaf)
+            if cotangents is None:
+                return activations.numpy(), None, outputs.detach().numpy()
+            grads = [
+                torch.autograd.grad(outputs, leaf, grad_outputs=torch.as_tensor(c), retain_graph=True)[0]
+                for c in cotangents
+            ]
+            stacked = torch.stack(grads, dim=1)
+            return activations.numpy(), stacked.numpy(), outputs.detach().numpy()
+
+        def linear_target(weights: np.ndarray):  # type: ignore[no-untyped-def]
+            w = torch.as_tensor(weights, dtype=torch.float32)
+            return lambda output: output @ w
+
+        return Case(
+            model=model,
+            layer="features",
+            inputs=inputs,
+            layout=layout,
+            true_layout=true_layout,
+            input_spatial=tuple(shape[2:]),
+            reference=reference,
+            linear_target=linear_target,
+        )
+
+
+KIT = TorchKit()
