@@ -1,0 +1,73 @@
+"""Test sessions. `nox` runs the default set (the README's test command); `nox -l` lists all.
+
+One spelling everywhere: backend name = pip extra = module in backends/ = session suffix.
+"""
+
+from __future__ import annotations
+
+import nox
+
+nox.needs_version = ">=2024.3.2"
+nox.options.default_venv_backend = "virtualenv"  # pip: uv ignores the local CPU torch wheel
+nox.options.error_on_missing_interpreters = True
+
+PROJECT = nox.project.load_toml("pyproject.toml")
+TEST = nox.project.dependency_groups(PROJECT, "test")
+LINT = nox.project.dependency_groups(PROJECT, "lint")
+BACKENDS = ("torch", "tensorflow", "jax")
+QUIET = {"TF_CPP_MIN_LOG_LEVEL": "2"}
+
+
+@nox.session
+def core(session: nox.Session) -> None:
+    """NumPy-only core: oracles, properties, doctests, visualisation; no framework installed."""
+    session.install("-e", ".[viz]", *TEST)
+    session.run(
+        "pytest", "tests/core", "tests/viz", "tests/test_demo_data.py",
+        "--doctest-modules", "src/anycam/core", *session.posargs,
+    )
+
+
+def _backend_session(backend: str) -> None:
+    @nox.session(name=f"tests-{backend}")
+    def tests(session: nox.Session) -> None:
+        session.install("-e", f".[{backend},viz]", *TEST)
+        session.run(
+            "pytest", "tests/contract", f"tests/{backend}", f"--backends={backend}",
+            *session.posargs, env=QUIET,
+        )
+
+    tests.__doc__ = f"The {backend} backend: the shared contract suite and {backend}-specific tests."
+
+
+for _name in BACKENDS:
+    _backend_session(_name)
+
+
+@nox.session
+def parity(session: nox.Session) -> None:
+    """All three frameworks in one environment: same weights, same maps; the demo end to end."""
+    session.install("-e", ".[all]", *TEST)
+    session.run("pytest", "tests/parity", "--backends=torch,tensorflow,jax", *session.posargs, env=QUIET)
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """ruff and mypy."""
+    session.install("-e", ".", *LINT)
+    session.run("ruff", "check", "src", "backends", "tests", "noxfile.py")
+    session.run("mypy")
+
+
+@nox.session(default=False)
+def bench(session: nox.Session) -> None:
+    """Speed and memory against plain inference and the anchors, as ratios from one run."""
+    session.install("-e", ".[all]", "psutil")
+    session.run("python", "-m", "tests.benchmarks", *session.posargs, env=QUIET)
+
+
+@nox.session(default=False)
+def demo(session: nox.Session) -> None:
+    """The shipped demo model explained in every framework (python -m anycam demo)."""
+    session.install("-e", ".[all]")
+    session.run("python", "-m", "anycam", "demo", "--backend", "all", *session.posargs, env=QUIET)
