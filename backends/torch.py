@@ -141,9 +141,8 @@ class TorchBackend(Backend):
 
         handles = [m.register_forward_hook(make_hook(i)) for i, m in enumerate(self.modules)]
         try:
-            # inference_mode(False) lets a call made inside the user's inference_mode() build
-            # the small graph it needs; no_grad() keeps everything before the layer graph-free.
-            with torch.inference_mode(False), torch.no_grad():
+            # no_grad() keeps everything before the layer graph-free.
+            with torch.no_grad():
                 output = self.model(inputs)
         finally:
             for handle in handles:
@@ -215,6 +214,12 @@ class TorchBackend(Backend):
         return per_layer  # type: ignore[return-value]
 
     def capture(self, inputs: Any, target: TargetSpec, *, gradients: bool = True) -> Capture:
+        # inference_mode(False) lets a call made inside the user's inference_mode() build the
+        # small graph it needs.
+        with torch.inference_mode(False):
+            return self._capture(inputs, target, gradients)
+
+    def _capture(self, inputs: Any, target: TargetSpec, gradients: bool) -> Capture:
         x = self._as_input(inputs)
         self._warn_training()
         self._batch = x.shape[0]

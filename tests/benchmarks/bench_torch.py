@@ -1,0 +1,137 @@
+"""PyTorch: anycam against a plain inference forward and a pytorch-grad-cam-style capture.
+
+The network is a ResNet-50-shaped model defined here (torchvision does not import beside the
+CPU wheel used in this project); random weights do not change the cost.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+import anycam
+
+from .timing import interleaved, peak_memory, row
+
+
+class Bottleneck(nn.Module):
+    def __init__(self, inplanes: int, planes: int, stride: int = 1) -> None:
+        super().__init__()
+        width, out = planes, planes * 4
+        self.conv1 = nn.Conv2d(inplanes, width, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv3 = nn.Conv2d(width, out, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(out)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = None
+        if stride != 1 or inplanes != out:
+            self.downsample = nn.Sequential(nn.Conv2d(inplanes, out, 1, stride, bias=False), nn.BatchNorm2d(out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        y = self.relu(self.bn1(self.conv1(x)))
+        y = self.relu(self.bn2(self.conv2(y)))
+        y = self.bn3(self.conv3(y))
+        y += identity
+        return self.relu(y)
+
+
+class ResNet50(nn.Module):
+    def __init__(self, classes: int = 1000, width: int = 64) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, width, 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        inplanes, stages = width, []
+        for index, (blocks, stride) in enumerate(zip((3, 4, 6, 3), (1, 2, 2, 2))):
+            planes = width * 2**index
+            layers = [Bottleneck(inplanes, planes, stride)]
+            inplanes = planes * 4
+            layers += [Bottleneck(inplanes, planes) for _ in range(blocks - 1)]
+            stages.append(nn.Sequential(*layers))
+        self.layer1, self.layer2, self.layer3, self.layer4 = stages
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(inplanes, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+def anchor_style_gradcam(model: nn.Module, layer: nn.Module, x: torch.Tensor) -> np.ndarray:
+    """What pytorch-grad-cam does per call: hooks, a full ``.backward()``, NumPy math, cv2-like resize.
+
+    Written here from its documented behaviour (activation + gradient hooks, ``model.zero_grad``,
+    ``loss.backward`` through the whole network), so its cost can be measured beside anycam's.
+    """
+    store: dict[str, torch.Tensor] = {}
+
+    def forward_hook(module: nn.Module, args: object, out: torch.Tensor) -> None:
+        store["a"] = out.detach()
+        out.register_hook(lambda grad: store.__setitem__("g", grad.detach()))
+
+    handle = layer.register_forward_hook(forward_hook)
+    try:
+        x = x.clone().requires_grad_()
+        output = model(x)
+        target = output.argmax(1)
+        model.zero_grad()
+        output.gather(1, target[:, None]).sum().backward(retain_graph=True)
+    finally:
+        handle.remove()
+    acts, grads = store["a"].numpy(), store["g"].numpy()
+    cam = np.maximum(np.einsum("nc,nchw->nhw", grads.mean((2, 3)), acts), 0)
+    return anycam.core.normalize(anycam.core.resize(cam, x.shape[2:]))
+
+
+def run(quick: bool = False) -> list[dict]:
+    torch.manual_seed(0)
+    size, batch, repeats = (64, 2, 2) if quick else (224, 8, 5)
+    model = ResNet50(width=16 if quick else 64).eval()
+    x = torch.randn(batch, 3, size, size)
+    name = "ResNet-50-shaped (defined in the benchmark)" if not quick else "ResNet-50-shaped (quick, width 16)"
+    explainers = {layer: anycam.Explainer(model, layer) for layer in ("layer2", "layer3", "layer4")}
+    k10 = np.argsort(-np.arange(1000))[:10][None].repeat(batch, 0) % 1000
+
+    def forward() -> object:
+        with torch.inference_mode():
+            return model(x)
+
+    cases = {
+        "forward": forward,
+        "layer4": lambda: explainers["layer4"](x),
+        "layer4 K=10": lambda: explainers["layer4"](x, target=k10),
+        "layer3": lambda: explainers["layer3"](x),
+        "layer2": lambda: explainers["layer2"](x),
+        "anchor": lambda: anchor_style_gradcam(model, model.layer4, x),
+    }
+    times = interleaved(cases, repeats)
+    spec = anycam.core.parse_target(None)
+    capture = explainers["layer4"].backend.capture(x, spec)
+    core_time = interleaved({"core": lambda: explainers["layer4"]._explanation(capture, spec)}, repeats)["core"]
+    base = times["forward"]
+    label = "plain inference_mode forward"
+    rows = [
+        row("torch", name, "Grad-CAM layer4", batch, times["layer4"], label, base),
+        row("torch", name, "Grad-CAM layer3", batch, times["layer3"], label, base),
+        row("torch", name, "Grad-CAM layer2", batch, times["layer2"], label, base),
+        row("torch", name, "Grad-CAM layer4, K=10 maps per sample", batch, times["layer4 K=10"], "one map (layer4)", times["layer4"]),
+        row("torch", name, "core math (weights → 224² heatmap), layer4", batch, core_time, "whole Grad-CAM call", times["layer4"]),
+        row("torch", name, "pytorch-grad-cam-style capture (full .backward())", batch, times["anchor"], "anycam Grad-CAM layer4", times["layer4"]),
+    ]
+    mem_forward = peak_memory(forward)
+    mem_cam = peak_memory(lambda: explainers["layer4"](x))
+    mem_anchor = peak_memory(lambda: anchor_style_gradcam(model, model.layer4, x))
+    rows.append({**row("torch", name, "peak memory, Grad-CAM layer4", batch, mem_cam, "plain forward", mem_forward), "ms": None, "mb": mem_cam / 2**20})
+    rows.append({**row("torch", name, "peak memory, pytorch-grad-cam-style", batch, mem_anchor, "plain forward", mem_forward), "ms": None, "mb": mem_anchor / 2**20})
+    return rows
+
+
+if __name__ == "__main__":
+    for r in run():
+        print(r)
