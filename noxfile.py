@@ -23,8 +23,13 @@ def core(session: nox.Session) -> None:
     """NumPy-only core: oracles, properties, doctests, visualisation; no framework installed."""
     session.install("-e", ".[viz]", *TEST)
     session.run(
-        "pytest", "tests/core", "tests/viz", "tests/test_demo_data.py",
-        "--doctest-modules", "src/anycam/core", *session.posargs,
+        "pytest",
+        "tests/core",
+        "tests/viz",
+        "tests/test_demo_data.py",
+        "--doctest-modules",
+        "src/anycam/core",
+        *session.posargs,
     )
 
 
@@ -33,8 +38,12 @@ def _backend_session(backend: str) -> None:
     def tests(session: nox.Session) -> None:
         session.install("-e", f".[{backend},viz]", *TEST)
         session.run(
-            "pytest", "tests/contract", f"tests/{backend}", f"--backends={backend}",
-            *session.posargs, env=QUIET,
+            "pytest",
+            "tests/contract",
+            f"tests/{backend}",
+            f"--backends={backend}",
+            *session.posargs,
+            env=QUIET,
         )
 
     tests.__doc__ = f"The {backend} backend: the shared contract suite and {backend}-specific tests."

@@ -81,8 +81,7 @@ def load(name: str) -> type[Backend]:
     except ImportError as exc:
         framework, extra = _INSTALL[name]
         raise BackendError(
-            f"backend {name!r} needs {framework}, which failed to import ({exc}); "
-            f'pip install "anycam[{extra}]"'
+            f'backend {name!r} needs {framework}, which failed to import ({exc}); pip install "anycam[{extra}]"'
         ) from exc
     backend: type[Backend] = module.BACKEND
     return backend

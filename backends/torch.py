@@ -194,8 +194,12 @@ class TorchBackend(Backend):
                 eye = torch.eye(count, dtype=scores.dtype, device=scores.device)
                 cotangents = eye[:, None, :].expand(count, scores.shape[0], count)
                 grads = torch.autograd.grad(
-                    scores, leaves, grad_outputs=cotangents, is_grads_batched=True,
-                    retain_graph=True, allow_unused=True,
+                    scores,
+                    leaves,
+                    grad_outputs=cotangents,
+                    is_grads_batched=True,
+                    retain_graph=True,
+                    allow_unused=True,
                 )
             except RuntimeError:
                 # Some operators have no batching rule; fall back to one backward per target.
@@ -205,10 +209,10 @@ class TorchBackend(Backend):
                 ]
                 grads = tuple(
                     None if column[0] is None else torch.stack(list(column), dim=0)
-                    for column in zip(*columns)
+                    for column in zip(*columns, strict=True)
                 )
             per_layer = [None if g is None else g.transpose(0, 1) for g in grads]
-        for name, grad in zip(self.layer_names, per_layer):
+        for name, grad in zip(self.layer_names, per_layer, strict=False):
             if grad is None:
                 raise LayerError(f"layer {name!r} does not reach the explained output (its gradient is None)")
         return per_layer  # type: ignore[return-value]

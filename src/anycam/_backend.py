@@ -60,6 +60,18 @@ class Backend(abc.ABC):
     layer_names: tuple[str, ...]
 
     @abc.abstractmethod
+    def __init__(
+        self,
+        model: Any,
+        layers: Sequence[Any],
+        *,
+        output: Any = None,
+        input_layout: str | None = None,
+        **options: Any,
+    ) -> None:
+        """Resolves the layers and prepares (compiles, caches) what every call reuses."""
+
+    @abc.abstractmethod
     def capture(self, inputs: Any, target: TargetSpec, *, gradients: bool = True) -> Capture:
         """Runs the model once on ``inputs`` and returns what the core needs."""
 

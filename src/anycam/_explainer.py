@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -85,7 +86,9 @@ class Explainer:
         aggregate: str = "mean",
         **options: Any,
     ) -> None:
-        from . import backends
+        # Imported here, not at module level: anycam.backends is a sibling folder mapped into
+        # the package at install time, and importing it must stay optional for the core.
+        backends = importlib.import_module("anycam.backends")
 
         if method not in core.METHODS:
             raise ValueError(f"unknown method {method!r}; choose one of {', '.join(core.METHODS)}")
@@ -105,9 +108,7 @@ class Explainer:
         self.aggregate = aggregate
         name = backend if backend is not None else backends.detect(model)
         adapter: type[Backend] = backends.load(name)
-        self.backend: Backend = adapter(
-            model, as_list(layer), output=output, input_layout=input_layout, **options
-        )
+        self.backend: Backend = adapter(model, as_list(layer), output=output, input_layout=input_layout, **options)
         self._single_layer = not isinstance(layer, list)
 
     @property

@@ -21,8 +21,11 @@ def main(argv: list[str] | None = None) -> int:
         module = importlib.import_module(f"tests.benchmarks.bench_{framework}")
         for r in module.run(quick=args.quick):
             ms = f"{r['ms']:.1f}" if r.get("ms") is not None else f"{r['mb']:.0f} MB"
-            print(f"| {r['framework']} | {r['model']} | {r['case']} | {r['batch']} | {ms} | "
-                  f"{r['ratio']:.2f}× | {r['baseline']} |", flush=True)
+            print(
+                f"| {r['framework']} | {r['model']} | {r['case']} | {r['batch']} | {ms} | "
+                f"{r['ratio']:.2f}× | {r['baseline']} |",
+                flush=True,
+            )
     return 0
 
 

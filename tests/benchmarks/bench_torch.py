@@ -47,7 +47,7 @@ class ResNet50(nn.Module):
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(3, 2, 1)
         inplanes, stages = width, []
-        for index, (blocks, stride) in enumerate(zip((3, 4, 6, 3), (1, 2, 2, 2))):
+        for index, (blocks, stride) in enumerate(zip((3, 4, 6, 3), (1, 2, 2, 2), strict=False)):
             planes = width * 2**index
             layers = [Bottleneck(inplanes, planes, stride)]
             inplanes = planes * 4
@@ -120,15 +120,53 @@ def run(quick: bool = False) -> list[dict]:
         row("torch", name, "Grad-CAM layer4", batch, times["layer4"], label, base),
         row("torch", name, "Grad-CAM layer3", batch, times["layer3"], label, base),
         row("torch", name, "Grad-CAM layer2", batch, times["layer2"], label, base),
-        row("torch", name, "Grad-CAM layer4, K=10 maps per sample", batch, times["layer4 K=10"], "one map (layer4)", times["layer4"]),
-        row("torch", name, "core math (weights → 224² heatmap), layer4", batch, core_time, "whole Grad-CAM call", times["layer4"]),
-        row("torch", name, "pytorch-grad-cam-style capture (full .backward())", batch, times["anchor"], "anycam Grad-CAM layer4", times["layer4"]),
+        row(
+            "torch",
+            name,
+            "Grad-CAM layer4, K=10 maps per sample",
+            batch,
+            times["layer4 K=10"],
+            "one map (layer4)",
+            times["layer4"],
+        ),
+        row(
+            "torch",
+            name,
+            "core math (weights → 224² heatmap), layer4",
+            batch,
+            core_time,
+            "whole Grad-CAM call",
+            times["layer4"],
+        ),
+        row(
+            "torch",
+            name,
+            "pytorch-grad-cam-style capture (full .backward())",
+            batch,
+            times["anchor"],
+            "anycam Grad-CAM layer4",
+            times["layer4"],
+        ),
     ]
     mem_forward = peak_memory(forward)
     mem_cam = peak_memory(lambda: explainers["layer4"](x))
     mem_anchor = peak_memory(lambda: anchor_style_gradcam(model, model.layer4, x))
-    rows.append({**row("torch", name, "peak memory, Grad-CAM layer4", batch, mem_cam, "plain forward", mem_forward), "ms": None, "mb": mem_cam / 2**20})
-    rows.append({**row("torch", name, "peak memory, pytorch-grad-cam-style", batch, mem_anchor, "plain forward", mem_forward), "ms": None, "mb": mem_anchor / 2**20})
+    rows.append(
+        {
+            **row("torch", name, "peak memory, Grad-CAM layer4", batch, mem_cam, "plain forward", mem_forward),
+            "ms": None,
+            "mb": mem_cam / 2**20,
+        }
+    )
+    rows.append(
+        {
+            **row(
+                "torch", name, "peak memory, pytorch-grad-cam-style", batch, mem_anchor, "plain forward", mem_forward
+            ),
+            "ms": None,
+            "mb": mem_anchor / 2**20,
+        }
+    )
     return rows
 
 

@@ -24,12 +24,18 @@ class Split(nn.Module):
 
 
 def _conv(spatial: int) -> tuple[type[nn.Module], type[nn.Module]]:
-    return {1: (nn.Conv1d, nn.AdaptiveAvgPool1d), 2: (nn.Conv2d, nn.AdaptiveAvgPool2d), 3: (nn.Conv3d, nn.AdaptiveAvgPool3d)}[spatial]
+    return {
+        1: (nn.Conv1d, nn.AdaptiveAvgPool1d),
+        2: (nn.Conv2d, nn.AdaptiveAvgPool2d),
+        3: (nn.Conv3d, nn.AdaptiveAvgPool3d),
+    }[spatial]
 
 
 def conv_net(spatial: int) -> Split:
     conv, pool = _conv(spatial)
-    features = nn.Sequential(conv(3, 6, 3, padding=1), nn.ReLU(), conv(6, 8, 3, padding=1, stride=2), nn.ReLU(inplace=True))
+    features = nn.Sequential(
+        conv(3, 6, 3, padding=1), nn.ReLU(), conv(6, 8, 3, padding=1, stride=2), nn.ReLU(inplace=True)
+    )
     head = nn.Sequential(conv(8, 8, 1), nn.Tanh(), pool(1), nn.Flatten(), nn.Linear(8, CLASSES))
     return Split(features, head)
 

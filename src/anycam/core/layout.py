@@ -55,9 +55,7 @@ def token_grid(tokens: int, grid: tuple[int, ...] | None = None) -> tuple[int, t
         side = math.isqrt(tokens - prefix)
         if side > 0 and side * side == tokens - prefix:
             return prefix, (side, side)
-    raise InputError(
-        f"cannot infer a square patch grid from {tokens} tokens; pass token_grid=(rows, cols)"
-    )
+    raise InputError(f"cannot infer a square patch grid from {tokens} tokens; pass token_grid=(rows, cols)")
 
 
 def to_channels_first(
@@ -108,8 +106,7 @@ def spatial_shape(shape: tuple[int, ...], layout: str) -> tuple[int, ...]:
     layout = canonical_layout(layout)
     if len(shape) < 3:
         raise InputError(
-            f"input of shape {tuple(shape)} has no spatial axis; expected (N, C, *spatial) "
-            "or (N, *spatial, C)"
+            f"input of shape {tuple(shape)} has no spatial axis; expected (N, C, *spatial) or (N, *spatial, C)"
         )
     if layout == "channels_first":
         return tuple(shape[2:])

@@ -53,9 +53,7 @@ def gradcam_weights(gradients: np.ndarray, channel_axis: int = 1) -> np.ndarray:
     return np.mean(np.asarray(gradients, _F), axis=_spatial_axes(gradients, channel_axis))
 
 
-def gradcampp_weights(
-    activations: np.ndarray, gradients: np.ndarray, channel_axis: int = 1
-) -> np.ndarray:
+def gradcampp_weights(activations: np.ndarray, gradients: np.ndarray, channel_axis: int = 1) -> np.ndarray:
     """Returns w_k = Σ_s α_k,s ReLU(g_k,s), α = g²/(2g² + Σ_s' A_k,s' g³) where g ≠ 0, else 0.
 
     Grad-CAM++ (Chattopadhay et al. 2018) eq. 19 with an exponential class score, so higher
@@ -143,9 +141,7 @@ def eigencam(activations: np.ndarray, channel_axis: int = 1) -> np.ndarray:
     return relu(maps.reshape(*lead, *spatial))
 
 
-def class_activation_map(
-    activations: np.ndarray, class_weights: np.ndarray, channel_axis: int = 1
-) -> np.ndarray:
+def class_activation_map(activations: np.ndarray, class_weights: np.ndarray, channel_axis: int = 1) -> np.ndarray:
     """Returns M^c = Σ_k w_k^c A_k, CAM (Zhou et al. 2016) from a GAP → linear head.
 
     Not rectified, as in the paper. On such a head Grad-CAM's α_k equals w_k^c / Z, so

@@ -29,9 +29,23 @@ def check_finite(array: np.ndarray, what: str, layer: str) -> None:
         )
 
 
+def _to_float32(array: np.ndarray) -> np.ndarray:
+    """Returns ``array`` as contiguous float32, values beyond float32's range saturated.
+
+    The core computes in float64 so that A·G may exceed float32's range (activations and
+    gradients of 1e30 are both finite float32); a plain cast would turn such values into inf
+    with an overflow warning, and upsampling an inf map gives NaN (inf · 0).
+    """
+    limit = np.finfo(np.float32).max
+    return np.ascontiguousarray(np.clip(array, -limit, limit), dtype=np.float32)
+
+
 @dataclass(frozen=True)
 class LayerResult:
-    """One layer's raw map ``(N, K, *S)`` float32 and channel weights ``(N, K, C)`` or None."""
+    """One layer's raw map ``(N, K, *S)`` float32 and channel weights ``(N, K, C)`` or None.
+
+    Values beyond float32's range (about 3.4e38) saturate at its largest finite value.
+    """
 
     cam: np.ndarray
     weights: np.ndarray | None
@@ -61,8 +75,7 @@ def layer_cam(
     cam, weights = compute_cam(method, acts, grads, channel_axis=2)
     if cam.shape[1] != count:
         cam = np.broadcast_to(cam, (cam.shape[0], count, *cam.shape[2:]))
-    cam32 = np.ascontiguousarray(cam, dtype=np.float32)
-    return LayerResult(cam32, None if weights is None else weights.astype(np.float32))
+    return LayerResult(_to_float32(cam), None if weights is None else _to_float32(weights))
 
 
 def heatmaps(

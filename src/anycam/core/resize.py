@@ -23,7 +23,9 @@ def interpolation_matrix(size_in: int, size_out: int, mode: str = "linear") -> n
     """Returns the ``(size_out, size_in)`` matrix that resizes one axis.
 
     ``"nearest"`` follows PyTorch's default ``mode="nearest"`` (index ``floor(i · in/out)``),
-    which is also what Captum's ``LayerAttribution.interpolate`` uses by default.
+    which is also what Captum's ``LayerAttribution.interpolate`` uses by default. The index is
+    computed in integers: in floating point ``i · (in/out)`` can round just below an integer
+    (11 · (30/22) = 14.999…), picking the wrong pixel where PyTorch picks the right one.
 
     >>> interpolation_matrix(2, 4)
     array([[1.  , 0.  ],
@@ -37,9 +39,9 @@ def interpolation_matrix(size_in: int, size_out: int, mode: str = "linear") -> n
     rows = np.arange(size_out)
     matrix = np.zeros((size_out, size_in), dtype=np.float64)
     if mode == "nearest":
-        matrix[rows, np.minimum(np.floor(rows * scale).astype(np.int64), size_in - 1)] = 1.0
+        matrix[rows, np.minimum(rows * size_in // size_out, size_in - 1)] = 1.0
     elif mode == "linear":
-        source = np.maximum((rows + 0.5) * scale - 0.5, 0.0)
+        source = np.maximum(rows * scale, 0.0)
         lower = np.minimum(np.floor(source).astype(np.int64), size_in - 1)
         upper = np.minimum(lower + 1, size_in - 1)
         upper_weight = source - lower
@@ -68,6 +70,8 @@ def resize(array: np.ndarray, size: Sequence[int], mode: str = "linear") -> np.n
     >>> resize(np.array([[0.0, 1.0]]), (1, 4))
     array([[0.  , 0.25, 0.75, 1.  ]])
     """
+    if mode not in RESIZE_MODES:
+        raise ValueError(f"unknown resize mode {mode!r}; choose 'linear' or 'nearest'")
     size = tuple(int(s) for s in size)
     if len(size) > array.ndim:
         raise ValueError(f"cannot resize an array of shape {array.shape} to {size}")

@@ -69,26 +69,34 @@ def parse_target(target: Any) -> TargetSpec:
     if isinstance(target, bool):
         raise TargetError(f"target must be a class index, got the bool {target!r}")
     if isinstance(target, numbers.Integral):
-        if target < 0:
+        if int(target) < 0:
             raise TargetError(f"target class must be >= 0, got {target}")
+        if int(target) >= 2**63:
+            raise TargetError(f"target class {target} is too large to be a class index")
         return TargetSpec("index", squeeze=True, indices=np.array([[int(target)]], dtype=np.int64))
     try:
         array = np.asarray(target)
     except Exception as exc:
         raise TargetError(f"unsupported target {target!r}") from exc
-    if array.dtype == object or array.size == 0 or not np.issubdtype(array.dtype, np.integer):
-        if array.size and np.issubdtype(array.dtype, np.floating) and np.all(array == np.round(array)):
-            array = array.astype(np.int64)
-        else:
-            raise TargetError(
-                f"target must hold integer class indices, got dtype {array.dtype} "
-                f"and shape {array.shape}; use None, an int, N ints, an (N, K) array, "
-                "anycam.top_k(k) or a callable"
-            )
+    integral_floats = (
+        array.size > 0
+        and np.issubdtype(array.dtype, np.floating)
+        and bool(np.all(np.isfinite(array)))
+        and bool(np.all(array == np.round(array)))
+    )
+    if array.dtype == object or array.size == 0 or not (np.issubdtype(array.dtype, np.integer) or integral_floats):
+        raise TargetError(
+            f"target must hold integer class indices, got dtype {array.dtype} "
+            f"and shape {array.shape}; use None, an int, N ints, an (N, K) array, "
+            "anycam.top_k(k) or a callable"
+        )
     if array.ndim not in (1, 2):
         raise TargetError(f"target array must be (N,) or (N, K), got shape {array.shape}")
     if np.any(array < 0):
         raise TargetError(f"target classes must be >= 0, got {array.min()}")
+    # Checked before the cast: uint64 2**63 or a float 1e30 would wrap to a negative index.
+    if np.any(array >= 2**63):
+        raise TargetError(f"target class {array.max()} is too large to be a class index")
     squeeze = array.ndim == 1
     return TargetSpec("indices", squeeze=squeeze, indices=array.reshape(array.shape[0], -1).astype(np.int64))
 
