@@ -17,6 +17,7 @@ How a capture runs:
 
 from __future__ import annotations
 
+import copy
 import threading
 import warnings
 from collections.abc import Sequence
@@ -246,6 +247,42 @@ class TorchBackend(Backend):
             input_spatial=spatial_shape(tuple(x.shape), self.input_layout),
             layouts=("channels_first",) * len(leaves),
         )
+
+    def parameter_layers(self) -> tuple[str, ...]:
+        order: list[str] = []
+        for name, module in self.model.named_modules():
+            if name and any(True for _ in module.parameters(recurse=False)):
+                order.append(name)
+        return tuple(order)
+
+    def randomized(self, layers: Sequence[str], seed: int = 0) -> TorchBackend:
+        named = dict(self.model.named_modules())
+        unknown = [name for name in layers if name not in named]
+        if unknown:
+            raise LayerError(f"cannot randomise unknown layer(s) {', '.join(map(repr, unknown))}")
+        model = copy.deepcopy(self.model)
+        copies = dict(model.named_modules())
+        generator_state = torch.random.get_rng_state()
+        try:
+            torch.manual_seed(seed)
+            for name in layers:
+                module = copies[name]
+                reset = getattr(module, "reset_parameters", None)
+                if reset is None:
+                    raise LayerError(
+                        f"layer {name!r} ({type(module).__name__}) has no reset_parameters(); "
+                        "randomise the layers that have one"
+                    )
+                reset()
+        finally:
+            torch.random.set_rng_state(generator_state)
+        clone = copy.copy(self)
+        clone.model = model
+        clone.modules = [
+            copies[name] if name in copies else m for name, m in zip(self.layer_names, self.modules, strict=True)
+        ]
+        clone._warned_training = self._warned_training
+        return clone
 
     def predict(self, inputs: Any) -> np.ndarray:
         x = self._as_input(inputs)

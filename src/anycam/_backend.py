@@ -79,6 +79,21 @@ class Backend(abc.ABC):
     def predict(self, inputs: Any) -> np.ndarray:
         """Returns the selected model output for ``inputs`` as float32 NumPy, no gradients."""
 
+    def parameter_layers(self) -> tuple[str, ...]:
+        """Returns the names of the layers that own parameters, from the input to the output.
+
+        Used by ``anycam.sanity_check`` to randomise the model layer by layer.
+        """
+        raise NotImplementedError(f"the {self.name} backend cannot list its parameter layers")
+
+    def randomized(self, layers: Sequence[str], seed: int = 0) -> Backend:
+        """Returns a backend over a *copy* of the model whose ``layers`` are re-initialised.
+
+        Each layer gets fresh weights from the framework's own initialiser; the user's model
+        is never touched. The copy explains the same layers with the same options.
+        """
+        raise NotImplementedError(f"the {self.name} backend cannot randomise a model copy")
+
 
 def select_output(output: Any, selector: Any) -> Any:
     """Returns the part of a model output that ``selector`` names (shared by all backends).
