@@ -278,9 +278,8 @@ class TorchBackend(Backend):
             torch.random.set_rng_state(generator_state)
         clone = copy.copy(self)
         clone.model = model
-        clone.modules = [
-            copies[name] if name in copies else m for name, m in zip(self.layer_names, self.modules, strict=True)
-        ]
+        twins = {id(o): c for o, c in zip(self.model.modules(), model.modules(), strict=True)}
+        clone.modules = [twins[id(module)] for module in self.modules]
         clone._warned_training = self._warned_training
         return clone
 

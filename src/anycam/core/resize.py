@@ -41,7 +41,7 @@ def interpolation_matrix(size_in: int, size_out: int, mode: str = "linear") -> n
     if mode == "nearest":
         matrix[rows, np.minimum(rows * size_in // size_out, size_in - 1)] = 1.0
     elif mode == "linear":
-        source = np.maximum(rows * scale, 0.0)
+        source = np.maximum((rows + 0.5) * scale - 0.5, 0.0)
         lower = np.minimum(np.floor(source).astype(np.int64), size_in - 1)
         upper = np.minimum(lower + 1, size_in - 1)
         upper_weight = source - lower
