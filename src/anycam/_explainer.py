@@ -48,7 +48,8 @@ class Explainer:
             linen ``(module, variables)`` or bound module, Flax NNX or Equinox module, or a
             ``(features, head)`` pair of functions with ``backend="jax"``).
         layer: a layer name (``"layer4"``, ``"layer4.1.conv2"``, ``"resnet50/conv5_block3_out"``),
-            the layer object, or a list of them (maps combined by ``aggregate``).
+            the layer object, or a list of them (maps combined by ``aggregate``); None for a
+            JAX ``(features, head)`` pair, which is already cut at its layer.
         method: one of ``anycam.core.METHODS``.
         backend: ``"torch"``, ``"tensorflow"`` or ``"jax"``; None detects it from the model's
             type among frameworks already imported.
@@ -62,6 +63,8 @@ class Explainer:
         normalize: ``"minmax"`` (default), ``"max"`` (the Keras example) or None.
         upsample: ``"linear"`` (default), ``"nearest"`` or None (heatmap at layer resolution).
         aggregate: ``"mean"`` or ``"max"`` over several layers.
+        relu: keep only positive evidence (the papers' final ReLU). ``relu=False`` gives signed
+            raw maps (Captum's default); heatmaps are then min-max scaled signed maps.
         **options: backend-specific options (see each backend's docs).
 
     Raises:
@@ -73,7 +76,7 @@ class Explainer:
     def __init__(
         self,
         model: Any,
-        layer: Any,
+        layer: Any = None,
         method: str = "gradcam",
         backend: str | None = None,
         *,
@@ -84,6 +87,7 @@ class Explainer:
         normalize: str | None = "minmax",
         upsample: str | None = "linear",
         aggregate: str = "mean",
+        relu: bool = True,
         **options: Any,
     ) -> None:
         # Imported here, not at module level: anycam.backends is a sibling folder mapped into
@@ -106,6 +110,7 @@ class Explainer:
         self.normalize = normalize
         self.upsample = upsample
         self.aggregate = aggregate
+        self.relu = bool(relu)
         name = backend if backend is not None else backends.detect(model)
         adapter: type[Backend] = backends.load(name)
         self.backend: Backend = adapter(model, as_list(layer), output=output, input_layout=input_layout, **options)
@@ -159,7 +164,15 @@ class Explainer:
             layout = self.layout or capture.layouts[index]
             try:
                 results.append(
-                    core.layer_cam(self.method, activations, gradients, layout, count=count, grid=self.token_grid)
+                    core.layer_cam(
+                        self.method,
+                        activations,
+                        gradients,
+                        layout,
+                        count=count,
+                        grid=self.token_grid,
+                        rectify=self.relu,
+                    )
                 )
             except AnycamError as exc:
                 raise type(exc)(f"layer {name!r}: {exc}") from exc

@@ -88,28 +88,37 @@ def xgradcam_weights(
     return np.sum(np.asarray(gradients, _F) * acts, axis=axes) / (np.sum(acts, axis=axes) + eps)
 
 
-def weighted_cam(activations: np.ndarray, weights: np.ndarray, channel_axis: int = 1) -> np.ndarray:
+def weighted_cam(
+    activations: np.ndarray, weights: np.ndarray, channel_axis: int = 1, *, rectify: bool = True
+) -> np.ndarray:
     """Returns ReLU(Σ_k w_k A_k) for weights ``(..., C)``: the map of Grad-CAM and its kin.
 
     >>> weighted_cam(np.array([[[1.0, 2.0], [3.0, 0.0]]]), np.array([[1.0, -1.0]]))
     array([[0., 2.]])
     """
-    return relu(_weighted_sum(activations, np.asarray(weights, _F), channel_axis))
+    cam = _weighted_sum(activations, np.asarray(weights, _F), channel_axis)
+    return relu(cam) if rectify else cam
 
 
-def hirescam(activations: np.ndarray, gradients: np.ndarray, channel_axis: int = 1) -> np.ndarray:
+def hirescam(
+    activations: np.ndarray, gradients: np.ndarray, channel_axis: int = 1, *, rectify: bool = True
+) -> np.ndarray:
     """Returns ReLU(Σ_k G_k ⊙ A_k) (HiResCAM, Draelos & Carin 2020): no spatial averaging."""
     product = np.asarray(gradients, _F) * np.asarray(activations, _F)
-    return relu(np.sum(product, axis=channel_axis % product.ndim))
+    cam = np.sum(product, axis=channel_axis % product.ndim)
+    return relu(cam) if rectify else cam
 
 
-def layercam(activations: np.ndarray, gradients: np.ndarray, channel_axis: int = 1) -> np.ndarray:
+def layercam(
+    activations: np.ndarray, gradients: np.ndarray, channel_axis: int = 1, *, rectify: bool = True
+) -> np.ndarray:
     """Returns ReLU(Σ_k ReLU(G_k) ⊙ A_k) (LayerCAM, Jiang et al. 2021, eq. 5-6)."""
     product = relu(np.asarray(gradients, _F)) * np.asarray(activations, _F)
-    return relu(np.sum(product, axis=channel_axis % product.ndim))
+    cam = np.sum(product, axis=channel_axis % product.ndim)
+    return relu(cam) if rectify else cam
 
 
-def eigencam(activations: np.ndarray, channel_axis: int = 1) -> np.ndarray:
+def eigencam(activations: np.ndarray, channel_axis: int = 1, *, rectify: bool = True) -> np.ndarray:
     """Returns ReLU of the projection of A on its first principal component (Eigen-CAM).
 
     Per sample the activations are read as Z points in C dimensions, centred, and projected on
@@ -138,7 +147,8 @@ def eigencam(activations: np.ndarray, channel_axis: int = 1) -> np.ndarray:
         if np.dot(projection, reference - reference.mean()) < 0:
             projection = -projection
         maps[index] = projection
-    return relu(maps.reshape(*lead, *spatial))
+    cam = maps.reshape(*lead, *spatial)
+    return relu(cam) if rectify else cam
 
 
 def class_activation_map(activations: np.ndarray, class_weights: np.ndarray, channel_axis: int = 1) -> np.ndarray:
@@ -159,30 +169,37 @@ METHODS = (*GRADIENT_METHODS, "eigencam")
 
 
 def compute_cam(
-    method: str, activations: np.ndarray, gradients: np.ndarray | None, channel_axis: int = 1
+    method: str,
+    activations: np.ndarray,
+    gradients: np.ndarray | None,
+    channel_axis: int = 1,
+    *,
+    rectify: bool = True,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Returns ``(cam, weights)`` for ``method``; weights is None for methods without them.
 
     ``activations`` and ``gradients`` broadcast against each other, so ``(N, 1, C, *S)``
     activations with ``(N, K, C, *S)`` gradients give K maps without copying A.
+    ``rectify=False`` skips the final ReLU (signed maps, as Captum's default), which the
+    sanity check uses to compare maps with and without absolute values.
 
     Raises:
         ValueError: for an unknown method, or a gradient method without gradients.
     """
     if method == "eigencam":
-        return eigencam(activations, channel_axis), None
+        return eigencam(activations, channel_axis, rectify=rectify), None
     if method not in GRADIENT_METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     if gradients is None:
         raise ValueError(f"method {method!r} needs gradients")
     if method == "hirescam":
-        return hirescam(activations, gradients, channel_axis), None
+        return hirescam(activations, gradients, channel_axis, rectify=rectify), None
     if method == "layercam":
-        return layercam(activations, gradients, channel_axis), None
+        return layercam(activations, gradients, channel_axis, rectify=rectify), None
     if method == "gradcam":
         weights = gradcam_weights(gradients, channel_axis)
     elif method == "gradcam++":
         weights = gradcampp_weights(activations, gradients, channel_axis)
     else:
         weights = xgradcam_weights(activations, gradients, channel_axis)
-    return weighted_cam(activations, weights, channel_axis), weights
+    return weighted_cam(activations, weights, channel_axis, rectify=rectify), weights

@@ -123,7 +123,7 @@ def resolve_indices(spec: TargetSpec, outputs: np.ndarray) -> np.ndarray:
         if spec.k > classes:
             raise TargetError(f"top_k({spec.k}) asks for more classes than the model has ({classes})")
         # A stable sort of the negated scores keeps ties in class order.
-        return np.argsort(-outputs, axis=1, kind="quicksort")[:, ::-1][:, ::-1][:, : spec.k].astype(np.int64)
+        return np.argsort(-outputs, axis=1, kind="stable")[:, : spec.k].astype(np.int64)
     assert spec.indices is not None
     indices = spec.indices
     if spec.kind == "index":

@@ -1,0 +1,245 @@
+"""The model-randomisation sanity check (Adebayo et al., *Sanity Checks for Saliency Maps*, 2018).
+
+A map that explains the model must change when the model's weights are replaced by random
+ones. ``sanity_check`` re-initialises a *copy* of the model layer by layer, from the logits
+down (cascading) or one layer at a time (independent), and measures how similar each
+randomised map still is to the original: Spearman rank correlation of the signed maps and of
+their absolute values, and SSIM of the heatmaps. High similarity at full randomisation is a
+warning sign: the map reflects the input (edges, bright blobs) more than the model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ._errors import InputError
+from ._explainer import Explainer
+
+
+def rank(values: np.ndarray) -> np.ndarray:
+    """Returns the ranks (0-based, ties averaged) of each row of ``values`` ``(B, P)``.
+
+    >>> rank(np.array([[10.0, 30.0, 20.0, 20.0]]))
+    array([[0. , 3. , 1.5, 1.5]])
+    """
+    values = np.asarray(values, dtype=np.float64)
+    order = np.argsort(values, axis=1, kind="stable")
+    sorted_values = np.take_along_axis(values, order, axis=1)
+    ranks = np.empty_like(values)
+    for row in range(values.shape[0]):
+        starts = np.flatnonzero(np.r_[True, sorted_values[row, 1:] != sorted_values[row, :-1]])
+        ends = np.r_[starts[1:], values.shape[1]]
+        averaged = np.repeat((starts + ends - 1) / 2.0, ends - starts)
+        ranks[row, order[row]] = averaged
+    return ranks
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Returns the Spearman rank correlation of each pair of maps ``(N, *S)``: Pearson of ranks.
+
+    A constant map has no ranking; its correlation is 0 (not NaN).
+
+    >>> float(spearman(np.array([[1.0, 2.0, 3.0]]), np.array([[10.0, 20.0, 90.0]]))[0])
+    1.0
+    """
+    ra = rank(np.asarray(a).reshape(len(a), -1))
+    rb = rank(np.asarray(b).reshape(len(b), -1))
+    ra -= ra.mean(axis=1, keepdims=True)
+    rb -= rb.mean(axis=1, keepdims=True)
+    norm = np.sqrt((ra * ra).sum(axis=1) * (rb * rb).sum(axis=1))
+    safe = np.where(norm > 0, norm, 1.0)
+    return np.where(norm > 0, (ra * rb).sum(axis=1) / safe, 0.0)
+
+
+def _gaussian_filter(images: np.ndarray, sigma: float, radius: int) -> np.ndarray:
+    """Valid-mode separable Gaussian filter over the trailing two axes."""
+    offsets = np.arange(-radius, radius + 1)
+    kernel = np.exp(-(offsets**2) / (2 * sigma**2))
+    kernel /= kernel.sum()
+    out = images
+    for axis in (-2, -1):
+        moved = np.moveaxis(out, axis, -1)
+        windows = np.lib.stride_tricks.sliding_window_view(moved, kernel.size, axis=-1)
+        out = np.moveaxis(windows @ kernel, -1, axis)
+    return out
+
+
+def ssim(a: np.ndarray, b: np.ndarray, data_range: float = 1.0) -> np.ndarray:
+    """Returns the mean structural similarity of each pair of 2-D maps ``(N, H, W)``.
+
+    Wang et al. 2004: Gaussian window σ = 1.5 (11 × 11), K1 = 0.01, K2 = 0.03, averaged over
+    the valid window positions. Maps smaller than the window use the largest odd window that
+    fits.
+
+    >>> x = np.random.default_rng(0).random((1, 16, 16))
+    >>> float(ssim(x, x)[0])
+    1.0
+    """
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    if a.shape != b.shape or a.ndim != 3:
+        raise InputError(f"ssim needs two (N, H, W) arrays of one shape, got {a.shape} and {b.shape}")
+    radius = min(5, (min(a.shape[1:]) - 1) // 2)
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    mu_a, mu_b = _gaussian_filter(a, 1.5, radius), _gaussian_filter(b, 1.5, radius)
+    var_a = _gaussian_filter(a * a, 1.5, radius) - mu_a**2
+    var_b = _gaussian_filter(b * b, 1.5, radius) - mu_b**2
+    cov = _gaussian_filter(a * b, 1.5, radius) - mu_a * mu_b
+    index = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
+    return index.reshape(len(a), -1).mean(axis=1)
+
+
+@dataclass(frozen=True)
+class SanityResult:
+    """Similarity of randomised-model maps to the original, one row per randomisation step.
+
+    Attributes:
+        layers: the layer randomised at each step (cascading: that layer and all above it).
+        mode: ``"cascading"`` or ``"independent"``.
+        spearman: ``(steps, N)`` rank correlation of the signed raw maps (no final ReLU).
+        spearman_abs: ``(steps, N)`` rank correlation of their absolute values.
+        ssim: ``(steps, N)`` SSIM of the [0, 1] heatmaps; None for inputs that are not 2-D.
+        method: the explainer's method.
+    """
+
+    layers: tuple[str, ...]
+    mode: str
+    spearman: np.ndarray
+    spearman_abs: np.ndarray
+    ssim: np.ndarray | None
+    method: str
+
+    def table(self) -> str:
+        """Returns a Markdown table of the per-step means over the batch."""
+        lines = [
+            f"{self.mode} randomisation, {self.method}: similarity to the original map (mean over the batch)",
+            "",
+            "| randomised down to | Spearman | Spearman (abs) | SSIM |",
+            "|---|---|---|---|",
+        ]
+        for index, layer in enumerate(self.layers):
+            ssim_text = "–" if self.ssim is None else f"{self.ssim[index].mean():.3f}"
+            lines.append(
+                f"| {layer} | {self.spearman[index].mean():.3f} | {self.spearman_abs[index].mean():.3f} | {ssim_text} |"
+            )
+        return "\n".join(lines)
+
+    def plot(self, path: str | None = None) -> Any:
+        """Plots the similarity curves (the Adebayo et al. figure); saves to ``path`` if given.
+
+        Needs matplotlib (``pip install "anycam[viz]"``). Returns the figure.
+        """
+        try:
+            import matplotlib
+
+            if path is not None:
+                matplotlib.use("Agg", force=False)
+            import matplotlib.pyplot as plt
+        except ImportError as exc:
+            raise ImportError('plotting needs matplotlib: pip install "anycam[viz]"') from exc
+        figure, axis = plt.subplots(figsize=(max(4.0, 0.6 * len(self.layers) + 2), 3.2))
+        steps = np.arange(len(self.layers))
+        series = [("Spearman", self.spearman), ("Spearman (abs)", self.spearman_abs)]
+        if self.ssim is not None:
+            series.append(("SSIM", self.ssim))
+        for label, values in series:
+            mean, std = values.mean(axis=1), values.std(axis=1)
+            axis.plot(steps, mean, marker="o", label=label)
+            axis.fill_between(steps, mean - std, mean + std, alpha=0.2)
+        axis.set_xticks(steps, self.layers, rotation=45, ha="right")
+        axis.set_ylim(-1.05, 1.05)
+        axis.axhline(0.0, color="grey", linewidth=0.5)
+        axis.set_ylabel("similarity to original map")
+        axis.set_title(f"{self.method}: {self.mode} model randomisation")
+        axis.legend(loc="lower left", fontsize="small")
+        figure.tight_layout()
+        if path is not None:
+            figure.savefig(path, dpi=120)
+        return figure
+
+
+def sanity_check(
+    explainer: Explainer,
+    inputs: Any,
+    target: Any = None,
+    *,
+    mode: str = "cascading",
+    layers: Sequence[str] | None = None,
+    seed: int = 0,
+) -> SanityResult:
+    """Runs the model-parameter randomisation test on ``explainer``'s model.
+
+    Args:
+        explainer: an :class:`anycam.Explainer`; its model is copied, never modified.
+        inputs: a batch, as for ``explainer.explain``.
+        target: as for ``explainer.explain``; class targets are resolved once on the original
+            model, so every randomised model explains the same classes.
+        mode: ``"cascading"`` (randomise from the output layer down, accumulating) or
+            ``"independent"`` (one layer at a time, the rest original).
+        layers: the layers to randomise, ordered from input to output; default: every layer
+            with parameters.
+        seed: seeds the framework's initialiser.
+
+    Returns:
+        A :class:`SanityResult` with one row per layer, in randomisation order.
+
+    Raises:
+        ValueError: for an unknown mode.
+        NotImplementedError: if the backend cannot copy and randomise its model.
+    """
+    if mode not in ("cascading", "independent"):
+        raise ValueError(f"unknown mode {mode!r}; choose 'cascading' or 'independent'")
+    backend = explainer.backend
+    order = list(layers) if layers is not None else list(backend.parameter_layers())
+    if not order:
+        raise InputError("the model has no layers with parameters to randomise")
+    signed = replace_explainer(explainer, relu=False)
+    original = explainer.explain(inputs, target)
+    if original.scores.ndim != 1:
+        raise InputError("the sanity check explains one map per sample: pass None, an int, N ints or a callable")
+    fixed_target = original.target if original.target is not None else target
+    reference_signed = signed.explain(inputs, fixed_target)
+
+    steps = list(reversed(order))
+    two_d = original.heatmap.ndim == 3
+    rows_spearman, rows_abs, rows_ssim = [], [], []
+    for index, layer in enumerate(steps):
+        chosen = steps[: index + 1] if mode == "cascading" else [layer]
+        randomized = replace_explainer(signed, backend=backend.randomized(chosen, seed=seed + index))
+        flipped = randomized.explain(inputs, fixed_target)
+        reference_raw, flipped_raw = _flat(reference_signed.cam), _flat(flipped.cam)
+        rows_spearman.append(spearman(reference_raw, flipped_raw))
+        rows_abs.append(spearman(np.abs(reference_raw), np.abs(flipped_raw)))
+        if two_d:
+            heat = replace_explainer(randomized, relu=True).explain(inputs, fixed_target).heatmap
+            rows_ssim.append(ssim(original.heatmap, heat))
+    return SanityResult(
+        layers=tuple(steps),
+        mode=mode,
+        spearman=np.array(rows_spearman),
+        spearman_abs=np.array(rows_abs),
+        ssim=np.array(rows_ssim) if rows_ssim else None,
+        method=explainer.method,
+    )
+
+
+def replace_explainer(explainer: Explainer, **changes: Any) -> Explainer:
+    """Returns a shallow copy of ``explainer`` with attributes changed (``backend``, ``relu``)."""
+    clone = Explainer.__new__(Explainer)
+    clone.__dict__.update(explainer.__dict__)
+    for key, value in changes.items():
+        if not hasattr(clone, key):
+            raise AttributeError(key)
+        setattr(clone, key, value)
+    return clone
+
+
+def _flat(maps: np.ndarray) -> np.ndarray:
+    return maps.reshape(len(maps), -1)
+
+
+__all__ = ["SanityResult", "rank", "replace_explainer", "sanity_check", "spearman", "ssim"]
