@@ -141,7 +141,7 @@ class SanityResult:
             import matplotlib.pyplot as plt
         except ImportError as exc:
             raise ImportError('plotting needs matplotlib: pip install "anycam[viz]"') from exc
-        figure, axis = plt.subplots(figsize=(max(4.0, 0.6 * len(self.layers) + 2), 3.2))
+        figure, axis = plt.subplots(figsize=(max(5.5, 0.6 * len(self.layers) + 2), 3.4))
         steps = np.arange(len(self.layers))
         series = [("Spearman", self.spearman), ("Spearman (abs)", self.spearman_abs)]
         if self.ssim is not None:
