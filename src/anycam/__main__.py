@@ -1,0 +1,226 @@
+"""Command line: ``python -m anycam demo`` and ``python -m anycam evaluate``.
+
+Both run offline on the shipped demo model (a small CNN trained on scikit-learn's digits placed
+on cluttered canvases, so the true location of the evidence is known), in every installed
+framework, and report whether the frameworks agree.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import core
+from ._errors import AnycamError
+
+BACKENDS = ("torch", "tensorflow", "jax")
+FRAMEWORK_MODULE = {"torch": "torch", "tensorflow": "tensorflow", "jax": "flax"}
+
+
+def installed_backends() -> list[str]:
+    """Returns the backends whose framework can be imported (checked without importing it)."""
+    return [name for name in BACKENDS if importlib.util.find_spec(FRAMEWORK_MODULE[name]) is not None]
+
+
+def _choose_backends(requested: str) -> list[str]:
+    available = installed_backends()
+    if requested == "all":
+        if not available:
+            raise SystemExit(
+                "anycam demo: no framework is installed; install one, e.g. "
+                'pip install "anycam[torch]" (or [tensorflow], [jax], [all])'
+            )
+        return available
+    if requested not in available:
+        raise SystemExit(f'anycam demo: backend {requested!r} is not installed; pip install "anycam[{requested}]"')
+    return [requested]
+
+
+def _load_model(backend: str, weights: dict[str, np.ndarray]) -> tuple[Any, str]:
+    """Returns the demo model in ``backend`` and the input layout it expects."""
+    module = importlib.import_module(f"anycam.backends.demo_{backend}")
+    return module.build_demo_model(weights), module.INPUT_LAYOUT
+
+
+def _inputs(images: np.ndarray, layout: str) -> np.ndarray:
+    return images if layout == "channels_first" else np.ascontiguousarray(images.transpose(0, 2, 3, 1))
+
+
+class DemoRun:
+    """The demo model loaded in several frameworks, explained with several methods."""
+
+    def __init__(self, backends: Sequence[str], layer: str) -> None:
+        from .demo_data import load_demo
+
+        self.demo = load_demo()
+        self.layer = layer
+        self.models = {}
+        for name in backends:
+            start = time.perf_counter()
+            self.models[name] = _load_model(name, self.demo["weights"])
+            print(f"  {name:<10} model loaded in {time.perf_counter() - start:.1f} s", flush=True)
+
+    def explain(self, backend: str, method: str, images: np.ndarray) -> Any:
+        from ._explainer import Explainer
+
+        model, layout = self.models[backend]
+        explainer = Explainer(model, self.layer, method=method, backend=backend)
+        return explainer, explainer.explain(_inputs(images, layout), target=self.demo["labels"][: len(images)])
+
+
+def _agreement(maps: dict[str, np.ndarray]) -> float:
+    names = list(maps)
+    return max((float(np.abs(maps[a] - maps[b]).max()) for a in names for b in names if a < b), default=0.0)
+
+
+def demo(args: argparse.Namespace) -> int:
+    from .metrics import pointing_game
+
+    backends = _choose_backends(args.backend)
+    methods = list(core.METHODS) if args.method == "all" else [args.method]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"anycam demo: backends {', '.join(backends)}; layer {args.layer!r}; methods {', '.join(methods)}")
+    run = DemoRun(backends, args.layer)
+    images, labels, boxes = run.demo["images"], run.demo["labels"], run.demo["boxes"]
+    outputs = {}
+    for name in backends:
+        _, layout = run.models[name]
+        explainer, _ = run.explain(name, "gradcam", images[:1])
+        outputs[name] = explainer.backend.predict(_inputs(images, layout))
+        accuracy = float((outputs[name].argmax(1) == labels).mean() * 100)
+        print(f"  {name:<10} accuracy on the {len(images)} held-out canvases: {accuracy:.1f}%")
+    print(f"  logits agree across frameworks to {_agreement(outputs):.1e} (max abs difference)")
+    print()
+    header = "| method | " + " | ".join(f"pointing game, {b}" for b in backends) + " | max heatmap difference |"
+    print(header)
+    print("|" + "---|" * (len(backends) + 2))
+    heatmaps: dict[str, dict[str, np.ndarray]] = {}
+    for method in methods:
+        maps, hits = {}, {}
+        for name in backends:
+            _, explanation = run.explain(name, method, images)
+            maps[name] = explanation.heatmap
+            hits[name] = float(pointing_game(explanation.heatmap, boxes).mean() * 100)
+        heatmaps[method] = maps
+        cells = " | ".join(f"{hits[b]:.1f}%" for b in backends)
+        print(f"| {method} | {cells} | {_agreement(maps):.1e} |", flush=True)
+    written = _write_grid(out / "demo.png", images, boxes, {m: heatmaps[m][backends[0]] for m in methods}, args.rows)
+    print(
+        f"\nwrote {written}  (rows: held-out canvases; columns: image with the true box, heatmap, then one "
+        f"overlay per method, from {backends[0]})"
+    )
+    return 0
+
+
+def _write_grid(path: Path, images: np.ndarray, boxes: np.ndarray, maps: dict[str, np.ndarray], rows: int) -> Path:
+    try:
+        from .viz import draw_box, grid, overlay, save
+    except ImportError as exc:  # pragma: no cover - viz has no import-time dependencies
+        raise SystemExit(str(exc)) from exc
+    try:
+        first = next(iter(maps.values()))
+        table = []
+        for index in range(min(rows, len(images))):
+            image = images[index, 0]
+            framed = draw_box(overlay(image, np.zeros_like(image), alpha=0.0), boxes[index])
+            row = [framed, overlay(image, first[index], alpha=1.0)]
+            row += [draw_box(overlay(image, m[index]), boxes[index]) for m in maps.values()]
+            table.append(row)
+        save(path, grid(table))
+    except ImportError as exc:
+        raise SystemExit(
+            f'anycam demo: the picture needs matplotlib and Pillow: pip install "anycam[viz]" ({exc})'
+        ) from exc
+    return path
+
+
+def evaluate(args: argparse.Namespace) -> int:
+    from .metrics import deletion, insertion, pointing_game
+    from .sanity import sanity_check
+
+    backends = _choose_backends(args.backend)
+    methods = list(core.METHODS) if args.method == "all" else [args.method]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"anycam evaluate: backends {', '.join(backends)}; layer {args.layer!r}; {args.count} canvases")
+    run = DemoRun(backends, args.layer)
+    images = run.demo["images"][: args.count]
+    labels, boxes = run.demo["labels"][: args.count], run.demo["boxes"][: args.count]
+    print()
+    print(
+        "| backend | method | deletion AUC ↓ | insertion AUC ↑ | pointing game ↑ "
+        "| sanity: Spearman at full randomisation ↓ |"
+    )
+    print("|---|---|---|---|---|---|")
+    results: dict[tuple[str, str], tuple[float, ...]] = {}
+    plot_done = False
+    for name in backends:
+        _, layout = run.models[name]
+        x = _inputs(images, layout)
+        for method in methods:
+            explainer, explanation = run.explain(name, method, images)
+            heat = explanation.heatmap
+            kwargs = {"steps": args.steps, "input_layout": layout, "progress": False}
+            deleted = deletion(explainer, x, heat, labels, **kwargs)
+            inserted = insertion(explainer, x, heat, labels, **kwargs)
+            hits = pointing_game(heat, boxes).mean() * 100
+            sanity = sanity_check(explainer, x, target=labels)
+            row = (
+                float(deleted.auc.mean()),
+                float(inserted.auc.mean()),
+                float(hits),
+                float(sanity.spearman[-1].mean()),
+            )
+            results[(name, method)] = row
+            print(f"| {name} | {method} | {row[0]:.3f} | {row[1]:.3f} | {row[2]:.1f}% | {row[3]:.3f} |", flush=True)
+            if not plot_done and method == "gradcam":
+                try:
+                    sanity.plot(str(out / "sanity.png"))
+                    plot_done = True
+                    print(f"  (wrote {out / 'sanity.png'})")
+                except ImportError as exc:
+                    print(f"  (no plot: {exc})")
+    spread = 0.0
+    for method in methods:
+        rows = [results[(b, method)] for b in backends]
+        spread = max(spread, float(np.max(np.ptp(np.array(rows), axis=0))))
+    print(f"\nlargest difference of any metric between frameworks: {spread:.1e}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m anycam", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name, helptext in (
+        ("demo", "explain the shipped demo model; write a PNG grid; print pointing-game accuracy"),
+        ("evaluate", "deletion/insertion AUC, pointing game and the sanity check per method"),
+    ):
+        command = commands.add_parser(name, help=helptext)
+        command.add_argument("--backend", default="all", choices=("all", *BACKENDS))
+        command.add_argument("--method", default="all", choices=("all", *core.METHODS))
+        command.add_argument(
+            "--layer", default="stage3", help="layer to explain (default: stage3, the last conv stage)"
+        )
+        command.add_argument("--out", default="anycam-demo", help="folder for the PNG output (default: ./anycam-demo)")
+    commands.choices["demo"].add_argument("--rows", type=int, default=6, help="canvases in the picture")
+    commands.choices["evaluate"].add_argument("--count", type=int, default=16, help="canvases to evaluate")
+    commands.choices["evaluate"].add_argument("--steps", type=int, default=32, help="deletion/insertion steps")
+    args = parser.parse_args(argv)
+    try:
+        return demo(args) if args.command == "demo" else evaluate(args)
+    except AnycamError as exc:
+        print(f"anycam {args.command}: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
