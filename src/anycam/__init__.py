@@ -1,7 +1,7 @@
 """anycam: Grad-CAM for PyTorch, TensorFlow/Keras and JAX from one pure-NumPy core.
 
 ``import anycam`` imports no framework; the adapter for a model's framework is loaded on first
-use. See ``anycam.Explainer``.
+use. See ``anycam.Explainer``; ``anycam.metrics`` and ``anycam.sanity`` evaluate explanations.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from ._errors import (
 )
 from ._explainer import Explainer, Explanation
 from .core.targets import top_k
+from .viz import overlay, save
 
 __version__ = "0.1.0"
 
@@ -34,5 +35,7 @@ __all__ = [
     "TargetError",
     "__version__",
     "core",
+    "overlay",
+    "save",
     "top_k",
 ]
