@@ -98,7 +98,8 @@ def demo(args: argparse.Namespace) -> int:
         outputs[name] = explainer.backend.predict(_inputs(images, layout))
         accuracy = float((outputs[name].argmax(1) == labels).mean() * 100)
         print(f"  {name:<10} accuracy on the {len(images)} held-out canvases: {accuracy:.1f}%")
-    print(f"  logits agree across frameworks to {_agreement(outputs):.1e} (max abs difference)")
+    if len(backends) > 1:
+        print(f"  logits agree across frameworks to {_agreement(outputs):.1e} (max abs difference)")
     print()
     header = "| method | " + " | ".join(f"pointing game, {b}" for b in backends) + " | max heatmap difference |"
     print(header)
@@ -135,7 +136,8 @@ def _write_grid(path: Path, images: np.ndarray, boxes: np.ndarray, maps: dict[st
             row = [framed, overlay(image, first[index], alpha=1.0)]
             row += [draw_box(overlay(image, m[index]), boxes[index]) for m in maps.values()]
             table.append(row)
-        save(path, grid(table))
+        picture = grid(table)
+        save(path, np.repeat(np.repeat(picture, 2, axis=0), 2, axis=1))
     except ImportError as exc:
         raise SystemExit(
             f'anycam demo: the picture needs matplotlib and Pillow: pip install "anycam[viz]" ({exc})'
