@@ -169,13 +169,14 @@ def evaluate(args: argparse.Namespace) -> int:
         _, layout = run.models[name]
         x = _inputs(images, layout)
         for method in methods:
+            want_plot = not plot_done and method == "gradcam"
             explainer, explanation = run.explain(name, method, images)
             heat = explanation.heatmap
             kwargs = {"steps": args.steps, "input_layout": layout, "progress": False}
             deleted = deletion(explainer, x, heat, labels, **kwargs)
             inserted = insertion(explainer, x, heat, labels, **kwargs)
             hits = pointing_game(heat, boxes).mean() * 100
-            sanity = sanity_check(explainer, x, target=labels)
+            sanity = sanity_check(explainer, x, target=labels, mode="cascading" if want_plot else "full")
             row = (
                 float(deleted.auc.mean()),
                 float(inserted.auc.mean()),
@@ -184,7 +185,7 @@ def evaluate(args: argparse.Namespace) -> int:
             )
             results[(name, method)] = row
             print(f"| {name} | {method} | {row[0]:.3f} | {row[1]:.3f} | {row[2]:.1f}% | {row[3]:.3f} |", flush=True)
-            if not plot_done and method == "gradcam":
+            if want_plot:
                 try:
                     sanity.plot(str(out / "sanity.png"))
                     plot_done = True

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from . import core
 from ._errors import InputError
 from ._explainer import Explainer
 
@@ -99,7 +100,7 @@ class SanityResult:
 
     Attributes:
         layers: the layer randomised at each step (cascading: that layer and all above it).
-        mode: ``"cascading"`` or ``"independent"``.
+        mode: ``"cascading"``, ``"independent"`` or ``"full"``.
         spearman: ``(steps, N)`` rank correlation of the signed raw maps (no final ReLU).
         spearman_abs: ``(steps, N)`` rank correlation of their absolute values.
         ssim: ``(steps, N)`` SSIM of the [0, 1] heatmaps; None for inputs that are not 2-D.
@@ -178,8 +179,9 @@ def sanity_check(
         inputs: a batch, as for ``explainer.explain``.
         target: as for ``explainer.explain``; class targets are resolved once on the original
             model, so every randomised model explains the same classes.
-        mode: ``"cascading"`` (randomise from the output layer down, accumulating) or
-            ``"independent"`` (one layer at a time, the rest original).
+        mode: ``"cascading"`` (randomise from the output layer down, accumulating),
+            ``"independent"`` (one layer at a time, the rest original) or ``"full"`` (one step,
+            every layer randomised: the cascade's last step, at a fraction of its cost).
         layers: the layers to randomise, ordered from input to output; default: every layer
             with parameters.
         seed: seeds the framework's initialiser.
@@ -191,8 +193,8 @@ def sanity_check(
         ValueError: for an unknown mode.
         NotImplementedError: if the backend cannot copy and randomise its model.
     """
-    if mode not in ("cascading", "independent"):
-        raise ValueError(f"unknown mode {mode!r}; choose 'cascading' or 'independent'")
+    if mode not in ("cascading", "independent", "full"):
+        raise ValueError(f"unknown mode {mode!r}; choose 'cascading', 'independent' or 'full'")
     backend = explainer.backend
     order = list(layers) if layers is not None else list(backend.parameter_layers())
     if not order:
@@ -205,17 +207,33 @@ def sanity_check(
     reference_signed = signed.explain(inputs, fixed_target)
 
     steps = list(reversed(order))
+    if mode == "cascading":
+        plan = [steps[: index + 1] for index in range(len(steps))]
+    elif mode == "independent":
+        plan = [[layer] for layer in steps]
+    else:
+        plan, steps = [steps], ["all"]
     two_d = original.heatmap.ndim == 3
+    size = original.heatmap.shape[1:]
     rows_spearman, rows_abs, rows_ssim = [], [], []
-    for index, layer in enumerate(steps):
-        chosen = steps[: index + 1] if mode == "cascading" else [layer]
-        randomized = replace_explainer(signed, backend=backend.randomized(chosen, seed=seed + index))
+    # "full" uses the seed of the cascade's last step, so it reproduces that step exactly.
+    first_seed = seed + len(order) - 1 if mode == "full" else seed
+    for index, chosen in enumerate(plan):
+        randomized = replace_explainer(signed, backend=backend.randomized(chosen, seed=first_seed + index))
         flipped = randomized.explain(inputs, fixed_target)
         reference_raw, flipped_raw = _flat(reference_signed.cam), _flat(flipped.cam)
         rows_spearman.append(spearman(reference_raw, flipped_raw))
         rows_abs.append(spearman(np.abs(reference_raw), np.abs(flipped_raw)))
         if two_d:
-            heat = replace_explainer(randomized, relu=True).explain(inputs, fixed_target).heatmap
+            # The rectified heatmap is the same pipeline on ReLU(signed map): no second pass.
+            rectified = [np.maximum(cam, 0)[:, None] for cam in flipped.cams]
+            heat = core.heatmaps(
+                rectified,
+                None if explainer.upsample is None else size,
+                normalization=explainer.normalize,
+                resize_mode=explainer.upsample,
+                aggregate=explainer.aggregate,
+            )[:, 0]
             rows_ssim.append(ssim(original.heatmap, heat))
     return SanityResult(
         layers=tuple(steps),

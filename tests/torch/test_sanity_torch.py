@@ -55,6 +55,17 @@ def test_sanity_check_steps_and_oracle() -> None:
 
     np.testing.assert_allclose(cascading.spearman[0], spearman(reference, signed), atol=1e-6)
     assert cascading.ssim is not None and cascading.ssim.shape == (3, 4)
+    full = sanity_check(explainer, x, target=1, mode="full")
+    assert full.layers == ("all",)
+    np.testing.assert_array_equal(full.spearman[0], cascading.spearman[-1])
+    np.testing.assert_array_equal(full.ssim[0], cascading.ssim[-1])
+    # SSIM oracle for the last step: the rectified heatmap of the randomised copy, computed anew.
+    copy_explainer = anycam.Explainer(model, "3")
+    copy_explainer.backend = explainer.backend.randomized(["6", "2", "0"], seed=2)
+    from anycam.sanity import ssim
+
+    expected = ssim(explainer(x, target=1), copy_explainer(x, target=1))
+    np.testing.assert_allclose(cascading.ssim[-1], expected, atol=1e-6)
     assert "| 6 |" in cascading.table()
 
 
