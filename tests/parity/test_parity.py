@@ -1,0 +1,124 @@
+"""One network, three frameworks, one answer.
+
+The demo network is defined once in each framework (backends/demo_*.py) and loaded from one
+weight dict (the shipped ``demo.npz``, or seeded random weights for the 1-D and 3-D variants).
+For every method × target form × layer, PyTorch, Keras and Flax must give the same raw maps and
+the same heatmaps; PyTorch's autograd is the reference only in the sense that it is compared
+with two independent implementations of the same math.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import tensorflow as tf
+import torch
+
+import anycam
+from anycam import core
+from anycam.demo_data import load_demo
+from anycam.demo_weights import random_demo_weights
+
+BACKENDS = ("torch", "tensorflow", "jax")
+TARGETS = ("int", "per_sample", "k_per_sample", "top_k", "callable")
+
+
+def _to_layout(x: np.ndarray, layout: str) -> np.ndarray:
+    return x if layout == "channels_first" else np.ascontiguousarray(np.moveaxis(x, 1, -1))
+
+
+def _linear_score(backend: str, weights: np.ndarray):  # type: ignore[no-untyped-def]
+    """``output @ weights`` written in each framework's own ops."""
+    if backend == "torch":
+        w = torch.as_tensor(weights)
+        return lambda out: out @ w
+    if backend == "tensorflow":
+        w = tf.constant(weights)
+        return lambda out: tf.linalg.matvec(out, w)
+    w = jnp.asarray(weights)
+    return lambda out: out @ w
+
+
+class Family:
+    """The same network in all three frameworks."""
+
+    def __init__(self, weights: dict[str, np.ndarray], spatial_dims: int = 2, in_channels: int = 1) -> None:
+        self.models = {}
+        for backend in BACKENDS:
+            module = importlib.import_module(f"anycam.backends.demo_{backend}")
+            model = module.build_demo_model(weights, spatial_dims=spatial_dims, in_channels=in_channels)
+            self.models[backend] = (model, module.INPUT_LAYOUT)
+
+    def explain(self, backend: str, x: np.ndarray, layer: str, method: str, target: object) -> anycam.Explanation:
+        model, layout = self.models[backend]
+        explainer = anycam.Explainer(model, layer, method=method, backend=backend)
+        return explainer.explain(_to_layout(x, layout), target=target)
+
+    def predict(self, backend: str, x: np.ndarray) -> np.ndarray:
+        model, layout = self.models[backend]
+        return anycam.Explainer(model, "stage3", backend=backend).backend.predict(_to_layout(x, layout))
+
+
+@pytest.fixture(scope="module")
+def demo() -> tuple[Family, np.ndarray]:
+    data = load_demo()
+    return Family(data["weights"]), data["images"][:6]
+
+
+def test_outputs_agree(demo: tuple[Family, np.ndarray]) -> None:
+    family, x = demo
+    reference = family.predict("torch", x)
+    np.testing.assert_allclose(reference, load_demo()["logits"][:6], rtol=1e-4, atol=1e-4)
+    for backend in ("tensorflow", "jax"):
+        np.testing.assert_allclose(family.predict(backend, x), reference, rtol=1e-4, atol=1e-4)
+
+
+def _target(form: str, backend: str, batch: int, classes: int = 10) -> object:
+    rng = np.random.default_rng(7)
+    if form == "int":
+        return 3
+    if form == "per_sample":
+        return rng.integers(0, classes, size=batch).tolist()
+    if form == "k_per_sample":
+        return rng.integers(0, classes, size=(batch, 3))
+    if form == "top_k":
+        return anycam.top_k(2)
+    return _linear_score(backend, rng.normal(size=classes).astype(np.float32))
+
+
+def _assert_same(results: dict[str, anycam.Explanation]) -> None:
+    reference = results["torch"]
+    scale = max(float(np.abs(reference.cam).max()), 1e-12)
+    for backend, result in results.items():
+        np.testing.assert_allclose(result.cam / scale, reference.cam / scale, rtol=1e-4, atol=1e-5, err_msg=backend)
+        np.testing.assert_allclose(result.heatmap, reference.heatmap, atol=1e-4, err_msg=backend)
+        np.testing.assert_allclose(result.scores, reference.scores, rtol=1e-4, atol=1e-4, err_msg=backend)
+        if reference.target is None:
+            assert result.target is None
+        else:
+            np.testing.assert_array_equal(result.target, reference.target)
+
+
+@pytest.mark.parametrize("layer", ["stage1", "stage3"])
+@pytest.mark.parametrize("form", TARGETS)
+@pytest.mark.parametrize("method", core.METHODS)
+def test_maps_agree(demo: tuple[Family, np.ndarray], method: str, form: str, layer: str) -> None:
+    family, x = demo
+    results = {b: family.explain(b, x, layer, method, _target(form, b, len(x))) for b in BACKENDS}
+    _assert_same(results)
+
+
+@pytest.mark.parametrize(("spatial_dims", "shape"), [(1, (3, 2, 96)), (3, (2, 1, 12, 16, 10))])
+def test_signal_and_volume_variants_agree(spatial_dims: int, shape: tuple[int, ...]) -> None:
+    weights = random_demo_weights(spatial_dims=spatial_dims, in_channels=shape[1], seed=spatial_dims)
+    family = Family(weights, spatial_dims=spatial_dims, in_channels=shape[1])
+    x = np.random.default_rng(spatial_dims).random(shape, dtype=np.float32)
+    reference = family.predict("torch", x)
+    for backend in ("tensorflow", "jax"):
+        np.testing.assert_allclose(family.predict(backend, x), reference, rtol=1e-4, atol=1e-4)
+    results = {b: family.explain(b, x, "stage3", "gradcam", None) for b in BACKENDS}
+    assert results["torch"].heatmap.shape == (shape[0], *shape[2:])
+    _assert_same(results)
