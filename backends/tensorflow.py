@@ -1,0 +1,695 @@
+"""TensorFlow/Keras 3 adapter: the layer's ``call`` intercepted while a ``tf.function`` traces.
+
+How a capture runs:
+
+* One ``tf.function`` per (model, layers, output selector) × (target form, input shape with the
+  batch left open, dtype). It is cached on the model, weakly, and shared by every Explainer of
+  that model and layer: repeated calls do not retrace, and neither does a second Explainer with
+  another method. ``TensorFlowBackend.trace_count`` counts the traces.
+* While it traces, the explained layer's ``call`` is replaced (for the tracing thread only) by a
+  wrapper that hands the layer output to a ``GradientTape(watch_accessed_variables=False)``. The
+  tape watches that tensor and nothing else: nothing below the layer is differentiated and no
+  variable is touched, so frozen models work and variables stay bit-identical. The original
+  ``call`` is back in ``finally``; the compiled graph needs no patch when it runs. The one
+  mechanism serves Sequential, Functional, nested and subclassed models alike: no sub-model is
+  built, so no "Graph disconnected" — the complaint every TF Grad-CAM library hears most.
+* Targets are resolved inside the graph (argmax and top-k by ``tf.math.top_k``, which breaks ties
+  towards the lower class like the core; given indices by ``tf.gather``), so one forward pass
+  gives the scores and the gradients of all K targets. Given indices are range-checked by
+  ``anycam.core.resolve_indices`` on the returned outputs. Callable targets run inside the tape
+  on the model output and must be written in TF ops; each callable object is traced once (the
+  last 8 are kept), so pass the same function rather than a new lambda per call.
+* Mixed-precision layers are upcast to float32 where the tape watches them; activations,
+  gradients and scores leave the graph as float32 and become NumPy once per call.
+
+Models:
+
+* Any Keras 3 model or layer (Sequential, Functional, subclassed, nested), running on Keras's
+  TensorFlow backend. Layers are names (``"conv5_block3_out"``), paths through nested models
+  (``"resnet50/conv5_block3_out"``), attribute names of subclassed models (``"features"``), or
+  layer objects. The model runs with ``training=False``.
+* A plain TF function or ``tf.Module`` has no layers to intercept: give it as a pair,
+  ``Explainer((features, head), None, backend="tensorflow")``; the map explains
+  ``features(x)`` and the model output is ``head(features(x))`` (``layer`` may also be
+  ``"features"``).
+
+Layouts: a layer's output layout is its ``data_format``, or that of the nearest layer upstream
+that has one, else ``keras.config.image_data_format()``. The input layout likewise defaults to
+the ``data_format`` of the model's first layer that has one.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import functools
+import threading
+import weakref
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from anycam._backend import Backend, Capture, check_options, select_output
+from anycam._errors import BackendError, InputError, LayerError, TargetError, closest
+from anycam.core import TargetSpec, resolve_indices, spatial_shape
+
+_FORMATS = ("channels_first", "channels_last")
+_CALLABLE_TRACES = 8  # compiled captures kept per program for callable targets (LRU)
+_PROGRAMS_PER_MODEL = 16  # (layers, output selector) combinations kept per model (LRU)
+_MISSING = object()
+# Held while a layer's call is replaced: two threads tracing at once must not save each
+# other's wrappers as the "original".
+_PATCH_LOCK = threading.RLock()
+_Ran = tuple[Any, list[tf.Tensor]]  # a forward pass: (model output, captured layer outputs)
+
+# model -> {(layer ids, output selector): _Program}; weak, so a cache never keeps a model alive
+# (the compiled functions reach the model only through weak references).
+_PROGRAMS: weakref.WeakKeyDictionary[Any, collections.OrderedDict[tuple[Any, ...], _Program]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _keras_backend_check() -> None:
+    active = keras.config.backend()
+    if active != "tensorflow":
+        raise BackendError(
+            f"Keras is running on its {active!r} backend, but anycam's tensorflow backend needs "
+            "Keras on TensorFlow: set the environment variable KERAS_BACKEND=tensorflow before "
+            f"the first `import keras`, or explain the model with backend={active!r} if anycam "
+            "supports it"
+        )
+
+
+def _children(layer: Any) -> list[Any]:
+    flatten = getattr(layer, "_flatten_layers", None)
+    if flatten is not None:
+        return list(flatten(include_self=False, recursive=False))
+    return list(getattr(layer, "layers", []))
+
+
+def _layer_paths(model: Any) -> dict[str, Any]:
+    """Returns ``{path: layer}`` for every layer inside ``model``, nested ones as ``"outer/inner"``.
+
+    Attribute names of subclassed models are aliases (``"features"`` for ``self.features``)
+    where they differ from the layer's name.
+    """
+    paths: dict[str, Any] = {}
+    aliases: dict[str, Any] = {}
+    seen: set[int] = set()
+
+    def walk(layer: Any, prefix: str) -> None:
+        children = _children(layer)
+        for child in children:
+            paths.setdefault(prefix + child.name, child)
+        for attribute, value in vars(layer).items():
+            if isinstance(value, keras.Layer) and not attribute.startswith("_"):
+                aliases.setdefault(prefix + attribute, value)
+        for child in children:
+            if id(child) not in seen:
+                seen.add(id(child))
+                walk(child, f"{prefix}{child.name}/")
+
+    walk(model, "")
+    for path, layer in aliases.items():
+        paths.setdefault(path, layer)
+    return paths
+
+
+def _data_format(layer: Any) -> str | None:
+    """Returns the data_format of ``layer``, or of the nearest layer upstream that has one.
+
+    Walks the Keras graph backwards from the layer's output (a ReLU, BatchNormalization or Add
+    after a ``channels_first`` convolution is ``channels_first`` too); for layers outside any
+    graph (subclassed models), the last sublayer that has a data_format decides.
+    """
+    queue: collections.deque[Any] = collections.deque([layer])
+    seen: set[int] = set()
+    while queue and len(seen) < 1000:
+        operation = queue.popleft()
+        if id(operation) in seen:
+            continue
+        seen.add(id(operation))
+        fmt = getattr(operation, "data_format", None)
+        if fmt in _FORMATS:
+            return str(fmt)
+        tensors: list[Any] = []
+        if isinstance(operation, keras.Model):
+            try:
+                tensors = list(operation.outputs or [])
+            except (AttributeError, ValueError):
+                tensors = []
+        if not tensors:
+            nodes = getattr(operation, "_inbound_nodes", None) or []
+            tensors = list(nodes[0].input_tensors) if nodes else []
+        for tensor in tensors:
+            history = getattr(tensor, "_keras_history", None)
+            if history is not None:
+                queue.append(history.operation)
+    return _outermost_format(layer, last=True)
+
+
+def _outermost_format(layer: Any, *, last: bool) -> str | None:
+    """Returns the data_format of the first (or last) sublayer that has one, outermost first.
+
+    A sublayer that declares a data_format decides for everything inside it (a custom
+    channels_first layer may wrap a channels_last convolution).
+    """
+    children = _children(layer)
+    for child in reversed(children) if last else children:
+        fmt = getattr(child, "data_format", None)
+        if fmt in _FORMATS:
+            return str(fmt)
+        found = _outermost_format(child, last=last)
+        if found is not None:
+            return found
+    return None
+
+
+def _call(part: Any, tensor: tf.Tensor) -> Any:
+    if isinstance(part, keras.Layer):
+        return part(tensor, training=False)
+    return part(tensor)
+
+
+def _watched(output: Any, name: str, tape: tf.GradientTape | None) -> tuple[tf.Tensor, tf.Tensor]:
+    """Returns ``(leaf, downstream)``: the float32 tensor the tape watches, and what flows on.
+
+    A float16/bfloat16 output is upcast for the tape and cast back for the rest of the model
+    (exact), so gradients arrive in float32.
+    """
+    if not tf.is_tensor(output) or not output.dtype.is_floating:
+        kind = f"a {type(output).__name__}"
+        if tf.is_tensor(output):
+            kind = f"a {output.dtype.name} tensor"
+        raise LayerError(
+            f"layer {name!r} returns {kind}, not a floating-point tensor; explain a layer whose "
+            "output is a feature map"
+        )
+    leaf = output if output.dtype == tf.float32 else tf.cast(output, tf.float32)
+    if tape is not None:
+        tape.watch(leaf)  # before the cast back, or the tape would not record that cast
+    return leaf, (leaf if leaf is output else tf.cast(leaf, output.dtype))
+
+
+class _KerasForward:
+    """Runs a Keras model with its explained layers intercepted; holds them only weakly."""
+
+    def __init__(self, model: Any, layers: Sequence[Any], names: Sequence[str]) -> None:
+        self._model = weakref.ref(model)
+        self._layers = [weakref.ref(layer) for layer in layers]
+        self.names = tuple(names)
+
+    @property
+    def model(self) -> Any:
+        model = self._model()
+        if model is None:  # pragma: no cover - the backend holds the model while it is used
+            raise RuntimeError("the model of this capture no longer exists")
+        return model
+
+    def __call__(self, inputs: tf.Tensor, tape: tf.GradientTape | None) -> _Ran:
+        captured: dict[int, tf.Tensor] = {}
+        errors: list[Exception] = []
+        layers = [ref() for ref in self._layers]
+        with _Intercept(layers, self.names, tape, captured, errors):
+            output = self.model(inputs, training=False)
+        # Raised here, not in the wrapper: Keras re-creates exceptions raised inside a layer's
+        # call with the call's arguments appended to the message.
+        if errors:
+            raise errors[0]
+        missing = [name for index, name in enumerate(self.names) if index not in captured]
+        if missing:
+            raise LayerError(
+                f"layer(s) {', '.join(map(repr, missing))} did not run during the forward pass; "
+                "explain a layer on the path from the input to the output"
+            )
+        return output, [captured[index] for index in range(len(self.names))]
+
+
+class _PairForward:
+    """Runs ``head(features(x))`` with ``features(x)`` watched."""
+
+    names = ("features",)
+
+    def __init__(self, features: Any, head: Any) -> None:
+        self.features = features
+        self.head = head
+
+    def __call__(self, inputs: tf.Tensor, tape: tf.GradientTape | None) -> _Ran:
+        leaf, downstream = _watched(_call(self.features, inputs), "features", tape)
+        return _call(self.head, downstream), [leaf]
+
+
+class _Intercept:
+    """Replaces each layer's ``call`` by a capturing wrapper; restores it on exit, always."""
+
+    def __init__(
+        self,
+        layers: Sequence[Any],
+        names: Sequence[str],
+        tape: tf.GradientTape | None,
+        captured: dict[int, tf.Tensor],
+        errors: list[Exception],
+    ) -> None:
+        self.layers = layers
+        self.names = names
+        self.tape = tape
+        self.captured = captured
+        self.errors = errors
+        self.saved: list[Any] = []
+
+    def _wrapper(self, index: int, original: Callable[..., Any], owner: int) -> Callable[..., Any]:
+        @functools.wraps(original)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            output = original(*args, **kwargs)
+            if threading.get_ident() != owner or self.errors:
+                return output
+            if index in self.captured:
+                self.errors.append(
+                    LayerError(
+                        f"layer {self.names[index]!r} runs more than once per forward pass (a "
+                        "shared layer); explain a layer that runs once"
+                    )
+                )
+                return output
+            try:
+                leaf, downstream = _watched(output, self.names[index], self.tape)
+            except LayerError as exc:
+                self.errors.append(exc)
+                return output
+            self.captured[index] = leaf
+            return downstream
+
+        return call
+
+    def __enter__(self) -> None:
+        owner = threading.get_ident()
+        _PATCH_LOCK.acquire()
+        try:
+            for index, layer in enumerate(self.layers):
+                self.saved.append(layer.__dict__.get("call", _MISSING))
+                # object.__setattr__: Keras's __setattr__ would try to track the function.
+                object.__setattr__(layer, "call", self._wrapper(index, layer.call, owner))
+        except BaseException:
+            self.__exit__()
+            raise
+
+    def __exit__(self, *exc: Any) -> None:
+        # In reverse, so a layer listed twice gets its own call back, not the first wrapper.
+        for layer, saved in reversed(list(zip(self.layers, self.saved, strict=False))):
+            if saved is _MISSING:
+                object.__delattr__(layer, "call")
+            else:
+                object.__setattr__(layer, "call", saved)
+        self.saved = []
+        _PATCH_LOCK.release()
+
+
+def _class_output(selected: Any) -> tf.Tensor:
+    if not tf.is_tensor(selected):
+        raise TargetError(
+            f"the selected model output is a {type(selected).__name__}, not a tensor; "
+            "use output=..."
+        )
+    if selected.shape.rank != 2:
+        raise TargetError(
+            f"class-index targets need a model output of shape (N, classes), got "
+            f"{tuple(selected.shape)}; select the output with output=..., or pass a callable "
+            "target (in TF ops) that maps the output to (N,) scores"
+        )
+    return selected
+
+
+class _Program:
+    """The compiled captures of one (model, layers, output selector)."""
+
+    def __init__(self, forward: Callable[..., Any], selector: Any) -> None:
+        self.forward = forward
+        self.selector = selector
+        self.trace_count = 0
+        self._functions: dict[tuple[Any, ...], Any] = {}
+        self._callables: collections.OrderedDict[tuple[Any, ...], Any] = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def function(self, kind: str, param: Any, gradients: bool, inputs: tf.Tensor) -> Any:
+        """Returns the compiled capture for a target form and the input's shape and dtype."""
+        token = param
+        try:
+            hash(token)
+        except TypeError:  # an unhashable callable target: the cache holds it, so its id is unique
+            token = ("id", id(param))
+        key = (kind, token, gradients, tuple(inputs.shape[1:]), inputs.dtype.name)
+        table = self._callables if kind == "callable" else self._functions
+        with self._lock:
+            function = table.get(key)
+            if function is None:
+                function = self._compile(kind, param, gradients, inputs)
+                table[key] = function
+                if kind == "callable" and len(table) > _CALLABLE_TRACES:
+                    self._callables.popitem(last=False)
+            elif kind == "callable":
+                self._callables.move_to_end(key)
+        return function
+
+    def _compile(self, kind: str, param: Any, gradients: bool, inputs: tf.Tensor) -> Any:
+        signature = [tf.TensorSpec((None, *inputs.shape[1:]), inputs.dtype)]
+        if kind == "indices":
+            signature.append(tf.TensorSpec((None, param), tf.int64))
+        # autograph=False: AutoGraph never reaches a Keras 3 layer's call anyway, and it would
+        # turn anycam's errors raised while tracing into StagingErrors.
+        if kind == "predict":
+            return tf.function(self._predict, input_signature=signature, autograph=False)
+        body = functools.partial(self._capture, kind, param, gradients)
+        return tf.function(body, input_signature=signature, autograph=False)
+
+    def _predict(self, inputs: tf.Tensor) -> Any:
+        self.trace_count += 1
+        output, _ = self.forward(inputs, None)
+        return select_output(output, self.selector)
+
+    def _capture(
+        self, kind: str, param: Any, gradients: bool, inputs: tf.Tensor, indices: Any = None
+    ) -> tuple[Any, ...]:
+        self.trace_count += 1
+        # Persistent: K targets are K gradient calls on one recording of the forward pass.
+        tape = tf.GradientTape(watch_accessed_variables=False, persistent=True) if gradients else None
+        with tape if tape is not None else contextlib.nullcontext():
+            output, leaves = self.forward(inputs, tape)
+            selected = select_output(output, self.selector)
+            scores, chosen, outputs = self._scores(kind, param, selected, indices)
+            count = scores.shape[1]
+            if count is None:
+                raise TargetError(
+                    "a callable target must return a fixed number K of scores per sample"
+                )
+            # Sliced on the tape, or the slices would have no gradient.
+            columns = [scores[:, k] for k in range(count)]
+        grads = None if tape is None else self._gradients(tape, columns, leaves)
+        return tuple(leaves), grads, tf.cast(scores, tf.float32), chosen, outputs
+
+    @staticmethod
+    def _scores(kind: str, param: Any, selected: Any, indices: Any) -> tuple[Any, Any, Any]:
+        """Returns (N, K) scores, the (N, K) classes chosen in the graph, the outputs to check."""
+        if kind == "callable":
+            scores = param(selected)
+            if not tf.is_tensor(scores) or scores.shape.rank not in (1, 2):
+                shape = tuple(scores.shape) if tf.is_tensor(scores) else type(scores).__name__
+                raise TargetError(
+                    "a callable target must return a tensor of shape (N,) or (N, K), computed "
+                    f"with TF ops from the model output; got {shape}"
+                )
+            return (scores[:, None] if scores.shape.rank == 1 else scores), None, None
+        selected = _class_output(selected)
+        if kind == "topk":
+            classes = selected.shape[1]
+            if classes is not None and param > classes:
+                raise TargetError(
+                    f"top_k({param}) asks for more classes than the model has ({classes})"
+                )
+            _, chosen = tf.math.top_k(selected, k=param)
+            chosen = tf.cast(chosen, tf.int64)
+            return tf.gather(selected, chosen, batch_dims=1), chosen, None
+        # Out-of-range classes are clipped here and reported by resolve_indices afterwards.
+        last = tf.cast(tf.shape(selected)[1], tf.int64) - 1
+        safe = tf.clip_by_value(indices, 0, tf.maximum(last, 0))
+        return tf.gather(selected, safe, batch_dims=1), None, tf.cast(selected, tf.float32)
+
+    def _gradients(
+        self, tape: tf.GradientTape, columns: list[tf.Tensor], leaves: list[tf.Tensor]
+    ) -> tuple[tf.Tensor, ...]:
+        """Returns per layer ∂scores/∂leaf as (N, K, ...) float32 tensors, K = len(columns)."""
+        # Samples are independent in inference mode, so the gradient of a column's sum is the
+        # per-sample gradient; K targets are K backward passes of the part above the layer.
+        per_column = [tape.gradient(column, leaves) for column in columns]
+        names = getattr(self.forward, "names", ())
+        for index, gradient in enumerate(per_column[0]):
+            if gradient is None:
+                raise LayerError(
+                    f"layer {names[index]!r} does not reach the explained output (its gradient "
+                    "is None); explain a layer on the path from the input to the output"
+                )
+        return tuple(
+            tf.stack([tf.convert_to_tensor(grads[index]) for grads in per_column], axis=1)
+            for index in range(len(leaves))
+        )
+
+
+def _as_numpy(tensor: Any) -> np.ndarray:
+    return np.asarray(tensor.numpy(), dtype=np.float32)
+
+
+class TensorFlowBackend(Backend):
+    """Adapter for Keras 3 models (on Keras's TensorFlow backend) and TF ``(features, head)`` pairs.
+
+    See the module docstring for how layers are named and how a capture runs. No options.
+
+    A model that is not Keras is given split at the explained layer, as a pair of TF callables
+    (plain functions, ``tf.function`` objects, ``tf.Module`` objects or Keras layers)::
+
+        explainer = anycam.Explainer((features, head), None, backend="tensorflow")
+        heatmaps = explainer(x)  # explains features(x); the model output is head(features(x))
+
+    Raises (constructor):
+        anycam.BackendError: Keras runs on another backend than TensorFlow.
+        anycam.LayerError: a layer cannot be found (the message lists the closest names).
+        TypeError: the model is neither a Keras layer nor a (features, head) pair.
+    """
+
+    name = "tensorflow"
+
+    def __init__(
+        self,
+        model: Any,
+        layers: Sequence[Any],
+        *,
+        output: Any = None,
+        input_layout: str | None = None,
+        **options: Any,
+    ) -> None:
+        check_options(self.name, options, ())
+        self.model = model
+        self.output = output
+        self._input_shape: tuple[Any, ...] | None = None
+        self._input_dtype = keras.config.floatx()
+        self._built = True
+        if isinstance(model, keras.Layer):
+            _keras_backend_check()
+            resolved = [self._resolve(layer) for layer in layers]
+            self.layers = [layer for _, layer in resolved]
+            self.layer_names = tuple(name for name, _ in resolved)
+            self.layouts = tuple(
+                _data_format(layer) or keras.config.image_data_format() for layer in self.layers
+            )
+            self._read_input_spec()
+            self._built = bool(getattr(model, "built", True))
+            default_layout = _outermost_format(model, last=False) or keras.config.image_data_format()
+            self._program = self._keras_program()
+        elif isinstance(model, tuple) and len(model) == 2 and all(callable(p) for p in model):
+            if any(isinstance(part, keras.Layer) for part in model):
+                _keras_backend_check()
+            wrong = [layer for layer in layers if layer not in (None, "features")]
+            if wrong:
+                raise LayerError(
+                    "a (features, head) pair explains the output of features; pass layer=None "
+                    f"or 'features', got {wrong[0]!r}"
+                )
+            features, head = model
+            self.layers = [features]
+            self.layer_names = ("features",)
+            guessed = _data_format(features) if isinstance(features, keras.Layer) else None
+            self.layouts = (guessed or keras.config.image_data_format(),)
+            default_layout = keras.config.image_data_format()
+            self._program = _Program(_PairForward(features, head), output)
+        elif isinstance(model, tf.Module):
+            raise TypeError(
+                f"a {type(model).__name__} (a tf.Module, not a Keras model) has no layers anycam "
+                "can intercept; split it at the explained layer and pass the pair: "
+                "Explainer((features, head), None, backend='tensorflow'), where the model is "
+                "head(features(x))"
+            )
+        else:
+            raise TypeError(
+                "the tensorflow backend needs a Keras 3 model or layer, or a (features, head) "
+                f"pair of TF callables; got {type(model).__name__}"
+            )
+        self.input_layout = input_layout or default_layout
+
+    # -- model structure ------------------------------------------------------------------
+
+    def _resolve(self, layer: Any) -> tuple[str, Any]:
+        paths = _layer_paths(self.model)
+        unbuilt = (
+            "" if getattr(self.model, "built", True)
+            else "; the model is not built yet: call it once on a batch so its layers exist"
+        )
+        if isinstance(layer, str):
+            if layer in paths:
+                return layer, paths[layer]
+            if "/" not in layer:
+                matches = [p for p in paths if p.rsplit("/", 1)[-1] == layer]
+                distinct = {id(paths[p]) for p in matches}
+                if len(distinct) == 1:
+                    return matches[0], paths[matches[0]]
+                if matches:
+                    raise LayerError(
+                        f"layer name {layer!r} is ambiguous in the model; use one of the paths "
+                        f"{', '.join(map(repr, matches))}"
+                    )
+            bare = {p.rsplit("/", 1)[-1] for p in paths}
+            hint = closest(layer, [*paths, *sorted(bare - set(paths))])
+            raise LayerError(f"layer {layer!r} not found in the model{hint}{unbuilt}")
+        if isinstance(layer, keras.Layer):
+            if layer is self.model:
+                raise LayerError("the layer given is the model itself; explain one of its layers")
+            for path, candidate in paths.items():
+                if candidate is layer:
+                    return path, candidate
+            raise LayerError(
+                f"the {type(layer).__name__} {layer.name!r} given as layer is not part of the model"
+            )
+        if layer is None:
+            raise LayerError(
+                "name the layer to explain: its name (e.g. 'conv5_block3_out'), its path in "
+                "nested models ('resnet50/conv5_block3_out') or the layer object"
+            )
+        raise LayerError(
+            f"a Keras layer is a layer name, a path or a layer object, got {type(layer).__name__}"
+        )
+
+    def _read_input_spec(self) -> None:
+        try:
+            inputs = list(self.model.inputs or [])
+        except (AttributeError, ValueError):
+            return
+        if len(inputs) > 1:
+            raise InputError(
+                f"the model takes {len(inputs)} inputs; anycam explains models with one input "
+                "(wrap the others, e.g. as constants, in a one-input model)"
+            )
+        if inputs:
+            self._input_shape = tuple(inputs[0].shape)
+            self._input_dtype = keras.backend.standardize_dtype(inputs[0].dtype)
+
+    def _keras_program(self) -> _Program:
+        forward = _KerasForward(self.model, self.layers, self.layer_names)
+        try:
+            key: tuple[Any, ...] = (tuple(id(layer) for layer in self.layers), self.output)
+            hash(key)
+        except TypeError:
+            return _Program(forward, self.output)
+        programs = _PROGRAMS.setdefault(self.model, collections.OrderedDict())
+        program = programs.get(key)
+        if program is None:
+            program = programs[key] = _Program(forward, self.output)
+            if len(programs) > _PROGRAMS_PER_MODEL:
+                programs.popitem(last=False)
+        else:
+            programs.move_to_end(key)
+        return program
+
+    @property
+    def trace_count(self) -> int:
+        """How many times this backend's compiled captures were traced (shared per model)."""
+        return self._program.trace_count
+
+    # -- inputs ---------------------------------------------------------------------------
+
+    def _as_input(self, inputs: Any) -> tf.Tensor:
+        if isinstance(inputs, np.ndarray):
+            if not np.issubdtype(inputs.dtype, np.floating):
+                raise InputError(
+                    f"input must be floating point, got dtype {inputs.dtype}; scale it to "
+                    "floats first, e.g. x.astype('float32') / 255"
+                )
+            inputs = tf.cast(tf.convert_to_tensor(inputs), self._input_dtype)
+        elif tf.is_tensor(inputs) or isinstance(inputs, tf.Variable):
+            inputs = tf.convert_to_tensor(inputs)
+        else:
+            raise InputError(
+                f"input must be a tf.Tensor or a NumPy array, got {type(inputs).__name__}"
+            )
+        if not inputs.dtype.is_floating:
+            raise InputError(
+                f"input must be floating point, got {inputs.dtype.name}; e.g. "
+                "tf.cast(x, tf.float32) / 255"
+            )
+        shape = tuple(inputs.shape)
+        expected = self._input_shape
+        if expected is not None and (
+            len(shape) != len(expected)
+            or any(e is not None and e != s for e, s in zip(expected[1:], shape[1:], strict=True))
+        ):
+            raise InputError(
+                f"input of shape {shape} does not fit the model's input {expected} (None is "
+                f"any size); the model expects rank {len(expected)}, batch first, in its "
+                "training layout"
+            )
+        spatial_shape(shape, self.input_layout)
+        return inputs
+
+    def _build(self, inputs: tf.Tensor) -> None:
+        # Variables cannot be created inside the compiled capture: build an unbuilt model
+        # once, eagerly, on one sample.
+        if not self._built:
+            self.model(inputs[:1], training=False)
+            self._built = True
+
+    @staticmethod
+    def _given_indices(target: TargetSpec, batch: int) -> np.ndarray:
+        assert target.indices is not None
+        indices = target.indices
+        if target.kind == "index":
+            return np.broadcast_to(indices, (batch, 1)).astype(np.int64)
+        if indices.shape[0] != batch:
+            raise TargetError(
+                f"got {indices.shape[0]} targets for a batch of {batch}; pass one per sample, "
+                "or a single int for the whole batch"
+            )
+        return indices.astype(np.int64)
+
+    # -- captures -------------------------------------------------------------------------
+
+    def capture(self, inputs: Any, target: TargetSpec, *, gradients: bool = True) -> Capture:
+        x = self._as_input(inputs)
+        self._build(x)
+        batch = int(x.shape[0])
+        if target.kind == "callable":
+            compiled = self._program.function("callable", target.fn, gradients, x)
+            leaves, grads, scores, chosen, outputs = compiled(x)
+        elif target.kind in ("argmax", "topk"):
+            k = 1 if target.kind == "argmax" else target.k
+            compiled = self._program.function("topk", k, gradients, x)
+            leaves, grads, scores, chosen, outputs = compiled(x)
+        else:
+            given = self._given_indices(target, batch)
+            compiled = self._program.function("indices", given.shape[1], gradients, x)
+            leaves, grads, scores, chosen, outputs = compiled(x, tf.constant(given))
+        scores_np = _as_numpy(scores)
+        indices: np.ndarray | None = None
+        if outputs is not None:
+            indices = resolve_indices(target, outputs.numpy())
+        elif chosen is not None:
+            indices = chosen.numpy().astype(np.int64)
+        elif scores_np.shape[0] != batch:
+            raise TargetError(
+                f"a callable target must return (N,) or (N, K) scores with N={batch}, got "
+                f"{scores_np.shape[0]} rows"
+            )
+        return Capture(
+            activations=tuple(_as_numpy(a) for a in leaves),
+            gradients=None if grads is None else tuple(_as_numpy(g) for g in grads),
+            scores=scores_np,
+            target=indices,
+            input_spatial=spatial_shape(tuple(x.shape), self.input_layout),
+            layouts=self.layouts,
+        )
+
+    def predict(self, inputs: Any) -> np.ndarray:
+        x = self._as_input(inputs)
+        self._build(x)
+        return _as_numpy(self._program.function("predict", None, False, x)(x))
+
+
+BACKEND = TensorFlowBackend

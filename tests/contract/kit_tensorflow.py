@@ -1,0 +1,178 @@
+"""Contract kit for TensorFlow/Keras 3: small nets ``head(features(x))``, reference by GradientTape.
+
+The model is a Functional ``keras.Model`` whose ``features`` and ``head`` are nested models, so
+every contract case also explains a nested model addressed by name. The ``channels_last`` kind of
+the suite is, for Keras, the *other* layout: a ``channels_first`` model (TensorFlow's CPU kernels
+have no NCHW convolution, so its convolutions transpose around a channels-last kernel while
+declaring ``data_format="channels_first"``, as a Keras layer does).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from .kit import Case
+
+BATCH, CLASSES = 3, 5
+
+
+class ChannelsFirstConv2D(keras.layers.Layer):
+    """A ``channels_first`` 2-D convolution that runs on CPU."""
+
+    def __init__(self, filters: int, kernel_size: int, strides: int = 1, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(**kwargs)
+        self.data_format = "channels_first"
+        self.conv = keras.layers.Conv2D(filters, kernel_size, strides=strides, padding="same")
+
+    def call(self, inputs):  # type: ignore[no-untyped-def]
+        nhwc = keras.ops.transpose(inputs, (0, 2, 3, 1))
+        return keras.ops.transpose(self.conv(nhwc), (0, 3, 1, 2))
+
+
+class ClassToken(keras.layers.Layer):
+    """Prepends a learned class token: (N, T, D) → (N, 1 + T, D)."""
+
+    def build(self, input_shape) -> None:  # type: ignore[no-untyped-def]
+        self.token = self.add_weight(shape=(1, 1, input_shape[-1]), initializer="random_normal")
+
+    def call(self, tokens):  # type: ignore[no-untyped-def]
+        batch = keras.ops.shape(tokens)[0]
+        token = keras.ops.broadcast_to(self.token, (batch, 1, tokens.shape[-1]))
+        return keras.ops.concatenate([token, tokens], axis=1)
+
+
+class PoolTokens(keras.layers.Layer):
+    """(N, 1 + T, D) → (N, 2D): the class token next to the mean of the patch tokens."""
+
+    def call(self, tokens):  # type: ignore[no-untyped-def]
+        patches = keras.ops.mean(tokens[:, 1:], axis=1)
+        return keras.ops.concatenate([tokens[:, 0], patches], axis=1)
+
+
+def _layers(spatial: int, channels_first: bool) -> tuple[type, type]:
+    if channels_first:
+        return ChannelsFirstConv2D, functools.partial(
+            keras.layers.GlobalAveragePooling2D, data_format="channels_first"
+        )
+    conv = {1: keras.layers.Conv1D, 2: keras.layers.Conv2D, 3: keras.layers.Conv3D}[spatial]
+    pool = {
+        1: keras.layers.GlobalAveragePooling1D,
+        2: keras.layers.GlobalAveragePooling2D,
+        3: keras.layers.GlobalAveragePooling3D,
+    }[spatial]
+    return conv, pool
+
+
+def conv_net(input_shape: tuple[int, ...], channels_first: bool = False) -> keras.Model:
+    conv, pool = _layers(len(input_shape) - 1, channels_first)
+    same = {} if channels_first else {"padding": "same"}
+    features = keras.Sequential(
+        [
+            keras.Input(input_shape),
+            conv(6, 3, **same),
+            keras.layers.ReLU(),
+            conv(8, 3, strides=2, **same),
+            keras.layers.ReLU(),
+        ],
+        name="features",
+    )
+    head = keras.Sequential(
+        [
+            keras.Input(features.outputs[0].shape[1:]),
+            conv(8, 1),
+            keras.layers.Activation("tanh"),
+            pool(),
+            keras.layers.Dense(CLASSES),
+        ],
+        name="head",
+    )
+    inputs = keras.Input(input_shape)
+    return keras.Model(inputs, head(features(inputs)))
+
+
+def token_net(dim: int = 8) -> keras.Model:
+    """Patch embedding + class token → (N, 1 + 16, D), a residual MLP block, then a token head."""
+    image = keras.Input((16, 16, 3))
+    patches = keras.layers.Conv2D(dim, 4, strides=4)(image)
+    tokens = ClassToken()(keras.layers.Reshape((16, dim))(patches))
+    mixed = keras.layers.Add()([tokens, keras.layers.Dense(dim, activation="gelu")(tokens)])
+    features = keras.Model(image, mixed, name="features")
+    token_input = keras.Input((17, dim))
+    pooled = PoolTokens()(keras.layers.Dense(dim, activation="tanh")(token_input))
+    head = keras.Model(token_input, keras.layers.Dense(CLASSES)(pooled), name="head")
+    inputs = keras.Input((16, 16, 3))
+    return keras.Model(inputs, head(features(inputs)))
+
+
+@functools.cache
+def _model_and_inputs(kind: str) -> tuple[keras.Model, tf.Tensor]:
+    keras.utils.set_random_seed(0)
+    if kind == "conv2d":
+        shape: tuple[int, ...] = (12, 10, 3)
+        model = conv_net(shape)
+    elif kind == "conv1d":
+        shape = (17, 3)
+        model = conv_net(shape)
+    elif kind == "conv3d":
+        shape = (6, 8, 5, 3)
+        model = conv_net(shape)
+    elif kind == "channels_last":
+        shape = (3, 12, 10)
+        model = conv_net(shape, channels_first=True)
+    elif kind == "tokens":
+        shape = (16, 16, 3)
+        model = token_net()
+    else:
+        raise ValueError(kind)
+    inputs = tf.constant(np.random.default_rng(0).normal(size=(BATCH, *shape)), tf.float32)
+    return model, inputs
+
+
+class TensorFlowKit:
+    name = "tensorflow"
+
+    def case(self, kind: str) -> Case:
+        model, inputs = _model_and_inputs(kind)
+        layout = "tokens" if kind == "tokens" else None
+        true_layout = {"tokens": "tokens", "channels_last": "channels_first"}.get(
+            kind, "channels_last"
+        )
+        spatial = tuple(inputs.shape[2:]) if kind == "channels_last" else tuple(inputs.shape[1:-1])
+        features, head = model.get_layer("features"), model.get_layer("head")
+
+        def reference(
+            cotangents: np.ndarray | None,
+        ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+            activations = features(inputs, training=False)
+            with tf.GradientTape(persistent=True, watch_accessed_variables=False) as tape:
+                tape.watch(activations)
+                outputs = head(activations, training=False)
+            if cotangents is None:
+                return activations.numpy(), None, outputs.numpy()
+            grads = [
+                tape.gradient(outputs, activations, output_gradients=tf.constant(c))
+                for c in cotangents
+            ]
+            return activations.numpy(), tf.stack(grads, axis=1).numpy(), outputs.numpy()
+
+        def linear_target(weights: np.ndarray):  # type: ignore[no-untyped-def]
+            w = tf.constant(weights, tf.float32)
+            return lambda output: tf.tensordot(output, w, axes=1)
+
+        return Case(
+            model=model,
+            layer="features",
+            inputs=inputs,
+            layout=layout,
+            true_layout=true_layout,
+            input_spatial=spatial,
+            reference=reference,
+            linear_target=linear_target,
+        )
+
+
+KIT = TensorFlowKit()

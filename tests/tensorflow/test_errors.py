@@ -1,0 +1,143 @@
+"""Bad layers, bad inputs, the wrong Keras backend: clear errors, and the model untouched."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+tf = pytest.importorskip("tensorflow")
+keras = pytest.importorskip("keras")
+
+import anycam  # noqa: E402
+
+pytestmark = pytest.mark.tensorflow
+
+
+@pytest.fixture(scope="module")
+def model() -> keras.Model:
+    keras.utils.set_random_seed(21)
+    inner = keras.Sequential(
+        [keras.Input((8, 8, 3)), keras.layers.Conv2D(4, 3, name="conv"), keras.layers.ReLU(name="relu")],
+        name="inner",
+    )
+    inputs = keras.Input((8, 8, 3))
+    hidden = keras.layers.GlobalAveragePooling2D(name="pool")(inner(inputs))
+    return keras.Model(inputs, keras.layers.Dense(3, name="logits")(hidden))
+
+
+def x(*shape: int) -> np.ndarray:
+    return np.random.default_rng(0).normal(size=shape or (2, 8, 8, 3)).astype(np.float32)
+
+
+def test_unknown_layer_lists_close_names(model: keras.Model) -> None:
+    with pytest.raises(anycam.LayerError, match=r"'lgits' not found.*closest: 'logits'"):
+        anycam.Explainer(model, "lgits")
+    with pytest.raises(anycam.LayerError, match=r"closest: 'inner/conv'"):
+        anycam.Explainer(model, "inner/cnv")
+
+
+def test_foreign_layer_object_and_the_model_itself(model: keras.Model) -> None:
+    with pytest.raises(anycam.LayerError, match="not part of the model"):
+        anycam.Explainer(model, keras.layers.Conv2D(2, 3, name="stranger"))
+    with pytest.raises(anycam.LayerError, match="model itself"):
+        anycam.Explainer(model, model)
+    with pytest.raises(anycam.LayerError, match="name the layer"):
+        anycam.Explainer(model, None)
+
+
+def test_ambiguous_bare_name_asks_for_a_path() -> None:
+    def block(name: str) -> keras.Model:
+        return keras.Sequential([keras.Input((6, 6, 2)), keras.layers.Conv2D(2, 1, name="conv")], name=name)
+
+    inputs = keras.Input((6, 6, 2))
+    hidden = block("second")(block("first")(inputs))
+    model = keras.Model(inputs, keras.layers.Dense(2)(keras.layers.Flatten()(hidden)))
+    with pytest.raises(anycam.LayerError, match=r"ambiguous.*'first/conv', 'second/conv'"):
+        anycam.Explainer(model, "conv")
+    assert anycam.Explainer(model, "second/conv").layer_names == ("second/conv",)
+
+
+def test_layer_without_spatial_output(model: keras.Model) -> None:
+    with pytest.raises(anycam.InputError, match="no spatial axis"):
+        anycam.Explainer(model, "pool")(x())
+
+
+def test_layer_that_never_runs() -> None:
+    keras.utils.set_random_seed(22)
+    spare = keras.layers.Conv2D(2, 3, name="spare")
+
+    class Model(keras.Model):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = keras.layers.Conv2D(2, 3)
+            self.spare = spare
+            self.head = keras.layers.Dense(2)
+
+        def call(self, inputs):  # type: ignore[no-untyped-def]
+            return self.head(keras.ops.mean(self.conv(inputs), axis=(1, 2)))
+
+    subclassed = Model()
+    spare.build((None, 8, 8, 3))
+    subclassed(x())
+    with pytest.raises(anycam.LayerError, match="did not run"):
+        anycam.Explainer(subclassed, "spare")(x())
+    assert "call" not in spare.__dict__
+
+
+def test_shared_layer_that_runs_twice() -> None:
+    keras.utils.set_random_seed(23)
+    shared = keras.layers.Conv2D(3, 1, name="shared")
+    inputs = keras.Input((6, 6, 3))
+    twice = shared(shared(inputs))
+    model = keras.Model(inputs, keras.layers.Dense(2)(keras.layers.Flatten()(twice)))
+    with pytest.raises(anycam.LayerError, match="more than once"):
+        anycam.Explainer(model, "shared")(x(2, 6, 6, 3))
+    assert "call" not in shared.__dict__
+
+
+def test_keras_on_another_backend(model: keras.Model, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(keras.config, "backend", lambda: "jax")
+    with pytest.raises(anycam.BackendError, match=r"'jax' backend.*KERAS_BACKEND=tensorflow"):
+        anycam.Explainer(model, "logits")
+
+
+@pytest.mark.parametrize(
+    ("inputs", "message"),
+    [
+        (np.zeros((2, 8, 8), np.float32), r"does not fit the model's input \(None, 8, 8, 3\)"),
+        (np.zeros((2, 8, 8, 4), np.float32), r"does not fit"),
+        (np.zeros((2, 8, 8, 3), np.int32), "floating point"),
+        (tf.zeros((2, 8, 8, 3), tf.int32), "floating point"),
+        ([[0.0]], "tf.Tensor or a NumPy array"),
+    ],
+)
+def test_wrong_input(model: keras.Model, inputs: object, message: str) -> None:
+    with pytest.raises(anycam.InputError, match=message):
+        anycam.Explainer(model, "inner/conv")(inputs)
+
+
+def test_subclassed_model_input_without_spatial_axes() -> None:
+    inputs = tf.zeros((2, 5))
+    features = tf.function(lambda t: t * 2.0)
+    head = tf.function(lambda a: a[:, :2])
+    with pytest.raises(anycam.InputError, match="no spatial axis"):
+        anycam.Explainer((features, head), None, backend="tensorflow")(inputs)
+
+
+def test_bad_targets(model: keras.Model) -> None:
+    explainer = anycam.Explainer(model, "inner/conv")
+    with pytest.raises(anycam.TargetError, match="for a batch of"):
+        explainer(x(), target=[0, 1, 2])
+    with pytest.raises(anycam.TargetError, match="out of range"):
+        explainer(x(), target=[[0, 3], [1, 1]])
+    with pytest.raises(anycam.TargetError, match="more classes than the model has"):
+        explainer(x(), target=anycam.top_k(4))
+    with pytest.raises(anycam.TargetError, match=r"\(N,\) or \(N, K\)"):
+        explainer(x(), target=lambda output: tf.reduce_sum(output))
+
+
+def test_unknown_option_and_model_type(model: keras.Model) -> None:
+    with pytest.raises(TypeError, match="unknown option"):
+        anycam.Explainer(model, "inner/conv", backend="tensorflow", jit=True)
+    with pytest.raises(TypeError, match="Keras 3 model"):
+        anycam.Explainer(object(), "conv", backend="tensorflow")
