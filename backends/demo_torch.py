@@ -1,10 +1,16 @@
-"""The demo CNN of ``anycam.demo_data.DEMO_ARCHITECTURE`` in PyTorch.
+"""The demo CNN of ``anycam.demo_data.DEMO_ARCHITECTURE`` in PyTorch, as a 1-D, 2-D or 3-D network.
+
+``spatial_dims=2`` is the shipped image model; 1 and 3 swap every ``Conv2d``/``BatchNorm2d``
+for its 1-D/3-D sibling and average over every spatial axis, keeping the module names, so one
+weight dict (``anycam.demo_weights.random_demo_weights``) fits the PyTorch, Keras and Flax ports.
 
 >>> from anycam.demo_data import load_demo
 >>> from anycam.backends.demo_torch import build_demo_model
 >>> demo = load_demo()
 >>> model = build_demo_model(demo["weights"])
 >>> model(torch.from_numpy(demo["images"][:2])).shape
+torch.Size([2, 10])
+>>> build_demo_model(spatial_dims=1, in_channels=3)(torch.zeros(2, 3, 40)).shape
 torch.Size([2, 10])
 """
 
@@ -18,18 +24,22 @@ from torch import nn
 
 from anycam._errors import InputError
 from anycam.demo_data import BN_EPS, NUM_CLASSES
+from anycam.demo_weights import demo_weight_shapes
 
 INPUT_LAYOUT = "channels_first"
-"""The demo model takes ``(N, 1, 64, 64)`` batches, as ``load_demo()["images"]``."""
+"""The demo model takes ``(N, 1, 64, 64)`` batches, as ``load_demo()["images"]`` (``(N, C, *S)`` in general)."""
+
+_CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+_BATCH_NORM = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
 
 
 class ConvBNReLU(nn.Module):
-    """conv 3x3 (explicit padding 1, no bias) → BatchNorm → ReLU."""
+    """conv 3 per spatial axis (explicit padding 1, no bias) → BatchNorm → ReLU."""
 
-    def __init__(self, in_channels: int, out_channels: int, stride: int = 1) -> None:
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1, spatial_dims: int = 2) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False)
-        self.bn = nn.BatchNorm2d(out_channels, eps=BN_EPS)
+        self.conv = _CONV[spatial_dims](in_channels, out_channels, 3, stride=stride, padding=1, bias=False)
+        self.bn = _BATCH_NORM[spatial_dims](out_channels, eps=BN_EPS)
         self.relu = nn.ReLU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -39,13 +49,13 @@ class ConvBNReLU(nn.Module):
 class ResidualBlock(nn.Module):
     """ReLU(x + BN(conv(ReLU(BN(conv(x)))))) at a constant channel count."""
 
-    def __init__(self, channels: int) -> None:
+    def __init__(self, channels: int, spatial_dims: int = 2) -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(channels, eps=BN_EPS)
+        self.conv1 = _CONV[spatial_dims](channels, channels, 3, padding=1, bias=False)
+        self.bn1 = _BATCH_NORM[spatial_dims](channels, eps=BN_EPS)
         self.relu1 = nn.ReLU()
-        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(channels, eps=BN_EPS)
+        self.conv2 = _CONV[spatial_dims](channels, channels, 3, padding=1, bias=False)
+        self.bn2 = _BATCH_NORM[spatial_dims](channels, eps=BN_EPS)
         self.relu = nn.ReLU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -56,10 +66,10 @@ class ResidualBlock(nn.Module):
 class DownBlock(nn.Module):
     """A stride-2 ``ConvBNReLU`` (``down``) followed by a ``ResidualBlock`` (``block``)."""
 
-    def __init__(self, in_channels: int, out_channels: int) -> None:
+    def __init__(self, in_channels: int, out_channels: int, spatial_dims: int = 2) -> None:
         super().__init__()
-        self.down = ConvBNReLU(in_channels, out_channels, stride=2)
-        self.block = ResidualBlock(out_channels)
+        self.down = ConvBNReLU(in_channels, out_channels, stride=2, spatial_dims=spatial_dims)
+        self.block = ResidualBlock(out_channels, spatial_dims)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.block(self.down(x))
@@ -68,33 +78,40 @@ class DownBlock(nn.Module):
 class DemoNet(nn.Module):
     """stem → stage1 (↓2) → stage2 (residual) → stage3 (↓2 + residual) → GAP → fc."""
 
-    def __init__(self) -> None:
+    def __init__(self, spatial_dims: int = 2, in_channels: int = 1) -> None:
         super().__init__()
-        self.stem = ConvBNReLU(1, 16)
-        self.stage1 = ConvBNReLU(16, 32, stride=2)
-        self.stage2 = ResidualBlock(32)
-        self.stage3 = DownBlock(32, 64)
+        self.spatial_dims = spatial_dims
+        self.stem = ConvBNReLU(in_channels, 16, spatial_dims=spatial_dims)
+        self.stage1 = ConvBNReLU(16, 32, stride=2, spatial_dims=spatial_dims)
+        self.stage2 = ResidualBlock(32, spatial_dims)
+        self.stage3 = DownBlock(32, 64, spatial_dims)
         self.fc = nn.Linear(64, NUM_CLASSES)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         features = self.stage3(self.stage2(self.stage1(self.stem(x))))
-        return self.fc(features.mean(dim=(2, 3)))
+        return self.fc(features.mean(dim=tuple(range(2, 2 + self.spatial_dims))))
 
 
-def build_demo_model(weights: Mapping[str, np.ndarray] | None = None) -> nn.Module:
+def build_demo_model(
+    weights: Mapping[str, np.ndarray] | None = None, *, spatial_dims: int = 2, in_channels: int = 1
+) -> nn.Module:
     """Returns the demo CNN in eval mode, with ``weights`` loaded if given.
 
     Args:
-        weights: name → array under the model's ``state_dict`` names (``load_demo()["weights"]``);
-            the BatchNorms' ``num_batches_tracked`` counters may be left out.
+        weights: name → array under the model's ``state_dict`` names (``load_demo()["weights"]``
+            for the default 2-D model); the BatchNorms' ``num_batches_tracked`` counters may be left out.
+        spatial_dims: 1 (input ``(N, C, L)``), 2 (``(N, C, H, W)``, the shipped model) or 3 (``(N, C, D, H, W)``).
+        in_channels: ``C``, the input channels.
 
     Returns:
         A ``DemoNet`` (float32, eval mode); random initial weights if ``weights`` is None.
 
     Raises:
-        InputError: if names are missing or unknown, or a shape does not fit.
+        InputError: for a bad ``spatial_dims`` or ``in_channels``, if names are missing or unknown,
+            or a shape does not fit.
     """
-    model = DemoNet()
+    demo_weight_shapes(spatial_dims, in_channels)  # validates the variant before torch sees it
+    model = DemoNet(spatial_dims, in_channels)
     if weights is not None:
         state = model.state_dict()
         optional = {name for name in state if name.endswith("num_batches_tracked")}
