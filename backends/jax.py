@@ -1,0 +1,729 @@
+"""JAX adapter: cut the model at the layer, ``jax.vjp`` the rest, compile the capture once.
+
+How a capture runs:
+
+* A *program* says, statically, how to run one model family with the explained layers' outputs
+  exposed: Flax linen through ``nn.intercept_methods``, Flax NNX through a private copy
+  (unflattened inside the trace) whose target modules get a tapped ``__call__``, Equinox through
+  ``eqx.tree_at`` (or by slicing an ``eqx.nn.Sequential``), a ``(features, head)`` pair as
+  given. A zero ``delta`` is added to each explained output (what Flax's ``Module.perturb``
+  does), so ``jax.vjp`` with respect to the deltas is ∂output/∂layer, and nothing before the
+  layer is differentiated. The user's model is never changed.
+* Class-index targets are resolved inside the compiled function (``argmax``, ``lax.top_k``, or
+  indices passed in as an argument); their one-hot cotangents ``(K, N, classes)`` go through
+  ``jax.vmap(vjp_fn)``: one forward pass and K backward passes of the head only.
+* The capture is one ``jax.jit`` whose static argument is the program. Programs compare equal
+  by model structure, layers and options, and weights are arguments, not constants, so a
+  capture compiles once per (model, layer, target kind, shapes), across Explainers too.
+  Results come back to NumPy in one ``jax.device_get``.
+* Models run in inference mode: NNX and Equinox models on a private copy switched with
+  ``.eval()`` / ``eqx.nn.inference_mode``; a Flax linen model gets its mode through
+  ``model_kwargs`` (e.g. ``{"train": False}``), and one that tries to update ``batch_stats``
+  raises an error saying so (BatchNorm in training mode mixes the samples of a batch).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.extend import core as jax_core
+
+from anycam._backend import Backend, Capture, check_options, select_output
+from anycam._errors import BackendError, InputError, LayerError, TargetError, closest
+from anycam.core import TargetSpec, resolve_indices, spatial_shape
+
+ACCEPTED = (
+    "a Flax linen (module, variables) pair or bound module, a Flax NNX module, an Equinox "
+    "module, or a (features, head) or (features, head, params) tuple of functions"
+)
+_TRACE_INFO_LIMIT = 64
+
+
+# -- cache keys ---------------------------------------------------------------------------------
+
+
+class _Identity:
+    """Compares by identity: the cache key of a value that cannot be hashed."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def __hash__(self) -> int:
+        return id(self.value)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Identity) and other.value is self.value
+
+
+def _is_hashable(value: Any) -> bool:
+    try:
+        hash(value)
+    except TypeError:
+        return False
+    return True
+
+
+def _hashable(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return ("mapping", tuple((key, _hashable(item)) for key, item in value.items()))
+    if isinstance(value, (list, tuple)):
+        return (type(value).__name__, tuple(_hashable(item) for item in value))
+    return value if _is_hashable(value) else _Identity(value)
+
+
+# -- programs: the static half of a capture ------------------------------------------------------
+
+
+class _Taps:
+    """The explained layers' outputs, collected during one traced model call.
+
+    Adds each layer's zero delta to its output, so the vjp of the model output with respect to
+    the deltas is its gradient with respect to the layer outputs.
+    """
+
+    def __init__(self, names: tuple[str, ...], deltas: tuple[jax.Array, ...] | None) -> None:
+        self.names = names
+        self.deltas = deltas
+        self.found: dict[int, jax.Array] = {}
+
+    def __call__(self, index: int, value: Any) -> Any:
+        name = self.names[index]
+        if not isinstance(value, jax.Array) or not jnp.issubdtype(value.dtype, jnp.floating):
+            kind = f"an array of {value.dtype}" if isinstance(value, jax.Array) else type(value).__name__
+            raise LayerError(
+                f"layer {name!r} returns {kind}, not a floating-point array; "
+                "explain a layer whose output is a feature map"
+            )
+        if index in self.found:
+            raise LayerError(
+                f"layer {name!r} runs more than once per forward pass (a shared module); "
+                "explain a module that runs once"
+            )
+        self.found[index] = value
+        return value if self.deltas is None else value + self.deltas[index]
+
+    def activations(self) -> tuple[jax.Array, ...]:
+        missing = [name for i, name in enumerate(self.names) if i not in self.found]
+        if missing:
+            raise LayerError(
+                f"layer(s) {', '.join(map(repr, missing))} did not run during the forward pass; "
+                "explain a layer on the path from the input to the output"
+            )
+        return tuple(self.found[i] for i in range(len(self.names)))
+
+
+class _Program:
+    """How to run one model family with its explained layers tapped; a jit static argument.
+
+    Equal programs share compiled code, so equality is by model *structure* (module
+    definition, NNX graphdef, Equinox static part, function identity), layers and options.
+    """
+
+    def __init__(
+        self,
+        structure: Any,
+        paths: tuple[Any, ...],
+        names: tuple[str, ...],
+        *,
+        output: Any,
+        vmap: bool,
+        kwargs: Mapping[str, Any],
+        key: Any = None,
+    ) -> None:
+        self.structure = structure
+        self.paths = paths
+        self.names = names
+        self.output = output
+        self.vmap = vmap
+        self.kwargs = dict(kwargs)
+        structure_key = _hashable(structure) if key is None else key
+        self._key = (type(self), structure_key, paths, _hashable(output), vmap, _hashable(self.kwargs))
+        self._hash = hash(self._key)
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Program) and self._key == other._key
+
+    def call(self, params: Any, x: jax.Array, deltas: Any) -> tuple[Any, tuple[jax.Array, ...]]:
+        """Runs the model once on ``x`` (a batch, or one sample under vmap)."""
+        raise NotImplementedError
+
+    def run(self, params: Any, x: jax.Array, deltas: Any) -> tuple[Any, tuple[jax.Array, ...]]:
+        """Returns (selected output, activations) for a batch; deltas None adds nothing."""
+        if self.vmap:
+            output, activations = jax.vmap(functools.partial(self.call, params))(x, deltas)
+        else:
+            output, activations = self.call(params, x, deltas)
+        return select_output(output, self.output), activations
+
+
+class _FunctionsProgram(_Program):
+    """A ``(features, head)`` or ``(features, head, params)`` split given by the user."""
+
+    def call(self, params: Any, x: jax.Array, deltas: Any) -> tuple[Any, tuple[jax.Array, ...]]:
+        features, head, with_params = self.structure
+        taps = _Taps(self.names, deltas)
+        args = (params,) if with_params else ()
+        activations = taps(0, features(*args, x))
+        return head(*args, activations), taps.activations()
+
+
+class _LinenProgram(_Program):
+    """A Flax linen module; the layers' ``__call__`` outputs are intercepted by module path."""
+
+    def call(self, params: Any, x: jax.Array, deltas: Any) -> tuple[Any, tuple[jax.Array, ...]]:
+        import flax.errors
+        import flax.linen as nn
+
+        taps = _Taps(self.names, deltas)
+        index = {path: i for i, path in enumerate(self.paths)}
+
+        def interceptor(next_fun: Any, args: Any, kwargs: Any, context: Any) -> Any:
+            out = next_fun(*args, **kwargs)
+            if context.method_name == "__call__":
+                found = index.get(context.module.path)
+                if found is not None:
+                    out = taps(found, out)
+            return out
+
+        try:
+            with nn.intercept_methods(interceptor):
+                output = self.structure.apply(params, x, **self.kwargs)
+        except flax.errors.ModifyScopeVariableError as exc:
+            raise BackendError(
+                f"the Flax model tried to update a variable ({exc}); it runs in training mode, "
+                "where BatchNorm mixes the samples of a batch. Run it in inference mode: pass the "
+                "argument your model takes, e.g. model_kwargs={'train': False}, or build BatchNorm "
+                "with use_running_average=True"
+            ) from exc
+        except flax.errors.InvalidRngError as exc:
+            raise BackendError(
+                f"the Flax model asked for a random key ({exc}); Dropout runs in training mode. "
+                "Run it in inference mode, e.g. model_kwargs={'train': False} (deterministic=True)"
+            ) from exc
+        return output, taps.activations()
+
+
+def _follow(node: Any, path: tuple[Any, ...]) -> Any:
+    for part in path:
+        if isinstance(part, int) or isinstance(node, Mapping):
+            node = node[part]
+        else:
+            node = getattr(node, part)
+    return node
+
+
+class _NnxProgram(_Program):
+    """A Flax NNX module, rebuilt privately inside the trace; targets get a tapped ``__call__``.
+
+    ``structure`` is a pytree treedef (NNX modules are pytrees; flattening is ~10× cheaper
+    than ``nnx.split``) or, for modules that share submodules or are not pytrees, a graphdef.
+    """
+
+    def call(self, params: Any, x: jax.Array, deltas: Any) -> tuple[Any, tuple[jax.Array, ...]]:
+        from flax import nnx
+
+        if isinstance(self.structure, nnx.GraphDef):
+            model = nnx.merge(self.structure, params)
+        else:
+            model = jax.tree_util.tree_unflatten(self.structure, params)
+        model.eval()
+        taps = _Taps(self.names, deltas)
+        for index, path in enumerate(self.paths):
+            _tap_nnx(_follow(model, path), index, taps)
+        return model(x, **self.kwargs), taps.activations()
+
+
+def _tap_nnx(module: Any, index: int, taps: _Taps) -> None:
+    """Gives one module of a private copy a ``__call__`` that reports its output to ``taps``."""
+    base = type(module)
+
+    def __call__(self: Any, *args: Any, **kwargs: Any) -> Any:
+        return taps(index, base.__call__(self, *args, **kwargs))
+
+    module.__class__ = type(base.__name__, (base,), {"__call__": __call__, "__module__": base.__module__})
+
+
+@functools.cache
+def _equinox_tap() -> type:
+    import equinox as eqx
+
+    class Tap(eqx.Module):
+        inner: Any
+        index: int = eqx.field(static=True)
+        taps: Any = eqx.field(static=True)
+
+        def __call__(self, x: Any, *args: Any, **kwargs: Any) -> Any:
+            return self.taps(self.index, self.inner(x, *args, **kwargs))
+
+    return Tap
+
+
+class _EquinoxProgram(_Program):
+    """An Equinox module; the layers are wrapped with ``eqx.tree_at`` in a private copy."""
+
+    def call(self, params: Any, x: jax.Array, deltas: Any) -> tuple[Any, tuple[jax.Array, ...]]:
+        import equinox as eqx
+
+        model = eqx.nn.inference_mode(eqx.combine(params, self.structure))
+        taps = _Taps(self.names, deltas)
+        tap = _equinox_tap()
+        wrapped = [tap(_follow(model, path), index, taps) for index, path in enumerate(self.paths)]
+        model = eqx.tree_at(lambda m: [_follow(m, path) for path in self.paths], model, wrapped)
+        return model(x, **self.kwargs), taps.activations()
+
+
+class _SequentialProgram(_Program):
+    """An ``eqx.nn.Sequential`` sliced after the explained layer: ``head(features(x))``."""
+
+    def call(self, params: Any, x: jax.Array, deltas: Any) -> tuple[Any, tuple[jax.Array, ...]]:
+        import equinox as eqx
+
+        model = eqx.nn.inference_mode(eqx.combine(params, self.structure))
+        cut = self.paths[0][-1] + 1
+        taps = _Taps(self.names, deltas)
+        activations = taps(0, model[:cut](x, **self.kwargs))
+        return model[cut:](activations, **self.kwargs), taps.activations()
+
+
+# -- the compiled capture ------------------------------------------------------------------------
+
+
+def _callable_scores(fn: Callable[[Any], Any], output: Any, batch: int) -> jax.Array:
+    scores = fn(output)
+    if not isinstance(scores, jax.Array) or scores.ndim not in (1, 2) or scores.shape[0] != batch:
+        shape = tuple(scores.shape) if isinstance(scores, jax.Array) else type(scores).__name__
+        raise TargetError(
+            f"a callable target must return a JAX array of shape (N,) or (N, K) with N={batch}, got {shape}"
+        )
+    return scores.reshape(batch, -1)
+
+
+def _class_outputs(output: Any, batch: int) -> jax.Array:
+    if not isinstance(output, jax.Array):
+        raise TargetError(f"the selected model output is a {type(output).__name__}, not an array; use output=...")
+    if output.ndim != 2 or output.shape[0] != batch:
+        raise TargetError(
+            f"class-index targets need a model output of shape (N, classes), got {tuple(output.shape)}; "
+            "pass a callable target that maps the output to (N,) scores"
+        )
+    return output
+
+
+def _indices(outputs: jax.Array, mode: tuple[Any, ...], given: jax.Array | None) -> jax.Array:
+    """Returns the ``(N, K)`` class indices each map explains (all columns for callables)."""
+    kind = mode[0]
+    if kind == "argmax":
+        return jnp.argmax(outputs, axis=1)[:, None]
+    if kind == "topk":
+        classes = outputs.shape[1]
+        if mode[1] > classes:
+            raise TargetError(f"top_k({mode[1]}) asks for more classes than the model has ({classes})")
+        # lax.top_k puts the lower index first among ties, like the core's stable argsort.
+        return jax.lax.top_k(outputs, mode[1])[1]
+    if kind == "given":
+        assert given is not None
+        return given
+    return jnp.broadcast_to(jnp.arange(outputs.shape[1]), outputs.shape)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _capture(program: _Program, mode: tuple[Any, ...], params: Any, x: jax.Array, given: Any) -> Any:
+    """Returns (activations, gradients ``(N, K, ...)``, scores, indices, outputs ``(N, M)``)."""
+    batch = x.shape[0]
+    shapes = jax.eval_shape(lambda p, xs: program.run(p, xs, None)[1], params, x)
+    deltas = tuple(jnp.zeros(s.shape, s.dtype) for s in shapes)
+
+    def outputs_of(deltas: tuple[jax.Array, ...]) -> Any:
+        output, activations = program.run(params, x, deltas)
+        if mode[0] == "callable":
+            return _callable_scores(mode[1], output, batch), activations
+        return _class_outputs(output, batch), activations
+
+    outputs, vjp_fn, activations = jax.vjp(outputs_of, deltas, has_aux=True)
+    indices = _indices(outputs, mode, given)
+    cotangents = jax.nn.one_hot(indices.T, outputs.shape[1], dtype=outputs.dtype)
+    if cotangents.shape[0] == 1:
+        gradients = tuple(g[:, None] for g in vjp_fn(cotangents[0])[0])
+    else:
+        gradients = tuple(jnp.moveaxis(g, 0, 1) for g in jax.vmap(vjp_fn)(cotangents)[0])
+    scores = jnp.take_along_axis(outputs, indices, axis=1)
+    return activations, gradients, scores, indices, outputs
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _forward(program: _Program, params: Any, x: jax.Array) -> Any:
+    return program.run(params, x, None)
+
+
+def _constant_gradients(traced: Any, count: int) -> tuple[int, ...]:
+    """Returns the layers whose gradient depends on no input of the traced capture.
+
+    Such a gradient is a constant; when that constant is zero the layer does not reach the
+    output (jax.vjp gives a symbolic zero), which an all-zero check alone cannot tell from a
+    dead map.
+    """
+    jaxpr = traced.jaxpr.jaxpr
+    dependent = set(jaxpr.invars) | set(jaxpr.constvars)
+    for eqn in jaxpr.eqns:
+        if any(isinstance(v, jax_core.Var) and v in dependent for v in eqn.invars):
+            dependent.update(eqn.outvars)
+    gradients = jaxpr.outvars[count : 2 * count]
+    return tuple(i for i, v in enumerate(gradients) if not (isinstance(v, jax_core.Var) and v in dependent))
+
+
+# -- model forms ---------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _Model:
+    """A resolved model: layer names, default layout, and its (program, params) for a call."""
+
+    names: tuple[str, ...]
+    layout: str
+    snapshot: Callable[[], tuple[_Program, Any]]
+
+
+def _listing(names: Sequence[str], limit: int = 25) -> str:
+    shown = ", ".join(repr(n) for n in names[:limit])
+    more = len(names) - limit
+    return shown + (f" and {more} more" if more > 0 else "")
+
+
+def _pick(layer: Any, paths: dict[str, tuple[Any, ...]], objects: dict[int, str], family: str, sep: str) -> str:
+    """Returns the name in ``paths`` that ``layer`` (a path string/tuple or module) means."""
+    canonical = [p for p in paths if not p.isdigit()]
+    if layer is None:
+        raise LayerError(
+            f"name the layer to explain (layer=None fits only a (features, head) pair); the {family} "
+            f"model's module paths: {_listing(canonical)}"
+        )
+    if isinstance(layer, str):
+        for candidate in (layer, layer.replace("/", sep).replace(".", sep)):
+            if candidate in paths:
+                return candidate
+        name = layer
+    elif isinstance(layer, tuple) and layer and all(isinstance(p, (str, int)) for p in layer):
+        name = sep.join(str(p) for p in layer)
+        if name in paths:
+            return name
+    elif isinstance(layer, int) and not isinstance(layer, bool):
+        name = str(layer)
+        if name in paths:
+            return name
+    elif id(layer) in objects:
+        return objects[id(layer)]
+    elif objects:
+        raise LayerError(
+            f"the {type(layer).__name__} given as layer is not a module of the {family} model; "
+            f"pass a module of it or its path, e.g. {next(iter(paths), 'layer')!r}"
+        )
+    else:
+        raise LayerError(
+            f"a {family} layer is a module path such as 'backbone{sep}layer4' or a tuple of names, "
+            f"got {type(layer).__name__}"
+        )
+    raise LayerError(
+        f"layer {name!r} not found in the {family} model{closest(name, canonical)}; module paths: {_listing(canonical)}"
+    )
+
+
+def _linen_paths(variables: Mapping[str, Any]) -> dict[str, tuple[str, ...]]:
+    found: set[tuple[str, ...]] = set()
+
+    def walk(tree: Mapping[str, Any], path: tuple[str, ...]) -> None:
+        for key, value in tree.items():
+            if isinstance(value, Mapping):
+                found.add((*path, key))
+                walk(value, (*path, key))
+
+    for collection in variables.values():
+        if isinstance(collection, Mapping):
+            walk(collection, ())
+    return {"/".join(p): p for p in sorted(found)}
+
+
+def _linen(module: Any, variables: Any, layers: Sequence[Any], common: dict[str, Any]) -> _Model:
+    if not isinstance(variables, Mapping):
+        raise BackendError(
+            "a Flax linen model is (module, variables), variables being what module.init returns; "
+            f"got {type(variables).__name__} as variables"
+        )
+    if variables and "params" not in variables:
+        raise BackendError(
+            "the variables of a Flax linen model are a dict of collections, {'params': ..., "
+            f"'batch_stats': ...}}; got one with keys {list(variables)[:5]}. If these are the "
+            "parameters, pass (module, {'params': params})"
+        )
+    paths = _linen_paths(variables)
+    names = tuple(_pick(layer, paths, {}, "Flax linen", "/") for layer in layers)
+    program = _LinenProgram(module, tuple(paths[n] for n in names), names, **common)
+    return _Model(names, "channels_last", lambda: (program, variables))
+
+
+def _nnx(model: Any, layers: Sequence[Any], common: dict[str, Any]) -> _Model:
+    from flax import nnx
+
+    modules = sorted(
+        ((path, module) for path, module in nnx.iter_modules(model) if path),
+        key=lambda item: tuple((0, p, "") if isinstance(p, int) else (1, 0, str(p)) for p in item[0]),
+    )
+    paths = {".".join(map(str, path)): tuple(path) for path, _ in modules}
+    objects = {id(module): ".".join(map(str, path)) for path, module in reversed(modules)}
+    names = tuple(_pick(layer, paths, objects, "Flax NNX", ".") for layer in layers)
+    chosen = tuple(paths[n] for n in names)
+
+    leaves, treedef = jax.tree_util.tree_flatten(model)
+    # Tree mode copies a shared submodule, so its tap would see one of its calls only.
+    tree_mode = len(leaves) == len(jax.tree_util.tree_leaves(nnx.state(model))) and _is_hashable(treedef)
+
+    def snapshot() -> tuple[_Program, Any]:
+        # Flattened per call: NNX modules are updated in place (optimiser steps), and an
+        # unchanged structure flattens to an equal treedef, so the compiled capture is reused.
+        if tree_mode:
+            leaves, treedef = jax.tree_util.tree_flatten(model)
+            return _NnxProgram(treedef, chosen, names, **common), leaves
+        graphdef, state = nnx.split(model)
+        return _NnxProgram(graphdef, chosen, names, **common), state
+
+    return _Model(names, "channels_last", snapshot)
+
+
+def _equinox_modules(node: Any, path: tuple[Any, ...] = ()) -> Any:
+    import equinox as eqx
+
+    if isinstance(node, eqx.Module):
+        if path:
+            yield path, node
+        for field in dataclasses.fields(node):
+            yield from _equinox_modules(getattr(node, field.name, None), (*path, field.name))
+    elif isinstance(node, (list, tuple)):
+        for index, item in enumerate(node):
+            yield from _equinox_modules(item, (*path, index))
+    elif isinstance(node, dict):
+        for key, item in node.items():
+            yield from _equinox_modules(item, (*path, key))
+
+
+def _equinox(model: Any, layers: Sequence[Any], common: dict[str, Any]) -> _Model:
+    import equinox as eqx
+
+    modules = list(_equinox_modules(model))
+    paths = {".".join(map(str, path)): tuple(path) for path, _ in modules}
+    objects = {id(module): ".".join(map(str, path)) for path, module in reversed(modules)}
+    sequential = isinstance(model, eqx.nn.Sequential)
+    if sequential:  # layer=3 or "3" means model.layers[3]
+        paths.update({str(i): ("layers", i) for i in range(len(model.layers))})
+    names = tuple(_pick(layer, paths, objects, "Equinox", ".") for layer in layers)
+    chosen = tuple(paths[n] for n in names)
+    names = tuple(".".join(map(str, path)) for path in chosen)
+    params, static = eqx.partition(model, eqx.is_array)
+    leaves, treedef = jax.tree_util.tree_flatten(static)
+    key = _hashable((treedef, tuple(leaves)))
+    sliced = sequential and len(chosen) == 1 and len(chosen[0]) == 2
+    program = (_SequentialProgram if sliced else _EquinoxProgram)(static, chosen, names, key=key, **common)
+    return _Model(names, "channels_first", lambda: (program, params))
+
+
+def _functions(model: Sequence[Any], layers: Sequence[Any], common: dict[str, Any]) -> _Model:
+    features, head, *rest = model
+    if len(layers) != 1 or layers[0] not in (None, "features"):
+        raise LayerError("a (features, head) pair is already cut at its layer, the output of features; pass layer=None")
+    if common["kwargs"]:
+        raise TypeError("model_kwargs does not apply to a (features, head) pair; bind arguments with functools.partial")
+    program = _FunctionsProgram((features, head, bool(rest)), ((),), ("features",), **common)
+    params = rest[0] if rest else None
+    return _Model(("features",), "channels_first", lambda: (program, params))
+
+
+def _resolve(model: Any, layers: Sequence[Any], options: dict[str, Any], output: Any) -> _Model:
+    linen = sys.modules.get("flax.linen")
+    nnx = sys.modules.get("flax.nnx")
+    equinox = sys.modules.get("equinox")
+    kwargs = options.get("model_kwargs") or {}
+    if not isinstance(kwargs, Mapping):
+        raise TypeError(f"model_kwargs must be a dict of keyword arguments, got {type(kwargs).__name__}")
+    is_equinox = equinox is not None and isinstance(model, equinox.Module)
+    vmap = bool(options.get("vmap", is_equinox))
+    common = {"output": output, "vmap": vmap, "kwargs": kwargs}
+    if linen is not None:
+        if isinstance(model, tuple) and len(model) == 2 and isinstance(model[0], linen.Module):
+            return _linen(model[0], model[1], layers, common)
+        if isinstance(model, linen.Module):
+            if model.scope is None:
+                raise BackendError(
+                    f"the Flax linen {type(model).__name__} is unbound and has no variables; "
+                    "pass (module, variables) or module.bind(variables)"
+                )
+            module, variables = model.unbind()
+            return _linen(module, variables, layers, common)
+    if nnx is not None and isinstance(model, nnx.Module):
+        return _nnx(model, layers, common)
+    if is_equinox:
+        return _equinox(model, layers, common)
+    if isinstance(model, (tuple, list)) and len(model) in (2, 3) and all(map(callable, model[:2])):
+        return _functions(model, layers, common)
+    raise BackendError(
+        f"the jax backend does not recognise a {type(model).__module__}.{type(model).__qualname__}; "
+        f"it accepts {ACCEPTED}"
+    )
+
+
+# -- the backend ---------------------------------------------------------------------------------
+
+
+def _to_numpy(array: Any) -> np.ndarray:
+    return np.asarray(array, dtype=np.float32)
+
+
+class JaxBackend(Backend):
+    """Adapter for JAX models: Flax linen and NNX, Equinox, or a (features, head) split.
+
+    Model forms and layers:
+
+    * Flax linen ``(module, variables)`` or a bound module: a layer is a module path,
+      ``"backbone/layer4"`` or ``("backbone", "layer4")`` (``"backbone.layer4"`` works too).
+      Paths are read from the variables, so a module must own variables, directly or through
+      its submodules, to be named.
+    * Flax NNX module: an attribute path, ``"layer4"``, ``"blocks.3"``, or the module object.
+    * Equinox module: a pytree path, ``"blocks.3.conv"``, or the module object; for an
+      ``eqx.nn.Sequential`` also the index (``3``, ``"3"`` or ``"layers.3"``), in which case the
+      model is sliced there. Equinox layers take unbatched samples, so the model runs under
+      ``jax.vmap`` (``vmap=False`` for a model that takes batches).
+    * ``(features, head)``: ``head(features(x))`` with ``layer=None``; the explained layer is the
+      output of ``features``. Parameters are closed over, or given as a third element,
+      ``(features, head, params)``, called as ``features(params, x)`` and
+      ``head(params, activations)``: then they are arguments of the compiled capture rather
+      than constants, and new parameter values of the same shapes do not recompile.
+
+    Options:
+        model_kwargs: keyword arguments for every model call (linen ``apply``, NNX or Equinox
+            ``__call__``), e.g. ``{"train": False}`` for a linen model with BatchNorm.
+        vmap: run the model one sample at a time under ``jax.vmap`` (default: True for
+            Equinox, False otherwise).
+
+    Layouts: inputs and layer outputs are channels-last for Flax and channels-first for
+    Equinox and functions; ``input_layout=`` sets the input's, and the layers' guess follows
+    it; ``layout=`` sets the layers'. Callable targets are JAX functions of the model output,
+    compiled with the capture: pass the same function object to reuse the compiled code.
+    """
+
+    name = "jax"
+
+    def __init__(
+        self,
+        model: Any,
+        layers: Sequence[Any],
+        *,
+        output: Any = None,
+        input_layout: str | None = None,
+        **options: Any,
+    ) -> None:
+        check_options(self.name, options, ("model_kwargs", "vmap"))
+        self.output = output
+        self._model = _resolve(model, list(layers), options, output)
+        self.layer_names = self._model.names
+        self.input_layout = input_layout or self._model.layout
+        self.layer_layout = input_layout or self._model.layout
+        self._traced: dict[Any, tuple[int, tuple[int, ...]]] = {}
+
+    def _as_input(self, inputs: Any) -> jax.Array:
+        if not isinstance(inputs, (np.ndarray, jax.Array)):
+            raise InputError(f"input must be a jax.Array or a NumPy array, got {type(inputs).__name__}")
+        if not jnp.issubdtype(inputs.dtype, jnp.floating):
+            raise InputError(
+                f"input must be floating point, got dtype {inputs.dtype}; e.g. x.astype(jnp.float32) / 255"
+            )
+        spatial_shape(tuple(inputs.shape), self.input_layout)
+        return jnp.asarray(inputs)
+
+    @staticmethod
+    def _mode(target: TargetSpec, batch: int) -> tuple[tuple[Any, ...], np.ndarray | None]:
+        if target.kind == "argmax":
+            return ("argmax",), None
+        if target.kind == "topk":
+            return ("topk", target.k), None
+        if target.kind == "callable":
+            return ("callable", target.fn), None
+        assert target.indices is not None
+        return ("given",), np.zeros((batch, target.indices.shape[1]), np.int32)
+
+    def _with_gradients(self, program: _Program, params: Any, x: jax.Array, target: TargetSpec) -> Any:
+        batch = x.shape[0]
+        mode, given = self._mode(target, batch)
+        key = (program, mode, x.shape, x.dtype, None if given is None else given.shape)
+        info = self._traced.get(key)
+        if info is None:
+            traced = _capture.trace(program, mode, params, x, given)
+            info = (traced.out_info[4].shape[1], _constant_gradients(traced, len(self.layer_names)))
+            if len(self._traced) >= _TRACE_INFO_LIMIT:
+                self._traced.pop(next(iter(self._traced)))
+            self._traced[key] = info
+        classes, constant = info
+        indices = None
+        if mode == ("given",):
+            indices = resolve_indices(target, np.zeros((batch, classes), np.float32))
+            given = indices.astype(np.int32)
+        result = jax.device_get(_capture(program, mode, params, x, given)[:4])
+        activations, gradients, scores, found = result
+        for index in constant:
+            if not np.any(gradients[index]):
+                raise LayerError(
+                    f"layer {self.layer_names[index]!r} does not reach the explained output: its "
+                    "gradient is zero everywhere and depends on no input (no path from the layer "
+                    "to the output); explain a layer on the path to the output"
+                )
+        if mode[0] != "callable":
+            indices = np.asarray(found, dtype=np.int64)
+        return activations, gradients, scores, indices
+
+    def _without_gradients(self, program: _Program, params: Any, x: jax.Array, target: TargetSpec) -> Any:
+        batch = x.shape[0]
+        output, activations = _forward(program, params, x)
+        if target.kind == "callable":
+            assert target.fn is not None
+            scores = _callable_scores(target.fn, output, batch)
+            activations, scores = jax.device_get((activations, scores))
+            return activations, scores, None
+        activations, outputs = jax.device_get((activations, _class_outputs(output, batch)))
+        outputs = _to_numpy(outputs)
+        indices = resolve_indices(target, outputs)
+        return activations, np.take_along_axis(outputs, indices, axis=1), indices
+
+    def capture(self, inputs: Any, target: TargetSpec, *, gradients: bool = True) -> Capture:
+        x = self._as_input(inputs)
+        program, params = self._model.snapshot()
+        grads_np: tuple[np.ndarray, ...] | None = None
+        if gradients:
+            activations, grads, scores, indices = self._with_gradients(program, params, x, target)
+            grads_np = tuple(_to_numpy(g) for g in grads)
+        else:
+            activations, scores, indices = self._without_gradients(program, params, x, target)
+        return Capture(
+            activations=tuple(_to_numpy(a) for a in activations),
+            gradients=grads_np,
+            scores=_to_numpy(scores),
+            target=indices,
+            input_spatial=spatial_shape(tuple(x.shape), self.input_layout),
+            layouts=(self.layer_layout,) * len(self.layer_names),
+        )
+
+    def predict(self, inputs: Any) -> np.ndarray:
+        x = self._as_input(inputs)
+        program, params = self._model.snapshot()
+        output, _ = _forward(program, params, x)
+        return _to_numpy(jax.device_get(output))
+
+
+BACKEND = JaxBackend

@@ -1,0 +1,211 @@
+"""Contract kit for JAX: small Flax linen nets with a nonlinear head, reference by plain jax.vjp.
+
+Flax is channels-last, so the ``channels_last`` kind is the *other* layout here: a linen model
+that takes NCHW input and keeps its feature map NCHW (``input_layout`` and ``layout`` given).
+Cases are built once per kind: JAX models are immutable, and sharing them lets the suite
+reuse compiled captures instead of compiling 200 identical ones.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .kit import Case
+
+BATCH, CLASSES = 3, 5
+
+
+class Features(nn.Module):
+    spatial: int
+    channels_first: bool = False
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if self.channels_first:
+            x = jnp.moveaxis(x, 1, -1)
+        x = nn.relu(nn.Conv(6, (3,) * self.spatial, padding="SAME")(x))
+        x = nn.relu(nn.Conv(8, (3,) * self.spatial, strides=2, padding="SAME")(x))
+        return jnp.moveaxis(x, -1, 1) if self.channels_first else x
+
+
+class Head(nn.Module):
+    channels_first: bool = False
+
+    @nn.compact
+    def __call__(self, a: jax.Array) -> jax.Array:
+        if self.channels_first:
+            a = jnp.moveaxis(a, 1, -1)
+        a = jnp.tanh(nn.Conv(8, (1,) * (a.ndim - 2))(a))
+        return nn.Dense(CLASSES)(a.mean(axis=tuple(range(1, a.ndim - 1))))
+
+
+class Tokens(nn.Module):
+    """Patch embedding + class token → (N, 1 + 16, D), then a residual MLP block."""
+
+    dim: int = 8
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        patches = nn.Conv(self.dim, (4, 4), strides=4, padding="VALID")(x)
+        tokens = patches.reshape(x.shape[0], -1, self.dim)
+        cls = self.param("cls", nn.initializers.normal(1.0), (1, 1, self.dim))
+        tokens = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, self.dim)), tokens], axis=1)
+        return tokens + nn.gelu(nn.Dense(self.dim)(tokens))
+
+
+class TokenHead(nn.Module):
+    dim: int = 8
+
+    @nn.compact
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        mixed = jnp.tanh(nn.Dense(self.dim)(tokens))
+        return nn.Dense(CLASSES)(jnp.concatenate([mixed[:, 0], mixed[:, 1:].mean(1)], axis=1))
+
+
+class Split(nn.Module):
+    """``head(features(x))``; the explained layer is ``features``."""
+
+    features: nn.Module
+    head: nn.Module
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.head(self.features(x))
+
+
+def numpy_fill(tree, rng: np.random.Generator):  # type: ignore[no-untyped-def]
+    """Replaces the ``jax.ShapeDtypeStruct`` leaves of ``tree`` by NumPy-drawn float32 arrays.
+
+    Kernels get fan-in scaled normals; leaves whose path names a variance or scale get values
+    near 1. Building models abstractly (``jax.eval_shape``, ``nnx.eval_shape``,
+    ``eqx.filter_eval_shape``) and filling them here avoids compiling the frameworks' random
+    initialisers, which takes seconds per model on a small CPU, longer than the tests.
+    """
+
+    def draw(path: tuple, leaf: object) -> object:
+        if not isinstance(leaf, jax.ShapeDtypeStruct):
+            return leaf
+        values = rng.normal(size=leaf.shape).astype(np.float32)
+        if any(word in jax.tree_util.keystr(path) for word in ("var", "scale")):
+            return jnp.asarray(1 + 0.1 * np.abs(values))
+        fan_in = int(np.prod(leaf.shape[:-1])) if len(leaf.shape) > 1 else 10
+        return jnp.asarray(values / np.sqrt(fan_in))
+
+    return jax.tree_util.tree_map_with_path(draw, tree)
+
+
+def numpy_init(model: nn.Module, inputs: jax.Array, rng: np.random.Generator, **kwargs: object) -> dict:
+    """Returns the variables of a linen ``model`` with NumPy-drawn values (see ``numpy_fill``)."""
+    return numpy_fill(jax.eval_shape(functools.partial(model.init, **kwargs), jax.random.key(0), inputs), rng)
+
+
+@functools.cache
+def _build(kind: str) -> tuple[Split, dict, jax.Array, str | None, str, tuple[int, ...], dict]:
+    layout: str | None = None
+    true_layout = "channels_last"
+    options: dict = {}
+    if kind == "conv2d":
+        model, shape = Split(Features(2), Head()), (BATCH, 12, 10, 3)
+    elif kind == "conv1d":
+        model, shape = Split(Features(1), Head()), (BATCH, 17, 3)
+    elif kind == "conv3d":
+        model, shape = Split(Features(3), Head()), (BATCH, 6, 8, 5, 3)
+    elif kind == "channels_last":  # the other layout for Flax: channels first
+        model, shape = Split(Features(2, channels_first=True), Head(channels_first=True)), (BATCH, 3, 12, 10)
+        layout = true_layout = "channels_first"
+        options = {"input_layout": "channels_first"}
+    elif kind == "tokens":
+        model, shape = Split(Tokens(), TokenHead()), (BATCH, 16, 16, 3)
+        layout = true_layout = "tokens"
+    else:
+        raise ValueError(kind)
+    rng = np.random.default_rng(0)
+    inputs = jnp.asarray(rng.normal(size=shape).astype(np.float32))
+    variables = numpy_init(model, inputs, rng)
+    spatial = tuple(shape[2:]) if true_layout == "channels_first" else tuple(shape[1:-1])
+    return model, variables, inputs, layout, true_layout, spatial, options
+
+
+@functools.cache
+def _reference_functions(kind: str):  # type: ignore[no-untyped-def]
+    """Returns jitted ``features(x)`` and ``(head(a), vjp of head at a with cotangent c)``."""
+    model, variables, *_ = _build(kind)
+
+    @jax.jit
+    def features(x: jax.Array) -> jax.Array:
+        return model.apply(variables, x, method=lambda m, x: m.features(x))
+
+    @jax.jit
+    def head_vjp(activations: jax.Array, cotangent: jax.Array) -> tuple[jax.Array, jax.Array]:
+        outputs, vjp_fn = jax.vjp(lambda a: model.apply(variables, a, method=lambda m, a: m.head(a)), activations)
+        return outputs, vjp_fn(cotangent)[0]
+
+    return features, head_vjp
+
+
+@functools.cache
+def _linear_target(weights: bytes):  # type: ignore[no-untyped-def]
+    # One function object per weights, so that every method reuses the compiled capture.
+    w = jnp.asarray(np.frombuffer(weights, dtype=np.float32))
+    return lambda output: output @ w
+
+
+class JaxKit:
+    name = "jax"
+
+    def case(self, kind: str) -> Case:
+        model, variables, inputs, layout, true_layout, spatial, options = _build(kind)
+
+        features, head_vjp = _reference_functions(kind)
+
+        def reference(cotangents: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+            activations = features(inputs)
+            if cotangents is None:
+                outputs, _ = head_vjp(activations, jnp.zeros((BATCH, CLASSES)))
+                return np.asarray(activations), None, np.asarray(outputs)
+            grads = []
+            for c in cotangents:
+                outputs, grad = head_vjp(activations, jnp.asarray(c))
+                grads.append(grad)
+            return np.asarray(activations), np.stack(grads, axis=1), np.asarray(outputs)
+
+        def linear_target(weights: np.ndarray):  # type: ignore[no-untyped-def]
+            return _linear_target(np.asarray(weights, dtype=np.float32).tobytes())
+
+        return Case(
+            model=(model, variables),
+            layer="features",
+            inputs=inputs,
+            layout=layout,
+            true_layout=true_layout,
+            input_spatial=spatial,
+            reference=reference,
+            linear_target=linear_target,
+            options=dict(options),
+        )
+
+
+KIT = JaxKit()
+
+
+def vjp_reference(
+    features: Callable[[jax.Array], jax.Array],
+    head: Callable[[jax.Array], jax.Array],
+    x: jax.Array,
+    indices: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Returns activations, gradients ``(N, K, ...)`` of the ``(N, K)`` classes, and outputs.
+
+    Plain ``jax.vjp`` of ``head`` at ``features(x)``, one cotangent at a time: what the JAX
+    tests compare the backend against, whatever the model form.
+    """
+    activations = features(x)
+    outputs, vjp_fn = jax.vjp(head, activations)
+    one_hot = np.eye(outputs.shape[1], dtype=np.float32)[np.asarray(indices)]  # (N, K, classes)
+    grads = [vjp_fn(jnp.asarray(one_hot[:, k]))[0] for k in range(one_hot.shape[1])]
+    return np.asarray(activations), np.stack(grads, axis=1), np.asarray(outputs)
