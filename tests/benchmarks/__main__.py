@@ -21,9 +21,9 @@ def main(argv: list[str] | None = None) -> int:
         module = importlib.import_module(f"tests.benchmarks.bench_{framework}")
         for r in module.run(quick=args.quick):
             ms = f"{r['ms']:.1f}" if r.get("ms") is not None else f"{r['mb']:.0f} MB"
+            ratio = f"{r['ratio']:.2f}×" if r["ratio"] >= 0.1 else f"{r['ratio']:.3f}×"
             print(
-                f"| {r['framework']} | {r['model']} | {r['case']} | {r['batch']} | {ms} | "
-                f"{r['ratio']:.2f}× | {r['baseline']} |",
+                f"| {r['framework']} | {r['model']} | {r['case']} | {r['batch']} | {ms} | {ratio} | {r['baseline']} |",
                 flush=True,
             )
     return 0

@@ -7,7 +7,6 @@ reported as ratios of medians taken in the same run, never as absolute targets.
 from __future__ import annotations
 
 import statistics
-import threading
 import time
 from collections.abc import Callable
 
@@ -26,31 +25,10 @@ def interleaved(cases: dict[str, Callable[[], object]], repeats: int, warmup: in
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
-def _rss() -> int:
+def rss() -> int:
+    """Returns the resident memory of this process in bytes (Linux)."""
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * 4096
-
-
-def peak_memory(fn: Callable[[], object], interval: float = 0.0005) -> int:
-    """Returns the peak resident-memory growth (bytes) while ``fn`` runs, sampled by a thread."""
-    before = _rss()
-    peak = before
-    done = threading.Event()
-
-    def sample() -> None:
-        nonlocal peak
-        while not done.is_set():
-            peak = max(peak, _rss())
-            time.sleep(interval)
-
-    thread = threading.Thread(target=sample, daemon=True)
-    thread.start()
-    try:
-        fn()
-    finally:
-        done.set()
-        thread.join()
-    return max(peak, _rss()) - before
 
 
 def row(framework: str, model: str, case: str, batch: int, seconds: float, baseline: str, base_seconds: float) -> dict:

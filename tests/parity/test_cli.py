@@ -36,6 +36,9 @@ def test_evaluate_agrees_across_frameworks(tmp_path: Path, capsys: pytest.Captur
     rows = re.findall(r"\| (torch|tensorflow|jax) \| gradcam \| (\S+) \| (\S+) \| (\S+)% \| (\S+) \|", out)
     assert [r[0] for r in rows] == ["torch", "tensorflow", "jax"]
     values = np.array([[float(v) for v in r[1:]] for r in rows])
-    np.testing.assert_allclose(values, values[0:1].repeat(3, 0), atol=2e-3)
+    # Same model, same maps: the same deletion, insertion and pointing game in every framework.
+    np.testing.assert_allclose(values[:, :3], values[0:1, :3].repeat(3, 0), atol=2e-3)
+    # Randomised weights come from each framework's own initialiser: only the conclusion agrees.
+    assert np.all(np.abs(values[:, 3]) < 0.5)
     assert values[0, 0] < values[0, 1]  # deleting the evidence hurts more than revealing it first
     assert (tmp_path / "sanity.png").stat().st_size > 1000
