@@ -812,7 +812,7 @@ class TensorFlowBackend(Backend):
             )
         return self.model
 
-    def parameter_layers(self) -> tuple[str, ...]:
+    def parameter_layers(self, inputs: Any = None) -> tuple[str, ...]:
         """Returns the paths of the layers that own weights (trainable or not), input to output.
 
         Paths as layers are addressed (``"inner/conv"`` inside a nested model); a layer counts

@@ -248,7 +248,7 @@ class TorchBackend(Backend):
             layouts=("channels_first",) * len(leaves),
         )
 
-    def parameter_layers(self) -> tuple[str, ...]:
+    def parameter_layers(self, inputs: Any = None) -> tuple[str, ...]:
         order: list[str] = []
         for name, module in self.model.named_modules():
             if name and any(True for _ in module.parameters(recurse=False)):

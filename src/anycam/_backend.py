@@ -79,10 +79,11 @@ class Backend(abc.ABC):
     def predict(self, inputs: Any) -> np.ndarray:
         """Returns the selected model output for ``inputs`` as float32 NumPy, no gradients."""
 
-    def parameter_layers(self) -> tuple[str, ...]:
+    def parameter_layers(self, inputs: Any = None) -> tuple[str, ...]:
         """Returns the names of the layers that own parameters, from the input to the output.
 
-        Used by ``anycam.sanity_check`` to randomise the model layer by layer.
+        Used by ``anycam.sanity_check`` to randomise the model layer by layer. Backends whose
+        models do not record their call order (Flax) use ``inputs``, a batch, to trace it.
         """
         raise NotImplementedError(f"the {self.name} backend cannot list its parameter layers")
 

@@ -196,11 +196,11 @@ def sanity_check(
     if mode not in ("cascading", "independent", "full"):
         raise ValueError(f"unknown mode {mode!r}; choose 'cascading', 'independent' or 'full'")
     backend = explainer.backend
-    order = list(layers) if layers is not None else list(backend.parameter_layers())
-    if not order:
-        raise InputError("the model has no layers with parameters to randomise")
     signed = replace_explainer(explainer, relu=False)
     original = explainer.explain(inputs, target)
+    order = list(layers) if layers is not None else list(backend.parameter_layers(inputs))
+    if not order:
+        raise InputError("the model has no layers with parameters to randomise")
     if original.scores.ndim != 1:
         raise InputError("the sanity check explains one map per sample: pass None, an int, N ints or a callable")
     fixed_target = original.target if original.target is not None else target
