@@ -6,7 +6,7 @@ use. See ``anycam.Explainer``; ``anycam.metrics`` and ``anycam.sanity`` evaluate
 
 from __future__ import annotations
 
-from . import core
+from . import core, metrics
 from ._backend import Backend, Capture
 from ._errors import (
     AnycamError,
@@ -18,6 +18,7 @@ from ._errors import (
 )
 from ._explainer import Explainer, Explanation
 from .core.targets import top_k
+from .sanity import SanityResult, sanity_check
 from .viz import overlay, save
 
 __version__ = "0.1.0"
@@ -32,10 +33,13 @@ __all__ = [
     "InputError",
     "LayerError",
     "NonFiniteError",
+    "SanityResult",
     "TargetError",
     "__version__",
     "core",
+    "metrics",
     "overlay",
+    "sanity_check",
     "save",
     "top_k",
 ]
