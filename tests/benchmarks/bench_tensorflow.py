@@ -26,9 +26,7 @@ def make_gradcam_heatmap(img, model, target_layer_name, pred_index=None):  # typ
     Eager, a new sub-model per call, one image: its mean over axis 0 averages the gradients of
     the whole batch and ``[0]`` keeps only the first image's activations.
     """
-    grad_model = keras.Model(
-        model.inputs, [model.get_layer(target_layer_name).output, model.outputs[0]]
-    )
+    grad_model = keras.Model(model.inputs, [model.get_layer(target_layer_name).output, model.outputs[0]])
     with tf.GradientTape() as tape:
         target_layer_output, preds = grad_model(img)
         if pred_index is None:
@@ -50,9 +48,7 @@ def seed_per_image(model: keras.Model, images: tf.Tensor) -> list[np.ndarray]:
 def tiny_model(size: int) -> keras.Model:
     inputs = keras.Input((size, size, 3))
     hidden = keras.layers.Conv2D(16, 3, strides=2, padding="same", activation="relu")(inputs)
-    hidden = keras.layers.Conv2D(32, 3, strides=2, padding="same", activation="relu", name=LAYER)(
-        hidden
-    )
+    hidden = keras.layers.Conv2D(32, 3, strides=2, padding="same", activation="relu", name=LAYER)(hidden)
     pooled = keras.layers.GlobalAveragePooling2D()(hidden)
     return keras.Model(inputs, keras.layers.Dense(1000)(pooled))
 
@@ -63,9 +59,7 @@ def run(quick: bool = False) -> list[dict]:
     if quick:
         model, name = tiny_model(size), "tiny CNN (quick)"
     else:
-        model = keras.applications.ResNet50(
-            weights=None, input_shape=(size, size, 3), classifier_activation=None
-        )
+        model = keras.applications.ResNet50(weights=None, input_shape=(size, size, 3), classifier_activation=None)
         name = "ResNet50 (keras.applications, weights=None)"
     x = tf.constant(np.random.default_rng(0).uniform(size=(batch, size, size, 3)), tf.float32)
     explainer = anycam.Explainer(model, LAYER)
