@@ -136,6 +136,8 @@ def _peak_in_subprocess(case: str, quick: bool, repeats: int = 3) -> int:
 
 
 def run(quick: bool = False) -> list[dict]:
+    # Memory first, each case in fresh interpreters, before this process does any work.
+    mem = {case: _peak_in_subprocess(case, quick) for case in ("forward", "layer4", "anchor")}
     model, x, repeats = _setup(quick)
     batch = x.shape[0]
     name = "ResNet-50-shaped (defined in the benchmark)" if not quick else "ResNet-50-shaped (quick, width 16)"
@@ -192,7 +194,6 @@ def run(quick: bool = False) -> list[dict]:
             times["layer4"],
         ),
     ]
-    mem = {case: _peak_in_subprocess(case, quick) for case in ("forward", "layer4", "anchor")}
     for case, label in (("layer4", "Grad-CAM layer4"), ("anchor", "pytorch-grad-cam-style")):
         entry = row("torch", name, f"peak memory, {label}", batch, mem[case], "plain forward", mem["forward"])
         rows.append({**entry, "ms": None, "mb": mem[case] / 2**20})
