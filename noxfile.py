@@ -29,6 +29,9 @@ def core(session: nox.Session) -> None:
         "tests/test_demo_data.py",
         "--doctest-modules",
         "src/anycam/core",
+        "src/anycam/metrics.py",
+        "src/anycam/sanity.py",
+        "src/anycam/demo_weights.py",
         *session.posargs,
     )
 
