@@ -55,9 +55,7 @@ class PoolTokens(keras.layers.Layer):
 
 def _layers(spatial: int, channels_first: bool) -> tuple[type, type]:
     if channels_first:
-        return ChannelsFirstConv2D, functools.partial(
-            keras.layers.GlobalAveragePooling2D, data_format="channels_first"
-        )
+        return ChannelsFirstConv2D, functools.partial(keras.layers.GlobalAveragePooling2D, data_format="channels_first")
     conv = {1: keras.layers.Conv1D, 2: keras.layers.Conv2D, 3: keras.layers.Conv3D}[spatial]
     pool = {
         1: keras.layers.GlobalAveragePooling1D,
@@ -138,9 +136,7 @@ class TensorFlowKit:
     def case(self, kind: str) -> Case:
         model, inputs = _model_and_inputs(kind)
         layout = "tokens" if kind == "tokens" else None
-        true_layout = {"tokens": "tokens", "channels_last": "channels_first"}.get(
-            kind, "channels_last"
-        )
+        true_layout = {"tokens": "tokens", "channels_last": "channels_first"}.get(kind, "channels_last")
         spatial = tuple(inputs.shape[2:]) if kind == "channels_last" else tuple(inputs.shape[1:-1])
         features, head = model.get_layer("features"), model.get_layer("head")
 
@@ -153,10 +149,7 @@ class TensorFlowKit:
                 outputs = head(activations, training=False)
             if cotangents is None:
                 return activations.numpy(), None, outputs.numpy()
-            grads = [
-                tape.gradient(outputs, activations, output_gradients=tf.constant(c))
-                for c in cotangents
-            ]
+            grads = [tape.gradient(outputs, activations, output_gradients=tf.constant(c)) for c in cotangents]
             return activations.numpy(), tf.stack(grads, axis=1).numpy(), outputs.numpy()
 
         def linear_target(weights: np.ndarray):  # type: ignore[no-untyped-def]

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
+import flax.linen as nn
+import jax
 import numpy as np
 import pytest
+from anycam.backends.demo_jax import INPUT_LAYOUT, build_demo_model
 
-jax = pytest.importorskip("jax")
-nn = pytest.importorskip("flax.linen")
-
-from anycam.backends.demo_jax import INPUT_LAYOUT, build_demo_model  # noqa: E402
-
-import anycam  # noqa: E402
-from anycam.demo_data import BN_EPS, EXPLAIN_LAYERS, load_demo  # noqa: E402
-from anycam.demo_weights import random_demo_weights  # noqa: E402
+import anycam
+from anycam.demo_data import BN_EPS, EXPLAIN_LAYERS, load_demo
+from anycam.demo_weights import random_demo_weights
 
 pytestmark = pytest.mark.jax
 

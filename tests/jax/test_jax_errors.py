@@ -4,18 +4,16 @@ from __future__ import annotations
 
 import functools
 
+import equinox as eqx
+import flax.linen as nn
+import flax.nnx as nnx
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
-jax = pytest.importorskip("jax")
-nn = pytest.importorskip("flax.linen")
-nnx = pytest.importorskip("flax.nnx")
-eqx = pytest.importorskip("equinox")
-
-import jax.numpy as jnp  # noqa: E402
-
-import anycam  # noqa: E402
-from tests.contract.kit_jax import numpy_fill, numpy_init  # noqa: E402
+import anycam
+from tests.contract.kit_jax import numpy_fill, numpy_init
 
 pytestmark = pytest.mark.jax
 

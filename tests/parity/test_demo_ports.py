@@ -9,19 +9,15 @@ by a pixel and fail.
 
 from __future__ import annotations
 
+import flax.linen as nn
+import keras
 import numpy as np
 import pytest
+import torch
+from anycam.backends import demo_jax, demo_tensorflow, demo_torch
 
-torch = pytest.importorskip("torch")
-tf = pytest.importorskip("tensorflow")
-keras = pytest.importorskip("keras")
-jax = pytest.importorskip("jax")
-nn = pytest.importorskip("flax.linen")
-
-from anycam.backends import demo_jax, demo_tensorflow, demo_torch  # noqa: E402
-
-from anycam.demo_data import EXPLAIN_LAYERS, load_demo  # noqa: E402
-from anycam.demo_weights import random_demo_weights  # noqa: E402
+from anycam.demo_data import EXPLAIN_LAYERS, load_demo
+from anycam.demo_weights import random_demo_weights
 
 pytestmark = pytest.mark.parity
 

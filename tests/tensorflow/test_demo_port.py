@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
+import keras
 import numpy as np
 import pytest
+from anycam.backends.demo_tensorflow import INPUT_LAYOUT, build_demo_model
 
-tf = pytest.importorskip("tensorflow")
-keras = pytest.importorskip("keras")
-
-from anycam.backends.demo_tensorflow import INPUT_LAYOUT, build_demo_model  # noqa: E402
-
-import anycam  # noqa: E402
-from anycam.demo_data import BN_EPS, EXPLAIN_LAYERS, load_demo  # noqa: E402
-from anycam.demo_weights import demo_weight_shapes, random_demo_weights  # noqa: E402
+import anycam
+from anycam.demo_data import BN_EPS, EXPLAIN_LAYERS, load_demo
+from anycam.demo_weights import demo_weight_shapes, random_demo_weights
 
 pytestmark = pytest.mark.tensorflow
 

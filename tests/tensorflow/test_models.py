@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
+import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
-tf = pytest.importorskip("tensorflow")
-keras = pytest.importorskip("keras")
-
-import anycam  # noqa: E402
-from anycam import core  # noqa: E402
+import anycam
+from anycam import core
 
 pytestmark = pytest.mark.tensorflow
 
@@ -183,9 +182,7 @@ def test_resnet50_backbone_nested_in_a_classifier() -> None:
 class Subclassed(keras.Model):
     def __init__(self) -> None:
         super().__init__()
-        self.features = keras.Sequential(
-            [keras.layers.Conv2D(6, 3, padding="same"), keras.layers.ReLU()], name="body"
-        )
+        self.features = keras.Sequential([keras.layers.Conv2D(6, 3, padding="same"), keras.layers.ReLU()], name="body")
         self.pool = keras.layers.GlobalAveragePooling2D()
         self.fc = keras.layers.Dense(4)
         self.fail = False

@@ -5,13 +5,11 @@ from __future__ import annotations
 import gc
 import weakref
 
+import keras
 import numpy as np
 import pytest
 
-tf = pytest.importorskip("tensorflow")
-keras = pytest.importorskip("keras")
-
-import anycam  # noqa: E402
+import anycam
 
 pytestmark = pytest.mark.tensorflow
 

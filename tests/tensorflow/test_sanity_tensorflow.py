@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import random
 
+import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
-tf = pytest.importorskip("tensorflow")
-keras = pytest.importorskip("keras")
-
-import anycam  # noqa: E402
-from anycam.sanity import sanity_check, spearman  # noqa: E402
+import anycam
+from anycam.sanity import sanity_check, spearman
 
 pytestmark = pytest.mark.tensorflow
 
