@@ -68,11 +68,14 @@ class DemoRun:
             self.models[name] = _load_model(name, self.demo["weights"])
             print(f"  {name:<10} model loaded in {time.perf_counter() - start:.1f} s", flush=True)
 
-    def explain(self, backend: str, method: str, images: np.ndarray) -> Any:
+    def explainer(self, backend: str, method: str) -> Any:
         from ._explainer import Explainer
 
-        model, layout = self.models[backend]
-        explainer = Explainer(model, self.layer, method=method, backend=backend)
+        return Explainer(self.models[backend][0], self.layer, method=method, backend=backend)
+
+    def explain(self, backend: str, method: str, images: np.ndarray) -> Any:
+        explainer = self.explainer(backend, method)
+        layout = self.models[backend][1]
         return explainer, explainer.explain(_inputs(images, layout), target=self.demo["labels"][: len(images)])
 
 
@@ -94,8 +97,7 @@ def demo(args: argparse.Namespace) -> int:
     outputs = {}
     for name in backends:
         _, layout = run.models[name]
-        explainer, _ = run.explain(name, "gradcam", images[:1])
-        outputs[name] = explainer.backend.predict(_inputs(images, layout))
+        outputs[name] = run.explainer(name, "gradcam").backend.predict(_inputs(images, layout))
         accuracy = float((outputs[name].argmax(1) == labels).mean() * 100)
         print(f"  {name:<10} accuracy on the {len(images)} held-out canvases: {accuracy:.1f}%")
     if len(backends) > 1:
