@@ -5,6 +5,8 @@ One spelling everywhere: backend name = pip extra = module in backends/ = sessio
 
 from __future__ import annotations
 
+import os
+
 import nox
 
 nox.needs_version = ">=2024.3.2"
@@ -16,12 +18,16 @@ TEST = nox.project.dependency_groups(PROJECT, "test")
 LINT = nox.project.dependency_groups(PROJECT, "lint")
 BACKENDS = ("torch", "tensorflow", "jax")
 QUIET = {"TF_CPP_MIN_LOG_LEVEL": "2"}
+# Every install goes through one constraints file: it pins the torch the sessions test against
+# (this machine's CPU build) without pinning it in the package metadata. ANYCAM_CONSTRAINTS
+# names another file to test against another torch.
+CONSTRAINTS = ("-c", os.environ.get("ANYCAM_CONSTRAINTS", "tests/constraints.txt"))
 
 
 @nox.session
 def core(session: nox.Session) -> None:
     """NumPy-only core: oracles, properties, doctests, visualisation; no framework installed."""
-    session.install("-e", ".[viz]", *TEST)
+    session.install(*CONSTRAINTS, "-e", ".[viz]", *TEST)
     session.run(
         "pytest",
         "tests/core",
@@ -39,7 +45,7 @@ def core(session: nox.Session) -> None:
 def _backend_session(backend: str) -> None:
     @nox.session(name=f"tests-{backend}")
     def tests(session: nox.Session) -> None:
-        session.install("-e", f".[{backend},viz]", *TEST)
+        session.install(*CONSTRAINTS, "-e", f".[{backend},viz]", *TEST)
         session.run(
             "pytest",
             "tests/contract",
@@ -59,14 +65,14 @@ for _name in BACKENDS:
 @nox.session
 def parity(session: nox.Session) -> None:
     """All three frameworks in one environment: same weights, same maps; the demo end to end."""
-    session.install("-e", ".[all]", *TEST)
+    session.install(*CONSTRAINTS, "-e", ".[all]", *TEST)
     session.run("pytest", "tests/parity", "--backends=torch,tensorflow,jax", *session.posargs, env=QUIET)
 
 
 @nox.session
 def lint(session: nox.Session) -> None:
     """ruff and mypy."""
-    session.install("-e", ".", *LINT)
+    session.install(*CONSTRAINTS, "-e", ".", *LINT)
     session.run("ruff", "check", "src", "backends", "tests", "noxfile.py")
     session.run("mypy")
 
@@ -74,12 +80,12 @@ def lint(session: nox.Session) -> None:
 @nox.session(default=False)
 def bench(session: nox.Session) -> None:
     """Speed and memory against plain inference and the anchors, as ratios from one run."""
-    session.install("-e", ".[all]", "psutil")
+    session.install(*CONSTRAINTS, "-e", ".[all]", "psutil")
     session.run("python", "-m", "tests.benchmarks", *session.posargs, env=QUIET)
 
 
 @nox.session(default=False)
 def demo(session: nox.Session) -> None:
     """The shipped demo model explained in every framework (python -m anycam demo)."""
-    session.install("-e", ".[all]")
+    session.install(*CONSTRAINTS, "-e", ".[all]")
     session.run("python", "-m", "anycam", "demo", "--backend", "all", *session.posargs, env=QUIET)
