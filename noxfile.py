@@ -38,6 +38,7 @@ def core(session: nox.Session) -> None:
         "src/anycam/metrics.py",
         "src/anycam/sanity.py",
         "src/anycam/demo_weights.py",
+        "src/anycam/_layers.py",
         *session.posargs,
     )
 

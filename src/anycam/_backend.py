@@ -52,12 +52,22 @@ class Backend(abc.ABC):
         output: selects the explained tensor from a model output that is a tuple, dict or
             dataclass (an index, key, attribute name or callable); None takes it as is.
         input_layout: the input's layout, or None for the framework's convention.
-        **options: backend-specific options; unknown ones raise ``TypeError``.
+        **options: backend-specific options; unknown ones raise ``TypeError``. Backends that
+            take several inputs accept ``spatial_input=`` and ``model_kwargs=`` (see
+            ``anycam._inputs.structure_inputs``, which turns each call's inputs into one form).
+
+    A layer is a name (``"name:input"`` for the layer's input, see ``anycam._layers``), a layer
+    object, or None / ``"auto"`` for the automatic choice (``anycam._layers.choose_layer``).
     """
 
     name: ClassVar[str]
 
     layer_names: tuple[str, ...]
+    """The resolved names; empty until the first call when the layer is chosen automatically
+    during a forward pass."""
+
+    auto_layer: bool = False
+    """Whether the layer was chosen (or is to be chosen) by the automatic rule."""
 
     @abc.abstractmethod
     def __init__(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,8 +49,12 @@ class Explainer:
             linen ``(module, variables)`` or bound module, Flax NNX or Equinox module, or a
             ``(features, head)`` pair of functions with ``backend="jax"``).
         layer: a layer name (``"layer4"``, ``"layer4.1.conv2"``, ``"resnet50/conv5_block3_out"``),
-            the layer object, or a list of them (maps combined by ``aggregate``); None for a
-            JAX ``(features, head)`` pair, which is already cut at its layer.
+            the layer object, or a list of them (maps combined by ``aggregate``). A name ending in
+            ``":input"`` (``"avgpool:input"``) explains the layer's input instead of its output.
+            None or ``"auto"`` picks the last layer on the path to the output whose output has
+            the input's spatial rank and spatial size > 1 (backends that need a forward pass
+            for that choose at the first call; the choice shows in ``layer_names`` and
+            ``repr``); for a JAX ``(features, head)`` pair, None means the pair's own cut.
         method: one of ``anycam.core.METHODS``.
         backend: ``"torch"``, ``"tensorflow"`` or ``"jax"``; None detects it from the model's
             type among frameworks already imported.
@@ -59,7 +64,13 @@ class Explainer:
             ``"channels_first"``, ``"channels_last"`` or ``"tokens"`` (``(N, T, C)``).
         token_grid: the patch grid of a token layout, e.g. ``(14, 14)``; inferred when square
             (leading class/register tokens are dropped).
-        input_layout: the input's layout (default: the framework's convention).
+        input_layout: the input's layout (default: the framework's convention), which is the
+            layout of the spatial input when the model takes several.
+        spatial_input: which input carries the spatial grid (the heatmap's resolution) when
+            the model takes several: an index into a tuple/list input or a key of a dict input;
+            default: the first floating-point input with spatial axes.
+        model_kwargs: keyword arguments passed unchanged to every model call (e.g.
+            ``{"output_hidden_states": False}``).
         normalize: ``"minmax"`` (default), ``"max"`` (the Keras example) or None.
         upsample: ``"linear"`` (default), ``"nearest"`` or None (heatmap at layer resolution).
         aggregate: ``"mean"`` or ``"max"`` over several layers.
@@ -88,6 +99,8 @@ class Explainer:
         upsample: str | None = "linear",
         aggregate: str = "mean",
         relu: bool = True,
+        spatial_input: int | str | None = None,
+        model_kwargs: Mapping[str, Any] | None = None,
         **options: Any,
     ) -> None:
         # Imported here, not at module level: anycam.backends is a sibling folder mapped into
@@ -113,17 +126,31 @@ class Explainer:
         self.relu = bool(relu)
         name = backend if backend is not None else backends.detect(model)
         adapter: type[Backend] = backends.load(name)
+        # Passed only when given, so a backend that does not take them yet says so by name.
+        if spatial_input is not None:
+            options["spatial_input"] = spatial_input
+        if model_kwargs:
+            options["model_kwargs"] = dict(model_kwargs)
         self.backend: Backend = adapter(model, as_list(layer), output=output, input_layout=input_layout, **options)
         self._single_layer = not isinstance(layer, list)
 
     @property
     def layer_names(self) -> tuple[str, ...]:
-        """The resolved names of the explained layers."""
-        return self.backend.layer_names
+        """The resolved names of the explained layers (``"name:input"`` for a layer's input).
+
+        With ``layer="auto"`` this is the chosen layer; empty until the first call for backends
+        that choose during a forward pass.
+        """
+        return tuple(self.backend.layer_names)
 
     def __repr__(self) -> str:
-        layers = ", ".join(self.layer_names)
-        return f"Explainer(method={self.method!r}, backend={self.backend.name!r}, layer=[{layers}])"
+        names = self.layer_names
+        auto = self.backend.auto_layer
+        if auto and not names:
+            layer = "auto (chosen at the first call)"
+        else:
+            layer = "[" + ", ".join(names) + "]" + (" (auto)" if auto else "")
+        return f"Explainer(method={self.method!r}, backend={self.backend.name!r}, layer={layer})"
 
     def __call__(self, inputs: Any, target: Any = None) -> np.ndarray:
         """Returns the heatmaps for ``inputs``; see :meth:`explain` for the target forms."""
@@ -133,7 +160,9 @@ class Explainer:
         """Explains a batch.
 
         Args:
-            inputs: a batch ``(N, ...)`` of the framework's tensors (or a NumPy array).
+            inputs: a batch ``(N, ...)`` of the framework's tensors (or a NumPy array); for a
+                model with several inputs, a tuple/list (passed positionally) or a dict
+                (passed as keyword arguments, e.g. ``{"pixel_values": x}``).
             target: None (argmax per sample), an int (the same class for every sample), N ints,
                 an ``(N, K)`` int array (K maps per sample from one forward pass),
                 ``anycam.top_k(k)``, or a callable from the model output to ``(N,)`` or
