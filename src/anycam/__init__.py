@@ -18,6 +18,7 @@ from ._errors import (
 )
 from ._explainer import Explainer, Explanation
 from .core.targets import top_k
+from .plotting import plot
 from .sanity import SanityResult, sanity_check
 from .viz import overlay, save
 
@@ -39,6 +40,7 @@ __all__ = [
     "core",
     "metrics",
     "overlay",
+    "plot",
     "sanity_check",
     "save",
     "top_k",

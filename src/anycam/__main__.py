@@ -103,9 +103,12 @@ def demo(args: argparse.Namespace) -> int:
     if len(backends) > 1:
         print(f"  logits agree across frameworks to {_agreement(outputs):.1e} (max abs difference)")
     print()
-    header = "| method | " + " | ".join(f"pointing game, {b}" for b in backends) + " | max heatmap difference |"
+    several = len(backends) > 1
+    header = "| method | " + " | ".join(f"pointing game, {b}" for b in backends) + " |"
+    if several:
+        header += " max heatmap difference between frameworks |"
     print(header)
-    print("|" + "---|" * (len(backends) + 2))
+    print("|" + "---|" * (len(backends) + 1 + several))
     heatmaps: dict[str, dict[str, np.ndarray]] = {}
     for method in methods:
         maps, hits = {}, {}
@@ -115,35 +118,37 @@ def demo(args: argparse.Namespace) -> int:
             hits[name] = float(pointing_game(explanation.heatmap, boxes).mean() * 100)
         heatmaps[method] = maps
         cells = " | ".join(f"{hits[b]:.1f}%" for b in backends)
-        print(f"| {method} | {cells} | {_agreement(maps):.1e} |", flush=True)
-    written = _write_grid(out / "demo.png", images, boxes, {m: heatmaps[m][backends[0]] for m in methods}, args.rows)
-    print(
-        f"\nwrote {written}  (rows: held-out canvases; columns: image with the true box, heatmap, then one "
-        f"overlay per method, from {backends[0]})"
-    )
+        agreement = f" {_agreement(maps):.1e} |" if several else ""
+        print(f"| {method} | {cells} |{agreement}", flush=True)
+    shown = {m: heatmaps[m][backends[0]] for m in methods}
+    source = f"{backends[0]} backend, layer {args.layer}"
+    written = _write_picture(out / "demo.png", run.demo, shown, args.rows, source)
+    if written is not None:
+        print(f"\nwrote {written}  (a row per held-out canvas: the image, then one overlay per method)")
     return 0
 
 
-def _write_grid(path: Path, images: np.ndarray, boxes: np.ndarray, maps: dict[str, np.ndarray], rows: int) -> Path:
+def _write_picture(
+    path: Path, demo: dict[str, Any], maps: dict[str, np.ndarray], rows: int, source: str
+) -> Path | None:
+    """Writes the demo figure; without matplotlib says what the picture needs and returns None."""
+    from .plotting import plot
+    from .viz import MissingExtraError
+
+    count = min(rows, len(demo["images"]))
     try:
-        from .viz import draw_box, grid, overlay, save
-    except ImportError as exc:  # pragma: no cover - viz has no import-time dependencies
-        raise SystemExit(str(exc)) from exc
-    try:
-        first = next(iter(maps.values()))
-        table = []
-        for index in range(min(rows, len(images))):
-            image = images[index, 0]
-            framed = draw_box(overlay(image, np.zeros_like(image), alpha=0.0), boxes[index])
-            row = [framed, overlay(image, first[index], alpha=1.0)]
-            row += [draw_box(overlay(image, m[index]), boxes[index]) for m in maps.values()]
-            table.append(row)
-        picture = grid(table)
-        save(path, np.repeat(np.repeat(picture, 2, axis=0), 2, axis=1))
-    except ImportError as exc:
-        raise SystemExit(
-            f'anycam demo: the picture needs matplotlib and Pillow: pip install "anycam[viz]" ({exc})'
-        ) from exc
+        figure = plot(
+            demo["images"][:count, 0],
+            {method: heat[:count] for method, heat in maps.items()},
+            labels=[f"digit {label}" for label in demo["labels"][:count]],
+            boxes=demo["boxes"][:count],
+            title=f"anycam demo: held-out canvases, true box in green; maps from the {source}",
+            max_columns=len(maps) + 1,
+        )
+        figure.savefig(path, dpi=110)
+    except MissingExtraError as exc:
+        print(f'\n(no picture: it needs matplotlib and Pillow, pip install "anycam[viz]"; {exc})')
+        return None
     return path
 
 

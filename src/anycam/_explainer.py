@@ -40,6 +40,32 @@ class Explanation:
     layer: str | tuple[str, ...]
     method: str
 
+    def __repr__(self) -> str:
+        """A summary: method, layer, shapes and targets; never the arrays themselves."""
+        if self.target is None:
+            targets = "callable"
+        else:
+            flat = np.asarray(self.target).reshape(-1)
+            targets = ", ".join(str(int(t)) for t in flat[:8]) + (", …" if flat.size > 8 else "")
+            targets = f"[{targets}]"
+        return (
+            f"Explanation(method={self.method!r}, layer={self.layer!r}, heatmap={tuple(self.heatmap.shape)}, "
+            f"cam={tuple(self.cam.shape)}, target={targets})"
+        )
+
+    def _repr_png_(self) -> bytes | None:
+        """Notebook display: the first eight 2-D heatmaps as a PNG (None without matplotlib)."""
+        from .plotting import plot, to_png
+        from .viz import MissingExtraError
+
+        if self.heatmap.ndim not in (3, 4):
+            return None
+        shown = {f"{self.method} @ {self.layer}": self.heatmap[:8]}
+        try:
+            return to_png(plot(None, shown, colorbar=True), dpi=72)
+        except MissingExtraError:
+            return None
+
 
 class Explainer:
     """Grad-CAM-family explanations of one model at one (or several) layers, any framework.

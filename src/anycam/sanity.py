@@ -105,6 +105,7 @@ class SanityResult:
         spearman_abs: ``(steps, N)`` rank correlation of their absolute values.
         ssim: ``(steps, N)`` SSIM of the [0, 1] heatmaps; None for inputs that are not 2-D.
         method: the explainer's method.
+        backend: the framework that computed it (names the curves when results are compared).
     """
 
     layers: tuple[str, ...]
@@ -113,6 +114,7 @@ class SanityResult:
     spearman_abs: np.ndarray
     ssim: np.ndarray | None
     method: str
+    backend: str = ""
 
     def table(self) -> str:
         """Returns a Markdown table of the per-step means over the batch."""
@@ -132,35 +134,12 @@ class SanityResult:
     def plot(self, path: str | None = None) -> Any:
         """Plots the similarity curves (the Adebayo et al. figure); saves to ``path`` if given.
 
-        Needs matplotlib (``pip install "anycam[viz]"``). Returns the figure.
+        Needs matplotlib (``pip install "anycam[viz]"``); see ``anycam.plotting.plot_sanity``,
+        which also draws several results (methods, frameworks) side by side. Returns the figure.
         """
-        try:
-            import matplotlib
+        from .plotting import plot_sanity
 
-            if path is not None:
-                matplotlib.use("Agg", force=False)
-            import matplotlib.pyplot as plt
-        except ImportError as exc:
-            raise ImportError('plotting needs matplotlib: pip install "anycam[viz]"') from exc
-        figure, axis = plt.subplots(figsize=(max(5.5, 0.6 * len(self.layers) + 2), 3.4))
-        steps = np.arange(len(self.layers))
-        series = [("Spearman", self.spearman), ("Spearman (abs)", self.spearman_abs)]
-        if self.ssim is not None:
-            series.append(("SSIM", self.ssim))
-        for label, values in series:
-            mean, std = values.mean(axis=1), values.std(axis=1)
-            axis.plot(steps, mean, marker="o", label=label)
-            axis.fill_between(steps, mean - std, mean + std, alpha=0.2)
-        axis.set_xticks(steps, self.layers, rotation=45, ha="right")
-        axis.set_ylim(-1.05, 1.05)
-        axis.axhline(0.0, color="grey", linewidth=0.5)
-        axis.set_ylabel("similarity to original map")
-        axis.set_title(f"{self.method}: {self.mode} model randomisation")
-        axis.legend(loc="lower left", fontsize="small")
-        figure.tight_layout()
-        if path is not None:
-            figure.savefig(path, dpi=120)
-        return figure
+        return plot_sanity(self, path)
 
 
 def sanity_check(
@@ -242,6 +221,7 @@ def sanity_check(
         spearman_abs=np.array(rows_abs),
         ssim=np.array(rows_ssim) if rows_ssim else None,
         method=explainer.method,
+        backend=backend.name,
     )
 
 
