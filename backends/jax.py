@@ -49,7 +49,7 @@ import numpy as np
 from jax.extend import core as jax_core
 
 from anycam._backend import Backend, Capture, check_options, select_output
-from anycam._errors import BackendError, InputError, LayerError, TargetError, closest
+from anycam._errors import ConfigTypeError, BackendError, InputError, LayerError, TargetError, closest
 from anycam.core import TargetSpec, resolve_indices, spatial_shape
 
 ACCEPTED = (
@@ -560,7 +560,7 @@ def _functions(model: Sequence[Any], layers: Sequence[Any], common: dict[str, An
     if len(layers) != 1 or layers[0] not in (None, "features"):
         raise LayerError("a (features, head) pair is already cut at its layer, the output of features; pass layer=None")
     if common["kwargs"]:
-        raise TypeError("model_kwargs does not apply to a (features, head) pair; bind arguments with functools.partial")
+        raise ConfigTypeError("model_kwargs does not apply to a (features, head) pair; bind arguments with functools.partial")
     program = _FunctionsProgram((features, head, bool(rest)), ((),), ("features",), **common)
     params = rest[0] if rest else None
     return _Model(("features",), "channels_first", lambda: (program, params), "functions", tuple(model))
@@ -572,7 +572,7 @@ def _resolve(model: Any, layers: Sequence[Any], options: dict[str, Any], output:
     equinox = sys.modules.get("equinox")
     kwargs = options.get("model_kwargs") or {}
     if not isinstance(kwargs, Mapping):
-        raise TypeError(f"model_kwargs must be a dict of keyword arguments, got {type(kwargs).__name__}")
+        raise ConfigTypeError(f"model_kwargs must be a dict of keyword arguments, got {type(kwargs).__name__}")
     is_equinox = equinox is not None and isinstance(model, equinox.Module)
     vmap = bool(options.get("vmap", is_equinox))
     common = {"output": output, "vmap": vmap, "kwargs": kwargs}
@@ -1080,7 +1080,8 @@ class JaxBackend(Backend):
             traced = _capture.trace(program, mode, params, x, given)
             info = (traced.out_info[4].shape[1], _constant_gradients(traced, len(self.layer_names)))
             if len(self._traced) >= _TRACE_INFO_LIMIT:
-                self._traced.pop(next(iter(self._traced)))
+                # pop(..., None): another thread sharing the Explainer may evict the same entry.
+                self._traced.pop(next(iter(self._traced), None), None)
             self._traced[key] = info
         classes, constant = info
         indices = None

@@ -62,7 +62,7 @@ import numpy as np
 import tensorflow as tf
 
 from anycam._backend import Backend, Capture, check_options, select_output
-from anycam._errors import BackendError, InputError, LayerError, TargetError, closest
+from anycam._errors import ConfigTypeError, BackendError, InputError, LayerError, TargetError, closest
 from anycam.core import TargetSpec, resolve_indices, spatial_shape
 
 _FORMATS = ("channels_first", "channels_last")
@@ -704,14 +704,14 @@ class TensorFlowBackend(Backend):
             default_layout = keras.config.image_data_format()
             self._program = _Program(_PairForward(features, head), output)
         elif isinstance(model, tf.Module):
-            raise TypeError(
+            raise ConfigTypeError(
                 f"a {type(model).__name__} (a tf.Module, not a Keras model) has no layers anycam "
                 "can intercept; split it at the explained layer and pass the pair: "
                 "Explainer((features, head), None, backend='tensorflow'), where the model is "
                 "head(features(x))"
             )
         else:
-            raise TypeError(
+            raise ConfigTypeError(
                 "the tensorflow backend needs a Keras 3 model or layer, or a (features, head) "
                 f"pair of TF callables; got {type(model).__name__}"
             )

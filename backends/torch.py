@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from anycam._backend import Backend, Capture, check_options, select_output
-from anycam._errors import InputError, LayerError, TargetError, closest
+from anycam._errors import ConfigTypeError, InputError, LayerError, TargetError, closest
 from anycam.core import TargetSpec, resolve_indices, spatial_shape
 
 
@@ -56,7 +56,7 @@ class TorchBackend(Backend):
     ) -> None:
         check_options(self.name, options, ())
         if not isinstance(model, torch.nn.Module):
-            raise TypeError(f"the torch backend needs a torch.nn.Module, got {type(model).__name__}")
+            raise ConfigTypeError(f"the torch backend needs a torch.nn.Module, got {type(model).__name__}")
         self.model = model
         self.output = output
         self.input_layout = input_layout or "channels_first"
@@ -156,9 +156,9 @@ class TorchBackend(Backend):
             )
         return output, [captured[i] for i in range(len(self.modules))]
 
-    def _scores(self, output: Any, target: TargetSpec) -> tuple[torch.Tensor, np.ndarray | None]:
+    @staticmethod
+    def _scores(output: Any, target: TargetSpec, batch: int) -> tuple[torch.Tensor, np.ndarray | None]:
         """Returns (N, K) scores and the (N, K) class indices (None for callables)."""
-        batch = self._batch
         if target.kind == "callable":
             assert target.fn is not None
             scores = target.fn(output)
@@ -227,17 +227,19 @@ class TorchBackend(Backend):
     def _capture(self, inputs: Any, target: TargetSpec, gradients: bool) -> Capture:
         x = self._as_input(inputs)
         self._warn_training()
-        self._batch = x.shape[0]
+        # The batch size travels as an argument: one adapter serves every thread that shares the
+        # Explainer, so nothing of a call may live on self.
+        batch = int(x.shape[0])
         output, leaves = self._forward(x, differentiable=gradients)
         selected = select_output(output, self.output)
         if gradients:
             with torch.enable_grad():
-                scores, indices = self._scores(selected, target)
+                scores, indices = self._scores(selected, target, batch)
                 grads = self._gradients(scores, leaves)
             grads_np: tuple[np.ndarray, ...] | None = tuple(_to_numpy(g) for g in grads)
         else:
             with torch.no_grad():
-                scores, indices = self._scores(selected, target)
+                scores, indices = self._scores(selected, target, batch)
             grads_np = None
         return Capture(
             activations=tuple(_to_numpy(a) for a in leaves),

@@ -10,11 +10,16 @@ from . import core, metrics
 from ._backend import Backend, Capture
 from ._errors import (
     AnycamError,
+    AnycamWarning,
     BackendError,
+    ConfigError,
+    ConfigTypeError,
     InputError,
     LayerError,
     NonFiniteError,
     TargetError,
+    TrainingModeWarning,
+    ZeroMapWarning,
 )
 from ._explainer import Explainer, Explanation
 from .core.targets import top_k
@@ -26,8 +31,11 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AnycamError",
+    "AnycamWarning",
     "Backend",
     "BackendError",
+    "ConfigError",
+    "ConfigTypeError",
     "Capture",
     "Explainer",
     "Explanation",
@@ -36,6 +44,8 @@ __all__ = [
     "NonFiniteError",
     "SanityResult",
     "TargetError",
+    "TrainingModeWarning",
+    "ZeroMapWarning",
     "__version__",
     "core",
     "metrics",

@@ -52,8 +52,8 @@ class Backend(abc.ABC):
         output: selects the explained tensor from a model output that is a tuple, dict or
             dataclass (an index, key, attribute name or callable); None takes it as is.
         input_layout: the input's layout, or None for the framework's convention.
-        **options: backend-specific options; unknown ones raise ``TypeError``. Backends that
-            take several inputs accept ``spatial_input=`` and ``model_kwargs=`` (see
+        **options: backend-specific options; unknown ones raise ``anycam.ConfigTypeError`` (a
+            ``TypeError``). Backends that take several inputs accept ``spatial_input=`` and ``model_kwargs=`` (see
             ``anycam._inputs.structure_inputs``, which turns each call's inputs into one form).
 
     A layer is a name (``"name:input"`` for the layer's input, see ``anycam._layers``), a layer
@@ -155,8 +155,10 @@ def as_list(layer: Any) -> list[Any]:
 
 
 def check_options(backend: str, options: dict[str, Any], known: Sequence[str]) -> None:
-    """Raises TypeError for options the backend does not know, listing the ones it does."""
+    """Raises ``anycam.ConfigTypeError`` (a TypeError) for options the backend does not know, listing the ones it does."""
+    from ._errors import ConfigTypeError
+
     unknown = sorted(set(options) - set(known))
     if unknown:
         accepted = ", ".join(sorted(known)) or "none"
-        raise TypeError(f"unknown option(s) {', '.join(unknown)} for the {backend} backend; accepted: {accepted}")
+        raise ConfigTypeError(f"unknown option(s) {', '.join(unknown)} for the {backend} backend; accepted: {accepted}")

@@ -34,7 +34,31 @@ class InputError(AnycamError, ValueError):
 
 
 class NonFiniteError(AnycamError, FloatingPointError):
-    """NaN or inf appeared in activations or gradients."""
+    """NaN or inf appeared in the input, the activations or the gradients."""
+
+
+class ConfigError(AnycamError, ValueError):
+    """A configuration value is unknown: a method, normalisation, upsampling, aggregation or layout."""
+
+
+class ConfigTypeError(AnycamError, TypeError):
+    """A configuration argument is unknown or of the wrong type.
+
+    An option the backend does not know, ``model_kwargs`` that is not a dict, or a model the
+    chosen backend cannot take.
+    """
+
+
+class AnycamWarning(UserWarning):
+    """Base class of the warnings anycam gives (filter them with ``warnings.filterwarnings``)."""
+
+
+class ZeroMapWarning(AnycamWarning):
+    """A map came out all zero (or flat): it carries no localisation."""
+
+
+class TrainingModeWarning(AnycamWarning):
+    """A module that behaves differently in training is in training mode."""
 
 
 def closest(name: str, candidates: Iterable[str], n: int = 3) -> str:

@@ -11,7 +11,7 @@ import numpy as np
 
 from . import core
 from ._backend import Backend, Capture, as_list
-from ._errors import AnycamError
+from ._errors import AnycamError, ConfigError
 
 
 @dataclass(frozen=True)
@@ -107,7 +107,9 @@ class Explainer:
     Raises:
         anycam.BackendError: no backend fits, or its framework is not installed.
         anycam.LayerError: a layer cannot be found (the message lists the closest names).
-        ValueError: an unknown method, normalisation, upsampling or aggregation.
+        anycam.ConfigError: an unknown method, normalisation, upsampling, aggregation or
+            layout (also a ``ValueError``).
+        anycam.ConfigTypeError: an unknown backend option (also a ``TypeError``).
     """
 
     def __init__(
@@ -134,13 +136,13 @@ class Explainer:
         backends = importlib.import_module("anycam.backends")
 
         if method not in core.METHODS:
-            raise ValueError(f"unknown method {method!r}; choose one of {', '.join(core.METHODS)}")
+            raise ConfigError(f"unknown method {method!r}; choose one of {', '.join(core.METHODS)}")
         if normalize not in core.NORMALIZATIONS:
-            raise ValueError(f"unknown normalize={normalize!r}; choose 'minmax', 'max' or None")
+            raise ConfigError(f"unknown normalize={normalize!r}; choose 'minmax', 'max' or None")
         if upsample is not None and upsample not in core.RESIZE_MODES:
-            raise ValueError(f"unknown upsample={upsample!r}; choose 'linear', 'nearest' or None")
+            raise ConfigError(f"unknown upsample={upsample!r}; choose 'linear', 'nearest' or None")
         if aggregate not in core.AGGREGATIONS:
-            raise ValueError(f"unknown aggregate={aggregate!r}; choose 'mean' or 'max'")
+            raise ConfigError(f"unknown aggregate={aggregate!r}; choose 'mean' or 'max'")
         self.layout = None if layout is None else core.canonical_layout(layout)
         if input_layout is not None:
             input_layout = core.canonical_layout(input_layout)

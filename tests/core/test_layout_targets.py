@@ -33,7 +33,7 @@ def test_layout_spellings(spelling, canonical):
 
 @pytest.mark.parametrize("spelling", ["NC", "NHW", "CHW", "HWC", "N1HWC", "channel_first", "", None, 3])
 def test_unknown_layout_spellings(spelling):
-    with pytest.raises(anycam.InputError, match="unknown layout"):
+    with pytest.raises(anycam.ConfigError, match="unknown layout"):
         core.canonical_layout(spelling)
 
 
@@ -104,7 +104,7 @@ def test_layout_errors():
         core.to_channels_first(np.zeros((2, 3, 8)), "channels_last", lead=2)
     with pytest.raises(anycam.InputError, match=r"token layout needs \(N, T, C\)"):
         core.to_channels_first(np.zeros((2, 5, 4, 3)), "tokens")
-    with pytest.raises(anycam.InputError, match="unknown layout"):
+    with pytest.raises(anycam.ConfigError, match="unknown layout"):
         core.to_channels_first(np.zeros((2, 5, 4, 3)), "HWC")
 
 

@@ -202,3 +202,40 @@ def test_check_finite_names_the_layer(value, kind):
 def test_check_finite_accepts_extreme_finite_values():
     limit = np.finfo(np.float32).max
     assert core.check_finite(np.array([limit, -limit, 0.0, 1e-45], np.float32), "activations", "x") is None
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"method": "gradcam+"},
+        {"normalize": "l2"},
+        {"upsample": "cubic"},
+        {"aggregate": "sum"},
+        {"layout": "HWNC"},
+        {"input_layout": "tokens?"},
+    ],
+)
+def test_explainer_configuration_errors_are_anycam_value_errors(kwargs) -> None:
+    """Issue 10, item 10: one family; the builtin still catches them. No framework needed."""
+    import anycam
+
+    with pytest.raises(anycam.ConfigError) as info:
+        anycam.Explainer(object(), "layer", **kwargs)
+    assert isinstance(info.value, ValueError) and isinstance(info.value, anycam.AnycamError)
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda: core.compute_cam("nope", np.ones((1, 2, 3, 3)), np.ones((1, 2, 3, 3))),
+        lambda: core.normalize(np.ones((1, 3, 3)), "l2"),
+        lambda: core.resize(np.ones((1, 3, 3)), (4, 4), "cubic"),
+        lambda: core.heatmaps([np.ones((1, 1, 3, 3))], (4, 4), aggregate="sum"),
+        lambda: core.canonical_layout("sideways"),
+    ],
+)
+def test_core_configuration_errors_are_anycam_errors(call) -> None:
+    import anycam
+
+    with pytest.raises(anycam.ConfigError):
+        call()

@@ -11,7 +11,7 @@ import math
 
 import numpy as np
 
-from .._errors import InputError
+from .._errors import ConfigError, InputError
 
 LAYOUTS = ("channels_first", "channels_last", "tokens")
 
@@ -23,7 +23,7 @@ def canonical_layout(layout: str) -> str:
     (``"NLC"``, ``"NDHWC"``) channels last.
 
     Raises:
-        InputError: for an unknown spelling.
+        ConfigError: for an unknown spelling (also a ``ValueError``).
     """
     if layout in LAYOUTS:
         return layout
@@ -32,7 +32,7 @@ def canonical_layout(layout: str) -> str:
         return "channels_first"
     if len(upper) >= 3 and upper.startswith("N") and upper.endswith("C") and upper.isalpha():
         return "channels_last"
-    raise InputError(
+    raise ConfigError(
         f"unknown layout {layout!r}; use 'channels_first' (NCHW), 'channels_last' (NHWC) or 'tokens' (N, T, C)"
     )
 

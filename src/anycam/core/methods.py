@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .._errors import ConfigError
+
 _F = np.float64
 
 
@@ -189,9 +191,9 @@ def compute_cam(
     if method == "eigencam":
         return eigencam(activations, channel_axis, rectify=rectify), None
     if method not in GRADIENT_METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+        raise ConfigError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     if gradients is None:
-        raise ValueError(f"method {method!r} needs gradients")
+        raise ConfigError(f"method {method!r} needs gradients")
     if method == "hirescam":
         return hirescam(activations, gradients, channel_axis, rectify=rectify), None
     if method == "layercam":

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .._errors import ConfigError
+
 NORMALIZATIONS = ("minmax", "max", None)
 
 
@@ -30,7 +32,7 @@ def normalize(maps: np.ndarray, mode: str | None = "minmax", spatial_ndim: int =
     if mode is None:
         return values
     if mode not in ("minmax", "max"):
-        raise ValueError(f"unknown normalisation {mode!r}; choose 'minmax', 'max' or None")
+        raise ConfigError(f"unknown normalisation {mode!r}; choose 'minmax', 'max' or None")
     axes = tuple(range(values.ndim - spatial_ndim, values.ndim))
     high = np.max(values, axis=axes, keepdims=True)
     if mode == "minmax":

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .._errors import NonFiniteError
+from .._errors import ConfigError, NonFiniteError
 from .layout import to_channels_first
 from .methods import compute_cam
 from .normalize import normalize
@@ -105,7 +105,7 @@ def heatmaps(
         ``(N, K, *size)`` float32.
     """
     if aggregate not in AGGREGATIONS:
-        raise ValueError(f"unknown aggregate {aggregate!r}; choose 'mean' or 'max'")
+        raise ConfigError(f"unknown aggregate {aggregate!r}; choose 'mean' or 'max'")
     maps = []
     for cam in cams:
         spatial = cam.ndim - 2

@@ -15,6 +15,8 @@ from functools import lru_cache
 
 import numpy as np
 
+from .._errors import ConfigError
+
 RESIZE_MODES = ("linear", "nearest")
 
 
@@ -48,7 +50,7 @@ def interpolation_matrix(size_in: int, size_out: int, mode: str = "linear") -> n
         np.add.at(matrix, (rows, lower), 1.0 - upper_weight)
         np.add.at(matrix, (rows, upper), upper_weight)
     else:
-        raise ValueError(f"unknown resize mode {mode!r}; choose 'linear' or 'nearest'")
+        raise ConfigError(f"unknown resize mode {mode!r}; choose 'linear' or 'nearest'")
     matrix.flags.writeable = False
     return matrix
 
@@ -71,7 +73,7 @@ def resize(array: np.ndarray, size: Sequence[int], mode: str = "linear") -> np.n
     array([[0.  , 0.25, 0.75, 1.  ]])
     """
     if mode not in RESIZE_MODES:
-        raise ValueError(f"unknown resize mode {mode!r}; choose 'linear' or 'nearest'")
+        raise ConfigError(f"unknown resize mode {mode!r}; choose 'linear' or 'nearest'")
     size = tuple(int(s) for s in size)
     if len(size) > array.ndim:
         raise ValueError(f"cannot resize an array of shape {array.shape} to {size}")
