@@ -49,7 +49,7 @@ import numpy as np
 from jax.extend import core as jax_core
 
 from anycam._backend import Backend, Capture, check_options, select_output
-from anycam._errors import ConfigTypeError, BackendError, InputError, LayerError, TargetError, closest
+from anycam._errors import BackendError, ConfigTypeError, InputError, LayerError, TargetError, closest
 from anycam.core import TargetSpec, resolve_indices, spatial_shape
 
 ACCEPTED = (
@@ -560,7 +560,9 @@ def _functions(model: Sequence[Any], layers: Sequence[Any], common: dict[str, An
     if len(layers) != 1 or layers[0] not in (None, "features"):
         raise LayerError("a (features, head) pair is already cut at its layer, the output of features; pass layer=None")
     if common["kwargs"]:
-        raise ConfigTypeError("model_kwargs does not apply to a (features, head) pair; bind arguments with functools.partial")
+        raise ConfigTypeError(
+            "model_kwargs does not apply to a (features, head) pair; bind arguments with functools.partial"
+        )
     program = _FunctionsProgram((features, head, bool(rest)), ((),), ("features",), **common)
     params = rest[0] if rest else None
     return _Model(("features",), "channels_first", lambda: (program, params), "functions", tuple(model))

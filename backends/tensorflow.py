@@ -62,7 +62,7 @@ import numpy as np
 import tensorflow as tf
 
 from anycam._backend import Backend, Capture, check_options, select_output
-from anycam._errors import ConfigTypeError, BackendError, InputError, LayerError, TargetError, closest
+from anycam._errors import BackendError, ConfigTypeError, InputError, LayerError, TargetError, closest
 from anycam.core import TargetSpec, resolve_indices, spatial_shape
 
 _FORMATS = ("channels_first", "channels_last")

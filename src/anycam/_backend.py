@@ -155,7 +155,7 @@ def as_list(layer: Any) -> list[Any]:
 
 
 def check_options(backend: str, options: dict[str, Any], known: Sequence[str]) -> None:
-    """Raises ``anycam.ConfigTypeError`` (a TypeError) for options the backend does not know, listing the ones it does."""
+    """Raises ``anycam.ConfigTypeError`` (a TypeError) for unknown options, listing the known ones."""
     from ._errors import ConfigTypeError
 
     unknown = sorted(set(options) - set(known))
