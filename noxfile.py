@@ -16,6 +16,7 @@ nox.options.error_on_missing_interpreters = True
 PROJECT = nox.project.load_toml("pyproject.toml")
 TEST = nox.project.dependency_groups(PROJECT, "test")
 LINT = nox.project.dependency_groups(PROJECT, "lint")
+PICTURES = nox.project.dependency_groups(PROJECT, "pictures")
 BACKENDS = ("torch", "tensorflow", "jax")
 QUIET = {"TF_CPP_MIN_LOG_LEVEL": "2"}
 # Every install goes through one constraints file: it pins the torch the sessions test against
@@ -90,3 +91,10 @@ def demo(session: nox.Session) -> None:
     """The shipped demo model explained in every framework (python -m anycam demo)."""
     session.install(*CONSTRAINTS, "-e", ".[all]")
     session.run("python", "-m", "anycam", "demo", "--backend", "all", *session.posargs, env=QUIET)
+
+
+@nox.session(default=False)
+def pictures(session: nox.Session) -> None:
+    """The README's pictures: real photos, the demo grid, the sanity figure (scripts/make_pictures.py)."""
+    session.install(*CONSTRAINTS, "-e", ".[all]", *PICTURES)
+    session.run("python", "scripts/make_pictures.py", *session.posargs, env=QUIET)
