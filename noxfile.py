@@ -37,6 +37,7 @@ def core(session: nox.Session) -> None:
         "--doctest-modules",
         "src/anycam/core",
         "src/anycam/metrics.py",
+        "src/anycam/streaming.py",
         "src/anycam/sanity.py",
         "src/anycam/demo_weights.py",
         "src/anycam/_layers.py",
@@ -72,6 +73,13 @@ def parity(session: nox.Session) -> None:
 
 
 @nox.session
+def dataset(session: nox.Session) -> None:
+    """explain_dataset, its resumable store, TTA, streaming metrics and anycam.ray on a local Ray (torch)."""
+    session.install(*CONSTRAINTS, "-e", ".[torch,dataset,ray]", *TEST)
+    session.run("pytest", "tests/dataset", "tests/ray", "--durations=10", *session.posargs, env=QUIET)
+
+
+@nox.session
 def lint(session: nox.Session) -> None:
     """ruff and mypy."""
     session.install(*CONSTRAINTS, "-e", ".", *LINT)
@@ -82,7 +90,7 @@ def lint(session: nox.Session) -> None:
 @nox.session(default=False)
 def bench(session: nox.Session) -> None:
     """Speed and memory against plain inference and the anchors, as ratios from one run."""
-    session.install(*CONSTRAINTS, "-e", ".[all]", "psutil")
+    session.install(*CONSTRAINTS, "-e", ".[all,ray]", "psutil")
     session.run("python", "-m", "tests.benchmarks", *session.posargs, env=QUIET)
 
 

@@ -23,8 +23,11 @@ from ._errors import (
 )
 from ._explainer import Explainer, Explanation
 from .core.targets import top_k
+from .dataset import ExplanationStore, StoreMismatchError, StoreWriteError, explain_dataset
 from .plotting import plot
 from .sanity import SanityResult, sanity_check
+from .streaming import StreamingMetrics
+from .tta import TTAExplainer
 from .viz import overlay, save
 
 __version__ = "0.1.0"
@@ -39,15 +42,21 @@ __all__ = [
     "ConfigTypeError",
     "Explainer",
     "Explanation",
+    "ExplanationStore",
     "InputError",
     "LayerError",
     "NonFiniteError",
     "SanityResult",
+    "StoreMismatchError",
+    "StoreWriteError",
+    "StreamingMetrics",
+    "TTAExplainer",
     "TargetError",
     "TrainingModeWarning",
     "ZeroMapWarning",
     "__version__",
     "core",
+    "explain_dataset",
     "metrics",
     "overlay",
     "plot",

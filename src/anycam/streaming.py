@@ -1,0 +1,182 @@
+"""Dataset-level metrics accumulated batch by batch, so a table needs no second pass over maps.
+
+Every metric here is a per-sample value (a deletion AUC, a pointing-game hit), so the dataset
+mean is exact when accumulated: each batch is scored by the functions of ``anycam.metrics``
+(no metric math lives here) and only count, mean and the sum of squared deviations are kept,
+merged with Chan et al.'s pairwise update (numerically stable, order-independent up to rounding).
+
+>>> import numpy as np
+>>> def predict(images):  # class 0 looks at the top-left pixel only
+...     return np.stack([10 * images[:, 0, 0, 0], np.zeros(len(images))], axis=1)
+>>> stream = StreamingMetrics(predict, names=("deletion",), steps=4, score="logit")
+>>> images = np.ones((1, 1, 2, 2), dtype=np.float32)
+>>> _ = stream.update(images, np.array([[[1.0, 0.0], [0.0, 0.0]]]), target=[0])
+>>> stream.summary()["deletion_auc"]["mean"]
+1.25
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from . import metrics as _metrics
+from ._errors import InputError
+
+#: The metrics :class:`StreamingMetrics` can accumulate, and the summary key of each.
+METRICS = {
+    "deletion": "deletion_auc",
+    "insertion": "insertion_auc",
+    "pointing_game": "pointing_game",
+    "energy_pointing_game": "energy_pointing_game",
+}
+
+
+class StreamingMetrics:
+    """Deletion/insertion AUC and the pointing games, accumulated over batches; ``summary()`` at the end.
+
+    Args:
+        predict: what ``anycam.metrics.deletion`` takes: an Explainer, a Backend or a callable
+            from a NumPy batch to ``(B, classes)`` outputs.
+        names: any of ``"deletion"``, ``"insertion"``, ``"pointing_game"``,
+            ``"energy_pointing_game"``; the pointing games need regions with every batch.
+        steps, score, batch_size, input_layout: as in ``anycam.metrics.deletion``.
+        deletion_baseline, insertion_baseline: the ``baseline`` of each curve (RISE's defaults).
+        tolerance: the pointing game's tolerance in pixels (15 in Zhang et al.).
+
+    Raises:
+        ValueError: an unknown metric name.
+    """
+
+    def __init__(
+        self,
+        predict: Any,
+        names: Sequence[str] = ("deletion", "insertion"),
+        *,
+        steps: int = 100,
+        score: str = "probability",
+        batch_size: int = 64,
+        deletion_baseline: Any = "zeros",
+        insertion_baseline: Any = "blur",
+        tolerance: int = 0,
+        input_layout: str | None = None,
+    ) -> None:
+        names = (names,) if isinstance(names, str) else tuple(names)
+        unknown = [n for n in names if n not in METRICS]
+        if unknown or not names:
+            raise ValueError(f"unknown metric(s) {unknown or names}; choose from {', '.join(METRICS)}")
+        if not isinstance(score, str):
+            raise ValueError("score must be 'probability' or 'logit' here (a function cannot be stored in the config)")
+        self.predict = predict
+        self.names = names
+        self.options: dict[str, Any] = {
+            "steps": steps,
+            "score": score,
+            "batch_size": batch_size,
+            "input_layout": input_layout,
+        }
+        self.deletion_baseline = deletion_baseline
+        self.insertion_baseline = insertion_baseline
+        self.tolerance = tolerance
+        # count, mean, M2 per summary key (Chan et al. 1979: pairwise merge of partial moments)
+        self._moments: dict[str, tuple[int, float, float]] = {METRICS[n]: (0, 0.0, 0.0) for n in names}
+
+    def config(self) -> dict[str, Any]:
+        """The settings that decide the values, as JSON (a resumed store must match them)."""
+        return {
+            "names": list(self.names),
+            **self.options,
+            "deletion_baseline": _describe(self.deletion_baseline),
+            "insertion_baseline": _describe(self.insertion_baseline),
+            "tolerance": self.tolerance,
+        }
+
+    def update(self, inputs: Any, heatmaps: Any, target: Any = None, *, regions: Any = None) -> dict[str, np.ndarray]:
+        """Scores one batch, adds it to the totals and returns its per-sample values.
+
+        Args:
+            inputs: ``(N, C, *S)`` NumPy (or ``(N, *S, C)`` with a channels-last layout).
+            heatmaps: ``(N, *S)`` one map per sample.
+            target: the explained classes ``(N,)`` (``Explanation.target``), None (argmax) or a
+                callable, as in ``anycam.metrics.deletion``.
+            regions: masks or boxes for the pointing games (as in ``anycam.metrics.pointing_game``).
+
+        Returns:
+            ``{summary key: (N,) values}``.
+
+        Raises:
+            anycam.InputError: several maps per sample, or a pointing game without regions.
+        """
+        maps = np.asarray(heatmaps)
+        images = np.asarray(inputs)
+        if maps.ndim != images.ndim - 1:
+            raise InputError(
+                f"streaming metrics take one map per sample, got heatmaps of shape {maps.shape} for inputs "
+                f"of shape {images.shape}; explain one target per sample (not top_k or (N, K) targets)"
+            )
+        values: dict[str, np.ndarray] = {}
+        for name in self.names:
+            if name in ("deletion", "insertion"):
+                function = _metrics.deletion if name == "deletion" else _metrics.insertion
+                baseline = self.deletion_baseline if name == "deletion" else self.insertion_baseline
+                result = function(self.predict, images, maps, target, baseline=baseline, progress=False, **self.options)
+                values[METRICS[name]] = np.asarray(result.auc, dtype=np.float64)
+            else:
+                if regions is None:
+                    raise InputError(
+                        f"{name} needs regions (masks or boxes) with every batch; give mapping batches a "
+                        "'regions' column"
+                    )
+                if name == "pointing_game":
+                    hits = _metrics.pointing_game(maps, regions, tolerance=self.tolerance)
+                    values[METRICS[name]] = np.asarray(hits, dtype=np.float64)
+                else:
+                    values[METRICS[name]] = np.asarray(_metrics.energy_pointing_game(maps, regions), dtype=np.float64)
+        self.add(values)
+        return values
+
+    def add(self, values: Mapping[str, Any]) -> None:
+        """Adds stored per-sample values (``{summary key: (N,)}``) to the totals, as on resume."""
+        for key in self._moments:
+            if key not in values:
+                raise InputError(f"stored metric values lack {key!r} (have {sorted(values)})")
+            batch = np.asarray(values[key], dtype=np.float64).reshape(-1)
+            if not batch.size:
+                continue
+            count, mean, m2 = self._moments[key]
+            batch_mean = float(batch.mean())
+            batch_m2 = float(((batch - batch_mean) ** 2).sum())
+            total = count + batch.size
+            delta = batch_mean - mean
+            self._moments[key] = (
+                total,
+                mean + delta * batch.size / total,
+                m2 + batch_m2 + delta * delta * count * batch.size / total,
+            )
+
+    def summary(self) -> dict[str, dict[str, float]]:
+        """Returns ``{key: {"mean", "std", "sem", "count"}}`` over every sample so far.
+
+        For the pointing game the mean is the accuracy (hits / samples). ``std`` is the sample
+        standard deviation (ddof=1), ``sem`` = std/√count; both NaN below two samples.
+        """
+        table = {}
+        for key, (count, mean, m2) in self._moments.items():
+            std = math.sqrt(m2 / (count - 1)) if count > 1 else math.nan
+            table[key] = {
+                "mean": mean if count else math.nan,
+                "std": std,
+                "sem": std / math.sqrt(count) if count > 1 else math.nan,
+                "count": float(count),
+            }
+        return table
+
+
+def _describe(value: Any) -> Any:
+    if isinstance(value, (str, int, float)) or value is None:
+        return value
+    array = np.asarray(value)
+    return f"array {array.dtype}{list(array.shape)} sum={float(array.sum()):.9g}"

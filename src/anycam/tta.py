@@ -1,0 +1,164 @@
+"""Test-time augmentation: maps of rescaled and flipped views, mapped back and combined.
+
+The multi-scale + flip aggregation of the weakly-supervised segmentation pipelines (AffinityNet,
+IRN, SEAM): each view is explained, its raw layer map is resized straight to the original input
+grid (one interpolation, not two), flipped views are flipped back, and the views are averaged or
+maxed *before* the explainer's normalisation, as those pipelines sum raw CAMs and normalise once.
+With the identity view alone this is exactly what the wrapped Explainer computes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import numbers
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from . import core
+from ._errors import InputError
+from ._explainer import Explainer, Explanation
+
+COMBINES = ("mean", "max")
+
+
+class TTAExplainer(Explainer):
+    """An Explainer over views of the input: ``scales`` × (original, horizontally flipped).
+
+    Usable wherever an Explainer is (``explain_dataset``, the metrics, ``anycam.ray``).
+
+    Args:
+        explainer: the ``anycam.Explainer`` to wrap (its model, layers, method and options).
+        scales: input scale factors; each view is resized with linear interpolation (half-pixel
+            centres, as ``F.interpolate(align_corners=False)``) to ``round(s · size)``.
+        flip: also explain every view flipped along the last spatial axis (the width).
+        combine: ``"mean"`` or ``"max"`` of the views' raw maps on the original grid.
+
+    Raises:
+        ValueError: bad scales or combine, or an explainer with ``upsample=None`` (views of
+            different sizes have no common grid at layer resolution).
+    """
+
+    def __init__(
+        self,
+        explainer: Explainer,
+        scales: Sequence[float] = (1.0,),
+        *,
+        flip: bool = False,
+        combine: str = "mean",
+    ) -> None:
+        if not isinstance(explainer, Explainer):
+            raise TypeError(f"TTAExplainer wraps an anycam.Explainer, got {type(explainer).__name__}")
+        if isinstance(explainer, TTAExplainer):
+            raise TypeError("TTAExplainer wraps a plain Explainer; give all scales and flip to one wrapper")
+        scales = tuple(scales)
+        if not scales or not all(
+            isinstance(s, numbers.Real) and not isinstance(s, bool) and np.isfinite(s) and s > 0 for s in scales
+        ):
+            raise ValueError(f"scales must be positive numbers, got {scales!r}")
+        if combine not in COMBINES:
+            raise ValueError(f"unknown combine={combine!r}; choose 'mean' or 'max'")
+        if explainer.upsample is None:
+            raise ValueError(
+                "TTAExplainer needs maps on the input grid; the wrapped Explainer has upsample=None: "
+                "use upsample='linear' or 'nearest'"
+            )
+        # Share the wrapped Explainer's state (backend, method, options), whatever it holds.
+        vars(self).update(vars(explainer))
+        self.explainer = explainer
+        self.scales = tuple(float(s) for s in scales)
+        self.flip = bool(flip)
+        self.combine = combine
+
+    def tta_config(self) -> dict[str, Any]:
+        """The augmentation settings, as JSON (part of a store's configuration)."""
+        return {"scales": list(self.scales), "flip": self.flip, "combine": self.combine}
+
+    def __repr__(self) -> str:
+        return f"TTAExplainer({self.explainer!r}, scales={self.scales}, flip={self.flip}, combine={self.combine!r})"
+
+    def views(self) -> list[tuple[float, bool]]:
+        """The (scale, flipped) views in the order they are explained (the first resolves targets)."""
+        ordered = sorted(self.scales, key=lambda s: s != 1.0)  # the original first, if asked for
+        return [(s, f) for s in ordered for f in ((False, True) if self.flip else (False,))]
+
+    def explain(self, inputs: Any, target: Any = None) -> Explanation:
+        """Explains every view and combines them on the original grid.
+
+        The first view (the original when ``1.0`` is among ``scales``) resolves the target
+        (argmax, ``top_k``), and every other view explains those same classes, so the views
+        never disagree on what they explain. ``scores`` and ``target`` are the first view's;
+        ``cam``/``cams`` are the combined raw maps on the input grid; ``weights`` is None.
+
+        Raises:
+            anycam.InputError: inputs that are not one array (TTA needs the image grid).
+        """
+        images = _as_array(inputs)
+        layout = getattr(self.backend, "input_layout", None) or "channels_first"
+        if layout not in ("channels_first", "channels_last"):
+            raise InputError(f"TTAExplainer needs image inputs, got input layout {layout!r}")
+        spatial = core.spatial_shape(images.shape, layout)
+        first_axis = 2 if layout == "channels_first" else 1
+        width_axis = first_axis + len(spatial) - 1
+        combined: list[np.ndarray] | None = None
+        first: Explanation | None = None
+        squeeze = False
+        for scale, flipped in self.views():
+            view = images
+            if scale != 1.0:
+                size = tuple(max(1, round(scale * s)) for s in spatial)
+                moved = np.moveaxis(view, -1, 1) if layout == "channels_last" else view
+                moved = core.resize(moved, size, "linear").astype(images.dtype)
+                view = np.moveaxis(moved, 1, -1) if layout == "channels_last" else moved
+            if flipped:
+                view = np.flip(view, axis=width_axis)
+            view = np.ascontiguousarray(view)
+            explanation = self.explainer.explain(view, target if first is None else _resolved(first, target))
+            if first is None:
+                first = explanation
+                squeeze = explanation.heatmap.ndim == images.ndim - 1
+            maps = []
+            for cam in explanation.cams:
+                cam = cam[:, None] if squeeze else cam  # (N, K, *S_layer)
+                up = core.resize(cam, spatial[-(cam.ndim - 2) :], self.upsample or "linear")
+                maps.append(np.flip(up, axis=-1) if flipped else up)
+            if combined is None:
+                combined = maps
+            elif self.combine == "mean":
+                combined = [total + m for total, m in zip(combined, maps, strict=True)]
+            else:
+                combined = [np.maximum(total, m) for total, m in zip(combined, maps, strict=True)]
+        assert combined is not None and first is not None
+        count = len(self.views())
+        if self.combine == "mean" and count > 1:
+            combined = [total / count for total in combined]
+        heatmap = core.heatmaps(combined, None, normalization=self.normalize, aggregate=self.aggregate)
+        cams = tuple(c[:, 0] if squeeze else c for c in combined)
+        changes: dict[str, Any] = {
+            "heatmap": heatmap[:, 0] if squeeze else heatmap,
+            "cam": cams[0].astype(np.float32),
+            "cams": tuple(c.astype(np.float32) for c in cams),
+            "weights": None,
+        }
+        if hasattr(first, "attribution"):  # a per-view attribution has no meaning once combined
+            changes["attribution"] = None
+        return dataclasses.replace(first, **changes)
+
+
+def _resolved(first: Explanation, target: Any) -> Any:
+    """The first view's classes, so that every view explains the same ones (callables pass on)."""
+    if first.target is None:
+        return target
+    return first.target
+
+
+def _as_array(inputs: Any) -> np.ndarray:
+    if isinstance(inputs, (dict, list, tuple)):
+        raise InputError(f"TTAExplainer rescales and flips one image batch; got a {type(inputs).__name__} of inputs")
+    if hasattr(inputs, "detach"):  # a torch tensor, on any device
+        inputs = inputs.detach().cpu()
+    array = np.asarray(inputs)
+    if not np.issubdtype(array.dtype, np.floating):
+        raise InputError(f"TTAExplainer needs floating-point images, got dtype {array.dtype}")
+    return array

@@ -1,0 +1,118 @@
+"""TTAExplainer: exact on the identity view, flip-equivariant, equal to a hand-written torch oracle."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import anycam
+from tests.dataset.models import images, tiny_model
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model()
+
+
+@pytest.mark.parametrize("method", ["gradcam", "gradcam++", "layercam", "eigencam"])
+def test_the_identity_view_is_exactly_the_wrapped_explainer(model, method):
+    x = images(3)
+    for layer in ("features", ["relu1", "features"]):
+        explainer = anycam.Explainer(model, layer, method=method)
+        tta = anycam.TTAExplainer(explainer)
+        np.testing.assert_array_equal(tta(x), explainer(x))
+        np.testing.assert_array_equal(tta(x, target=anycam.top_k(2)), explainer(x, target=anycam.top_k(2)))
+
+
+@pytest.mark.parametrize("combine", ["mean", "max"])
+def test_a_flipped_input_gives_the_flipped_map(model, combine):
+    tta = anycam.TTAExplainer(anycam.Explainer(model, "features"), scales=(1.0, 0.75, 1.5), flip=True, combine=combine)
+    x = images(4)
+    mirrored = np.ascontiguousarray(x[..., ::-1])
+    # the view set {x, flip x} × scales maps onto itself under a flip, so the maps mirror exactly
+    np.testing.assert_allclose(tta(mirrored, target=2), tta(x, target=2)[..., ::-1], atol=1e-6)
+
+
+def _torch_gradcam_on_grid(model, view, target, size):
+    """Grad-CAM of one view in plain torch autograd, upsampled to ``size``: no anycam code."""
+    captured = {}
+
+    def hook(module, args, output):
+        captured["a"] = output
+
+    handle = model.features.register_forward_hook(hook)
+    try:
+        scores = model(view)[torch.arange(len(view)), target]
+        grads = torch.autograd.grad(scores.sum(), captured["a"])[0]
+    finally:
+        handle.remove()
+    weights = grads.mean(dim=(2, 3), keepdim=True)
+    cam = F.relu((weights * captured["a"]).sum(dim=1, keepdim=True))
+    return F.interpolate(cam, size=size, mode="bilinear", align_corners=False)[:, 0].detach().double()
+
+
+@pytest.mark.parametrize("combine", ["mean", "max"])
+def test_multi_scale_flip_equals_an_independent_torch_computation(model, combine):
+    scales, x = (1.0, 0.5, 1.25), torch.from_numpy(images(3))
+    tta = anycam.TTAExplainer(anycam.Explainer(model, "features"), scales=scales, flip=True, combine=combine)
+    explanation = tta.explain(x.numpy())
+    with torch.no_grad():
+        target = model(x).argmax(1)  # resolved on the original view
+    maps = []
+    for scale in scales:
+        view = x if scale == 1.0 else F.interpolate(x, scale_factor=scale, mode="bilinear", align_corners=False)
+        maps.append(_torch_gradcam_on_grid(model, view, target, (16, 16)))
+        maps.append(_torch_gradcam_on_grid(model, view.flip(-1), target, (16, 16)).flip(-1))
+    stacked = torch.stack(maps)
+    combined = stacked.mean(0) if combine == "mean" else stacked.max(0).values
+    low = combined.amin(dim=(1, 2), keepdim=True)
+    high = combined.amax(dim=(1, 2), keepdim=True)
+    expected = ((combined - low) / (high - low)).numpy()
+    np.testing.assert_allclose(explanation.heatmap, expected, atol=2e-5)
+    np.testing.assert_array_equal(explanation.target, target.numpy())
+    assert explanation.weights is None and explanation.cam.shape == (3, 16, 16)
+
+
+def test_views_explain_the_classes_the_original_view_resolved(model):
+    tta = anycam.TTAExplainer(anycam.Explainer(model, "features"), scales=(0.5, 1.0), flip=True)
+    assert tta.views()[0] == (1.0, False)
+    x = images(5)
+    seen = []
+    original = tta.explainer.explain
+
+    def spy(inputs, target=None):
+        seen.append(target)
+        return original(inputs, target)
+
+    tta.explainer.explain = spy  # type: ignore[method-assign]
+    explanation = tta.explain(x, target=anycam.top_k(2))
+    assert isinstance(seen[0], anycam.core.TopK)
+    for later in seen[1:]:
+        np.testing.assert_array_equal(later, explanation.target)
+    assert explanation.heatmap.shape == (5, 2, 16, 16)
+
+
+def test_a_tta_explainer_works_with_the_metrics_and_the_dataset_runner(model, tmp_path):
+    explainer = anycam.Explainer(model, "features")
+    tta = anycam.TTAExplainer(explainer, scales=(1.0, 0.5), flip=True)
+    x = images(4)
+    auc = anycam.metrics.deletion(tta, x, tta(x), steps=4).auc
+    assert auc.shape == (4,)
+    store = anycam.explain_dataset(tta, [x], out=tmp_path / "s", progress=False)
+    np.testing.assert_array_equal(store.read("heatmap"), tta(x))
+    with pytest.raises(anycam.StoreMismatchError, match=r"tta: store has \{'combine': 'mean', 'flip': True"):
+        anycam.explain_dataset(anycam.TTAExplainer(explainer, scales=(1.0,)), [x], out=tmp_path / "s")
+
+
+def test_bad_tta_settings_raise_clear_errors(model):
+    explainer = anycam.Explainer(model, "features")
+    with pytest.raises(ValueError, match="positive numbers"):
+        anycam.TTAExplainer(explainer, scales=(1.0, 0))
+    with pytest.raises(ValueError, match="combine"):
+        anycam.TTAExplainer(explainer, combine="median")
+    with pytest.raises(ValueError, match="upsample=None"):
+        anycam.TTAExplainer(anycam.Explainer(model, "features", upsample=None))
+    with pytest.raises(anycam.InputError, match="one image batch"):
+        anycam.TTAExplainer(explainer).explain({"x": images(1)})
