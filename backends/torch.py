@@ -13,11 +13,21 @@ How a capture runs:
   call where autograd can vmap the graph, else one call per target on a retained graph).
 * Hooks are removed in ``finally`` and ignore calls from other threads, so a model shared by
   two threads, or one that raises, is left as it was found.
+* ``"name:input"`` explains what flows *into* a module: a forward *pre*-hook captures its first
+  positional argument the same way (the input of ``avgpool`` is the post-activation map even
+  when the activation module is shared and runs several times).
+* Inputs are one structure (``anycam._inputs``): a tensor, a tuple/list (positional), a dict
+  (keywords) and constant ``model_kwargs``; every tensor is converted and checked on its own.
+* ``nn.DataParallel``, ``DistributedDataParallel`` and ``torch.compile`` wrappers are unwrapped:
+  the original module runs eagerly on its own device (hooks on a compiled graph would recompile
+  it, and replicas in other threads would escape the hooks), and layer names work with or without
+  the wrapper's ``module.`` / ``_orig_mod.`` prefix.
 """
 
 from __future__ import annotations
 
 import copy
+import inspect
 import threading
 import warnings
 from collections.abc import Sequence
@@ -28,6 +38,8 @@ import torch
 
 from anycam._backend import Backend, Capture, check_options, select_output
 from anycam._errors import ConfigTypeError, InputError, LayerError, TargetError, closest
+from anycam._inputs import Key, ModelInputs, structure_inputs
+from anycam._layers import LayerRecord, choose_layer, is_auto, parse_layer
 from anycam.core import TargetSpec, resolve_indices, spatial_shape
 
 
@@ -35,12 +47,53 @@ def _to_numpy(tensor: torch.Tensor) -> np.ndarray:
     return tensor.detach().to("cpu", torch.float32).numpy()
 
 
+def _unwrap(model: torch.nn.Module) -> tuple[torch.nn.Module, tuple[str, ...]]:
+    """Returns the module inside DataParallel/DDP/``torch.compile`` wrappers and their name prefixes."""
+    prefixes: list[str] = []
+    nn = torch.nn.Module
+    while True:
+        if isinstance(model, (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)):
+            prefixes.append("module.")
+            model = model.module
+        elif type(model).__name__ == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None), nn):
+            # torch.compile's wrapper; the original module computes the same function eagerly.
+            prefixes.append("_orig_mod.")
+            model = model._orig_mod
+        else:
+            return model, tuple(prefixes)
+
+
+def _is_spatial(value: Any) -> bool:
+    if isinstance(value, torch.Tensor):
+        return value.is_floating_point() and value.ndim >= 3
+    return isinstance(value, np.ndarray) and np.issubdtype(value.dtype, np.floating) and value.ndim >= 3
+
+
+def _binds(function: Any, inputs: ModelInputs) -> bool:
+    """Returns False only when ``function``'s signature surely rejects the inputs."""
+    try:
+        signature = inspect.signature(function)
+    except (TypeError, ValueError):
+        return True
+    try:
+        signature.bind(*inputs.args, **inputs.kwargs, **inputs.constants)
+    except TypeError:
+        return False
+    return True
+
+
 class TorchBackend(Backend):
     """Adapter for ``torch.nn.Module`` models (CPU or CUDA, any float dtype).
 
-    Layers are module names as in ``model.named_modules()`` (``"layer4"``, ``"layer4.1.conv2"``)
-    or module objects. The model runs in whatever mode the user left it in; a model in
-    training mode gets a warning, since BatchNorm then mixes the samples of a batch.
+    Layers are module names as in ``model.named_modules()`` (``"layer4"``, ``"layer4.1.conv2"``),
+    with ``":input"`` for a module's input (``"avgpool:input"``), module objects, or None /
+    ``"auto"`` (chosen at the first call from the modules' forward order). The model runs in
+    whatever mode the user left it in; a model in training mode gets a warning, since BatchNorm
+    then mixes the samples of a batch.
+
+    Options:
+        spatial_input: the input that carries the spatial grid (index or key).
+        model_kwargs: constant keyword arguments for every model call.
     """
 
     name = "torch"
@@ -54,34 +107,50 @@ class TorchBackend(Backend):
         input_layout: str | None = None,
         **options: Any,
     ) -> None:
-        check_options(self.name, options, ())
+        check_options(self.name, options, ("model_kwargs", "spatial_input"))
         if not isinstance(model, torch.nn.Module):
             raise ConfigTypeError(f"the torch backend needs a torch.nn.Module, got {type(model).__name__}")
-        self.model = model
+        self.model, self._prefixes = _unwrap(model)
         self.output = output
         self.input_layout = input_layout or "channels_first"
-        named = dict(model.named_modules())
+        self.spatial_input: Key | None = options.get("spatial_input")
+        self.model_kwargs: dict[str, Any] = dict(options.get("model_kwargs") or {})
         self.modules: list[torch.nn.Module] = []
-        names = []
-        for layer in layers:
-            name, module = self._resolve(layer, named)
-            names.append(name)
-            self.modules.append(module)
-        self.layer_names = tuple(names)
+        self.ports: list[str] = []
+        self.layer_names = ()
+        self._choose_lock = threading.Lock()
+        self.auto_layer = len(layers) == 1 and is_auto(layers[0])
+        if not self.auto_layer:
+            named = dict(self.model.named_modules())
+            resolved = [self._resolve(layer, named) for layer in layers]
+            self._set_layers(resolved)
         self._warned_training = False
 
-    @staticmethod
-    def _resolve(layer: Any, named: dict[str, torch.nn.Module]) -> tuple[str, torch.nn.Module]:
-        if isinstance(layer, str):
-            if layer in named:
-                return layer, named[layer]
-            raise LayerError(f"layer {layer!r} not found in the model{closest(layer, [n for n in named if n])}")
-        if isinstance(layer, torch.nn.Module):
+    def _set_layers(self, resolved: Sequence[tuple[str, torch.nn.Module, str]]) -> None:
+        self.modules = [module for _, module, _ in resolved]
+        self.ports = [port for _, _, port in resolved]
+        self.layer_names = tuple(name for name, _, _ in resolved)
+
+    def _resolve(self, layer: Any, named: dict[str, torch.nn.Module]) -> tuple[str, torch.nn.Module, str]:
+        """Returns (reported name, module, port) for one layer spec."""
+        if is_auto(layer):
+            raise LayerError("layer='auto' (or None) chooses one layer; it cannot be part of a list")
+        spec = parse_layer(layer)
+        target = spec.layer
+        if isinstance(target, str):
+            name = target
+            # Names copied from the wrapped model (state_dict keys) carry the wrappers' prefixes.
+            while name not in named and any(name.startswith(p) for p in self._prefixes):
+                name = next(name[len(p) :] for p in self._prefixes if name.startswith(p))
+            if name in named and name:
+                return spec.label(name), named[name], spec.port
+            raise LayerError(f"layer {target!r} not found in the model{closest(target, [n for n in named if n])}")
+        if isinstance(target, torch.nn.Module):
             for name, module in named.items():
-                if module is layer:
-                    return name or type(layer).__name__, module
-            raise LayerError(f"the {type(layer).__name__} module given as layer is not part of the model")
-        raise LayerError(f"a torch layer is a module name or a module object, got {type(layer).__name__}")
+                if module is target:
+                    return spec.label(name or type(target).__name__), module, spec.port
+            raise LayerError(f"the {type(target).__name__} module given as layer is not part of the model")
+        raise LayerError(f"a torch layer is a module name or a module object, got {type(target).__name__}")
 
     def _device_dtype(self) -> tuple[torch.device, torch.dtype]:
         for tensor in (*self.model.parameters(), *self.model.buffers()):
@@ -89,18 +158,59 @@ class TorchBackend(Backend):
                 return tensor.device, tensor.dtype
         return torch.device("cpu"), torch.float32
 
-    def _as_input(self, inputs: Any) -> torch.Tensor:
-        if isinstance(inputs, np.ndarray):
-            if not np.issubdtype(inputs.dtype, np.floating):
-                raise InputError(f"input must be floating point, got dtype {inputs.dtype}; scale it to floats first")
+    def _structure(self, inputs: Any) -> ModelInputs:
+        """Returns the call's inputs as one structure, every tensor converted and checked."""
+        structure = structure_inputs(
+            inputs, is_spatial=_is_spatial, spatial_input=self.spatial_input, model_kwargs=self.model_kwargs
+        )
+        return structure.map(lambda key, value: self._as_tensor(key, value, key == structure.spatial, structure))
+
+    def _as_tensor(self, key: Key, value: Any, spatial: bool, structure: ModelInputs) -> Any:
+        what = "input" if structure.kind == "single" else f"input {key!r}"
+        if isinstance(value, np.ndarray):
             device, dtype = self._device_dtype()
-            inputs = torch.as_tensor(inputs, dtype=dtype, device=device)
-        if not isinstance(inputs, torch.Tensor):
-            raise InputError(f"input must be a torch.Tensor or a NumPy array, got {type(inputs).__name__}")
-        if not inputs.is_floating_point():
-            raise InputError(f"input must be floating point, got {inputs.dtype}; e.g. x.float() / 255")
-        spatial_shape(tuple(inputs.shape), self.input_layout)
-        return inputs
+            if np.issubdtype(value.dtype, np.floating):
+                value = torch.as_tensor(value, dtype=dtype, device=device)
+            elif spatial:
+                raise InputError(f"{what} must be floating point, got dtype {value.dtype}; scale it to floats first")
+            else:
+                value = torch.as_tensor(value, device=device)
+        if not spatial:
+            return value
+        if not isinstance(value, torch.Tensor):
+            raise InputError(f"{what} must be a torch.Tensor or a NumPy array, got {type(value).__name__}")
+        if not value.is_floating_point():
+            raise InputError(f"{what} must be floating point, got {value.dtype}; e.g. x.float() / 255")
+        spatial_shape(tuple(value.shape), self.input_layout)
+        return value
+
+    def _as_input(self, inputs: Any) -> torch.Tensor:
+        """Returns the spatial input of ``inputs`` as a checked tensor."""
+        return self._structure(inputs).spatial_value  # type: ignore[no-any-return]
+
+    def _call(self, structure: ModelInputs) -> Any:
+        """Runs the model on the structure; a signature mismatch names the inputs given."""
+        try:
+            return structure.call(self.model)
+        except TypeError as exc:
+            if _binds(self.model.forward, structure):
+                raise
+            given = []
+            if structure.args:
+                given.append(f"{len(structure.args)} positional")
+            if structure.kwargs:
+                given.append("keys " + ", ".join(map(repr, structure.kwargs)))
+            if structure.constants:
+                given.append("model_kwargs " + ", ".join(map(repr, structure.constants)))
+            try:
+                accepted = f" (it takes {inspect.signature(self.model.forward)})"
+            except (TypeError, ValueError):
+                accepted = ""
+            raise InputError(
+                f"{type(self.model).__name__}.forward{accepted} does not accept the inputs given "
+                f"({'; '.join(given)}): {exc}; pass a dict with the keywords it takes, a tuple in its order, "
+                "or constants through model_kwargs="
+            ) from exc
 
     def _warn_training(self) -> None:
         if self.model.training and not self._warned_training:
@@ -111,40 +221,122 @@ class TorchBackend(Backend):
                 stacklevel=4,
             )
 
-    def _forward(self, inputs: torch.Tensor, differentiable: bool) -> tuple[Any, list[torch.Tensor]]:
-        """Runs the model; returns its output and the captured layer outputs."""
+    def _choose(self, structure: ModelInputs, target: TargetSpec) -> None:
+        """Chooses the layer for ``layer="auto"`` from one forward (and backward) pass, once."""
+        with self._choose_lock:
+            if self.layer_names:
+                return
+            owner = threading.get_ident()
+            order: list[str] = []
+            shapes: dict[str, tuple[int, ...] | None] = {}
+            calls: dict[str, int] = {}
+            kept: dict[str, torch.Tensor] = {}
+
+            def make_hook(name: str) -> Any:
+                def hook(module: torch.nn.Module, args: Any, out: Any) -> Any:
+                    if threading.get_ident() != owner:
+                        return None
+                    calls[name] = calls.get(name, 0) + 1
+                    if calls[name] > 1:
+                        return None
+                    order.append(name)
+                    if not isinstance(out, torch.Tensor) or not out.is_floating_point():
+                        shapes[name] = None
+                        return None
+                    shapes[name] = tuple(out.shape)
+                    # Every module output joins one graph, so reachability of the output is
+                    # one autograd query; the clone keeps in-place ops off the kept tensor.
+                    kept[name] = out if out.requires_grad else out.detach().requires_grad_()
+                    return kept[name].clone()
+
+                return hook
+
+            named = [(name, module) for name, module in self.model.named_modules() if name]
+            handles = [module.register_forward_hook(make_hook(name)) for name, module in named]
+            try:
+                with torch.enable_grad():
+                    output = self._call(structure)
+                    scores, _ = self._scores(select_output(output, self.output), target, self._batch_of(structure))
+            finally:
+                for handle in handles:
+                    handle.remove()
+            names = list(kept)
+            reaches = dict.fromkeys(names, True)
+            if scores.requires_grad and names:
+                grads = torch.autograd.grad(scores.sum(), [kept[n] for n in names], allow_unused=True)
+                reaches = {n: g is not None for n, g in zip(names, grads, strict=True)}
+            records = [
+                LayerRecord(name, shapes[name], calls=calls[name], reaches_output=reaches.get(name, True))
+                for name in order
+            ]
+            input_spatial = spatial_shape(tuple(structure.spatial_value.shape), self.input_layout)
+            chosen = choose_layer(records, input_spatial)
+            self._set_layers([(chosen, dict(named)[chosen], "output")])
+
+    def _batch_of(self, structure: ModelInputs) -> int:
+        return int(structure.spatial_value.shape[0])
+
+    def _forward(self, structure: ModelInputs, differentiable: bool) -> tuple[Any, list[torch.Tensor]]:
+        """Runs the model; returns its output and the captured layer outputs (or inputs)."""
         owner = threading.get_ident()
         captured: dict[int, torch.Tensor] = {}
+
+        def keep(index: int, value: Any) -> torch.Tensor | None:
+            """Captures ``value`` for layer ``index``; returns what the network continues with."""
+            what = "input" if self.ports[index] == "input" else "output"
+            if not isinstance(value, torch.Tensor):
+                raise LayerError(
+                    f"layer {self.layer_names[index]!r}: the module's {what} is a {type(value).__name__}, "
+                    "not a tensor; explain a layer whose output is a feature map"
+                )
+            if index in captured:
+                hint = "a module that runs once"
+                if what == "output":
+                    hint += ", or the input of the module after it ('<next module>:input', e.g. 'avgpool:input')"
+                raise LayerError(
+                    f"layer {self.layer_names[index]!r} runs more than once per forward pass "
+                    f"(a shared module); explain {hint}"
+                )
+            if not differentiable:
+                captured[index] = value.detach()
+                return None
+            torch.set_grad_enabled(True)
+            leaf = value if value.requires_grad else value.detach().requires_grad_()
+            captured[index] = leaf
+            return leaf.clone()
 
         def make_hook(index: int) -> Any:
             def hook(module: torch.nn.Module, args: Any, out: Any) -> Any:
                 if threading.get_ident() != owner:
                     return None
-                if not isinstance(out, torch.Tensor):
-                    raise LayerError(
-                        f"layer {self.layer_names[index]!r} returns a {type(out).__name__}, not a tensor; "
-                        "explain a layer whose output is a feature map"
-                    )
-                if index in captured:
-                    raise LayerError(
-                        f"layer {self.layer_names[index]!r} runs more than once per forward pass "
-                        "(a shared module); explain a module that runs once"
-                    )
-                if not differentiable:
-                    captured[index] = out.detach()
-                    return None
-                torch.set_grad_enabled(True)
-                leaf = out if out.requires_grad else out.detach().requires_grad_()
-                captured[index] = leaf
-                return leaf.clone()
+                return keep(index, out)
 
             return hook
 
-        handles = [m.register_forward_hook(make_hook(i)) for i, m in enumerate(self.modules)]
+        def make_pre_hook(index: int) -> Any:
+            def pre_hook(module: torch.nn.Module, args: Any) -> Any:
+                if threading.get_ident() != owner:
+                    return None
+                if not args:
+                    raise LayerError(
+                        f"layer {self.layer_names[index]!r}: the module is called with no positional input "
+                        "to capture; explain the output of the module before it"
+                    )
+                replacement = keep(index, args[0])
+                return None if replacement is None else (replacement, *args[1:])
+
+            return pre_hook
+
+        handles = [
+            module.register_forward_pre_hook(make_pre_hook(i))
+            if port == "input"
+            else module.register_forward_hook(make_hook(i))
+            for i, (module, port) in enumerate(zip(self.modules, self.ports, strict=True))
+        ]
         try:
             # no_grad() keeps everything before the layer graph-free.
             with torch.no_grad():
-                output = self.model(inputs)
+                output = self._call(structure)
         finally:
             for handle in handles:
                 handle.remove()
@@ -225,12 +417,14 @@ class TorchBackend(Backend):
             return self._capture(inputs, target, gradients)
 
     def _capture(self, inputs: Any, target: TargetSpec, gradients: bool) -> Capture:
-        x = self._as_input(inputs)
+        structure = self._structure(inputs)
         self._warn_training()
         # The batch size travels as an argument: one adapter serves every thread that shares the
         # Explainer, so nothing of a call may live on self.
-        batch = int(x.shape[0])
-        output, leaves = self._forward(x, differentiable=gradients)
+        batch = self._batch_of(structure)
+        if self.auto_layer and not self.layer_names:
+            self._choose(structure, target)
+        output, leaves = self._forward(structure, differentiable=gradients)
         selected = select_output(output, self.output)
         if gradients:
             with torch.enable_grad():
@@ -246,7 +440,7 @@ class TorchBackend(Backend):
             gradients=grads_np,
             scores=_to_numpy(scores),
             target=indices,
-            input_spatial=spatial_shape(tuple(x.shape), self.input_layout),
+            input_spatial=spatial_shape(tuple(structure.spatial_value.shape), self.input_layout),
             layouts=("channels_first",) * len(leaves),
         )
 
@@ -286,9 +480,9 @@ class TorchBackend(Backend):
         return clone
 
     def predict(self, inputs: Any) -> np.ndarray:
-        x = self._as_input(inputs)
+        structure = self._structure(inputs)
         with torch.inference_mode(False), torch.no_grad():
-            return _to_numpy(select_output(self.model(x), self.output))
+            return _to_numpy(select_output(self._call(structure), self.output))
 
 
 BACKEND = TorchBackend

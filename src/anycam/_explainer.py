@@ -11,7 +11,7 @@ import numpy as np
 
 from . import core
 from ._backend import Backend, Capture, as_list
-from ._errors import AnycamError, ConfigError
+from ._errors import AnycamError, ConfigError, ConfigTypeError
 
 
 @dataclass(frozen=True)
@@ -156,7 +156,16 @@ class Explainer:
         adapter: type[Backend] = backends.load(name)
         # Passed only when given, so a backend that does not take them yet says so by name.
         if spatial_input is not None:
+            if isinstance(spatial_input, bool) or not isinstance(spatial_input, (int, str)):
+                raise ConfigTypeError(
+                    f"spatial_input must be an index (int) or a key (str), got {type(spatial_input).__name__}"
+                )
             options["spatial_input"] = spatial_input
+        if model_kwargs is not None and not isinstance(model_kwargs, Mapping):
+            raise ConfigTypeError(
+                f"model_kwargs must be a dict of keyword arguments, got {type(model_kwargs).__name__}; "
+                "e.g. model_kwargs={'output_hidden_states': False}"
+            )
         if model_kwargs:
             options["model_kwargs"] = dict(model_kwargs)
         self.backend: Backend = adapter(model, as_list(layer), output=output, input_layout=input_layout, **options)

@@ -369,7 +369,9 @@ def test_bad_inputs_are_clear_errors(net: InPlaceAfterLayer) -> None:
     with pytest.raises(anycam.InputError, match="no spatial axis"):
         explainer(torch.zeros(3, 8))
     with pytest.raises(anycam.InputError, match="torch.Tensor or a NumPy array"):
-        explainer([[1.0]])
+        explainer("an image")
+    with pytest.raises(anycam.InputError, match="no input is a floating-point array with spatial axes"):
+        explainer([[1.0]])  # a list is positional inputs, and none of these is an image
     with pytest.raises(anycam.LayerError, match="module name or a module object"):
         anycam.Explainer(net, 3)
     with pytest.raises(anycam.LayerError, match="not part of the model"):
