@@ -9,7 +9,7 @@ knows which framework produced them.
 from __future__ import annotations
 
 import abc
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -88,6 +88,90 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def predict(self, inputs: Any) -> np.ndarray:
         """Returns the selected model output for ``inputs`` as float32 NumPy, no gradients."""
+
+    # Optional capabilities of the methods beyond gradients (Score-CAM, Ablation-CAM, guided
+    # backpropagation). The method math stays in the core and the Explainer; a backend only runs
+    # its framework. The defaults raise NotImplementedError naming the backend and the method.
+
+    def head_scores(
+        self, inputs: Any, replacements: np.ndarray, target: TargetSpec, indices: np.ndarray | None
+    ) -> np.ndarray:
+        """Returns ``(B, N, K)`` scores of the targets with the (first) layer's output replaced.
+
+        Runs only the network after the layer on each replacement; the prefix (input → layer)
+        is computed once per call, not once per copy. Residual paths that skip over the layer
+        keep the values of the original input. Used by Ablation-CAM.
+
+        Args:
+            inputs: the original batch ``(N, ...)`` exactly as given to ``capture()``.
+            replacements: ``(B, N, *layer_shape)`` float32 in the layer's own layout (the
+                per-sample shape of ``Capture.activations[0]``): B modified copies per sample.
+            target: the parsed target of the call.
+            indices: the ``(N, K)`` int64 class indices the capture resolved; None for a
+                callable target, which is then applied to the model output.
+
+        Returns:
+            ``(B, N, K)`` float32.
+        """
+        raise NotImplementedError(f"the {self.name} backend has no head_scores(), which ablationcam needs")
+
+    def head_scorer(
+        self, inputs: Any, target: TargetSpec, indices: np.ndarray | None
+    ) -> Callable[[np.ndarray], np.ndarray]:
+        """Returns ``f(replacements (B, N, *layer_shape)) -> (B, N, K)``, :meth:`head_scores` bound to one batch.
+
+        The Explainer calls the returned function once per chunk of replacements. A backend
+        that can keep the prefix (input → layer) between chunks overrides this so that the
+        prefix runs once per *explanation* rather than once per chunk; the default simply
+        calls :meth:`head_scores` (prefix once per chunk), so a backend only has to implement
+        that. The function holds no state beyond the explanation it serves.
+        """
+
+        def scores(replacements: np.ndarray) -> np.ndarray:
+            return self.head_scores(inputs, replacements, target, indices)
+
+        return scores
+
+    def input_scores(
+        self, inputs: Any, target: TargetSpec, indices: np.ndarray | None, *, probabilities: bool = False
+    ) -> np.ndarray:
+        """Returns ``(M, K)`` float32 scores of the targets for a batch of modified inputs.
+
+        Used by Score-CAM; the caller chunks M (``batch_size=``).
+
+        Args:
+            inputs: ``(M, ...)`` NumPy float32 in the input's layout (e.g. masked copies).
+            target: the parsed target of the call.
+            indices: ``(M, K)`` int64 class indices, or None for a callable target.
+            probabilities: take the softmax over the selected output's class axis first
+                (class-index targets only).
+
+        Raises:
+            anycam.TargetError: ``probabilities=True`` with a callable target (Score-CAM then
+                needs class scores, or a callable that returns what to weight by).
+        """
+        raise NotImplementedError(f"the {self.name} backend has no input_scores(), which scorecam needs")
+
+    def guided_gradients(
+        self, inputs: Any, target: TargetSpec
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """Returns ∂score/∂input with every ReLU's backward replaced by the guided rule.
+
+        Guided Backpropagation (Springenberg et al. 2015): a ReLU passes a gradient only where
+        both its forward input and the incoming gradient are positive. Applies to ReLU
+        modules/layers *and* functional calls (torch: ``nn.ReLU``, ``F.relu``, ``torch.relu``,
+        ``Tensor.relu(_)``; Keras: ``ReLU``, ``activation="relu"``, ``keras.activations.relu``,
+        ``tf.nn.relu``; JAX: ``jax.nn.relu``), installed only for this call and removed in
+        ``finally``: the model is unchanged afterwards, also after an exception. A model with no
+        ReLU at all gets a UserWarning (the result then equals plain input gradients).
+
+        Returns:
+            (attributions ``(N, K, *input_shape_without_N)`` float32 in the input's layout,
+            scores ``(N, K)`` float32, indices ``(N, K)`` int64 or None for a callable target).
+        """
+        raise NotImplementedError(
+            f"the {self.name} backend has no guided_gradients(), which guided-backprop and guided-gradcam need"
+        )
 
     def parameter_layers(self, inputs: Any = None) -> tuple[str, ...]:
         """Returns the names of the layers that own parameters, from the input to the output.

@@ -60,21 +60,23 @@ def layer_cam(
     count: int = 1,
     grid: tuple[int, ...] | None = None,
     rectify: bool = True,
+    seed: int = 0,
 ) -> LayerResult:
     """Returns the raw map of one layer for K targets.
 
     Args:
-        method: one of ``anycam.core.METHODS``.
+        method: one of ``anycam.core.CAPTURE_METHODS``.
         activations: ``(N, ...)`` in ``layout``.
         gradients: ``(N, K, ...)`` in ``layout``, or None for gradient-free methods.
         layout: the layer's layout (see ``anycam.core.to_channels_first``).
         count: K, used to repeat a target-independent map.
         grid: the patch grid of a token layout.
         rectify: apply the final ReLU (False gives signed maps).
+        seed: the seed of ``randomcam``'s weights.
     """
     acts = to_channels_first(activations, layout, lead=1, grid=grid)[:, None]
     grads = None if gradients is None else to_channels_first(gradients, layout, lead=2, grid=grid)
-    cam, weights = compute_cam(method, acts, grads, channel_axis=2, rectify=rectify)
+    cam, weights = compute_cam(method, acts, grads, channel_axis=2, rectify=rectify, seed=seed)
     if cam.shape[1] != count:
         cam = np.broadcast_to(cam, (cam.shape[0], count, *cam.shape[2:]))
     return LayerResult(_to_float32(cam), None if weights is None else _to_float32(weights))
