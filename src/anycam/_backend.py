@@ -152,9 +152,7 @@ class Backend(abc.ABC):
         """
         raise NotImplementedError(f"the {self.name} backend has no input_scores(), which scorecam needs")
 
-    def guided_gradients(
-        self, inputs: Any, target: TargetSpec
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    def guided_gradients(self, inputs: Any, target: TargetSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """Returns ∂score/∂input with every ReLU's backward replaced by the guided rule.
 
         Guided Backpropagation (Springenberg et al. 2015): a ReLU passes a gradient only where

@@ -29,6 +29,10 @@ class Explanation:
         target: resolved class indices ``(N,)`` or ``(N, K)``, or None for callable targets.
         layer: the layer name, or a tuple of names for several layers.
         method: the method used.
+        attribution: for the input-resolution methods (``guided-backprop``, ``guided-gradcam``)
+            the signed attribution ``(N, C_in, *input_spatial)`` or ``(N, K, C_in, *input_spatial)``,
+            channels first in every framework (Captum's ``GuidedBackprop`` / ``GuidedGradCam``
+            layout); their ``heatmap`` is Σ_c |attribution_c| normalised. None for the others.
     """
 
     heatmap: np.ndarray
@@ -39,6 +43,7 @@ class Explanation:
     target: np.ndarray | None
     layer: str | tuple[str, ...]
     method: str
+    attribution: np.ndarray | None = None
 
     def __repr__(self) -> str:
         """A summary: method, layer, shapes and targets; never the arrays themselves."""
@@ -102,13 +107,32 @@ class Explainer:
         aggregate: ``"mean"`` or ``"max"`` over several layers.
         relu: keep only positive evidence (the papers' final ReLU). ``relu=False`` gives signed
             raw maps (Captum's default); heatmaps are then min-max scaled signed maps.
+        batch_size: how many perturbed copies one model call takes: masked inputs for
+            ``scorecam``, ablated layer outputs for ``ablationcam`` (N samples × channels are
+            split into chunks of this many rows, so peak memory is bounded by one chunk, not by
+            C). Default: about 16 MB of masked inputs for Score-CAM (27 rows at 3 × 224²; the
+            network's own activations for those rows come on top), 256 MB of ablated copies for
+            Ablation-CAM.
+        progress: a tqdm progress bar over the chunks of ``scorecam``/``ablationcam``: True
+            always, False never, None (default) only once a run has taken over 2 s. Needs
+            ``tqdm`` (optional); None without it shows nothing.
+        scorecam: how Score-CAM turns the masked inputs' scores into weights (see
+            ``anycam.core.scorecam_weights``): ``"probability"`` (default, the authors' code:
+            the class's softmax probability), ``"softmax"`` (softmax over channels of the raw
+            scores: the paper's Algorithm 1, torchcam) or ``"pytorch-grad-cam"`` (``"softmax"``
+            with masks upsampled with aligned corners, reproducing its ``ScoreCAM``).
+        scorecam_top_k: Faster Score-CAM: score only the k channels of largest activation
+            variance per sample (the others get weight 0). None scores every channel.
+        seed: the seed of ``randomcam``'s weights.
         **options: backend-specific options (see each backend's docs).
 
     Raises:
         anycam.BackendError: no backend fits, or its framework is not installed.
         anycam.LayerError: a layer cannot be found (the message lists the closest names).
-        anycam.ConfigError: an unknown method, normalisation, upsampling, aggregation or
-            layout (also a ``ValueError``).
+        anycam.ConfigError: an unknown method (the message lists them), normalisation,
+            upsampling, aggregation, layout or Score-CAM variant; a ``batch_size`` or
+            ``scorecam_top_k`` below 1; ``ablationcam`` or ``guided-gradcam`` with more than one
+            layer (also a ``ValueError``).
         anycam.ConfigTypeError: an unknown backend option (also a ``TypeError``).
     """
 
@@ -129,6 +153,11 @@ class Explainer:
         relu: bool = True,
         spatial_input: int | str | None = None,
         model_kwargs: Mapping[str, Any] | None = None,
+        batch_size: int | None = None,
+        progress: bool | None = None,
+        scorecam: str = "probability",
+        scorecam_top_k: int | None = None,
+        seed: int = 0,
         **options: Any,
     ) -> None:
         # Imported here, not at module level: anycam.backends is a sibling folder mapped into
@@ -152,6 +181,17 @@ class Explainer:
         self.upsample = upsample
         self.aggregate = aggregate
         self.relu = bool(relu)
+        self.batch_size = _positive("batch_size", batch_size)
+        self.scorecam_top_k = _positive("scorecam_top_k", scorecam_top_k)
+        if scorecam not in core.SCORECAM_VARIANTS:
+            raise ConfigError(f"unknown scorecam={scorecam!r}; choose one of {', '.join(core.SCORECAM_VARIANTS)}")
+        self.scorecam = scorecam
+        self.progress = progress
+        self.seed = int(seed)
+        if method in ("ablationcam", "guided-gradcam") and isinstance(layer, list) and len(layer) != 1:
+            raise ConfigError(
+                f"{method} explains one layer, got {len(layer)}; pass a single layer (or one Explainer per layer)"
+            )
         name = backend if backend is not None else backends.detect(model)
         adapter: type[Backend] = backends.load(name)
         # Passed only when given, so a backend that does not take them yet says so by name.
@@ -213,11 +253,24 @@ class Explainer:
             anycam.TargetError, anycam.InputError, anycam.LayerError, anycam.NonFiniteError.
         """
         spec = core.parse_target(target)
+        if self.method in core.SCORE_METHODS:
+            from ._perturbation import ablationcam, scorecam
+
+            return (scorecam if self.method == "scorecam" else ablationcam)(self, inputs, spec)
+        if self.method in core.GUIDED_METHODS:
+            from ._perturbation import guided
+
+            return guided(self, inputs, spec)
         needs_gradients = self.method in core.GRADIENT_METHODS
         capture = self.backend.capture(inputs, spec, gradients=needs_gradients)
         return self._explanation(capture, spec)
 
     def _explanation(self, capture: Capture, spec: core.TargetSpec) -> Explanation:
+        results = self._layer_results(capture)
+        return self._assemble(results, capture, spec)
+
+    def _layer_results(self, capture: Capture, method: str | None = None) -> list[core.LayerResult]:
+        """Returns each layer's raw map from one capture (``method`` defaults to the Explainer's)."""
         count = capture.scores.shape[1]
         results = []
         for index, name in enumerate(self.layer_names):
@@ -231,25 +284,40 @@ class Explainer:
             try:
                 results.append(
                     core.layer_cam(
-                        self.method,
+                        method or self.method,
                         activations,
                         gradients,
                         layout,
                         count=count,
                         grid=self.token_grid,
                         rectify=self.relu,
+                        seed=self.seed,
                     )
                 )
             except AnycamError as exc:
                 raise type(exc)(f"layer {name!r}: {exc}") from exc
+        return results
+
+    def _assemble(
+        self,
+        results: list[core.LayerResult],
+        capture: Capture,
+        spec: core.TargetSpec,
+        *,
+        heatmap: np.ndarray | None = None,
+        attribution: np.ndarray | None = None,
+    ) -> Explanation:
+        """Returns the Explanation of per-layer maps ``(N, K, *S)``; ``heatmap`` overrides the usual one."""
+        count = capture.scores.shape[1]
         size = None if self.upsample is None else capture.input_spatial
-        heatmap = core.heatmaps(
-            [r.cam for r in results],
-            size,
-            normalization=self.normalize,
-            resize_mode=self.upsample,
-            aggregate=self.aggregate,
-        )
+        if heatmap is None:
+            heatmap = core.heatmaps(
+                [r.cam for r in results],
+                size,
+                normalization=self.normalize,
+                resize_mode=self.upsample,
+                aggregate=self.aggregate,
+            )
         squeeze = spec.squeeze and count == 1
 
         def shaped(array: np.ndarray | None) -> np.ndarray | None:
@@ -267,4 +335,14 @@ class Explainer:
             target=shaped(target),
             layer=layer,
             method=self.method,
+            attribution=shaped(attribution),
         )
+
+
+def _positive(name: str, value: int | None) -> int | None:
+    """Returns ``value`` as an int ≥ 1 (or None), else raises ValueError naming the option."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ConfigError(f"{name} must be a positive integer or None, got {value!r}")
+    return int(value)

@@ -128,7 +128,7 @@ def test_multi_layer_errors():
         core.heatmaps([np.ones((1, 1, 2, 2))], None, aggregate="sum")
 
 
-@pytest.mark.parametrize("method", core.METHODS)
+@pytest.mark.parametrize("method", core.CAPTURE_METHODS)
 def test_layer_cam_channels_last_with_k_targets_equals_channels_first(method):
     rng = np.random.default_rng(2)
     activations = rng.standard_normal((2, 5, 4, 3)).astype(np.float32)  # (N, H, W, C)

@@ -60,7 +60,7 @@ def run_pipeline(method, activations, gradients, layout, count, size, normalizat
 @PROPERTY
 @given(
     capture=captures(),
-    method=st.sampled_from(core.METHODS),
+    method=st.sampled_from(core.CAPTURE_METHODS),
     normalization=st.sampled_from(["minmax", "max"]),
     resize_mode=st.sampled_from(core.RESIZE_MODES),
     data=st.data(),
@@ -83,7 +83,7 @@ def test_heatmaps_are_defined_for_every_finite_input(capture, method, normalizat
 
 
 @PROPERTY
-@given(capture=captures(), method=st.sampled_from(core.METHODS), data=st.data())
+@given(capture=captures(), method=st.sampled_from(core.CAPTURE_METHODS), data=st.data())
 def test_batch_independence(capture, method, data):
     activations, gradients, layout, count, spatial = capture
     size = tuple(data.draw(st.integers(1, 9)) for _ in spatial)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from functools import lru_cache
+from typing import Any
 
 import numpy as np
 
@@ -159,7 +160,7 @@ def ablation_weights(score: np.ndarray, ablated: np.ndarray) -> np.ndarray:
     return (y - np.asarray(ablated, _F)) / np.where(y != 0, y, 1.0)
 
 
-def ablated_copies(activations: np.ndarray, channels: Sequence[int], channel_axis: int) -> np.ndarray:
+def ablated_copies(activations: np.ndarray, channels: Sequence[int] | np.ndarray, channel_axis: int) -> np.ndarray:
     """Returns ``(B, N, ...)`` copies of ``activations`` ``(N, ...)``, copy b with channel ``channels[b]`` zeroed.
 
     ``channel_axis`` indexes the per-batch array ``(N, ...)`` (1 for channels-first, -1 for
@@ -168,8 +169,8 @@ def ablated_copies(activations: np.ndarray, channels: Sequence[int], channel_axi
     acts = np.asarray(activations, np.float32)
     axis = channel_axis % acts.ndim
     copies = np.repeat(acts[None], len(channels), axis=0)
-    index = [slice(None)] * copies.ndim
     for b, channel in enumerate(channels):
+        index: list[Any] = [slice(None)] * copies.ndim
         index[0], index[axis + 1] = b, int(channel)
         copies[tuple(index)] = 0.0
     return copies

@@ -79,6 +79,8 @@ def layer_cam(
     cam, weights = compute_cam(method, acts, grads, channel_axis=2, rectify=rectify, seed=seed)
     if cam.shape[1] != count:
         cam = np.broadcast_to(cam, (cam.shape[0], count, *cam.shape[2:]))
+    if weights is not None and weights.shape[1] != count:
+        weights = np.broadcast_to(weights, (weights.shape[0], count, *weights.shape[2:]))
     return LayerResult(_to_float32(cam), None if weights is None else _to_float32(weights))
 
 

@@ -1,0 +1,212 @@
+"""The Explainer's side of the methods beyond one capture: Score-CAM, Ablation-CAM, guided ones.
+
+Each function drives a backend capability (``input_scores``, ``head_scorer``,
+``guided_gradients``) in chunks and leaves every formula to the NumPy core; no framework is
+imported here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from . import core
+from ._errors import InputError, TargetError
+
+if TYPE_CHECKING:
+    from ._explainer import Explainer, Explanation
+
+# Default chunk sizes (float32 values per chunk): about 16 MB of masked inputs for Score-CAM
+# (the network's activations for those rows come on top), 256 MB of ablated layer outputs for
+# Ablation-CAM (the network after a late layer is small, and fewer chunks mean fewer prefixes
+# for backends that cannot keep the prefix between chunks).
+SCORECAM_VALUES = 2**22
+ABLATION_VALUES = 2**26
+MAX_ROWS = 4096
+
+
+def _rows(explainer: Explainer, values_per_row: int, budget: int) -> int:
+    if explainer.batch_size is not None:
+        return explainer.batch_size
+    return int(max(1, min(MAX_ROWS, budget // max(1, values_per_row))))
+
+
+@contextlib.contextmanager
+def _progress(explainer: Explainer, total: int, what: str) -> Iterator[Any]:
+    """Yields an object with ``update(n)``: a tqdm bar, or a no-op without one."""
+    bar: Any = None
+    if explainer.progress is not False:
+        try:
+            from tqdm import tqdm
+        except ImportError:
+            if explainer.progress:
+                raise ImportError("progress=True needs tqdm: pip install tqdm") from None
+        else:
+            # progress=None: shown only if the run is still going after 2 s.
+            bar = tqdm(total=total, desc=f"anycam {what}", unit="row", delay=0 if explainer.progress else 2.0)
+    try:
+        yield bar if bar is not None else _NoBar()
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+class _NoBar:
+    def update(self, n: int = 1) -> None:
+        """Does nothing."""
+
+
+def numpy_input(inputs: Any) -> np.ndarray:
+    """Returns the input batch as float32 NumPy (a CPU copy of a device tensor).
+
+    Raises:
+        anycam.InputError: for a structure of several inputs (tuple, list, dict).
+    """
+    if isinstance(inputs, (tuple, list, dict)):
+        raise InputError(
+            f"scorecam masks one input array, got a {type(inputs).__name__} of inputs; "
+            "explain a model that takes a single array, or use ablationcam (it perturbs the layer, not the input)"
+        )
+    try:
+        array = np.asarray(inputs)
+    except (TypeError, RuntimeError):
+        # A CUDA torch tensor refuses __array__; its CPU copy is what the masks multiply.
+        array = np.asarray(inputs.detach().cpu())
+    return np.asarray(array, dtype=np.float32)
+
+
+def _mask_input(x: np.ndarray, masks: np.ndarray, input_layout: str) -> np.ndarray:
+    """Returns x ⊙ M with masks ``(B, *S)`` broadcast over the input channels of x ``(B, ...)``."""
+    axis = 1 if input_layout == "channels_first" else masks.ndim
+    return (x * np.expand_dims(masks, axis)).astype(np.float32, copy=False)
+
+
+def scorecam(explainer: Explainer, inputs: Any, spec: core.TargetSpec) -> Explanation:
+    """Score-CAM (Wang et al. 2020): weights from the scores of the input masked by each channel."""
+    backend = explainer.backend
+    try:
+        capture = backend.capture(inputs, spec, gradients=False)
+    except TargetError as exc:
+        if spec.kind == "callable":
+            raise
+        raise TargetError(
+            f"scorecam weights each channel by the target's class score, and {exc}; for a model whose "
+            "output is not class scores pass a callable target that returns the score to weight by"
+        ) from exc
+    x = numpy_input(inputs)
+    input_layout = getattr(backend, "input_layout", "channels_first")
+    size = capture.input_spatial
+    probabilities = explainer.scorecam == "probability" and spec.kind != "callable"
+    corners = explainer.scorecam == "pytorch-grad-cam"
+    rows = _rows(explainer, x[0].size, SCORECAM_VALUES)
+    count = capture.scores.shape[1]
+    results = []
+    for index, name in enumerate(explainer.layer_names):
+        activations = capture.activations[index]
+        core.check_finite(activations, "activations", name)
+        layout = explainer.layout or capture.layouts[index]
+        acts = core.to_channels_first(activations, layout, lead=1, grid=explainer.token_grid)
+        batch, channels = acts.shape[:2]
+        if explainer.scorecam_top_k is None:
+            chosen = np.broadcast_to(np.arange(channels), (batch, channels))
+        else:
+            chosen = core.top_variance_channels(acts, explainer.scorecam_top_k)
+        samples = np.repeat(np.arange(batch), chosen.shape[1])
+        picked = chosen.reshape(-1)
+        scores = np.zeros((batch, count, channels), dtype=np.float64)
+        scored = np.zeros((batch, 1, channels), dtype=bool)
+        scored[samples, 0, picked] = True
+        with _progress(explainer, samples.size, f"scorecam {name}") as bar:
+            for start in range(0, samples.size, rows):
+                n, k = samples[start : start + rows], picked[start : start + rows]
+                masks = core.scorecam_masks(acts[n, k], size, align_corners=corners)
+                masked = _mask_input(x[n], masks, input_layout)
+                targets = None if capture.target is None else capture.target[n]
+                out = np.asarray(backend.input_scores(masked, spec, targets, probabilities=probabilities))
+                scores[n, :, k] = out.reshape(len(n), count)
+                bar.update(len(n))
+        core.check_finite(scores, "masked-input scores", name)
+        weights = core.scorecam_weights(scores, explainer.scorecam, mask=scored)
+        cam = core.weighted_cam(acts[:, None], weights, channel_axis=2, rectify=explainer.relu)
+        results.append(core.LayerResult(_float32(cam), _float32(weights)))
+    return explainer._assemble(results, capture, spec)
+
+
+def ablationcam(explainer: Explainer, inputs: Any, spec: core.TargetSpec) -> Explanation:
+    """Ablation-CAM (Desai & Ramaswamy 2020): weights from the score drop when a channel is zeroed."""
+    backend = explainer.backend
+    capture = backend.capture(inputs, spec, gradients=False)
+    name = explainer.layer_names[0]
+    activations = capture.activations[0]
+    core.check_finite(activations, "activations", name)
+    layout = core.canonical_layout(explainer.layout or capture.layouts[0])
+    channel_axis = 1 if layout == "channels_first" else -1
+    batch, channels = activations.shape[0], activations.shape[channel_axis]
+    count = capture.scores.shape[1]
+    per_copy = max(1, _rows(explainer, activations[0].size, ABLATION_VALUES) // batch)
+    scorer = backend.head_scorer(inputs, spec, capture.target)
+    ablated = np.zeros((batch, count, channels), dtype=np.float64)
+    with _progress(explainer, channels * batch, f"ablationcam {name}") as bar:
+        for start in range(0, channels, per_copy):
+            chunk = np.arange(start, min(channels, start + per_copy))
+            copies = core.ablated_copies(activations, chunk, channel_axis)
+            out = np.asarray(scorer(copies)).reshape(len(chunk), batch, count)
+            ablated[:, :, chunk] = out.transpose(1, 2, 0)
+            bar.update(len(chunk) * batch)
+    core.check_finite(ablated, "ablated scores", name)
+    weights = core.ablation_weights(capture.scores, ablated)
+    acts = core.to_channels_first(activations, layout, lead=1, grid=explainer.token_grid)
+    cam = core.weighted_cam(acts[:, None], weights, channel_axis=2, rectify=explainer.relu)
+    result = core.LayerResult(_float32(cam), _float32(weights))
+    return explainer._assemble([result], capture, spec)
+
+
+def guided(explainer: Explainer, inputs: Any, spec: core.TargetSpec) -> Explanation:
+    """Guided Backpropagation and Guided Grad-CAM: input-resolution attributions.
+
+    ``guided-backprop``: attribution = guided gradients; ``cam`` is Σ_c |attribution_c| at the
+    input's resolution (there is no layer map). ``guided-gradcam``: the capture's Grad-CAM map
+    (``cam``, ``weights``), upsampled with ``upsample`` (linear if None), times the guided
+    gradients of the same targets.
+    """
+    from ._backend import Capture
+
+    backend = explainer.backend
+    input_layout = getattr(backend, "input_layout", "channels_first")
+    capture: Capture | None = None
+    guided_spec = spec
+    if explainer.method == "guided-gradcam":
+        capture = backend.capture(inputs, spec, gradients=True)
+        if capture.target is not None:
+            # The guided pass explains exactly the classes the capture resolved (argmax, top-k).
+            guided_spec = core.TargetSpec("indices", squeeze=False, indices=capture.target)
+    grads, scores, target = backend.guided_gradients(inputs, guided_spec)
+    grads = np.asarray(grads, dtype=np.float64)
+    core.check_finite(grads, "guided gradients", "input")
+    # (N, K, *input) in the input's layout → (N, K, C_in, *S).
+    attribution = grads if input_layout == "channels_first" else np.moveaxis(grads, -1, 2)
+    size = tuple(attribution.shape[3:])
+    if capture is not None:
+        results = explainer._layer_results(capture, "gradcam")
+        upsampled = core.resize(results[0].cam, size, explainer.upsample or "linear")
+        attribution = core.guided_gradcam(attribution, upsampled, channel_axis=2)
+    else:
+        capture = Capture(
+            activations=(),
+            gradients=None,
+            scores=np.asarray(scores, np.float32),
+            target=target,
+            input_spatial=size,
+            layouts=(),
+        )
+        results = [core.LayerResult(_float32(core.attribution_map(attribution, channel_axis=2)), None)]
+    heat = core.normalize(core.attribution_map(attribution, channel_axis=2), explainer.normalize, len(size))
+    return explainer._assemble(results, capture, spec, heatmap=_float32(heat), attribution=_float32(attribution))
+
+
+def _float32(array: np.ndarray) -> np.ndarray:
+    limit = np.finfo(np.float32).max
+    return np.ascontiguousarray(np.clip(array, -limit, limit), dtype=np.float32)
