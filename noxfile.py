@@ -28,7 +28,7 @@ CONSTRAINTS = ("-c", os.environ.get("ANYCAM_CONSTRAINTS", "tests/constraints.txt
 @nox.session
 def core(session: nox.Session) -> None:
     """NumPy-only core: oracles, properties, doctests, visualisation; no framework installed."""
-    session.install(*CONSTRAINTS, "-e", ".[viz]", *TEST)
+    session.install(*CONSTRAINTS, "-e", ".[viz,metrics]", *TEST)
     session.run(
         "pytest",
         "tests/core",
@@ -48,7 +48,7 @@ def core(session: nox.Session) -> None:
 def _backend_session(backend: str) -> None:
     @nox.session(name=f"tests-{backend}")
     def tests(session: nox.Session) -> None:
-        session.install(*CONSTRAINTS, "-e", f".[{backend},viz]", *TEST)
+        session.install(*CONSTRAINTS, "-e", f".[{backend},viz,metrics]", *TEST)
         session.run(
             "pytest",
             "tests/contract",

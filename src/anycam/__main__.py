@@ -1,8 +1,9 @@
-"""Command line: ``python -m anycam demo`` and ``python -m anycam evaluate``.
+"""Command line: ``anycam demo``, ``anycam evaluate`` and ``anycam explain`` (also ``python -m anycam``).
 
-Both run offline on the shipped demo model (a small CNN trained on scikit-learn's digits placed
-on cluttered canvases, so the true location of the evidence is known), in every installed
-framework, and report whether the frameworks agree.
+``demo`` and ``evaluate`` run offline on the shipped demo model (a small CNN trained on
+scikit-learn's digits placed on cluttered canvases, so the true location of the evidence is
+known), in every installed framework, and report whether the frameworks agree. ``explain``
+explains your own images with your own model (see ``anycam.cli``).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -19,7 +21,8 @@ from typing import Any
 import numpy as np
 
 from . import core
-from ._errors import AnycamError
+from ._errors import AnycamError, MissingExtraError, require
+from .cli import add_explain_parser, explain_command
 
 BACKENDS = ("torch", "tensorflow", "jax")
 FRAMEWORK_MODULE = {"torch": "torch", "tensorflow": "tensorflow", "jax": "flax"}
@@ -133,7 +136,6 @@ def _write_picture(
 ) -> Path | None:
     """Writes the demo figure; without matplotlib says what the picture needs and returns None."""
     from .plotting import plot
-    from .viz import MissingExtraError
 
     count = min(rows, len(demo["images"]))
     try:
@@ -156,6 +158,7 @@ def evaluate(args: argparse.Namespace) -> int:
     from .metrics import deletion, insertion, pointing_game
     from .sanity import sanity_check
 
+    require("scipy", "metrics", "anycam evaluate")  # before minutes of work, not after
     backends = _choose_backends(args.backend)
     methods = list(core.METHODS) if args.method == "all" else [args.method]
     out = Path(args.out)
@@ -171,6 +174,7 @@ def evaluate(args: argparse.Namespace) -> int:
     )
     print("|---|---|---|---|---|---|")
     results: dict[tuple[str, str], tuple[float, ...]] = {}
+    notes: list[str] = []
     plot_done = False
     for name in backends:
         _, layout = run.models[name]
@@ -193,44 +197,67 @@ def evaluate(args: argparse.Namespace) -> int:
             results[(name, method)] = row
             print(f"| {name} | {method} | {row[0]:.3f} | {row[1]:.3f} | {row[2]:.1f}% | {row[3]:.3f} |", flush=True)
             if want_plot:
+                plot_done = True
                 try:
                     sanity.plot(str(out / "sanity.png"))
-                    plot_done = True
-                    print(f"  (wrote {out / 'sanity.png'})")
+                    notes.append(f"wrote {out / 'sanity.png'} (cascading randomisation, {name}, gradcam)")
                 except ImportError as exc:
-                    print(f"  (no plot: {exc})")
+                    notes.append(f"no sanity picture: {exc}")
     spread = 0.0
     for method in methods:
         rows = [results[(b, method)][:3] for b in backends]
         spread = max(spread, float(np.max(np.ptp(np.array(rows), axis=0))))
     if len(backends) > 1:
-        print(
-            f"\ndeletion, insertion and pointing game agree across frameworks to {spread:.1e}; the sanity "
+        notes.append(
+            f"deletion, insertion and pointing game agree across frameworks to {spread:.1e}; the sanity "
             "column re-draws weights with each framework's own initialiser, so it agrees only in distribution"
         )
+    # Notes after the table, so the table stays one block that pastes as Markdown.
+    print()
+    for note in notes:
+        print(note)
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m anycam", description=__doc__.splitlines()[0])
-    commands = parser.add_subparsers(dest="command", required=True)
+    # Before anything imports TensorFlow (a demo backend or the user's factory): its C++ start-up
+    # log lines are noise on a command line. A value the user set wins.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    parser = argparse.ArgumentParser(
+        prog="anycam",
+        description="Grad-CAM for PyTorch, TensorFlow/Keras and JAX: the demo, its evaluation, and your own images.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, helptext in (
         ("demo", "explain the shipped demo model; write a PNG grid; print pointing-game accuracy"),
-        ("evaluate", "deletion/insertion AUC, pointing game and the sanity check per method"),
+        ("evaluate", "deletion/insertion AUC, pointing game and the sanity check per method (needs anycam[metrics])"),
     ):
-        command = commands.add_parser(name, help=helptext)
-        command.add_argument("--backend", default="all", choices=("all", *BACKENDS))
-        command.add_argument("--method", default="all", choices=("all", *core.METHODS))
+        command = commands.add_parser(name, help=helptext, description=helptext)
+        command.add_argument(
+            "--backend",
+            default="all",
+            choices=("all", *BACKENDS),
+            help="framework to run the demo model in (default: all installed)",
+        )
+        command.add_argument(
+            "--method", default="all", choices=("all", *core.METHODS), help="CAM method (default: all)"
+        )
         command.add_argument(
             "--layer", default="stage3", help="layer to explain (default: stage3, the last conv stage)"
         )
         command.add_argument("--out", default="anycam-demo", help="folder for the PNG output (default: ./anycam-demo)")
-    commands.choices["demo"].add_argument("--rows", type=int, default=6, help="canvases in the picture")
-    commands.choices["evaluate"].add_argument("--count", type=int, default=16, help="canvases to evaluate")
-    commands.choices["evaluate"].add_argument("--steps", type=int, default=32, help="deletion/insertion steps")
+    commands.choices["demo"].add_argument("--rows", type=int, default=6, help="canvases in the picture (default: 6)")
+    commands.choices["evaluate"].add_argument(
+        "--count", type=int, default=16, help="canvases to evaluate (default: 16)"
+    )
+    commands.choices["evaluate"].add_argument(
+        "--steps", type=int, default=32, help="deletion/insertion steps (default: 32)"
+    )
+    add_explain_parser(commands)
     args = parser.parse_args(argv)
+    run = {"demo": demo, "evaluate": evaluate, "explain": explain_command}[args.command]
     try:
-        return demo(args) if args.command == "demo" else evaluate(args)
+        return run(args)
     except AnycamError as exc:
         print(f"anycam {args.command}: {exc}", file=sys.stderr)
         return 2

@@ -7,7 +7,9 @@ that does not know anycam.
 from __future__ import annotations
 
 import difflib
+import importlib
 from collections.abc import Iterable
+from types import ModuleType
 
 
 class AnycamError(Exception):
@@ -59,6 +61,23 @@ class ZeroMapWarning(AnycamWarning):
 
 class TrainingModeWarning(AnycamWarning):
     """A module that behaves differently in training is in training mode."""
+
+
+class MissingExtraError(AnycamError, ImportError):
+    """An optional dependency (matplotlib, Pillow, scipy) that a feature needs cannot be imported."""
+
+
+def require(module: str, extra: str, purpose: str) -> ModuleType:
+    """Returns the imported ``module``, or raises a MissingExtraError naming the pip extra.
+
+    Optional dependencies are imported inside the functions that need them, so that
+    ``import anycam`` needs NumPy only.
+    """
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        package = module.split(".")[0]
+        raise MissingExtraError(f'{purpose} needs {package} ({exc}); pip install "anycam[{extra}]"') from exc
 
 
 def closest(name: str, candidates: Iterable[str], n: int = 3) -> str:

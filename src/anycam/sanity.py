@@ -17,32 +17,28 @@ from typing import Any
 import numpy as np
 
 from . import core
-from ._errors import InputError
+from ._errors import InputError, require
 from ._explainer import Explainer
 
 
 def rank(values: np.ndarray) -> np.ndarray:
     """Returns the ranks (0-based, ties averaged) of each row of ``values`` ``(B, P)``.
 
+    ``scipy.stats.rankdata(values, method="average", axis=1) - 1`` (``pip install "anycam[metrics]"``).
+
     >>> rank(np.array([[10.0, 30.0, 20.0, 20.0]]))
     array([[0. , 3. , 1.5, 1.5]])
     """
-    values = np.asarray(values, dtype=np.float64)
-    order = np.argsort(values, axis=1, kind="stable")
-    sorted_values = np.take_along_axis(values, order, axis=1)
-    ranks = np.empty_like(values)
-    for row in range(values.shape[0]):
-        starts = np.flatnonzero(np.r_[True, sorted_values[row, 1:] != sorted_values[row, :-1]])
-        ends = np.r_[starts[1:], values.shape[1]]
-        averaged = np.repeat((starts + ends - 1) / 2.0, ends - starts)
-        ranks[row, order[row]] = averaged
+    stats = require("scipy.stats", "metrics", "the Spearman rank correlation")
+    ranks: np.ndarray = stats.rankdata(np.asarray(values, dtype=np.float64), method="average", axis=1) - 1.0
     return ranks
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Returns the Spearman rank correlation of each pair of maps ``(N, *S)``: Pearson of ranks.
 
-    A constant map has no ranking; its correlation is 0 (not NaN).
+    A constant map has no ranking; its correlation is 0 (not NaN, where ``scipy.stats.spearmanr``
+    warns and returns NaN), so a batch mean stays defined.
 
     >>> float(spearman(np.array([[1.0, 2.0, 3.0]]), np.array([[10.0, 20.0, 90.0]]))[0])
     1.0
@@ -57,16 +53,12 @@ def spearman(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def _gaussian_filter(images: np.ndarray, sigma: float, radius: int) -> np.ndarray:
-    """Valid-mode separable Gaussian filter over the trailing two axes."""
-    offsets = np.arange(-radius, radius + 1)
-    kernel = np.exp(-(offsets**2) / (2 * sigma**2))
-    kernel /= kernel.sum()
-    out = images
-    for axis in (-2, -1):
-        moved = np.moveaxis(out, axis, -1)
-        windows = np.lib.stride_tricks.sliding_window_view(moved, kernel.size, axis=-1)
-        out = np.moveaxis(windows @ kernel, -1, axis)
-    return out
+    """Valid-mode Gaussian filter over the trailing two axes: positions whose window fits."""
+    ndimage = require("scipy.ndimage", "metrics", "SSIM")
+    # Any border mode gives the same interior; the crop keeps only windows inside the map.
+    filtered = ndimage.gaussian_filter(images, sigma, radius=radius, axes=(-2, -1))
+    height, width = images.shape[-2:]
+    return filtered[..., radius : height - radius, radius : width - radius]
 
 
 def ssim(a: np.ndarray, b: np.ndarray, data_range: float = 1.0) -> np.ndarray:

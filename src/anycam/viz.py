@@ -12,14 +12,10 @@ from typing import Any
 
 import numpy as np
 
-from ._errors import AnycamError, InputError, closest
+from ._errors import InputError, MissingExtraError, closest
 from .core.resize import resize
 
 _EXTRA = 'pip install "anycam[viz]"'
-
-
-class MissingExtraError(AnycamError, ImportError):
-    """matplotlib or Pillow, needed for pictures, cannot be imported."""
 
 
 def overlay(image: np.ndarray, heatmap: np.ndarray, colormap: str | Any = "jet", alpha: float = 0.5) -> np.ndarray:

@@ -1,0 +1,224 @@
+"""``anycam explain`` with a tiny PyTorch model from a factory, against torch's own autograd.
+
+The factory files are written into the test's folder, as a user would write ``my_models.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import anycam
+from anycam.__main__ import main
+
+FACTORY = textwrap.dedent(
+    """
+    import torch
+    from anycam.cli import ModelSpec
+
+    LABELS = ["cat", "dog", "bird"]
+
+
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.features = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU())
+            self.head = torch.nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.head(self.features(x).mean(dim=(2, 3)))
+
+
+    def tiny():
+        torch.manual_seed(0)
+        return Tiny().eval()
+
+
+    def spec():
+        return ModelSpec(tiny(), layer="features", size=(12, 16), mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25),
+                         labels=LABELS)
+
+
+    def as_dict():
+        return {"model": tiny(), "layer": "features", "size": (12, 16), "labels": LABELS}
+
+
+    def unknown():
+        return "not a model"
+
+
+    def broken():
+        raise RuntimeError("weights file missing")
+
+
+    def bad_keys():
+        return {"model": tiny(), "layers": "features"}
+
+    not_callable = 3
+    """
+)
+
+
+@pytest.fixture
+def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    (tmp_path / "my_models.py").write_text(FACTORY)
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(tmp_path / "a.png")
+    Image.fromarray(rng.integers(0, 256, (9, 13, 3), dtype=np.uint8)).save(tmp_path / "b.png")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    sys.modules.pop("my_models", None)
+    return tmp_path
+
+
+def reference_heatmap(model: torch.nn.Module, x: torch.Tensor, target: int) -> np.ndarray:
+    """Grad-CAM by torch autograd: α = mean of ∂y/∂A, ReLU(Σ α A), bilinear upsample, min-max."""
+    activations = model.features(x)
+    activations.retain_grad()
+    model.head(activations.mean(dim=(2, 3)))[0, target].backward()
+    alpha = activations.grad.mean(dim=(2, 3), keepdim=True)
+    cam = torch.relu((alpha * activations).sum(dim=1, keepdim=True))
+    up = torch.nn.functional.interpolate(cam, size=x.shape[2:], mode="bilinear", align_corners=False)[0, 0]
+    up = up.detach().numpy().astype(np.float64)
+    return (up - up.min()) / (up.max() - up.min())
+
+
+def preprocessed(path: Path, mean: float, std: float) -> torch.Tensor:
+    image = Image.open(path).convert("RGB").resize((16, 12), Image.Resampling.BILINEAR)
+    pixels = (np.asarray(image, dtype=np.float32) / 255.0 - mean) / std
+    return torch.from_numpy(pixels.transpose(2, 0, 1)[None].copy())
+
+
+def test_explain_writes_overlays_equal_to_autograd_gradcam(workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import my_models
+
+    assert main(["explain", "a.png", "b.png", "--model", "my_models:spec", "--out", "maps"]) == 0
+    out = capsys.readouterr().out
+    model = my_models.tiny()
+    for name in ("a", "b"):
+        x = preprocessed(workdir / f"{name}.png", 0.5, 0.25)
+        with torch.no_grad():
+            logits = model(x)[0].numpy().astype(np.float64)
+        best = int(logits.argmax())
+        probability = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
+        # The top classes printed: label, raw score and softmax, best first.
+        line = re.search(rf"{name}\.png\n  top classes: (.*)\n", out).group(1)
+        first = line.split("), ")[0]
+        assert first == f"{best} {my_models.LABELS[best]} (score {logits[best]:.3g}, softmax {probability[best]:.3f}"
+        assert len(line.split("), ")) == 3  # three classes, fewer than --top 5
+        heat = reference_heatmap(model, x, best)
+        original = np.asarray(Image.open(workdir / f"{name}.png").convert("RGB"))
+        expected = anycam.overlay(original, heat.astype(np.float32))
+        written = np.asarray(Image.open(workdir / "maps" / f"{name}_gradcam.png"))
+        assert written.shape == original.shape
+        # Equal up to a rounding step of the uint8 colour.
+        assert np.abs(written.astype(int) - expected.astype(int)).max() <= 1
+        assert f"gradcam, class {best} {my_models.LABELS[best]}: maps/{name}_gradcam.png" in out
+    assert "wrote 2 overlay(s) to maps" in out
+
+
+def test_explain_targets_methods_and_a_dict_factory(workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["explain", "a.png", "--model", "my_models:as_dict", "--target", "dog,2", "--method", "gradcam"]
+    assert main([*args, "--method", "layercam", "--out", "k"]) == 0
+    out = capsys.readouterr().out
+    for method in ("gradcam", "layercam"):
+        for label in ("1 dog", "2 bird"):
+            index = label.split()[0]
+            assert f"{method}, class {label}: k/a_{method}_{index}.png" in out
+            assert (workdir / "k" / f"a_{method}_{index}.png").is_file()
+    assert main(["explain", "a.png", "--model", "my_models:as_dict", "--target", "top:2", "--out", "t"]) == 0
+    assert len(list((workdir / "t").glob("a_gradcam_*.png"))) == 2
+
+
+def test_explain_factory_from_a_file_with_explicit_layer(workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    os.chdir(workdir.parent)  # the file form needs no import path
+    factory = f"{workdir / 'my_models.py'}:tiny"
+    assert (
+        main(["explain", str(workdir / "b.png"), "--model", factory, "--layer", "features", "--out", str(workdir)]) == 0
+    )
+    written = np.asarray(Image.open(workdir / "b_gradcam.png"))
+    assert written.shape == (9, 13, 3)
+    # No labels: the classes are printed as indices.
+    assert re.search(r"top classes: \d \(score [^)]*\), \d \(score", capsys.readouterr().out)
+
+
+@pytest.mark.parametrize(
+    ("model", "extra", "message"),
+    [
+        ("my_models", [], "is not PACKAGE.MODULE:FACTORY"),
+        ("no_such_module:build", [], "cannot import module 'no_such_module'"),
+        ("my_models:spek", [], "has no 'spek'; closest: 'spec'"),
+        ("my_models:not_callable", [], "is a int, not a function"),
+        ("my_models:unknown", [], "returned a builtins.str, which is no model anycam knows"),
+        ("my_models:broken", [], "raised RuntimeError: weights file missing"),
+        ("my_models:bad_keys", [], "unknown keys ['layers']"),
+        ("my_models:tiny", [], "no layer to explain: pass --layer NAME"),
+        ("my_models:tiny", ["--layer", "featurs"], "featurs"),
+        ("my_models:spec", ["--target", "dgo"], "'dgo' is neither a class index nor a label; closest: 'dog'"),
+        ("missing.py:tiny", [], "no file 'missing.py'"),
+    ],
+)
+def test_explain_errors_say_what_is_wrong(
+    workdir: Path, capsys: pytest.CaptureFixture[str], model: str, extra: list[str], message: str
+) -> None:
+    assert main(["explain", "a.png", "--model", model, *extra]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("anycam explain: ")
+    assert message in error
+
+
+def test_explain_reports_an_unreadable_image(workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (workdir / "notes.txt").write_text("not an image")
+    assert main(["explain", "notes.txt", "--model", "my_models:spec"]) == 2
+    assert "cannot read image 'notes.txt'" in capsys.readouterr().err
+    assert main(["explain", "gone.png", "--model", "my_models:spec"]) == 2
+    assert "image 'gone.png' does not exist" in capsys.readouterr().err
+
+
+def test_every_option_of_every_command_has_help() -> None:
+    from anycam import __main__ as cli
+
+    parsers: list[argparse.ArgumentParser] = []
+    original = argparse.ArgumentParser.parse_args
+
+    def capture(self: argparse.ArgumentParser, *args: object, **kwargs: object) -> argparse.Namespace:
+        parsers.append(self)
+        raise SystemExit(0)
+
+    argparse.ArgumentParser.parse_args = capture  # type: ignore[method-assign]
+    try:
+        with pytest.raises(SystemExit):
+            cli.main(["--help"])
+    finally:
+        argparse.ArgumentParser.parse_args = original  # type: ignore[method-assign]
+    (parser,) = parsers
+    subcommands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    assert set(subcommands.choices) == {"demo", "evaluate", "explain"}
+    for name, command in subcommands.choices.items():
+        for action in command._actions:
+            if not isinstance(action, argparse._HelpAction):
+                assert action.help, f"{name} {action.option_strings or action.dest} has no help text"
+
+
+def test_demo_without_the_picture_libraries_prints_its_table_and_exits_0(tmp_path: Path) -> None:
+    code = (
+        "import sys; sys.modules['matplotlib'] = None; sys.modules['PIL'] = None\n"
+        "from anycam.__main__ import main\n"
+        f"sys.exit(main(['demo', '--backend', 'torch', '--method', 'gradcam', '--out', {str(tmp_path)!r}]))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert re.search(r"\| gradcam \| \d+\.\d% \|", result.stdout)
+    assert "no picture written: colouring heatmaps needs matplotlib" in result.stdout
+    assert 'pip install "anycam[viz]"' in result.stdout
+    assert not (tmp_path / "demo.png").exists()
