@@ -75,7 +75,7 @@ def parity(session: nox.Session) -> None:
 @nox.session
 def dataset(session: nox.Session) -> None:
     """explain_dataset, its resumable store, TTA, streaming metrics and anycam.ray on a local Ray (torch)."""
-    session.install(*CONSTRAINTS, "-e", ".[torch,dataset,ray]", *TEST)
+    session.install(*CONSTRAINTS, "-e", ".[torch,dataset,ray,metrics]", *TEST)
     session.run("pytest", "tests/dataset", "tests/ray", "--durations=10", *session.posargs, env=QUIET)
 
 
