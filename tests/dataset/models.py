@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import torch
 from torch import nn
@@ -45,3 +47,29 @@ def batches(data: np.ndarray, batch: int, ids: bool = True) -> list:
         else:
             out.append(chunk)
     return out
+
+
+class _CrashOnce(nn.Module):
+    """The tiny net, except that the first process to reach its second call dies there (once)."""
+
+    def __init__(self, marker: str) -> None:
+        super().__init__()
+        self.net = tiny_model()
+        self.marker = marker
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        if self.calls == 2:
+            try:  # O_EXCL: exactly one process in the whole test wins the right to die
+                os.close(os.open(self.marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            except FileExistsError:
+                pass
+            else:
+                os._exit(1)  # an actor crash (as an OOM kill or a lost node), not a Python error
+        return self.net(x)
+
+
+def crashing_tiny_model(marker: str) -> nn.Module:
+    """A factory for a model whose actor dies once mid-run (use with ``functools.partial``)."""
+    return _CrashOnce(marker).eval()
