@@ -382,7 +382,8 @@ class _Program:
         self, kind: str, param: Any, gradients: bool, inputs: tf.Tensor, indices: Any = None
     ) -> tuple[Any, ...]:
         self.trace_count += 1
-        # Persistent: K targets are K gradient calls on one recording of the forward pass.
+        # Persistent only for the fallback below: one recording of the forward pass serves one
+        # vectorised backward, or K backward passes where pfor cannot vectorise the head.
         tape = tf.GradientTape(watch_accessed_variables=False, persistent=True) if gradients else None
         with tape if tape is not None else contextlib.nullcontext():
             output, leaves = self.forward(inputs, tape)
@@ -393,9 +394,10 @@ class _Program:
                 raise TargetError(
                     "a callable target must return a fixed number K of scores per sample"
                 )
-            # Sliced on the tape, or the slices would have no gradient.
-            columns = [scores[:, k] for k in range(count)]
-        grads = None if tape is None else self._gradients(tape, columns, leaves)
+            # Summed over the batch on the tape: samples are independent in inference mode, so
+            # the gradient of a column's batch sum is each sample's own gradient.
+            totals = tf.reduce_sum(scores, axis=0)
+        grads = None if tape is None else self._gradients(tape, scores, totals, leaves)
         return tuple(leaves), grads, tf.cast(scores, tf.float32), chosen, outputs
 
     @staticmethod
@@ -426,23 +428,47 @@ class _Program:
         return tf.gather(selected, safe, batch_dims=1), None, tf.cast(selected, tf.float32)
 
     def _gradients(
-        self, tape: tf.GradientTape, columns: list[tf.Tensor], leaves: list[tf.Tensor]
+        self,
+        tape: tf.GradientTape,
+        scores: tf.Tensor,
+        totals: tf.Tensor,
+        leaves: list[tf.Tensor],
     ) -> tuple[tf.Tensor, ...]:
-        """Returns per layer ∂scores/∂leaf as (N, K, ...) float32 tensors, K = len(columns)."""
-        # Samples are independent in inference mode, so the gradient of a column's sum is the
-        # per-sample gradient; K targets are K backward passes of the part above the layer.
-        per_column = [tape.gradient(column, leaves) for column in columns]
+        """Returns per layer ∂scores/∂leaf as (N, K, ...) float32 tensors.
+
+        ``totals`` is ``scores`` (N, K) summed over the batch, recorded on ``tape``. One target
+        is one backward pass. K targets are the Jacobian of the K totals, vectorised by pfor
+        (one backward pass of the part above the layer with a leading K axis on every
+        cotangent, as ``jax.vmap`` over a vjp), not K passes; where pfor cannot convert an op
+        of the head, K backward passes on the same recording.
+        """
+        count = int(scores.shape[1])
+        if count == 1:
+            grads = [g if g is None else g[:, None] for g in tape.gradient(totals, leaves)]
+        else:
+            try:
+                jacobians = tape.jacobian(totals, leaves, experimental_use_pfor=True)
+            except (ValueError, NotImplementedError, TypeError):  # pragma: no cover - op without a pfor rule
+                columns = [
+                    tape.gradient(totals, leaves, output_gradients=tf.one_hot(k, count, dtype=totals.dtype))
+                    for k in range(count)
+                ]
+                jacobians = [
+                    None if column[0] is None else tf.stack(list(column), axis=0)
+                    for column in zip(*columns, strict=True)
+                ]
+            # (K, N, ...) → (N, K, ...)
+            grads = [
+                None if j is None else tf.experimental.numpy.moveaxis(j, 0, 1) for j in jacobians
+            ]
         names = getattr(self.forward, "names", ())
-        for index, gradient in enumerate(per_column[0]):
+        for index, gradient in enumerate(grads):
             if gradient is None:
                 raise LayerError(
                     f"layer {names[index]!r} does not reach the explained output (its gradient "
                     "is None); explain a layer on the path from the input to the output"
                 )
-        return tuple(
-            tf.stack([tf.convert_to_tensor(grads[index]) for grads in per_column], axis=1)
-            for index in range(len(leaves))
-        )
+        return tuple(tf.cast(tf.convert_to_tensor(g), tf.float32) for g in grads)
 
 
 # -- randomised copies (the sanity check) -------------------------------------------------

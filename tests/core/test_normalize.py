@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from anycam import core
+from anycam.core.normalize import scaled
 
 
 @pytest.fixture(autouse=True)
@@ -102,3 +103,41 @@ def test_unknown_mode():
     with pytest.raises(ValueError, match="unknown normalisation 'l2'"):
         core.normalize(np.ones((2, 2)), "l2")
     assert core.NORMALIZATIONS == ("minmax", "max", None)
+
+
+def _by_hand(maps: np.ndarray, mode: str | None) -> np.ndarray:
+    """normalize's contract written out per map with Python floats (an independent oracle)."""
+    out = np.zeros(maps.shape, dtype=np.float64)
+    for index in np.ndindex(maps.shape[:-2]):
+        values = maps[index].astype(np.float64)
+        if mode is None:
+            out[index] = values
+            continue
+        high = float(values.max())
+        low = float(values.min()) if mode == "minmax" else 0.0
+        shifted = values - low if mode == "minmax" else np.maximum(values, 0.0)
+        span = high - low
+        if np.isfinite(span) and span > 0:
+            out[index] = np.clip(shifted / span, 0.0, 1.0)
+    return out
+
+
+@pytest.mark.parametrize("mode", ["minmax", "max", None])
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_scaled_stores_the_float64_result_rounded_once(mode, overwrite):
+    # The fast path heatmaps use (fewer passes, float32 out): equal to the float64 contract
+    # rounded once to float32, bit for bit, flat/negative maps included, input untouched
+    # unless it may be overwritten.
+    rng = np.random.default_rng(3)
+    maps = rng.normal(size=(3, 4, 5, 6))
+    maps[0, 0] = 2.5  # flat
+    maps[1, 2] = -np.abs(maps[1, 2])  # all negative: zeros in "max" mode
+    expected = _by_hand(maps, mode)
+    given = maps.copy()
+    got = scaled(given, mode, 2, np.float32, overwrite=overwrite)
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got, expected.astype(np.float32))
+    if not overwrite:
+        np.testing.assert_array_equal(given, maps)
+    wide = scaled(maps.copy(), mode, 2, np.float64, overwrite=overwrite)
+    np.testing.assert_allclose(wide, expected, rtol=1e-15, atol=0)

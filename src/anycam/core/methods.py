@@ -52,7 +52,9 @@ def gradcam_weights(gradients: np.ndarray, channel_axis: int = 1) -> np.ndarray:
     >>> gradcam_weights(np.array([[[1.0, 3.0], [0.0, -2.0]]]))
     array([[ 2., -1.]])
     """
-    return np.mean(np.asarray(gradients, _F), axis=_spatial_axes(gradients, channel_axis))
+    # Accumulated in float64 without a float64 copy of the gradients (K maps: tens of MB).
+    grads = np.asarray(gradients)
+    return np.asarray(np.mean(grads, axis=_spatial_axes(grads, channel_axis), dtype=_F))
 
 
 def gradcampp_weights(activations: np.ndarray, gradients: np.ndarray, channel_axis: int = 1) -> np.ndarray:

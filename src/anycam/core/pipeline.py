@@ -10,7 +10,7 @@ import numpy as np
 from .._errors import ConfigError, NonFiniteError
 from .layout import to_channels_first
 from .methods import compute_cam
-from .normalize import normalize
+from .normalize import scaled
 from .resize import resize
 
 AGGREGATIONS = ("mean", "max")
@@ -111,15 +111,21 @@ def heatmaps(
     if aggregate not in AGGREGATIONS:
         raise ConfigError(f"unknown aggregate {aggregate!r}; choose 'mean' or 'max'")
     maps = []
+    # One layer: normalised straight into the float32 result.
+    dtype = np.float32 if len(cams) == 1 else np.float64
     for cam in cams:
         spatial = cam.ndim - 2
-        out = cam if size is None or resize_mode is None else resize(cam, tuple(size)[-spatial:], resize_mode)
-        maps.append(normalize(out, normalization, spatial_ndim=spatial))
+        out = np.asarray(cam, dtype=np.float64)
+        if size is not None and resize_mode is not None:
+            out = resize(out, tuple(size)[-spatial:], resize_mode)
+        # A resized map is a new array the normalisation may overwrite; the caller's cam is not.
+        owned = not np.may_share_memory(out, cam)
+        maps.append(scaled(out, normalization, spatial, dtype, overwrite=owned))
     if len(maps) == 1:
-        return maps[0].astype(np.float32)
+        return maps[0]
     shapes = {m.shape for m in maps}
     if len(shapes) != 1:
         raise ValueError(f"layers give maps of different shapes {sorted(shapes)}; upsample them to one size")
     stacked = np.stack(maps)
     combined = stacked.mean(axis=0) if aggregate == "mean" else stacked.max(axis=0)
-    return normalize(combined, normalization, spatial_ndim=maps[0].ndim - 2).astype(np.float32)
+    return scaled(combined, normalization, maps[0].ndim - 2, np.float32, overwrite=True)
