@@ -16,6 +16,7 @@ nox.options.error_on_missing_interpreters = True
 PROJECT = nox.project.load_toml("pyproject.toml")
 TEST = nox.project.dependency_groups(PROJECT, "test")
 LINT = nox.project.dependency_groups(PROJECT, "lint")
+GROUPS = PROJECT["dependency-groups"]  # test-<backend>: what only that backend's session needs
 PICTURES = nox.project.dependency_groups(PROJECT, "pictures")
 BACKENDS = ("torch", "tensorflow", "jax")
 QUIET = {"TF_CPP_MIN_LOG_LEVEL": "2"}
@@ -48,7 +49,9 @@ def core(session: nox.Session) -> None:
 def _backend_session(backend: str) -> None:
     @nox.session(name=f"tests-{backend}")
     def tests(session: nox.Session) -> None:
-        session.install(*CONSTRAINTS, "-e", f".[{backend},viz,metrics]", *TEST)
+        group = f"test-{backend}"
+        extra = nox.project.dependency_groups(PROJECT, group) if group in GROUPS else ()
+        session.install(*CONSTRAINTS, "-e", f".[{backend},viz,metrics]", *TEST, *extra)
         session.run(
             "pytest",
             "tests/contract",

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from anycam._backend import Backend, Capture, check_options, select_output
-from anycam._errors import ConfigTypeError, InputError, LayerError, TargetError, closest
+from anycam._errors import AnycamError, ConfigTypeError, InputError, LayerError, TargetError, closest
 from anycam._inputs import Key, ModelInputs, structure_inputs
 from anycam._layers import LayerRecord, choose_layer, is_auto, parse_layer
 from anycam.core import TargetSpec, resolve_indices, spatial_shape
@@ -67,6 +67,22 @@ def _is_spatial(value: Any) -> bool:
     if isinstance(value, torch.Tensor):
         return value.is_floating_point() and value.ndim >= 3
     return isinstance(value, np.ndarray) and np.issubdtype(value.dtype, np.floating) and value.ndim >= 3
+
+
+def _parameter_names(function: Any) -> list[str]:
+    try:
+        parameters = inspect.signature(function).parameters.values()
+    except (TypeError, ValueError):
+        return []
+    return [p.name for p in parameters if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+
+
+def _unknown_keys(function: Any, inputs: ModelInputs) -> list[str]:
+    """The keywords given that ``function`` does not name (it may still take them through ``**kwargs``)."""
+    names = _parameter_names(function)
+    if not names:
+        return []
+    return [key for key in (*inputs.kwargs, *inputs.constants) if key not in names]
 
 
 def _binds(function: Any, inputs: ModelInputs) -> bool:
@@ -189,11 +205,14 @@ class TorchBackend(Backend):
         return self._structure(inputs).spatial_value  # type: ignore[no-any-return]
 
     def _call(self, structure: ModelInputs) -> Any:
-        """Runs the model on the structure; a signature mismatch names the inputs given."""
+        """Runs the model on the structure; inputs its forward does not take name the inputs given."""
         try:
             return structure.call(self.model)
-        except TypeError as exc:
-            if _binds(self.model.forward, structure):
+        except Exception as exc:
+            if isinstance(exc, AnycamError):
+                raise
+            unknown = _unknown_keys(self.model.forward, structure)
+            if _binds(self.model.forward, structure) and not unknown:
                 raise
             given = []
             if structure.args:
@@ -202,14 +221,19 @@ class TorchBackend(Backend):
                 given.append("keys " + ", ".join(map(repr, structure.kwargs)))
             if structure.constants:
                 given.append("model_kwargs " + ", ".join(map(repr, structure.constants)))
+            hint = ""
+            if unknown:
+                names = _parameter_names(self.model.forward)
+                hints = "".join(closest(key, names, n=1) for key in unknown)
+                hint = f"; {', '.join(map(repr, unknown))} is not a parameter of forward{hints}"
             try:
                 accepted = f" (it takes {inspect.signature(self.model.forward)})"
             except (TypeError, ValueError):
                 accepted = ""
             raise InputError(
                 f"{type(self.model).__name__}.forward{accepted} does not accept the inputs given "
-                f"({'; '.join(given)}): {exc}; pass a dict with the keywords it takes, a tuple in its order, "
-                "or constants through model_kwargs="
+                f"({'; '.join(given)}){hint}: {type(exc).__name__}: {exc}; pass a dict with the keywords it "
+                "takes, a tuple in its order, or constants through model_kwargs="
             ) from exc
 
     def _warn_training(self) -> None:
