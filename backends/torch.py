@@ -30,7 +30,7 @@ import copy
 import inspect
 import threading
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -41,6 +41,9 @@ from anycam._errors import AnycamError, ConfigTypeError, InputError, LayerError,
 from anycam._inputs import Key, ModelInputs, structure_inputs
 from anycam._layers import LayerRecord, choose_layer, is_auto, parse_layer
 from anycam.core import TargetSpec, resolve_indices, spatial_shape
+
+from .torch_guided import GuidedMode
+from .torch_head import GraphSplit, batched, graph_split, to_scores
 
 
 def _to_numpy(tensor: torch.Tensor) -> np.ndarray:
@@ -141,6 +144,10 @@ class TorchBackend(Backend):
             resolved = [self._resolve(layer, named) for layer in layers]
             self._set_layers(resolved)
         self._warned_training = False
+        # Traced graph splits per (layer module, port): derived from the model's structure, like a
+        # compiled graph, never from a call's data.
+        self._splits: dict[tuple[int, str], GraphSplit | None] = {}
+        self._splits_lock = threading.Lock()
 
     def _set_layers(self, resolved: Sequence[tuple[str, torch.nn.Module, str]]) -> None:
         self.modules = [module for _, module, _ in resolved]
@@ -501,7 +508,148 @@ class TorchBackend(Backend):
         twins = {id(o): c for o, c in zip(self.model.modules(), model.modules(), strict=True)}
         clone.modules = [twins[id(module)] for module in self.modules]
         clone._warned_training = self._warned_training
+        clone._splits = {}
+        clone._splits_lock = threading.Lock()
         return clone
+
+    # -- capabilities of the methods beyond one capture (Score-CAM, Ablation-CAM, guided) --
+
+    def _split(self) -> GraphSplit | None:
+        module, port = self.modules[0], self.ports[0]
+        key = (id(module), port)
+        with self._splits_lock:
+            if key not in self._splits:
+                self._splits[key] = graph_split(self.model, module, port)
+            return self._splits[key]
+
+    def _replaced_forward(self, structure: ModelInputs, replacement: torch.Tensor) -> Any:
+        """Runs the whole model with the first layer's output (or input) replaced by a forward hook."""
+        owner = threading.get_ident()
+        module = self.modules[0]
+
+        def hook(module: torch.nn.Module, args: Any, out: Any) -> Any:
+            return replacement if threading.get_ident() == owner else None
+
+        def pre_hook(module: torch.nn.Module, args: Any) -> Any:
+            return (replacement, *args[1:]) if threading.get_ident() == owner else None
+
+        if self.ports[0] == "input":
+            handle = module.register_forward_pre_hook(pre_hook)
+        else:
+            handle = module.register_forward_hook(hook)
+        try:
+            return self._call(structure)
+        finally:
+            handle.remove()
+
+    def head_scorer(
+        self, inputs: Any, target: TargetSpec, indices: np.ndarray | None
+    ) -> Callable[[np.ndarray], np.ndarray]:
+        """Returns f(replacements (B, N, *layer)) -> (B, N, K), the prefix computed once here.
+
+        See ``anycam.backends.torch_head``: a traced graph split runs the prefix once and only
+        the suffix on each chunk (vmapped over the copies); an untraceable model falls back to
+        vmap over the whole model with a substituting hook (prefix once per chunk).
+        """
+        if self.auto_layer and not self.layer_names:
+            raise LayerError("the layer is chosen at the first capture; call capture() first")
+        with torch.inference_mode(False):
+            structure = self._structure(inputs)
+        batch = self._batch_of(structure)
+        fn = target.fn if target.kind == "callable" else None
+        device, dtype = self._device_dtype()
+        split = self._split()
+        prefix: dict[Any, Any] | None = None
+        if split is not None:
+            with torch.inference_mode(False), torch.no_grad():
+                prefix = split.prefix_values(structure.args, {**structure.kwargs, **structure.constants})
+
+        def one(replacement: torch.Tensor) -> torch.Tensor:
+            if split is not None and prefix is not None:
+                output = split.suffix_output(prefix, replacement)
+            else:
+                output = self._replaced_forward(structure, replacement)
+            return to_scores(select_output(output, self.output), indices, fn, batch)
+
+        def scores(replacements: np.ndarray) -> np.ndarray:
+            copies = torch.as_tensor(np.asarray(replacements), dtype=dtype, device=device)
+            with torch.inference_mode(False), torch.no_grad():
+                return _to_numpy(batched(one, copies))
+
+        return scores
+
+    def head_scores(
+        self, inputs: Any, replacements: np.ndarray, target: TargetSpec, indices: np.ndarray | None
+    ) -> np.ndarray:
+        return self.head_scorer(inputs, target, indices)(replacements)
+
+    def input_scores(
+        self, inputs: Any, target: TargetSpec, indices: np.ndarray | None, *, probabilities: bool = False
+    ) -> np.ndarray:
+        if probabilities and target.kind == "callable":
+            raise TargetError(
+                "probabilities=True needs class scores; with a callable target Score-CAM weights by what "
+                "the callable returns, so return the score to weight by (e.g. a softmax probability)"
+            )
+        with torch.inference_mode(False), torch.no_grad():
+            structure = self._structure(inputs)
+            batch = self._batch_of(structure)
+            output = select_output(self._call(structure), self.output)
+            if target.kind == "callable":
+                scores, _ = self._scores(output, target, batch)
+            else:
+                if not isinstance(output, torch.Tensor) or output.ndim != 2:
+                    shape = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
+                    raise TargetError(
+                        f"class-index targets need a model output of shape (N, classes), got {shape}; "
+                        "pass a callable target that maps the output to (N,) scores"
+                    )
+                if probabilities:
+                    output = torch.softmax(output.float(), dim=1)
+                scores = output.gather(1, torch.as_tensor(indices, device=output.device))
+        return _to_numpy(scores)
+
+    def guided_gradients(self, inputs: Any, target: TargetSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """Guided Backpropagation through every ReLU call (see ``anycam.backends.torch_guided``)."""
+        with torch.inference_mode(False):
+            structure = self._structure(inputs)
+            self._warn_training()
+            batch = self._batch_of(structure)
+            leaf = structure.spatial_value.detach().requires_grad_()
+            given = structure.map(lambda key, value: leaf if key == structure.spatial else value)
+            mode = GuidedMode()
+            with torch.enable_grad():
+                # Only the model's forward is guided; a callable target's own ReLUs are not.
+                with mode:
+                    output = self._call(given)
+                scores, indices = self._scores(select_output(output, self.output), target, batch)
+                if not scores.requires_grad:
+                    raise TargetError("the explained output does not depend on the input")
+                (grads,) = self._input_gradients(scores, leaf)
+        if mode.calls == 0:
+            warnings.warn(
+                f"{type(self.model).__name__} calls no ReLU, so guided backpropagation equals the plain "
+                "input gradient here",
+                UserWarning,
+                stacklevel=3,
+            )
+        return _to_numpy(grads), _to_numpy(scores), indices
+
+    @staticmethod
+    def _input_gradients(scores: torch.Tensor, leaf: torch.Tensor) -> tuple[torch.Tensor]:
+        """Returns ∂scores/∂leaf as (N, K, ...) for (N, K) scores, K targets in one batched pass."""
+        count = scores.shape[1]
+        if count == 1:
+            return (torch.autograd.grad(scores.sum(), leaf)[0].unsqueeze(1),)
+        eye = torch.eye(count, dtype=scores.dtype, device=scores.device)
+        cotangents = eye[:, None, :].expand(count, scores.shape[0], count)
+        try:
+            grads = torch.autograd.grad(scores, leaf, grad_outputs=cotangents, is_grads_batched=True, retain_graph=True)
+            return (grads[0].transpose(0, 1),)
+        except RuntimeError:
+            # An operator without a batching rule: one backward per target.
+            columns = [torch.autograd.grad(scores[:, k].sum(), leaf, retain_graph=True)[0] for k in range(count)]
+            return (torch.stack(columns, dim=1),)
 
     def predict(self, inputs: Any) -> np.ndarray:
         structure = self._structure(inputs)

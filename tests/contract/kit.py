@@ -32,6 +32,16 @@ class Case:
         linear_target: weights ``(classes,)`` → a callable target in the framework's ops
             returning ``output @ weights`` of shape ``(N,)``.
         options: extra Explainer keyword arguments.
+        ablated_outputs: channel k → ``(N, classes)`` outputs of the *whole* model with channel k
+            of the explained layer set to zero (a hooked or rebuilt forward, without anycam).
+        masked_outputs: masks ``(N, *input_spatial)`` → ``(N, classes)`` outputs of the model on
+            the input multiplied by the masks (broadcast over the input channels).
+        upsample: maps ``(N, C, *S)`` and a size → ``(N, C, *size)`` by the framework's own linear
+            resize with half-pixel centres.
+        guided: cotangents ``(K, N, classes)`` → ``(N, K, C_in, *input_spatial)`` guided
+            backpropagation gradients, channels first, from a network whose ReLUs were replaced
+            by hand (no anycam).
+        has_relu: whether the model calls a ReLU (guided methods warn when it does not).
     """
 
     model: Any
@@ -44,3 +54,8 @@ class Case:
     linear_target: Callable[[np.ndarray], Any]
     options: dict[str, Any] = field(default_factory=dict)
     backend: str | None = None
+    ablated_outputs: Callable[[int], np.ndarray] | None = None
+    masked_outputs: Callable[[np.ndarray], np.ndarray] | None = None
+    upsample: Callable[[np.ndarray, tuple[int, ...]], np.ndarray] | None = None
+    guided: Callable[[np.ndarray], np.ndarray] | None = None
+    has_relu: bool = True

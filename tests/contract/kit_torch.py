@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .kit import Case
@@ -66,6 +69,41 @@ class TokenHead(nn.Module):
         return self.fc(torch.cat([mixed[:, 0], mixed[:, 1:].mean(1)], dim=1))
 
 
+class _GuidedReLUFunction(torch.autograd.Function):
+    """The guided rule written out for the oracle: ReLU forward, ReLU(grad)·[x > 0] backward."""
+
+    @staticmethod
+    def forward(ctx, x):  # type: ignore[no-untyped-def, override]
+        ctx.save_for_backward(x)
+        return x.clamp(min=0)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[no-untyped-def, override]
+        (x,) = ctx.saved_tensors
+        return grad.clamp(min=0) * (x > 0).float()
+
+
+class _GuidedReLUModule(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _GuidedReLUFunction.apply(x)  # type: ignore[no-any-return]
+
+
+def guided_copy(model: nn.Module) -> nn.Module:
+    """Returns a deep copy of ``model`` with every ``nn.ReLU`` module replaced by the guided one."""
+    twin = copy.deepcopy(model)
+    for parent in list(twin.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.ReLU):
+                setattr(parent, name, _GuidedReLUModule())
+    return twin
+
+
+def upsample(maps: np.ndarray, size: tuple[int, ...]) -> np.ndarray:
+    mode = {1: "linear", 2: "bilinear", 3: "trilinear"}[len(size)]
+    tensor = torch.as_tensor(np.ascontiguousarray(maps), dtype=torch.float64)
+    return F.interpolate(tensor, size=size, mode=mode, align_corners=False).numpy()
+
+
 class TorchKit:
     name = "torch"
 
@@ -108,7 +146,43 @@ class TorchKit:
             w = torch.as_tensor(weights, dtype=torch.float32)
             return lambda output: output @ w
 
+        def ablated_outputs(channel: int) -> np.ndarray:
+            def zero(module: nn.Module, args: object, out: torch.Tensor) -> torch.Tensor:
+                out = out.clone()
+                if true_layout == "tokens":
+                    out[..., channel] = 0
+                else:
+                    out[:, channel] = 0
+                return out
+
+            handle = model.features.register_forward_hook(zero)
+            try:
+                with torch.no_grad():
+                    return model(inputs).numpy()
+            finally:
+                handle.remove()
+
+        def masked_outputs(masks: np.ndarray) -> np.ndarray:
+            with torch.no_grad():
+                masked = inputs * torch.as_tensor(masks, dtype=torch.float32)[:, None]
+                return model(masked).numpy()
+
+        def guided(cotangents: np.ndarray) -> np.ndarray:
+            twin = guided_copy(model)
+            leaf = inputs.detach().clone().requires_grad_()
+            outputs = twin(leaf)
+            grads = [
+                torch.autograd.grad(outputs, leaf, grad_outputs=torch.as_tensor(c), retain_graph=True)[0]
+                for c in cotangents
+            ]
+            return torch.stack(grads, dim=1).numpy()
+
         return Case(
+            ablated_outputs=ablated_outputs,
+            masked_outputs=masked_outputs,
+            upsample=upsample,
+            guided=guided,
+            has_relu=kind != "tokens",
             model=model,
             layer="features",
             inputs=inputs,

@@ -7,6 +7,8 @@ against closed forms in tests/core.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 
@@ -98,3 +100,135 @@ def test_unknown_layer_lists_close_names(kit) -> None:
     case = kit.case("conv2d")
     with pytest.raises(anycam.LayerError, match="closest"):
         anycam.Explainer(case.model, "featurez")
+
+
+# -- the methods beyond one capture (issue 9): each against a computation written here -------
+
+BEYOND_TARGETS = ("argmax", "k_per_sample", "callable")
+
+
+def _needs(case, *names: str) -> None:  # type: ignore[no-untyped-def]
+    missing = [name for name in names if getattr(case, name) is None]
+    if missing:
+        pytest.skip(f"this backend's kit has no {', '.join(missing)} reference yet")
+
+
+def _channels_first(case, activations: np.ndarray) -> np.ndarray:  # type: ignore[no-untyped-def]
+    return core.to_channels_first(activations, case.true_layout, lead=1)
+
+
+def _scores(cotangents: np.ndarray, outputs: np.ndarray) -> np.ndarray:
+    """(N, K) scores of the targets that (K, N, classes) one-hot or linear cotangents select."""
+    return np.einsum("kno,no->nk", cotangents, outputs)
+
+
+def _check(result, form: str, cam: np.ndarray, weights: np.ndarray | None, case) -> None:  # type: ignore[no-untyped-def]
+    squeeze = form in ("argmax", "int", "per_sample", "callable")
+    got_cam = result.cam[:, None] if squeeze else result.cam
+    scale = max(float(np.abs(cam).max()), 1e-12)
+    np.testing.assert_allclose(got_cam / scale, cam / scale, rtol=1e-4, atol=1e-5)
+    if weights is not None:
+        got = result.weights[:, None] if squeeze else result.weights
+        np.testing.assert_allclose(got, weights, rtol=1e-4, atol=1e-6)
+    heat = result.heatmap[:, None] if squeeze else result.heatmap
+    np.testing.assert_allclose(heat, core.heatmaps([cam.astype(np.float32)], case.input_spatial), atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("form", BEYOND_TARGETS)
+def test_ablationcam_equals_zeroing_each_channel_in_the_whole_model(kit, kind: str, form: str) -> None:
+    case = kit.case(kind)
+    _needs(case, "ablated_outputs")
+    activations, _, outputs = case.reference(None)
+    target, cotangents, _ = _target(form, outputs, case)
+    acts = _channels_first(case, activations)
+    channels = acts.shape[1]
+    y = _scores(cotangents, outputs)
+    drops = np.stack([_scores(cotangents, case.ablated_outputs(k)) for k in range(channels)], axis=-1)
+    weights = (y[..., None] - drops) / y[..., None]  # (N, K, C), the paper's eq. 3
+    cam = np.maximum(np.einsum("nkc,nc...->nk...", weights, acts), 0)
+    # batch_size=4 with N=3: one copy per chunk, so chunking is exercised too.
+    explainer = anycam.Explainer(
+        case.model, case.layer, method="ablationcam", layout=case.layout, batch_size=4, **case.options
+    )
+    _check(explainer.explain(case.inputs, target=target), form, cam, weights, case)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("form", BEYOND_TARGETS)
+def test_scorecam_equals_masked_forwards(kit, kind: str, form: str) -> None:
+    case = kit.case(kind)
+    _needs(case, "masked_outputs", "upsample")
+    activations, _, outputs = case.reference(None)
+    target, cotangents, _ = _target(form, outputs, case)
+    acts = _channels_first(case, activations)
+    up = case.upsample(acts, case.input_spatial)
+    axes = tuple(range(2, up.ndim))
+    low, high = up.min(axis=axes, keepdims=True), up.max(axis=axes, keepdims=True)
+    masks = np.where(high > low, (up - low) / np.where(high > low, high - low, 1), 0)
+    columns = []
+    for channel in range(acts.shape[1]):
+        masked = case.masked_outputs(masks[:, channel])
+        if form == "callable":
+            columns.append(_scores(cotangents, masked))  # the callable's value is the weight
+        else:
+            shifted = np.exp(masked - masked.max(axis=1, keepdims=True))
+            columns.append(_scores(cotangents, shifted / shifted.sum(axis=1, keepdims=True)))
+    weights = np.stack(columns, axis=-1)
+    cam = np.maximum(np.einsum("nkc,nc...->nk...", weights, acts), 0)
+    explainer = anycam.Explainer(
+        case.model, case.layer, method="scorecam", layout=case.layout, batch_size=5, **case.options
+    )
+    _check(explainer.explain(case.inputs, target=target), form, cam, weights, case)
+
+
+def _guided_explain(case, method: str, target):  # type: ignore[no-untyped-def]
+    explainer = anycam.Explainer(case.model, case.layer, method=method, layout=case.layout, **case.options)
+    if case.has_relu:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", UserWarning)
+            return explainer.explain(case.inputs, target=target)
+    with pytest.warns(UserWarning, match="no ReLU"):
+        return explainer.explain(case.inputs, target=target)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("form", BEYOND_TARGETS)
+def test_guided_backprop_equals_a_hand_replaced_network(kit, kind: str, form: str) -> None:
+    case = kit.case(kind)
+    _needs(case, "guided")
+    _, _, outputs = case.reference(None)
+    target, cotangents, indices = _target(form, outputs, case)
+    expected = case.guided(cotangents)  # (N, K, C_in, *S)
+    result = _guided_explain(case, "guided-backprop", target)
+    squeeze = form == "argmax" or form == "callable"
+    attribution = result.attribution[:, None] if squeeze else result.attribution
+    scale = max(float(np.abs(expected).max()), 1e-12)
+    np.testing.assert_allclose(attribution / scale, expected / scale, rtol=1e-4, atol=1e-6)
+    reduced = np.abs(expected).sum(axis=2)
+    heat = result.heatmap[:, None] if squeeze else result.heatmap
+    np.testing.assert_allclose(heat, core.normalize(reduced, spatial_ndim=len(case.input_spatial)), atol=1e-4)
+    scores = result.scores[:, None] if squeeze else result.scores
+    np.testing.assert_allclose(scores, _scores(cotangents, outputs), rtol=1e-5, atol=1e-6)
+    if indices is not None:
+        np.testing.assert_array_equal(result.target, indices[:, 0] if squeeze else indices)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("form", BEYOND_TARGETS)
+def test_guided_gradcam_equals_guided_gradients_times_upsampled_gradcam(kit, kind: str, form: str) -> None:
+    case = kit.case(kind)
+    _needs(case, "guided", "upsample")
+    _, _, outputs = case.reference(None)
+    target, cotangents, _ = _target(form, outputs, case)
+    activations, gradients, _ = case.reference(cotangents)
+    gradcam = core.layer_cam("gradcam", activations, gradients, case.true_layout, count=cotangents.shape[0])
+    up = case.upsample(gradcam.cam.astype(np.float64), case.input_spatial)
+    expected = case.guided(cotangents) * up[:, :, None]
+    result = _guided_explain(case, "guided-gradcam", target)
+    squeeze = form == "argmax" or form == "callable"
+    attribution = result.attribution[:, None] if squeeze else result.attribution
+    scale = max(float(np.abs(expected).max()), 1e-12)
+    np.testing.assert_allclose(attribution / scale, expected / scale, rtol=1e-4, atol=1e-6)
+    cam = result.cam[:, None] if squeeze else result.cam
+    np.testing.assert_allclose(cam, gradcam.cam, rtol=1e-4, atol=1e-6)

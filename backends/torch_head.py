@@ -1,0 +1,161 @@
+"""The network *after* a layer, for any torch model: Ablation-CAM's scores of replaced activations.
+
+How it is done (in order of preference):
+
+1. **A graph split** (``torch.fx``). The model is traced once with the explained module kept as
+   one node; every node that does not depend on that module's output (the prefix, including
+   the tensors that residual connections carry *over* the layer) runs once per explanation, and
+   only the nodes that depend on it (the suffix) run on the replacements. The suffix runs under
+   ``torch.func.vmap`` over the B copies, so a prefix tensor of shape ``(N, ...)`` meets a
+   replacement of shape ``(N, ...)`` exactly as in the original forward: a skip connection adds
+   the *original* identity to every copy, with no hand-written broadcasting.
+2. **vmap over the whole model** with a forward hook that substitutes the layer output, when the
+   model cannot be traced (data-dependent Python control flow, dict inputs). Inside vmap the
+   prefix does not depend on the vmapped replacements, so it runs unbatched, once per chunk.
+3. **A loop** over the copies with the substituting hook, when an operator of the suffix has no
+   vmap batching rule. Correct, and as slow as the peers.
+"""
+
+from __future__ import annotations
+
+import inspect
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+import torch.fx
+
+Scores = Callable[[Any], torch.Tensor]
+
+
+class _Tracer(torch.fx.Tracer):
+    """The default tracer, with the explained module kept as a single node."""
+
+    def __init__(self, leaf: torch.nn.Module) -> None:
+        super().__init__()
+        self.leaf = leaf
+
+    def is_leaf_module(self, module: torch.nn.Module, qualified_name: str) -> bool:
+        return module is self.leaf or super().is_leaf_module(module, qualified_name)
+
+
+class GraphSplit:
+    """A traced model cut at one module: ``prefix(inputs) -> env``, ``suffix(env, replacement)``.
+
+    Built once per (model, layer, port); holds only the graph, never a call's tensors.
+    """
+
+    def __init__(self, model: torch.nn.Module, module: torch.nn.Module, port: str) -> None:
+        tracer = _Tracer(module)
+        self.graph = tracer.trace(model)
+        self.model = model
+        names = [name for name, m in model.named_modules() if m is module]
+        nodes = [n for n in self.graph.nodes if n.op == "call_module" and n.target in names]
+        if len(nodes) != 1:
+            raise RuntimeError(f"the layer appears {len(nodes)} times in the traced graph")
+        self.layer = nodes[0]
+        self.port = port
+        self.placeholders = [n for n in self.graph.nodes if n.op == "placeholder"]
+        self.parameters = inspect.signature(model.forward).parameters
+        # What depends on the replacement: the layer node itself for a replaced input, its users
+        # (transitively) for a replaced output.
+        dependent: set[torch.fx.Node] = {self.layer}
+        for node in self.graph.nodes:
+            if any(arg in dependent for arg in node.all_input_nodes):
+                dependent.add(node)
+        self.suffix = [n for n in self.graph.nodes if n in dependent and (n is not self.layer or port == "input")]
+        self.prefix = [n for n in self.graph.nodes if n not in dependent or (n is self.layer and port == "input")]
+        if port == "input":
+            # The layer node runs in the suffix on the replaced input; its other arguments and
+            # the original input come from the prefix.
+            self.prefix = [n for n in self.prefix if n is not self.layer]
+        self.needed = {arg for n in self.suffix for arg in n.all_input_nodes if arg not in dependent}
+        if port == "input":
+            self.needed |= set(self.layer.all_input_nodes)
+        outputs = [n for n in self.graph.nodes if n.op == "output"]
+        if not outputs or outputs[0] not in dependent:
+            raise RuntimeError("the model output does not depend on the layer")
+
+    def _run(self, node: torch.fx.Node, env: dict[torch.fx.Node, Any]) -> Any:
+        args = torch.fx.node.map_arg(node.args, lambda n: env[n])
+        kwargs = torch.fx.node.map_arg(node.kwargs, lambda n: env[n])
+        if node.op == "call_module":
+            return self.model.get_submodule(str(node.target))(*args, **kwargs)
+        if node.op == "call_function":
+            return node.target(*args, **kwargs)  # type: ignore[operator]
+        if node.op == "call_method":
+            return getattr(args[0], str(node.target))(*args[1:], **kwargs)
+        if node.op == "get_attr":
+            value: Any = self.model
+            for part in str(node.target).split("."):
+                value = getattr(value, part)
+            return value
+        raise RuntimeError(f"unexpected node {node.op}")
+
+    def prefix_values(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[torch.fx.Node, Any]:
+        """Runs every node that does not depend on the layer; keeps what the suffix reads."""
+        bound = inspect.signature(self.model.forward).bind(*args, **kwargs)
+        bound.apply_defaults()
+        env: dict[torch.fx.Node, Any] = {}
+        last_use: dict[torch.fx.Node, int] = {}
+        for position, node in enumerate(self.prefix):
+            for arg in node.all_input_nodes:
+                last_use[arg] = position
+        for position, node in enumerate(self.prefix):
+            if node.op == "placeholder":
+                env[node] = bound.arguments[str(node.target)]
+            elif node.op != "output":
+                env[node] = self._run(node, env)
+            # Free prefix values nothing later needs (the prefix's own activations).
+            for arg in node.all_input_nodes:
+                if last_use.get(arg) == position and arg not in self.needed:
+                    env.pop(arg, None)
+        return {node: env[node] for node in self.needed}
+
+    def suffix_output(self, prefix: dict[torch.fx.Node, Any], replacement: torch.Tensor) -> Any:
+        """Runs the nodes that depend on the layer with the layer's output (or input) replaced."""
+        env = dict(prefix)
+        if self.port == "output":
+            env[self.layer] = replacement
+        for node in self.suffix:
+            if node.op == "output":
+                return torch.fx.node.map_arg(node.args[0], lambda n: env[n])
+            if node is self.layer and self.port == "input":
+                args = list(torch.fx.node.map_arg(node.args, lambda n: env[n]))
+                args[0] = replacement
+                kwargs = torch.fx.node.map_arg(node.kwargs, lambda n: env[n])
+                env[node] = self.model.get_submodule(str(node.target))(*args, **kwargs)
+            else:
+                env[node] = self._run(node, env)
+        raise RuntimeError("the traced graph has no output")
+
+
+def graph_split(model: torch.nn.Module, module: torch.nn.Module, port: str) -> GraphSplit | None:
+    """Returns the split of ``model`` at ``module``, or None if the model cannot be traced."""
+    try:
+        return GraphSplit(model, module, port)
+    except Exception:  # any tracing failure means: use the hook fallback
+        return None
+
+
+def batched(function: Callable[[torch.Tensor], torch.Tensor], replacements: torch.Tensor) -> torch.Tensor:
+    """Returns ``stack([function(r) for r in replacements])``, vectorised by vmap where possible."""
+    try:
+        return torch.func.vmap(function)(replacements)
+    except (RuntimeError, NotImplementedError) as exc:
+        warnings.warn(
+            f"the network after the layer cannot be vectorised over the ablated copies ({exc}); "
+            "falling back to one pass per copy, which is slower",
+            stacklevel=3,
+        )
+        return torch.stack([function(r) for r in replacements])
+
+
+def to_scores(output: Any, indices: np.ndarray | None, fn: Scores | None, batch: int) -> torch.Tensor:
+    """Returns the (N, K) scores of one copy's model output (inside vmap: one copy at a time)."""
+    if fn is not None:
+        return fn(output).reshape(batch, -1)
+    index = torch.as_tensor(indices, device=output.device)
+    return output.gather(1, index)
