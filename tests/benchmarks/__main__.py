@@ -1,6 +1,6 @@
 """Runs every installed framework's benchmark and prints one Markdown table of ratios.
 
-``python -m tests.benchmarks [--quick] [torch tensorflow jax]``
+``python -m tests.benchmarks [--quick] [torch tensorflow jax ray]``
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import sys
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.benchmarks")
-    parser.add_argument("frameworks", nargs="*", default=["torch", "tensorflow", "jax"])
+    parser.add_argument("frameworks", nargs="*", default=["torch", "tensorflow", "jax", "ray"])
     parser.add_argument("--quick", action="store_true", help="tiny sizes, to check the benchmarks run")
     args = parser.parse_args(argv)
     print("| framework | model | case | batch | time (ms) | ratio | relative to |")

@@ -37,7 +37,9 @@ def data():
 
 
 def _dataset(data):
-    return ray.data.from_items([{"id": f"img-{i:04d}", "image": data[i]} for i in range(len(data))])
+    # six blocks: Ray Data hands whole blocks to actors, so one block would keep one actor busy
+    rows = [{"id": f"img-{i:04d}", "image": data[i]} for i in range(len(data))]
+    return ray.data.from_items(rows, override_num_blocks=6)
 
 
 def _in_process(data):
