@@ -1133,6 +1133,9 @@ class JaxBackend(Backend):
             target=indices,
             input_spatial=spatial_shape(tuple(x.shape), self.input_layout),
             layouts=(self.layer_layout,) * len(self.layer_names),
+            input_shape=tuple(x.shape),
+            input_layout=self.input_layout,
+            layouts_follow_input=True,
         )
 
     def _parameter_owners(self) -> tuple[dict[str, tuple[Any, ...]], list[str]]:

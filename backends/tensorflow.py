@@ -977,6 +977,8 @@ class TensorFlowBackend(Backend):
             target=indices,
             input_spatial=spatial_shape(tuple(x.shape), self.input_layout),
             layouts=self.layouts,
+            input_shape=tuple(x.shape),
+            input_layout=self.input_layout,
         )
 
     def predict(self, inputs: Any) -> np.ndarray:

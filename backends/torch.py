@@ -473,6 +473,8 @@ class TorchBackend(Backend):
             target=indices,
             input_spatial=spatial_shape(tuple(structure.spatial_value.shape), self.input_layout),
             layouts=("channels_first",) * len(leaves),
+            input_shape=tuple(structure.spatial_value.shape),
+            input_layout=self.input_layout,
         )
 
     def parameter_layers(self, inputs: Any = None) -> tuple[str, ...]:

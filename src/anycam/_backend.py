@@ -31,8 +31,14 @@ class Capture:
         target: ``(N, K)`` int64 class indices, or None for callable targets.
         input_spatial: the spatial shape of the input, the heatmaps' resolution.
         layouts: per layer, the layout the backend believes the output has
-            (``"channels_first"``, ``"channels_last"`` or ``"tokens"``); the user's ``layout=``
-            overrides it.
+            (``"channels_first"``, ``"channels_last"`` or ``"tokens"``). The Explainer checks it
+            against the shapes (``anycam.core.read_layouts``): a guess that cannot fit is
+            replaced by the one reading that does, a user's ``layout=`` is only checked.
+        input_shape: the full shape of the (spatial) input, so the input's layout can be
+            checked too; None: ``input_spatial`` is taken as it is.
+        input_layout: the layout the backend read ``input_spatial`` in.
+        layouts_follow_input: the ``layouts`` are the input's layout (JAX), so they change
+            with it when the input turns out to be in the other layout.
     """
 
     activations: tuple[np.ndarray, ...]
@@ -41,6 +47,9 @@ class Capture:
     target: np.ndarray | None
     input_spatial: tuple[int, ...]
     layouts: tuple[str, ...]
+    input_shape: tuple[int, ...] | None = None
+    input_layout: str | None = None
+    layouts_follow_input: bool = False
 
 
 class Backend(abc.ABC):

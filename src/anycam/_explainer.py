@@ -175,6 +175,7 @@ class Explainer:
         self.layout = None if layout is None else core.canonical_layout(layout)
         if input_layout is not None:
             input_layout = core.canonical_layout(input_layout)
+        self._input_layout_given = input_layout is not None
         self.method = method
         self.token_grid = None if token_grid is None else tuple(int(g) for g in token_grid)
         self.normalize = normalize
@@ -269,9 +270,35 @@ class Explainer:
         results = self._layer_results(capture)
         return self._assemble(results, capture, spec)
 
+    def _read_layouts(self, capture: Capture) -> tuple[tuple[int, ...], tuple[core.LayerReading, ...]]:
+        """Returns the input's spatial shape and each layer's checked layout (core.read_layouts).
+
+        Layouts are checked, not guessed: the backend's guess is kept when the shapes fit it,
+        replaced by the one reading that fits when they do not, and a user's ``layout=`` is
+        refused when it contradicts them; the input's layout is changed only when no layer fits
+        the backend's reading of it and the user did not give ``input_layout=``.
+        """
+        inputs = [(capture.input_layout or "channels_first", tuple(capture.input_spatial))]
+        if capture.input_shape is not None and capture.input_layout in ("channels_first", "channels_last"):
+            other = "channels_last" if capture.input_layout == "channels_first" else "channels_first"
+            if not self._input_layout_given:
+                inputs.append((other, core.spatial_shape(capture.input_shape, other)))
+        _, spatial, readings = core.read_layouts(
+            [a.shape for a in capture.activations],
+            capture.layouts,
+            inputs,
+            given=self.layout,
+            grid=self.token_grid,
+            names=self.layer_names,
+            follow=capture.layouts_follow_input,
+            input_shape=capture.input_shape,
+        )
+        return spatial, readings
+
     def _layer_results(self, capture: Capture, method: str | None = None) -> list[core.LayerResult]:
         """Returns each layer's raw map from one capture (``method`` defaults to the Explainer's)."""
         count = capture.scores.shape[1]
+        _, readings = self._read_layouts(capture)
         results = []
         for index, name in enumerate(self.layer_names):
             activations = capture.activations[index]
@@ -280,16 +307,15 @@ class Explainer:
             if capture.gradients is not None:
                 gradients = capture.gradients[index]
                 core.check_finite(gradients, "gradients", name)
-            layout = self.layout or capture.layouts[index]
             try:
                 results.append(
                     core.layer_cam(
                         method or self.method,
                         activations,
                         gradients,
-                        layout,
+                        readings[index].layout,
                         count=count,
-                        grid=self.token_grid,
+                        grid=readings[index].grid,
                         rectify=self.relu,
                         seed=self.seed,
                     )
@@ -309,14 +335,15 @@ class Explainer:
     ) -> Explanation:
         """Returns the Explanation of per-layer maps ``(N, K, *S)``; ``heatmap`` overrides the usual one."""
         count = capture.scores.shape[1]
-        size = None if self.upsample is None else capture.input_spatial
         if heatmap is None:
+            input_spatial, readings = self._read_layouts(capture)
             heatmap = core.heatmaps(
                 [r.cam for r in results],
-                size,
+                None if self.upsample is None else input_spatial,
                 normalization=self.normalize,
                 resize_mode=self.upsample,
                 aggregate=self.aggregate,
+                aligned=[r.aligned for r in readings],
             )
         squeeze = spec.squeeze and count == 1
 

@@ -104,11 +104,12 @@ def scorecam(explainer: Explainer, inputs: Any, spec: core.TargetSpec) -> Explan
     rows = _rows(explainer, x[0].size, SCORECAM_VALUES)
     count = capture.scores.shape[1]
     results = []
+    _, readings = explainer._read_layouts(capture)
     for index, name in enumerate(explainer.layer_names):
         activations = capture.activations[index]
         core.check_finite(activations, "activations", name)
-        layout = explainer.layout or capture.layouts[index]
-        acts = core.to_channels_first(activations, layout, lead=1, grid=explainer.token_grid)
+        reading = readings[index]
+        acts = core.to_channels_first(activations, reading.layout, lead=1, grid=reading.grid)
         batch, channels = acts.shape[:2]
         if explainer.scorecam_top_k is None:
             chosen = np.broadcast_to(np.arange(channels), (batch, channels))
@@ -142,7 +143,8 @@ def ablationcam(explainer: Explainer, inputs: Any, spec: core.TargetSpec) -> Exp
     name = explainer.layer_names[0]
     activations = capture.activations[0]
     core.check_finite(activations, "activations", name)
-    layout = core.canonical_layout(explainer.layout or capture.layouts[0])
+    reading = explainer._read_layouts(capture)[1][0]
+    layout = reading.layout
     channel_axis = 1 if layout == "channels_first" else -1
     batch, channels = activations.shape[0], activations.shape[channel_axis]
     count = capture.scores.shape[1]
@@ -158,7 +160,7 @@ def ablationcam(explainer: Explainer, inputs: Any, spec: core.TargetSpec) -> Exp
             bar.update(len(chunk) * batch)
     core.check_finite(ablated, "ablated scores", name)
     weights = core.ablation_weights(capture.scores, ablated)
-    acts = core.to_channels_first(activations, layout, lead=1, grid=explainer.token_grid)
+    acts = core.to_channels_first(activations, layout, lead=1, grid=reading.grid)
     cam = core.weighted_cam(acts[:, None], weights, channel_axis=2, rectify=explainer.relu)
     result = core.LayerResult(_float32(cam), _float32(weights))
     return explainer._assemble([result], capture, spec)

@@ -155,8 +155,69 @@ def _linear_target(weights: bytes):  # type: ignore[no-untyped-def]
     return lambda output: output @ w
 
 
+class SignalFeatures(nn.Module):
+    """(N, 17, 3) → x[:, :, None] → Conv (3, 1) twice → (N, 9, 1, 8)."""
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = nn.relu(nn.Conv(6, (3, 1), padding="SAME")(x[:, :, None, :]))
+        return nn.Conv(8, (3, 1), strides=(2, 1), padding="SAME")(x)
+
+
+class SignalFeaturesOfImage(nn.Module):
+    """(N, 10, 10, 3) → Conv (10, 1) → (N, 10, 8): a 1-D layer under a 2-D input."""
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return nn.Conv(8, (10, 1), padding="VALID")(x)[:, 0]
+
+
+@functools.cache
+def _odd(kind: str):  # type: ignore[no-untyped-def]
+    features = SignalFeatures() if kind == "signal_as_image" else SignalFeaturesOfImage()
+    model = Split(features, Head())
+    shape = (BATCH, 17, 3) if kind == "signal_as_image" else (BATCH, 10, 10, 3)
+    rng = np.random.default_rng(0)
+    inputs = jnp.asarray(rng.normal(size=shape).astype(np.float32))
+    variables = numpy_init(model, inputs, rng)
+
+    @jax.jit
+    def reference_features(x: jax.Array) -> jax.Array:
+        return model.apply(variables, x, method=lambda m, x: m.features(x))
+
+    @jax.jit
+    def head_vjp(activations: jax.Array, cotangent: jax.Array) -> tuple[jax.Array, jax.Array]:
+        outputs, vjp_fn = jax.vjp(lambda a: model.apply(variables, a, method=lambda m, a: m.head(a)), activations)
+        return outputs, vjp_fn(cotangent)[0]
+
+    return model, variables, inputs, reference_features, head_vjp
+
+
 class JaxKit:
     name = "jax"
+
+    def odd_case(self, kind: str) -> Case:
+        """``"signal_as_image"`` (1-D input, 2-D layer) or ``"image_to_signal"`` (the reverse)."""
+        model, variables, inputs, features, head_vjp = _odd(kind)
+
+        def reference(cotangents: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+            activations = features(inputs)
+            if cotangents is None:
+                outputs, _ = head_vjp(activations, jnp.zeros((BATCH, CLASSES)))
+                return np.asarray(activations), None, np.asarray(outputs)
+            pairs = [head_vjp(activations, jnp.asarray(c)) for c in cotangents]
+            return np.asarray(activations), np.stack([g for _, g in pairs], axis=1), np.asarray(pairs[0][0])
+
+        return Case(
+            model=(model, variables),
+            layer="features",
+            inputs=inputs,
+            layout=None,
+            true_layout="channels_last",
+            input_spatial=tuple(inputs.shape[1:-1]),
+            reference=reference,
+            linear_target=lambda w: None,
+        )
 
     def case(self, kind: str) -> Case:
         model, variables, inputs, layout, true_layout, spatial, options = _build(kind)

@@ -130,8 +130,75 @@ def _model_and_inputs(kind: str) -> tuple[keras.Model, tf.Tensor]:
     return model, inputs
 
 
+@functools.cache
+def _odd_model(kind: str) -> tuple[keras.Model, tf.Tensor]:
+    """``"signal_as_image"``: (N, 17, 3) → Reshape → Conv2D → features (N, 9, 1, 8);
+    ``"image_to_signal"``: (N, 10, 10, 3) → Conv2D (10, 1) → Reshape → features (N, 10, 8)."""
+    keras.utils.set_random_seed(0)
+    if kind == "signal_as_image":
+        shape: tuple[int, ...] = (17, 3)
+        features = keras.Sequential(
+            [
+                keras.Input(shape),
+                keras.layers.Reshape((17, 1, 3)),
+                keras.layers.Conv2D(6, (3, 1), padding="same", activation="relu"),
+                keras.layers.Conv2D(8, (3, 1), strides=(2, 1), padding="same"),
+            ],
+            name="features",
+        )
+        head_layers = [
+            keras.layers.Conv2D(8, 1),
+            keras.layers.Activation("tanh"),
+            keras.layers.GlobalAveragePooling2D(),
+        ]
+    else:
+        shape = (10, 10, 3)
+        features = keras.Sequential(
+            [keras.Input(shape), keras.layers.Conv2D(8, (10, 1)), keras.layers.Reshape((10, 8))], name="features"
+        )
+        head_layers = [
+            keras.layers.Conv1D(8, 1),
+            keras.layers.Activation("tanh"),
+            keras.layers.GlobalAveragePooling1D(),
+        ]
+    head = keras.Sequential(
+        [keras.Input(features.outputs[0].shape[1:]), *head_layers, keras.layers.Dense(CLASSES)], name="head"
+    )
+    inputs = keras.Input(shape)
+    model = keras.Model(inputs, head(features(inputs)))
+    return model, tf.constant(np.random.default_rng(0).normal(size=(BATCH, *shape)), tf.float32)
+
+
+def _reference(features, head, inputs):  # type: ignore[no-untyped-def]
+    def reference(cotangents: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+        activations = features(inputs, training=False)
+        with tf.GradientTape(persistent=True, watch_accessed_variables=False) as tape:
+            tape.watch(activations)
+            outputs = head(activations, training=False)
+        if cotangents is None:
+            return activations.numpy(), None, outputs.numpy()
+        grads = [tape.gradient(outputs, activations, output_gradients=tf.constant(c)) for c in cotangents]
+        return activations.numpy(), tf.stack(grads, axis=1).numpy(), outputs.numpy()
+
+    return reference
+
+
 class TensorFlowKit:
     name = "tensorflow"
+
+    def odd_case(self, kind: str) -> Case:
+        """``"signal_as_image"`` (1-D input, 2-D layer) or ``"image_to_signal"`` (the reverse)."""
+        model, inputs = _odd_model(kind)
+        return Case(
+            model=model,
+            layer="features",
+            inputs=inputs,
+            layout=None,
+            true_layout="channels_last",
+            input_spatial=tuple(inputs.shape[1:-1]),
+            reference=_reference(model.get_layer("features"), model.get_layer("head"), inputs),
+            linear_target=lambda w: None,
+        )
 
     def case(self, kind: str) -> Case:
         model, inputs = _model_and_inputs(kind)

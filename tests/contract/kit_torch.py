@@ -104,8 +104,75 @@ def upsample(maps: np.ndarray, size: tuple[int, ...]) -> np.ndarray:
     return F.interpolate(tensor, size=size, mode=mode, align_corners=False).numpy()
 
 
+class SignalAsImage(nn.Module):
+    """A 1-D model written with Conv2d on ``x[..., None]``: (N, 3, L) → features (N, 8, L/2, 1)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 6, (3, 1), padding=(1, 0)), nn.ReLU(), nn.Conv2d(6, 8, (3, 1), stride=(2, 1), padding=(1, 0))
+        )
+        self.head = nn.Sequential(
+            nn.Conv2d(8, 8, 1), nn.Tanh(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, CLASSES)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x[..., None]))
+
+
+class ImageToSignal(Split):
+    """(N, 3, 10, 10) → features (N, 8, 10): a 2-D input whose explained layer is 1-D."""
+
+    def __init__(self) -> None:
+        features = nn.Sequential(nn.Conv2d(3, 8, (10, 1)), nn.Flatten(2))
+        head = nn.Sequential(
+            nn.Conv1d(8, 8, 1), nn.Tanh(), nn.AdaptiveAvgPool1d(1), nn.Flatten(), nn.Linear(8, CLASSES)
+        )
+        super().__init__(features, head)
+
+
 class TorchKit:
     name = "torch"
+
+    def odd_case(self, kind: str) -> Case:
+        """``"signal_as_image"`` (1-D input, 2-D layer) or ``"image_to_signal"`` (the reverse)."""
+        torch.manual_seed(0)
+        if kind == "signal_as_image":
+            model: nn.Module = SignalAsImage()
+            inputs = torch.randn(BATCH, 3, 17)
+
+            def features(x: torch.Tensor) -> torch.Tensor:
+                return model.features(x[..., None])
+
+        else:
+            model = ImageToSignal()
+            inputs = torch.randn(BATCH, 3, 10, 10)
+            features = model.features
+        model.eval()
+
+        def reference(cotangents: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+            with torch.no_grad():
+                activations = features(inputs)
+            leaf = activations.clone().requires_grad_()
+            outputs = model.head(leaf)
+            if cotangents is None:
+                return activations.numpy(), None, outputs.detach().numpy()
+            grads = [
+                torch.autograd.grad(outputs, leaf, grad_outputs=torch.as_tensor(c), retain_graph=True)[0]
+                for c in cotangents
+            ]
+            return activations.numpy(), torch.stack(grads, dim=1).numpy(), outputs.detach().numpy()
+
+        return Case(
+            model=model,
+            layer="features",
+            inputs=inputs,
+            layout=None,
+            true_layout="channels_first",
+            input_spatial=tuple(inputs.shape[2:]),
+            reference=reference,
+            linear_target=lambda w: None,
+        )
 
     def case(self, kind: str) -> Case:
         torch.manual_seed(0)

@@ -65,3 +65,59 @@ def test_configuration_type_errors_are_anycam_errors(kit, options) -> None:
     with pytest.raises(anycam.ConfigTypeError) as info:
         anycam.Explainer(case.model, case.layer, **case.options, **options)
     assert isinstance(info.value, TypeError) and isinstance(info.value, anycam.AnycamError)
+
+
+# -- layouts are checked, not guessed (items 1-4) ----------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["gradcam", "hirescam"])
+def test_a_signal_explained_at_a_two_dim_layer_gives_a_map_of_the_signal(kit, method: str) -> None:
+    """Item 1: a (N, C, L) signal through a Conv2d on x[..., None] gives (N, L) maps, exact."""
+    from anycam import core
+
+    case = kit.odd_case("signal_as_image")
+    _, _, outputs = case.reference(None)
+    indices = np.argmax(outputs, axis=1)[:, None]
+    activations, gradients, _ = case.reference(core.one_hot(indices, outputs.shape[1]))
+    result = anycam.Explainer(case.model, case.layer, method=method, **case.options).explain(case.inputs)
+
+    expected = core.layer_cam(method, activations, gradients, case.true_layout).cam  # (N, 1, L', 1)
+    assert expected.shape[-1] == 1 and len(case.input_spatial) == 1
+    # The oracle: the map as the 1-D map it is, upsampled to the signal's length.
+    heat = core.normalize(core.resize(expected[..., 0], case.input_spatial), spatial_ndim=1)[:, 0]
+    assert result.heatmap.shape == (outputs.shape[0], *case.input_spatial)
+    np.testing.assert_allclose(result.heatmap, heat, atol=1e-4)
+
+
+def test_a_two_dim_input_explained_at_a_one_dim_layer_is_refused(kit) -> None:
+    """Item 1, the reverse: no reading fits, and the error names both shapes."""
+    case = kit.odd_case("image_to_signal")
+    activations, _, _ = case.reference(None)
+    explainer = anycam.Explainer(case.model, case.layer, **case.options)
+    with pytest.raises(anycam.InputError) as info:
+        explainer(case.inputs)
+    message = str(info.value)
+    assert str(tuple(activations.shape)) in message and str(tuple(case.inputs.shape)) in message
+
+
+def test_tokens_are_detected_without_layout(kit) -> None:
+    """Item 2: a (N, 1 + h·w, C) output under a 2-D input is read as tokens, never as 1-D."""
+    case = kit.case("tokens")
+    assert case.layout == "tokens"
+    told = anycam.Explainer(case.model, case.layer, layout="tokens", **case.options).explain(case.inputs)
+    found = anycam.Explainer(case.model, case.layer, **case.options).explain(case.inputs)
+    assert found.heatmap.shape == (case.inputs.shape[0], *case.input_spatial)
+    np.testing.assert_array_equal(found.heatmap, told.heatmap)
+    np.testing.assert_array_equal(found.cam, told.cam)
+
+
+@pytest.mark.parametrize(
+    ("kind", "wrong"),
+    [("tokens", "channels_first"), ("tokens", "channels_last"), ("conv2d", "tokens")],
+)
+def test_a_layout_that_contradicts_the_shapes_is_refused(kit, kind: str, wrong: str) -> None:
+    """Item 4: a given layout is checked against the shapes the same way, not trusted."""
+    case = kit.case(kind)
+    explainer = anycam.Explainer(case.model, case.layer, layout=wrong, **case.options)
+    with pytest.raises(anycam.InputError, match=f"layout={wrong!r} contradicts the shapes"):
+        explainer(case.inputs)

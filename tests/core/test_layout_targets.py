@@ -278,3 +278,94 @@ def test_one_hot_against_a_loop():
     assert out.dtype == np.float32
     np.testing.assert_array_equal(out, expected)
     np.testing.assert_array_equal(core.one_hot(indices, 4, dtype=np.float64).sum(axis=-1), np.ones((2, 3)))
+
+
+# --- layouts checked against the input (issue 10, items 1-4) -------------------------------
+
+
+def test_a_fitting_guess_is_kept():
+    reading = core.read_layer((2, 8, 6, 5), (12, 10), guess="channels_first")
+    assert (reading.layout, reading.spatial, reading.aligned) == ("channels_first", (6, 5), ((6, 5), (12, 10)))
+
+
+def test_singleton_axes_are_dropped_when_that_makes_the_ranks_agree():
+    # A 1-D model written with Conv2d on x[..., None]: (N, C, 64, 1) under a (1024,) signal.
+    reading = core.read_layer((2, 8, 64, 1), (1024,), guess="channels_first")
+    assert reading.layout == "channels_first" and reading.aligned == ((64,), (1024,))
+    # The other way round: a (1, 1024) "image" and a 1-D layer.
+    assert core.read_layer((2, 8, 64), (1, 1024), guess="channels_first").aligned == ((64,), (1024,))
+    # Equal ranks are compared as they are: a pooled (1, 1) map of a 2-D input stays 2-D.
+    assert core.read_layer((2, 8, 1, 1), (8, 8), guess="channels_first").aligned == ((1, 1), (8, 8))
+
+
+def test_heatmaps_follow_the_alignment():
+    # A (N, K, 4, 1) map of a (8,) signal: upsampled as 1-D, returned at the input's shape.
+    cam = np.arange(4.0).reshape(1, 1, 4, 1)
+    expected = core.normalize(core.resize(cam[..., 0], (8,)), spatial_ndim=1)
+    heat = core.heatmaps([cam], (8,), aligned=[((4,), (8,))])
+    assert heat.shape == (1, 1, 8)
+    np.testing.assert_allclose(heat, expected, atol=1e-7)
+    # A 1-D map of a (1, 8) input comes back (1, 8).
+    heat = core.heatmaps([cam[..., 0]], (1, 8), aligned=[((4,), (8,))])
+    np.testing.assert_allclose(heat, expected[:, :, None, :], atol=1e-7)
+
+
+# 16 channels of length 8 are also 16 tokens of a 4×4 grid (2×2 patches): that one reads as tokens.
+@pytest.mark.parametrize("channels", [6, 10, 32])
+def test_a_one_dim_layer_under_a_two_dim_input_is_refused_naming_both_shapes(channels):
+    with pytest.raises(anycam.InputError) as info:
+        core.read_layer((2, channels, 8), (8, 8), guess="channels_first", name="conv1d", input_shape=(2, 3, 8, 8))
+    message = str(info.value)
+    assert f"(2, {channels}, 8)" in message and "(2, 3, 8, 8)" in message and "layout=" in message
+
+
+@pytest.mark.parametrize(
+    ("shape", "inputs", "grid"),
+    [((2, 197, 768), (224, 224), (14, 14)), ((2, 49, 768), (224, 224), (7, 7)), ((2, 17, 8), (16, 16), (4, 4))],
+)
+def test_tokens_are_detected_under_a_two_dim_input(shape, inputs, grid):
+    for guess in ("channels_first", "channels_last"):
+        reading = core.read_layer(shape, inputs, guess=guess)
+        assert (reading.layout, reading.grid) == ("tokens", grid)
+
+
+def test_token_detection_is_strict_but_token_grid_is_trusted():
+    # 1 + 14*15 tokens: no square grid; with token_grid= given, tokens fit.
+    with pytest.raises(anycam.InputError, match="does not fit"):
+        core.read_layer((2, 211, 64), (224, 240), guess="channels_first")
+    reading = core.read_layer((2, 211, 64), (224, 240), guess="channels_first", grid=(14, 15))
+    assert (reading.layout, reading.grid) == ("tokens", (14, 15))
+
+
+def test_the_input_layout_is_inferred_when_only_the_other_reading_fits():
+    # A Flax (features, head) pair cut from an NHWC model, read channels-first by default.
+    inputs = [("channels_first", (24, 3)), ("channels_last", (24, 24))]
+    layout, spatial, readings = core.read_layouts([(2, 12, 12, 16)], ["channels_first"], inputs, follow=True)
+    assert (layout, spatial, readings[0].layout) == ("channels_last", (24, 24), "channels_last")
+    # A torch model that takes NHWC and permutes inside: its layers stay channels-first.
+    layout, _, readings = core.read_layouts([(2, 16, 12, 12)], ["channels_first"], inputs)
+    assert (layout, readings[0].layout) == ("channels_last", "channels_first")
+    # Only the first reading is tried when it fits.
+    assert core.read_layouts([(2, 8, 12, 2)], ["channels_first"], inputs)[0] == "channels_first"
+
+
+def test_the_input_layout_is_not_inferred_when_none_fits():
+    inputs = [("channels_first", (24, 3)), ("channels_last", (24, 24))]
+    with pytest.raises(anycam.InputError, match="does not fit"):
+        core.read_layouts([(2, 64, 64, 48)], ["channels_first"], inputs, names=["block"])
+
+
+def test_a_given_layout_is_checked_not_trusted():
+    # NCHW (N, 64, 6, 5) under (12, 10): as channels_last its spatial (64, 6) exceeds the input.
+    with pytest.raises(anycam.InputError, match=r"layout='channels_last' contradicts the shapes.*'channels_first'"):
+        core.read_layer((2, 64, 6, 5), (12, 10), guess="channels_first", given="channels_last")
+    with pytest.raises(anycam.InputError, match="layout='tokens' contradicts"):
+        core.read_layer((2, 64, 6, 5), (12, 10), guess="channels_first", given="tokens")
+    assert core.read_layer((2, 64, 6, 5), (12, 10), guess="channels_last", given="NCHW").layout == "channels_first"
+    # A given token layout trusts a non-square-tiling grid (only the sizes are checked).
+    assert core.read_layer((2, 17, 8), (15, 15), guess="channels_first", given="tokens").grid == (4, 4)
+
+
+def test_a_layer_without_spatial_axes_is_refused():
+    with pytest.raises(anycam.InputError, match="no spatial axis"):
+        core.read_layer((2, 10), (8, 8), guess="channels_first")

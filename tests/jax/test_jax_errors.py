@@ -204,3 +204,27 @@ def test_tuple_outputs_need_a_selector() -> None:
         anycam.Explainer((model, variables), "conv")(x())
     result = anycam.Explainer((model, variables), "conv", output=1).explain(x())
     assert result.scores.shape == (2,) and set(result.target) <= {0, 1}
+
+
+def test_a_flax_pair_in_nhwc_is_read_channels_last_without_being_told() -> None:
+    """Issue 10, item 3: (features, head) cut from an NHWC Flax model, no layout given.
+
+    Read channels-first (the pair default) the input's spatial shape would be (24, 3) and the
+    map (N, 24, 16); only the channels-last reading fits, so it is taken.
+    """
+    conv, dense = nn.Conv(16, (3, 3), strides=2, padding="SAME"), nn.Dense(5)
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(2, 24, 24, 3)).astype(np.float32))
+    conv_vars = numpy_init(conv, x, rng)
+    dense_vars = numpy_init(dense, jnp.zeros((2, 16)), rng)
+
+    def features(images):  # type: ignore[no-untyped-def]
+        return jax.nn.relu(conv.apply(conv_vars, images))
+
+    def head(activations):  # type: ignore[no-untyped-def]
+        return dense.apply(dense_vars, activations.mean(axis=(1, 2)))
+
+    told = anycam.Explainer((features, head), None, backend="jax", input_layout="NHWC").explain(x)
+    found = anycam.Explainer((features, head), None, backend="jax").explain(x)
+    assert told.heatmap.shape == found.heatmap.shape == (2, 24, 24)
+    np.testing.assert_array_equal(found.heatmap, told.heatmap)

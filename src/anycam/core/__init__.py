@@ -11,7 +11,17 @@
 """
 
 from .guided import attribution_map, guided_gradcam
-from .layout import LAYOUTS, canonical_layout, spatial_shape, to_channels_first, token_grid
+from .layout import (
+    LAYOUTS,
+    LayerReading,
+    align_spatial,
+    canonical_layout,
+    read_layer,
+    read_layouts,
+    spatial_shape,
+    to_channels_first,
+    token_grid,
+)
 from .methods import (
     CAPTURE_METHODS,
     GRADIENT_METHODS,
@@ -59,11 +69,13 @@ __all__ = [
     "SCORECAM_VARIANTS",
     "SCORE_METHODS",
     "TARGET_FREE_METHODS",
+    "LayerReading",
     "LayerResult",
     "TargetSpec",
     "TopK",
     "ablated_copies",
     "ablation_weights",
+    "align_spatial",
     "attribution_map",
     "canonical_layout",
     "check_finite",
@@ -85,6 +97,8 @@ __all__ = [
     "one_hot",
     "parse_target",
     "random_weights",
+    "read_layer",
+    "read_layouts",
     "relu",
     "resize",
     "resolve_indices",

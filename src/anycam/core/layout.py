@@ -8,6 +8,8 @@ sees an explicit channel axis, so every layout is converted here, once, in NumPy
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -113,3 +115,252 @@ def spatial_shape(shape: tuple[int, ...], layout: str) -> tuple[int, ...]:
     if layout == "channels_last":
         return tuple(shape[1:-1])
     raise InputError("inputs cannot be in a token layout; pass input_layout='channels_first' or 'channels_last'")
+
+
+# -- checking a layer's layout against the input ------------------------------------------------
+
+_OTHER = {"channels_first": "channels_last", "channels_last": "channels_first"}
+
+
+@dataclass(frozen=True)
+class LayerReading:
+    """How one layer output is read against the input.
+
+    Attributes:
+        layout: ``"channels_first"``, ``"channels_last"`` or ``"tokens"``.
+        grid: the patch grid of a token layout (None otherwise).
+        spatial: the layer's spatial shape in that layout (the grid for tokens).
+        aligned: ``(layer, input)`` spatial shapes brought to one rank by dropping size-1 axes
+            (the shapes themselves when their ranks already agree); the map is upsampled from
+            the first to the second, then given the input's spatial shape.
+    """
+
+    layout: str
+    grid: tuple[int, ...] | None
+    spatial: tuple[int, ...]
+    aligned: tuple[tuple[int, ...], tuple[int, ...]]
+
+
+def align_spatial(
+    layer: tuple[int, ...], inputs: tuple[int, ...]
+) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+    """Returns ``(layer, inputs)`` at one rank with every layer axis ≤ the input's, or None.
+
+    Ranks that differ are brought together by dropping the size-1 axes of both (a 1-D model
+    written with ``Conv2d`` on ``x[..., None]`` has a ``(L, 1)`` feature map for an ``(L,)``
+    signal). Equal ranks are compared as they are.
+
+    >>> align_spatial((64, 1), (1024,))
+    ((64,), (1024,))
+    >>> align_spatial((8,), (8, 8)) is None
+    True
+    """
+    if len(layer) != len(inputs):
+        layer = tuple(d for d in layer if d != 1)
+        inputs = tuple(d for d in inputs if d != 1)
+    if not layer or len(layer) != len(inputs) or any(a > b for a, b in zip(layer, inputs, strict=True)):
+        return None
+    return layer, inputs
+
+
+def _strict_grid(tokens: int, inputs: tuple[int, ...]) -> tuple[int, ...] | None:
+    """The square grid of ``tokens`` if it tiles a square ``inputs`` in equal whole patches.
+
+    Stricter than :func:`token_grid`, because here nobody said the output holds tokens: the
+    patches must also outnumber the class/register tokens before them four times over (the 6
+    channels of a 1-D map are not 2 register tokens and a 2×2 grid; ViTs have 1 to 5 of them
+    before 49 to 1024 patches).
+    """
+    if len(inputs) != 2 or inputs[0] != inputs[1]:
+        return None
+    try:
+        prefix, grid = token_grid(tokens)
+    except InputError:
+        return None
+    return grid if inputs[0] % grid[0] == 0 and 4 * prefix <= math.prod(grid) else None
+
+
+def _reading(
+    shape: tuple[int, ...], layout: str, inputs: tuple[int, ...], grid: tuple[int, ...] | None, strict: bool
+) -> LayerReading | None:
+    """The reading of a per-sample ``shape`` in ``layout`` if it fits ``inputs``, else None."""
+    if layout == "tokens":
+        if len(shape) != 2:
+            return None
+        if grid is None and strict:
+            found = _strict_grid(shape[0], inputs)
+            if found is None:
+                return None
+            grid = found
+        else:
+            try:
+                grid = token_grid(shape[0], grid)[1]
+            except InputError:
+                return None
+        spatial = grid
+    else:
+        spatial = shape[1:] if layout == "channels_first" else shape[:-1]
+    aligned = align_spatial(spatial, inputs)
+    if aligned is None:
+        return None
+    return LayerReading(layout, grid if layout == "tokens" else None, tuple(spatial), aligned)
+
+
+def _describe(shape: tuple[int, ...], inputs: tuple[int, ...], grid: tuple[int, ...] | None) -> str:
+    parts = [f"channels_first gives {shape[1:]}", f"channels_last gives {shape[:-1]}"]
+    if len(shape) == 2:
+        try:
+            parts.append(f"tokens gives the grid {token_grid(shape[0], grid)[1]}")
+        except InputError:
+            parts.append(f"tokens gives no grid ({shape[0]} tokens)")
+    return "; ".join(parts)
+
+
+def read_layer(
+    shape: tuple[int, ...],
+    input_spatial: tuple[int, ...],
+    *,
+    guess: str,
+    given: str | None = None,
+    grid: tuple[int, ...] | None = None,
+    name: str = "",
+    input_shape: tuple[int, ...] | None = None,
+) -> LayerReading:
+    """Returns the one reading of a layer output ``(N, *shape)`` that fits the input.
+
+    A reading fits when the layer's spatial shape and the input's have one rank after dropping
+    size-1 axes, and each layer axis is no larger than the input's. A ``given`` layout is only
+    checked. Otherwise the backend's ``guess`` is kept when it fits; when it does not, the one
+    other reading that fits is taken: the other channel placement, or tokens ``(N, T, C)`` (a
+    3-D output under a 2-D input, its square patch grid tiling the input in whole patches).
+    When none fits, or several do, the shapes cannot tell, and the error says what to pass.
+
+    Args:
+        shape: the layer output's shape ``(N, ...)``.
+        input_spatial: the input's spatial shape.
+        guess: the backend's layout for the layer.
+        given: the user's ``layout=``, or None.
+        grid: the user's ``token_grid=``, or None.
+        name: the layer, for messages.
+        input_shape: the input's full shape, for messages.
+
+    Raises:
+        InputError: no reading fits, several do, or ``given`` contradicts the shapes; the
+            message names both shapes.
+    """
+    per_sample = tuple(int(d) for d in shape[1:])
+    where = f"layer {name!r} output {tuple(shape)}" if name else f"layer output {tuple(shape)}"
+    against = f"input {tuple(input_shape)} (spatial {tuple(input_spatial)})" if input_shape else (
+        f"input spatial shape {tuple(input_spatial)}"
+    )
+    if len(per_sample) < 2:
+        raise InputError(
+            f"{where} has no spatial axis; Grad-CAM needs a feature map (C, *spatial) or tokens (T, C): "
+            "explain an earlier layer"
+        )
+    if given is not None:
+        given = canonical_layout(given)
+        found = _reading(per_sample, given, input_spatial, grid, strict=False)
+        if found is None:
+            fitting = [
+                layout
+                for layout in ("channels_first", "channels_last", "tokens")
+                if layout != given and _reading(per_sample, layout, input_spatial, grid, strict=False)
+            ]
+            hint = f"; the shapes fit {' or '.join(map(repr, fitting))}" if fitting else ""
+            raise InputError(
+                f"layout={given!r} contradicts the shapes: {where} read as {given} does not fit the "
+                f"{against} (same rank after dropping size-1 axes, each layer axis ≤ the input's)"
+                f"{hint}; {_describe(per_sample, input_spatial, grid)}. Pass the layer's true layout, "
+                "or input_layout= if the input is read wrongly"
+            )
+        return found
+    guessed = _reading(per_sample, guess, input_spatial, grid, strict=False)
+    if guessed is not None:
+        return guessed
+    others = [layout for layout in (_OTHER.get(guess, "channels_first"), "tokens") if layout != guess]
+    if guess == "tokens":
+        others = ["channels_first", "channels_last"]
+    candidates = (_reading(per_sample, other, input_spatial, grid, strict=grid is None) for other in others)
+    fits = [reading for reading in candidates if reading is not None]
+    if len(fits) == 1 and not _ambiguous_tokens(fits[0], per_sample, input_spatial, grid):
+        return fits[0]
+    if fits:
+        raise InputError(
+            f"cannot tell the layout of {where} under the {against}: it reads as "
+            f"{' or as '.join(r.layout for r in fits)} ({_describe(per_sample, input_spatial, grid)}); "
+            "pass layout='channels_first', 'channels_last' or 'tokens' (with token_grid=)"
+        )
+    raise InputError(
+        f"{where} does not fit the {against}: no layout gives the input's spatial rank (after "
+        f"dropping size-1 axes) with each layer axis ≤ the input's ({_describe(per_sample, input_spatial, grid)}); "
+        "pass layout= (and token_grid= for tokens) or input_layout=, or explain a layer with a "
+        "spatial feature map"
+    )
+
+
+def _ambiguous_tokens(
+    reading: LayerReading, shape: tuple[int, ...], inputs: tuple[int, ...], grid: tuple[int, ...] | None
+) -> bool:
+    """True when a detected token reading ``(T, C)`` would fit just as well as ``(C, T)``.
+
+    A 1-D feature map ``(C, L)`` under a 2-D input reads as tokens whenever C happens to be
+    a square plus a few prefix tokens; then the shapes do not tell.
+    """
+    if reading.layout != "tokens" or grid is not None:
+        return False
+    return _strict_grid(shape[1], inputs) is not None
+
+
+def read_layouts(
+    shapes: Sequence[tuple[int, ...]],
+    guesses: Sequence[str],
+    inputs: Sequence[tuple[str, tuple[int, ...]]],
+    *,
+    given: str | None = None,
+    grid: tuple[int, ...] | None = None,
+    names: Sequence[str] = (),
+    follow: bool = False,
+    input_shape: tuple[int, ...] | None = None,
+) -> tuple[str, tuple[int, ...], tuple[LayerReading, ...]]:
+    """Returns the input's layout and spatial shape and each layer's reading (:func:`read_layer`).
+
+    Args:
+        shapes: per layer, the output's shape ``(N, ...)``.
+        guesses: per layer, the backend's layout.
+        inputs: the input readings to try, ``(layout, spatial shape)``, the backend's first; a
+            second one is tried only when some layer fits no reading under the first.
+        given, grid: the user's ``layout=`` and ``token_grid=``.
+        names: the layer names, for messages.
+        follow: the backend's layer guesses follow the input layout (JAX), so under the other
+            input reading the layers are guessed in that layout too.
+        input_shape: the input's full shape, for messages.
+
+    Raises:
+        InputError: from the first input reading, when no input reading fits every layer.
+    """
+    first_error: InputError | None = None
+    for attempt, (input_layout, spatial) in enumerate(inputs):
+        try:
+            readings = []
+            for index, shape in enumerate(shapes):
+                guess = guesses[index]
+                if attempt and follow and guess in _OTHER:
+                    guess = input_layout
+                readings.append(
+                    read_layer(
+                        shape,
+                        spatial,
+                        guess=guess,
+                        given=given,
+                        grid=grid,
+                        name=names[index] if index < len(names) else "",
+                        input_shape=input_shape,
+                    )
+                )
+        except InputError as exc:
+            first_error = first_error or exc
+            continue
+        return input_layout, tuple(spatial), tuple(readings)
+    assert first_error is not None
+    raise first_error

@@ -91,6 +91,7 @@ def heatmaps(
     normalization: str | None = "minmax",
     resize_mode: str | None = "linear",
     aggregate: str = "mean",
+    aligned: Sequence[tuple[tuple[int, ...], tuple[int, ...]] | None] | None = None,
 ) -> np.ndarray:
     """Returns normalise(upsample(cam)) per layer, combined over layers.
 
@@ -104,6 +105,10 @@ def heatmaps(
         normalization: ``"minmax"``, ``"max"`` or None.
         resize_mode: ``"linear"``, ``"nearest"`` or None (same as size=None).
         aggregate: ``"mean"`` or ``"max"`` over layers.
+        aligned: per layer, the ``(layer, input)`` spatial shapes at one rank
+            (``anycam.core.LayerReading.aligned``): the map is upsampled between those and then
+            given the shape ``size``, so a ``(64, 1)`` map of a ``(1024,)`` signal becomes
+            ``(1024,)``. None: the map's trailing axes are upsampled to ``size``'s.
 
     Returns:
         ``(N, K, *size)`` float32.
@@ -113,11 +118,20 @@ def heatmaps(
     maps = []
     # One layer: normalised straight into the float32 result.
     dtype = np.float32 if len(cams) == 1 else np.float64
-    for cam in cams:
+    for index, cam in enumerate(cams):
         spatial = cam.ndim - 2
         out = np.asarray(cam, dtype=np.float64)
+        fit = None if aligned is None else aligned[index]
         if size is not None and resize_mode is not None:
-            out = resize(out, tuple(size)[-spatial:], resize_mode)
+            if fit is not None:
+                # Upsampled at the rank both agree on, then given the input's own shape.
+                layer_shape, input_shape = fit
+                lead = cam.shape[:2]
+                out = resize(out.reshape(*lead, *layer_shape), tuple(input_shape), resize_mode)
+                out = out.reshape(*lead, *size)
+                spatial = len(size)
+            else:
+                out = resize(out, tuple(size)[-spatial:], resize_mode)
         # A resized map is a new array the normalisation may overwrite; the caller's cam is not.
         owned = not np.may_share_memory(out, cam)
         maps.append(scaled(out, normalization, spatial, dtype, overwrite=owned))
