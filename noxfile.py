@@ -52,6 +52,10 @@ def _backend_session(backend: str) -> None:
         group = f"test-{backend}"
         extra = nox.project.dependency_groups(PROJECT, group) if group in GROUPS else ()
         session.install(*CONSTRAINTS, "-e", f".[{backend},viz,metrics]", *TEST, *extra)
+        if backend == "torch":
+            # pytorch-grad-cam (a peer the tests compare with) requires torchvision, which has no
+            # build beside this torch; its other dependencies come from the test-torch group.
+            session.install(*CONSTRAINTS, "--no-deps", "grad-cam>=1.5")
         session.run(
             "pytest",
             "tests/contract",
