@@ -59,6 +59,11 @@ class TTAExplainer(Explainer):
             raise ValueError(f"scales must be positive numbers, got {scales!r}")
         if combine not in COMBINES:
             raise ValueError(f"unknown combine={combine!r}; choose 'mean' or 'max'")
+        if explainer.method in core.GUIDED_METHODS:
+            raise ValueError(
+                f"TTAExplainer combines layer maps; {explainer.method!r} gives an input attribution "
+                "(guided backprop), which it does not combine: use a CAM method"
+            )
         if explainer.upsample is None:
             raise ValueError(
                 "TTAExplainer needs maps on the input grid; the wrapped Explainer has upsample=None: "

@@ -35,6 +35,27 @@ def test_a_flipped_input_gives_the_flipped_map(model, combine):
     np.testing.assert_allclose(tta(mirrored, target=2), tta(x, target=2)[..., ::-1], atol=1e-6)
 
 
+class _ChannelsLast(torch.nn.Module):
+    """The tiny net taking (N, H, W, C) images: exercises TTA's channels-last path in torch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = tiny_model()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x.permute(0, 3, 1, 2))
+
+
+def test_channels_last_inputs_are_scaled_and_flipped_on_their_spatial_axes(model):
+    x = images(2, size=12)
+    first = anycam.TTAExplainer(anycam.Explainer(model, "features"), scales=(1.0, 1.5), flip=True)
+    wrapped = _ChannelsLast().eval()
+    last = anycam.TTAExplainer(
+        anycam.Explainer(wrapped, "net.features", input_layout="channels_last"), scales=(1.0, 1.5), flip=True
+    )
+    np.testing.assert_allclose(last(np.ascontiguousarray(x.transpose(0, 2, 3, 1))), first(x), atol=1e-6)
+
+
 def _torch_gradcam_on_grid(model, view, target, size):
     """Grad-CAM of one view in plain torch autograd, upsampled to ``size``: no anycam code."""
     captured = {}
@@ -114,5 +135,7 @@ def test_bad_tta_settings_raise_clear_errors(model):
         anycam.TTAExplainer(explainer, combine="median")
     with pytest.raises(ValueError, match="upsample=None"):
         anycam.TTAExplainer(anycam.Explainer(model, "features", upsample=None))
+    with pytest.raises(ValueError, match="input attribution"):
+        anycam.TTAExplainer(anycam.Explainer(model, "features", method="guided-gradcam"))
     with pytest.raises(anycam.InputError, match="one image batch"):
         anycam.TTAExplainer(explainer).explain({"x": images(1)})

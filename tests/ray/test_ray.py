@@ -13,6 +13,9 @@ import anycam
 from anycam.ray import BatchExplainer
 from tests.dataset.models import crashing_tiny_model, images, tiny_model
 
+# Ray Data's own configuration warns about its deprecated settings at start-up; not ours.
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
 ROOT = Path(__file__).resolve().parents[2]
 COUNT = 24
 
@@ -102,3 +105,14 @@ def test_batch_explainer_errors_are_clear():
     assert result["heatmap"].dtype == np.float16 and result["id"].tolist() == ["a", "b"]
     with pytest.raises(TypeError, match="not the model itself"):
         BatchExplainer(tiny_model(), "features")
+
+
+def test_batch_explainer_options_reach_the_explainer():
+    x = images(3)
+    batch = {"image": x, "id": np.arange(3), "target": np.array([0, 1, 2])}
+    tta = BatchExplainer(tiny_model, "features", method="layercam", scales=(1.0, 0.5), flip=True)(batch)
+    explainer = anycam.Explainer(tiny_model(), "features", method="layercam")
+    expected = anycam.TTAExplainer(explainer, scales=(1.0, 0.5), flip=True).explain(x, target=[0, 1, 2])
+    np.testing.assert_array_equal(tta["heatmap"], expected.heatmap)
+    np.testing.assert_array_equal(tta["target"], [0, 1, 2])  # the batch's own target column
+    np.testing.assert_array_equal(tta["scores"], expected.scores)
