@@ -73,7 +73,8 @@ def explain_dataset(
     """Explains every batch of ``batches``; yields the results in order, or writes them to ``out``.
 
     Each batch is one of: an input batch ``(N, ...)`` (ids are then the running sample index
-    0, 1, 2, …); an ``(inputs, target)`` 2-tuple; or a mapping with the inputs under
+    0, 1, 2, …); an ``(inputs, target)`` pair, as a tuple or a list (what a torch ``DataLoader``
+    gives for ``(image, label)`` samples); or a mapping with the inputs under
     ``input_key`` and, optionally, ids under ``id_key``, per-sample targets under ``target_key``
     and pointing-game regions under ``regions_key`` (the batches Ray Data and most loaders give).
 
@@ -250,11 +251,11 @@ def _parse(batch: Any, keys: _Keys, index: int) -> _Batch:
                 raise InputError(f"batch {index}: ids must be integers or strings, got dtype {ids.dtype}")
             ids = ids.astype(str) if ids.dtype.kind in "SO" else ids
         return _Batch(inputs, ids, batch.get(keys.target), batch.get(keys.regions), size)
-    if isinstance(batch, tuple):
+    if isinstance(batch, (tuple, list)):  # a torch DataLoader collates (image, label) pairs into a list
         if len(batch) != 2:
             raise InputError(
-                f"batch {index} is a tuple of {len(batch)} items; a tuple batch is (inputs, target): "
-                "pass models with several inputs as mapping batches"
+                f"batch {index} is a {type(batch).__name__} of {len(batch)} items; a tuple or list batch is "
+                "(inputs, target): pass models with several inputs as mapping batches"
             )
         return _Batch(batch[0], None, batch[1], None, _batch_size(batch[0]))
     return _Batch(batch, None, None, None, _batch_size(batch))
@@ -550,8 +551,10 @@ def _write(
     seen: set[Any] = {v for p in parts for v in p.ids}
     writer = _Writer(root, parts, part_size)
     bar = _progress(progress, total)
+    drawn = 0
     try:
         for index, raw in enumerate(batches):
+            drawn = index + 1
             batch = _parse(raw, runner.keys, index)
             ids = runner.ids(batch)
             runner.next_id += batch.size
@@ -571,6 +574,11 @@ def _write(
             if bar is not None:
                 bar.update(batch.size)
         writer.flush()
+        if drawn < done_batches:
+            raise StoreMismatchError(
+                f"the batches ended after {drawn}, but the store already holds {done_batches}: resuming needs "
+                "the same batches as the run that wrote it"
+            )
     finally:
         if bar is not None:
             bar.close()

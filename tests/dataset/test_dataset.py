@@ -58,6 +58,15 @@ def test_plain_arrays_get_running_ids_and_pairs_carry_their_target(explainer, da
     np.testing.assert_array_equal(results[0]["heatmap"], explainer(data[:4], target=3))
 
 
+def test_a_torch_data_loader_of_image_label_pairs_is_explained_with_its_labels(explainer, data):
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(torch.from_numpy(data), torch.arange(10) % 5), batch_size=4
+    )
+    results = list(anycam.explain_dataset(explainer, loader, fields=("heatmap", "target"), progress=False))
+    assert np.concatenate([r["target"] for r in results]).tolist() == [i % 5 for i in range(10)]
+    np.testing.assert_array_equal(results[2]["heatmap"], explainer(data[8:], target=[3, 4]))
+
+
 def test_store_holds_what_the_stream_yields_with_an_index_of_ids(explainer, data, tmp_path):
     fields = ("heatmap", "scores", "target")
     store = anycam.explain_dataset(explainer, batches(data, 4), out=tmp_path / "s", fields=fields, part_size=3)
@@ -198,6 +207,8 @@ def test_resume_refuses_batches_that_come_back_different(explainer, tmp_path):
     shuffled = batches(data, 2)[::-1]
     with pytest.raises(anycam.StoreMismatchError, match="batch 0 has ids"):
         anycam.explain_dataset(explainer, shuffled, out=out, part_size=2, progress=False)
+    with pytest.raises(anycam.StoreMismatchError, match="the batches ended after 1, but the store already holds 2"):
+        anycam.explain_dataset(explainer, batches(data, 2)[:1], out=out, part_size=2, progress=False)
 
 
 def _stopping(items, after):
