@@ -49,7 +49,7 @@ class ModelSpec:
 
     Attributes:
         model: the model, in any form ``anycam.Explainer`` accepts.
-        layer: the layer to explain when ``--layer`` is not given.
+        layer: the layer to explain when ``--layer`` is not given (None: ``"auto"``).
         preprocess: a function from one image — uint8 ``(H, W, 3)`` RGB, or ``(H, W)`` with
             ``channels=1`` — to one model input without the batch axis (e.g. float32
             ``(3, 224, 224)``). When given, ``size``, ``mean`` and ``std`` are not used.
@@ -278,11 +278,8 @@ def explain_command(args: argparse.Namespace) -> int:
     except Exception as exc:  # the user's factory may raise anything
         raise FactoryError(f"the factory {reference!r} raised {type(exc).__name__}: {exc}") from exc
     spec = model_spec(built, f"the factory {reference!r}")
-    layer = args.layer if args.layer is not None else spec.layer
-    if layer is None:
-        raise FactoryError(
-            f"no layer to explain: pass --layer NAME, or return ModelSpec(model, layer=...) from {reference!r}"
-        )
+    # Neither --layer nor the spec's layer: the automatic rule (anycam.Explainer's layer="auto").
+    layer = args.layer if args.layer is not None else (spec.layer if spec.layer is not None else "auto")
     chosen = args.method or ["gradcam"]
     methods = list(core.METHODS) if "all" in chosen else list(dict.fromkeys(chosen))
     for name, value in (("--top", args.top), ("--batch-size", args.batch_size)):
@@ -303,7 +300,10 @@ def explain_command(args: argparse.Namespace) -> int:
         for image in images
     ]
     names = _output_names(args.images)
-    print(f"anycam explain: {len(images)} image(s); layer {', '.join(first.layer_names)}; {', '.join(methods)}")
+    # The automatic layer is resolved on the first forward pass; say which it was after that one.
+    unresolved = not first.layer_names
+    layer_text = ", ".join(first.layer_names) or "auto"
+    print(f"anycam explain: {len(images)} image(s); layer {layer_text}; {', '.join(methods)}")
     written = 0
     # Images of one input shape go through the model together, batch_size at a time.
     groups: dict[tuple[int, ...], list[int]] = {}
@@ -324,6 +324,10 @@ def explain_command(args: argparse.Namespace) -> int:
                 print(f"  the model's output has shape {outputs.shape[1:]} per image, not (classes,): no top classes")
         for method in methods:
             explanation = explainers[method].explain(batch, target)
+            if unresolved:
+                unresolved = False
+                chosen = explanation.layer if isinstance(explanation.layer, str) else ", ".join(explanation.layer)
+                print(f"  layer auto chose {chosen}")
             several = explanation.scores.ndim == 2
             for row, index in enumerate(chunk):
                 maps = explanation.heatmap[row] if several else explanation.heatmap[row][None]
@@ -363,8 +367,9 @@ def add_explain_parser(commands: Any) -> None:
     command.add_argument(
         "--layer",
         default=None,
-        metavar="NAME",
-        help="the layer to explain, e.g. layer4 or conv5_block3_out (default: the ModelSpec's layer)",
+        metavar="NAME|auto",
+        help="the layer to explain, e.g. layer4 or conv5_block3_out, or 'auto': the last layer whose output keeps "
+        "the input's spatial axes (default: the ModelSpec's layer, else auto)",
     )
     command.add_argument(
         "--method",

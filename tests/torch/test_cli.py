@@ -140,6 +140,23 @@ def test_explain_targets_methods_and_a_dict_factory(workdir: Path, capsys: pytes
     assert len(list((workdir / "t").glob("a_gradcam_*.png"))) == 2
 
 
+def test_explain_layer_auto_picks_the_last_spatial_layer(workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import my_models
+
+    # The bare model gives no layer: --layer auto, also the default, picks `features`.
+    for extra in (["--layer", "auto"], []):
+        assert main(["explain", "a.png", "--model", "my_models:tiny", "--out", "auto", *extra]) == 0
+        assert "layer auto chose features\n" in capsys.readouterr().out
+    original = np.asarray(Image.open(workdir / "a.png").convert("RGB"))
+    x = torch.from_numpy((original.astype(np.float32) / 255.0).transpose(2, 0, 1)[None].copy())
+    model = my_models.tiny()
+    with torch.no_grad():
+        best = int(model(x)[0].argmax())
+    expected = anycam.overlay(original, reference_heatmap(model, x, best).astype(np.float32))
+    written = np.asarray(Image.open(workdir / "auto" / "a_gradcam.png"))
+    assert np.abs(written.astype(int) - expected.astype(int)).max() <= 1
+
+
 def test_explain_factory_from_a_file_with_explicit_layer(workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     os.chdir(workdir.parent)  # the file form needs no import path
     factory = f"{workdir / 'my_models.py'}:tiny"
@@ -162,7 +179,6 @@ def test_explain_factory_from_a_file_with_explicit_layer(workdir: Path, capsys: 
         ("my_models:unknown", [], "returned a builtins.str, which is no model anycam knows"),
         ("my_models:broken", [], "raised RuntimeError: weights file missing"),
         ("my_models:bad_keys", [], "unknown keys ['layers']"),
-        ("my_models:tiny", [], "no layer to explain: pass --layer NAME"),
         ("my_models:tiny", ["--layer", "featurs"], "featurs"),
         ("my_models:spec", ["--target", "dgo"], "'dgo' is neither a class index nor a label; closest: 'dog'"),
         ("missing.py:tiny", [], "no file 'missing.py'"),
