@@ -17,6 +17,7 @@ PROJECT = nox.project.load_toml("pyproject.toml")
 TEST = nox.project.dependency_groups(PROJECT, "test")
 LINT = nox.project.dependency_groups(PROJECT, "lint")
 GROUPS = PROJECT["dependency-groups"]  # test-<backend>: what only that backend's session needs
+DOCS = nox.project.dependency_groups(PROJECT, "docs")
 PICTURES = nox.project.dependency_groups(PROJECT, "pictures")
 BACKENDS = ("torch", "tensorflow", "jax")
 QUIET = {"TF_CPP_MIN_LOG_LEVEL": "2"}
@@ -35,6 +36,7 @@ def core(session: nox.Session) -> None:
         "tests/core",
         "tests/viz",
         "tests/test_demo_data.py",
+        "tests/docs",
         "--doctest-modules",
         "src/anycam/core",
         "src/anycam/metrics.py",
@@ -60,6 +62,7 @@ def _backend_session(backend: str) -> None:
             "pytest",
             "tests/contract",
             f"tests/{backend}",
+            "tests/docs",
             f"--backends={backend}",
             *session.posargs,
             env=QUIET,
@@ -76,7 +79,7 @@ for _name in BACKENDS:
 def parity(session: nox.Session) -> None:
     """All three frameworks in one environment: same weights, same maps; the demo end to end."""
     session.install(*CONSTRAINTS, "-e", ".[all]", *TEST)
-    session.run("pytest", "tests/parity", "--backends=torch,tensorflow,jax", *session.posargs, env=QUIET)
+    session.run("pytest", "tests/parity", "tests/docs", "--backends=torch,tensorflow,jax", *session.posargs, env=QUIET)
 
 
 @nox.session
@@ -92,6 +95,14 @@ def lint(session: nox.Session) -> None:
     session.install(*CONSTRAINTS, "-e", ".", *LINT)
     session.run("ruff", "check", "src", "backends", "tests", "noxfile.py")
     session.run("mypy")
+
+
+@nox.session
+def docs(session: nox.Session) -> None:
+    """The documentation site, MkDocs with warnings as errors, into site/ (its code runs in the test sessions)."""
+    session.install(*CONSTRAINTS, *DOCS)
+    # mkdocstrings reads the sources statically: no framework, not even anycam, is installed.
+    session.run("mkdocs", "build", "--strict", *session.posargs, env={"NO_MKDOCS_2_WARNING": "1"})
 
 
 @nox.session(default=False)

@@ -251,7 +251,10 @@ class Explainer:
             sample, ``(N, K, *input_spatial)`` for K.
 
         Raises:
-            anycam.TargetError, anycam.InputError, anycam.LayerError, anycam.NonFiniteError.
+            anycam.TargetError: a target that does not fit the batch or the model output.
+            anycam.InputError: an input of the wrong rank, dtype or layout.
+            anycam.LayerError: a layer that is never called or does not reach the output.
+            anycam.NonFiniteError: NaN or inf in the input, activations or gradients.
         """
         spec = core.parse_target(target)
         if self.method in core.SCORE_METHODS:

@@ -1,0 +1,93 @@
+"""Every ```python block of docs/*.md runs, in page order, in the session of the frameworks it needs.
+
+A page names the frameworks its code imports in a comment, ``<!-- docs: needs torch -->``; a
+page without one runs in the NumPy-only core session. A block whose first line is
+``# raises: anycam.SomeError`` must raise that error (the troubleshooting page shows each
+error this way). Blocks of one page share one namespace and run in a fresh folder, so files
+they write do not leak.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+import anycam
+from tests.conftest import FRAMEWORK, requested_backends
+
+DOCS = Path(__file__).resolve().parents[2] / "docs"
+NEEDS = re.compile(r"^<!-- docs: needs ([a-z, ]+) -->$", re.M)
+BLOCK = re.compile(r"^```python[^\n]*\n(.*?)^```\s*$", re.M | re.S)
+RAISES = re.compile(r"^# raises: anycam\.(\w+)\s*$")
+
+
+@dataclass(frozen=True)
+class Page:
+    path: Path
+    needs: frozenset[str]
+    blocks: tuple[str, ...]
+
+
+def read_page(path: Path) -> Page:
+    text = path.read_text()
+    found = NEEDS.findall(text)
+    needs = frozenset(name.strip() for spec in found for name in spec.split(",") if name.strip())
+    return Page(path, needs, tuple(BLOCK.findall(text)))
+
+
+PAGES = [read_page(path) for path in sorted(DOCS.glob("*.md"))]
+
+
+def runs_here(needs: frozenset[str], requested: frozenset[str]) -> bool:
+    """A page runs in the one session made for it: core (none), tests-<framework> (one), parity (several)."""
+    if len(requested) <= 1:
+        return needs == requested
+    return len(needs) > 1 and needs <= requested
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "page" in metafunc.fixturenames:
+        requested = frozenset(requested_backends(metafunc.config))
+        pages = [page for page in PAGES if page.blocks and runs_here(page.needs, requested)]
+        metafunc.parametrize("page", pages, ids=[page.path.name for page in pages])
+
+
+def test_page_examples_run(page: Page, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    namespace: dict[str, object] = {"__name__": f"docs_{page.path.stem}"}
+    for number, code in enumerate(page.blocks, start=1):
+        where = f"{page.path.name}, python block {number}"
+        expected = RAISES.match(code.splitlines()[0]) if code.strip() else None
+        compiled = compile(code, where, "exec")
+        if expected is None:
+            exec(compiled, namespace)
+            continue
+        error = getattr(anycam, expected.group(1), None)
+        assert isinstance(error, type) and issubclass(error, anycam.AnycamError), where
+        with pytest.raises(error):
+            exec(compiled, namespace)
+
+
+def test_every_page_with_code_names_known_frameworks() -> None:
+    for page in PAGES:
+        assert page.needs <= set(FRAMEWORK), f"{page.path.name} needs unknown frameworks {set(page.needs)}"
+    assert any(page.blocks for page in PAGES)
+
+
+def test_examples_do_not_hide_in_other_fences() -> None:
+    # A ```py or ```python3 fence would render as code but never run.
+    for page in PAGES:
+        stray = re.findall(r"^```(py|python3|pycon)\b", page.path.read_text(), re.M)
+        assert not stray, f"{page.path.name} has ```{stray[0]} blocks; use ```python so they run"
+
+
+def test_mkdocs_nav_lists_every_page() -> None:
+    config = (DOCS.parent / "mkdocs.yml").read_text()
+    for page in PAGES:
+        assert re.search(rf":\s*{re.escape(page.path.name)}\s*$", config, re.M), f"{page.path.name} is not in the nav"
+    assert os.path.isfile(DOCS / "index.md")
