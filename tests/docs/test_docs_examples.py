@@ -9,6 +9,7 @@ they write do not leak.
 
 from __future__ import annotations
 
+import importlib
 import os
 import re
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from tests.conftest import FRAMEWORK, requested_backends
 DOCS = Path(__file__).resolve().parents[2] / "docs"
 NEEDS = re.compile(r"^<!-- docs: needs ([a-z, ]+) -->$", re.M)
 BLOCK = re.compile(r"^```python[^\n]*\n(.*?)^```\s*$", re.M | re.S)
-RAISES = re.compile(r"^# raises: anycam\.(\w+)\s*$")
+RAISES = re.compile(r"^# raises: (anycam(?:\.\w+)+)\s*$")
 
 
 @dataclass(frozen=True)
@@ -67,7 +68,8 @@ def test_page_examples_run(page: Page, tmp_path: Path, monkeypatch: pytest.Monke
         if expected is None:
             exec(compiled, namespace)
             continue
-        error = getattr(anycam, expected.group(1), None)
+        module_name, _, name = expected.group(1).rpartition(".")
+        error = getattr(importlib.import_module(module_name), name, None)
         assert isinstance(error, type) and issubclass(error, anycam.AnycamError), where
         with pytest.raises(error):
             exec(compiled, namespace)
@@ -91,3 +93,22 @@ def test_mkdocs_nav_lists_every_page() -> None:
     for page in PAGES:
         assert re.search(rf":\s*{re.escape(page.path.name)}\s*$", config, re.M), f"{page.path.name} is not in the nav"
     assert os.path.isfile(DOCS / "index.md")
+
+
+def all_subclasses(base: type) -> set[type]:
+    found = set()
+    for child in base.__subclasses__():
+        found |= {child, *all_subclasses(child)}
+    return found
+
+
+def test_troubleshooting_covers_every_error_and_warning() -> None:
+    # Every module that defines errors, imported, so that every subclass is known.
+    for module in ("anycam", "anycam.cli", "anycam.dataset", "anycam.metrics", "anycam.sanity", "anycam.viz"):
+        importlib.import_module(module)
+    classes = {anycam.AnycamError, anycam.AnycamWarning}
+    classes |= all_subclasses(anycam.AnycamError) | all_subclasses(anycam.AnycamWarning)
+    public = {cls for cls in classes if cls.__module__.startswith("anycam") and not cls.__name__.startswith("_")}
+    headings = set(re.findall(r"^### (\w+)$", (DOCS / "troubleshooting.md").read_text(), re.M))
+    missing = sorted(cls.__name__ for cls in public if cls.__name__ not in headings)
+    assert not missing, f"docs/troubleshooting.md has no section (### Name) for {missing}: add cause and fix"

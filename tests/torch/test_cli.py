@@ -11,6 +11,7 @@ import re
 import subprocess
 import sys
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -70,7 +71,7 @@ FACTORY = textwrap.dedent(
 
 
 @pytest.fixture
-def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     (tmp_path / "my_models.py").write_text(FACTORY)
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(tmp_path / "a.png")
@@ -78,7 +79,8 @@ def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))
     sys.modules.pop("my_models", None)
-    return tmp_path
+    yield tmp_path
+    sys.modules.pop("my_models", None)  # the next test's folder has its own my_models.py
 
 
 def reference_heatmap(model: torch.nn.Module, x: torch.Tensor, target: int) -> np.ndarray:
