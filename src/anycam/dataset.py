@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from ._errors import AnycamError, InputError, TargetError
+from ._errors import AnycamError, InputError, MissingExtraError, TargetError, require
 from .core.targets import TopK
 
 #: What ``fields=`` may name (``attribution`` needs an Explainer whose Explanation has it).
@@ -325,10 +325,10 @@ def _progress(progress: bool | None, total: int | None) -> Any:
     if progress is False:
         return None
     try:
-        from tqdm.auto import tqdm
-    except ImportError:
+        tqdm = require("tqdm.auto", "dataset", "explain_dataset's progress bar").tqdm
+    except MissingExtraError:
         if progress:
-            raise ImportError('progress=True needs tqdm: pip install "anycam[dataset]"') from None
+            raise
         return None
     return tqdm(total=total, unit="image", unit_scale=False, desc="explain", dynamic_ncols=True)
 
@@ -374,11 +374,8 @@ class _Part:
 
 
 def _pyarrow() -> tuple[Any, Any]:
-    try:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-    except ImportError as exc:
-        raise ImportError(f'an out= store needs pyarrow ({exc}): pip install "anycam[dataset]"') from exc
+    pa = require("pyarrow", "dataset", "an explain_dataset store (out=)")
+    pq = require("pyarrow.parquet", "dataset", "an explain_dataset store (out=)")
     return pa, pq
 
 
@@ -533,6 +530,7 @@ def _write(
     progress: bool | None,
     total: int | None,
 ) -> ExplanationStore:
+    _pyarrow()  # before any work: a missing extra should not surface after the first part's batches
     parts, complete = _open_store(root, config)
     if runner.metrics is not None:  # the stored parts' per-sample values count towards summary()
         for part in parts:

@@ -32,16 +32,13 @@ from typing import Any
 
 import numpy as np
 
-from ._errors import AnycamError, InputError
+from ._errors import AnycamError, InputError, require
 from ._explainer import Explainer
 from .dataset import _check_fields, _Keys, _parse, _Runner
 from .tta import TTAExplainer
 
 # Importing anycam.ray is the user's statement that Ray is wanted: fail here, clearly.
-try:
-    ray = importlib.import_module("ray")
-except ImportError as exc:  # pragma: no cover - the ray session always has it
-    raise ImportError(f'anycam.ray needs Ray Data ({exc}): pip install "anycam[ray]"') from exc
+ray = require("ray", "ray", "anycam.ray")
 
 __all__ = ["BatchExplainer"]
 

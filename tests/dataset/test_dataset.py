@@ -275,6 +275,14 @@ def test_bad_fields_ids_and_targets_raise_clear_errors(explainer, data, tmp_path
         list(anycam.explain_dataset(explainer, [{"pixels": data}]))
 
 
+def test_a_store_without_pyarrow_names_the_extra_before_any_work(explainer, data, monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "pyarrow", None)  # what an uninstalled package looks like to import
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
+    with pytest.raises(anycam.MissingExtraError, match=r'pip install "anycam\[dataset\]"'):
+        anycam.explain_dataset(explainer, [data], out=tmp_path / "s")
+    assert not (tmp_path / "s").exists()
+
+
 def test_streaming_metrics_equal_one_pass_over_all_maps_and_survive_a_resume(explainer, tmp_path):
     data = images(6)
     regions = np.zeros((6, 16, 16), dtype=bool)
