@@ -139,7 +139,8 @@ def structure_inputs(
         twice = sorted(set(structure.kwargs) & set(constants))
         if twice:
             raise InputError(
-                f"keyword(s) {', '.join(map(repr, twice))} given both in the inputs and in model_kwargs; pass each once"
+                f"keyword(s) {', '.join(map(repr, twice))} given both in the inputs and in model_kwargs; "
+                "pass each once"
             )
     elif isinstance(inputs, (tuple, list)):
         structure = ModelInputs(tuple(inputs), {}, 0, kind="positional", constants=constants)

@@ -141,7 +141,9 @@ class LayerReading:
     aligned: tuple[tuple[int, ...], tuple[int, ...]]
 
 
-def align_spatial(layer: tuple[int, ...], inputs: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+def align_spatial(
+    layer: tuple[int, ...], inputs: tuple[int, ...]
+) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
     """Returns ``(layer, inputs)`` at one rank with every layer axis ≤ the input's, or None.
 
     Ranks that differ are brought together by dropping the size-1 axes of both (a 1-D model
@@ -248,10 +250,8 @@ def read_layer(
     """
     per_sample = tuple(int(d) for d in shape[1:])
     where = f"layer {name!r} output {tuple(shape)}" if name else f"layer output {tuple(shape)}"
-    against = (
-        f"input {tuple(input_shape)} (spatial {tuple(input_spatial)})"
-        if input_shape
-        else (f"input spatial shape {tuple(input_spatial)}")
+    against = f"input {tuple(input_shape)} (spatial {tuple(input_spatial)})" if input_shape else (
+        f"input spatial shape {tuple(input_spatial)}"
     )
     if len(per_sample) < 2:
         raise InputError(
