@@ -74,7 +74,8 @@ def explain_dataset(
 
     Each batch is one of: an input batch ``(N, ...)`` (ids are then the running sample index
     0, 1, 2, …); an ``(inputs, target)`` pair, as a tuple or a list (what a torch ``DataLoader``
-    gives for ``(image, label)`` samples); or a mapping with the inputs under
+    gives for ``(image, label)`` samples: the labels are then the explained classes; pass
+    ``(x for x, _ in loader)`` to explain the predicted ones); or a mapping with the inputs under
     ``input_key`` and, optionally, ids under ``id_key``, per-sample targets under ``target_key``
     and pointing-game regions under ``regions_key`` (the batches Ray Data and most loaders give).
 
