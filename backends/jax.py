@@ -39,6 +39,7 @@ import inspect
 import operator
 import re
 import sys
+import warnings
 import zlib
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -100,10 +101,13 @@ class _Taps:
     """The explained layers' outputs, collected during one traced model call.
 
     Adds each layer's zero delta to its output, so the vjp of the model output with respect to
-    the deltas is its gradient with respect to the layer outputs.
+    the deltas is its gradient with respect to the layer outputs. ``deltas`` given as
+    ``{"replace": array}`` instead makes the first layer return that array (``head_scores``):
+    under ``jax.vmap`` over the replacements everything before the layer stays unbatched, so it
+    is computed once, and a skip connection around the layer sees the original tensor.
     """
 
-    def __init__(self, names: tuple[str, ...], deltas: tuple[jax.Array, ...] | None) -> None:
+    def __init__(self, names: tuple[str, ...], deltas: Any) -> None:
         self.names = names
         self.deltas = deltas
         self.found: dict[int, jax.Array] = {}
@@ -122,6 +126,16 @@ class _Taps:
                 "explain a module that runs once"
             )
         self.found[index] = value
+        if isinstance(self.deltas, dict):
+            if index:
+                return value
+            replacement = self.deltas["replace"]
+            if replacement.shape != value.shape:
+                raise InputError(
+                    f"a replacement for layer {name!r} has shape {tuple(replacement.shape)}, but the layer "
+                    f"outputs {tuple(value.shape)} per call; pass (B, N, *layer_shape) replacements"
+                )
+            return replacement.astype(value.dtype)
         return value if self.deltas is None else value + self.deltas[index]
 
     def activations(self) -> tuple[jax.Array, ...]:
@@ -378,6 +392,227 @@ def _capture(program: _Program, mode: tuple[Any, ...], params: Any, x: jax.Array
 @functools.partial(jax.jit, static_argnums=(0,))
 def _forward(program: _Program, params: Any, x: jax.Array) -> Any:
     return program.run(params, x, None)
+
+
+def _selected_scores(mode: tuple[Any, ...], output: Any, batch: int, given: Any, probabilities: bool = False) -> Any:
+    """Returns the ``(N, K)`` scores of a callable target, or of the given class indices."""
+    if mode[0] == "callable":
+        return _callable_scores(mode[1], output, batch)
+    outputs = _class_outputs(output, batch)
+    if probabilities:
+        outputs = jax.nn.softmax(outputs.astype(jnp.float32), axis=1)
+    # Out-of-range classes are clipped here and reported by resolve_indices afterwards.
+    safe = jnp.clip(given, 0, outputs.shape[1] - 1)
+    return jnp.take_along_axis(outputs, safe, axis=1)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _head_scores(
+    program: _Program, mode: tuple[Any, ...], params: Any, x: jax.Array, replacements: jax.Array, given: Any
+) -> jax.Array:
+    """Returns ``(B, N, K)`` scores with the first layer's output replaced by each of ``replacements``.
+
+    ``jax.vmap`` over the B replacements with ``x`` unbatched: the part before the layer does
+    not depend on the mapped axis, so it stays unbatched and runs once; everything after the
+    layer runs batched over the copies (B·N samples through each convolution).
+    """
+    batch = x.shape[0]
+
+    def scores_of(replacement: jax.Array) -> jax.Array:
+        output, _ = program.run(params, x, {"replace": replacement})
+        return _selected_scores(mode, output, batch, given)
+
+    return jax.vmap(scores_of)(replacements)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _input_scores(
+    program: _Program, mode: tuple[Any, ...], probabilities: bool, params: Any, x: jax.Array, given: Any
+) -> Any:
+    """Returns the ``(M, K)`` scores of a batch and, for class targets, its ``(M, classes)`` outputs."""
+    output, _ = program.run(params, x, None)
+    scores = _selected_scores(mode, output, x.shape[0], given, probabilities)
+    return scores, (None if mode[0] == "callable" else _class_outputs(output, x.shape[0]))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _guided(program: _Program, mode: tuple[Any, ...], params: Any, x: jax.Array, given: Any) -> Any:
+    """Returns (guided input gradients ``(N, K, ...)``, scores, indices, outputs, ReLU count).
+
+    The model is traced to a jaxpr once, and the jaxpr is evaluated again with every ReLU
+    (``jax.nn.relu``, ``max(x, 0)``) replaced by ``_guided_relu``; the ordinary ``jax.vjp`` of
+    that evaluation is guided backpropagation. The count of ReLUs replaced is known when
+    tracing and comes back as a constant.
+    """
+    batch = x.shape[0]
+
+    def outputs_of(params: Any, x: jax.Array) -> jax.Array:
+        output, _ = program.run(params, x, None)
+        if mode[0] == "callable":
+            return _callable_scores(mode[1], output, batch)
+        return _class_outputs(output, batch)
+
+    closed = jax.make_jaxpr(outputs_of)(params, x)
+    leaves = jax.tree_util.tree_leaves(params)
+    replaced = [0]
+
+    def guided(x: jax.Array) -> jax.Array:
+        return _evaluate_guided(closed.jaxpr, closed.consts, [*leaves, x], replaced)[0]
+
+    outputs, vjp_fn = jax.vjp(guided, x)
+    indices = _indices(outputs, mode, None if given is None else jnp.clip(given, 0, outputs.shape[1] - 1))
+    cotangents = jax.nn.one_hot(indices.T, outputs.shape[1], dtype=outputs.dtype)
+    if cotangents.shape[0] == 1:
+        gradients = vjp_fn(cotangents[0])[0][:, None]
+    else:
+        gradients = jnp.moveaxis(jax.vmap(vjp_fn)(cotangents)[0], 0, 1)
+    scores = jnp.take_along_axis(outputs, indices, axis=1)
+    return gradients, scores, indices, outputs, jnp.asarray(replaced[0], jnp.int32)
+
+
+# -- guided backpropagation: ReLUs rewritten in the traced program --------------------------------
+
+
+@jax.custom_vjp
+def _guided_relu(x: jax.Array) -> jax.Array:
+    return jnp.maximum(x, jnp.zeros((), x.dtype))
+
+
+def _guided_relu_forward(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    return _guided_relu(x), x
+
+
+def _guided_relu_backward(x: jax.Array, gradient: jax.Array) -> tuple[jax.Array]:
+    # Springenberg et al. 2015, eq. 6: R_l = (f_l > 0) · (R_{l+1} > 0) · R_{l+1}.
+    return (jnp.where((x > 0) & (gradient > 0), gradient, jnp.zeros((), gradient.dtype)),)
+
+
+_guided_relu.defvjp(_guided_relu_forward, _guided_relu_backward)
+
+# Call-like primitives whose body is evaluated inline when it holds a ReLU (their jit boundary
+# or custom rule does not survive; custom rules of functions *without* ReLUs are kept).
+_INLINE = {
+    "jit": "jaxpr",
+    "pjit": "jaxpr",
+    "closed_call": "call_jaxpr",
+    "core_call": "call_jaxpr",
+    "remat": "jaxpr",
+    "checkpoint": "jaxpr",
+    "custom_jvp_call": "call_jaxpr",
+    "custom_vjp_call": "call_jaxpr",
+    "custom_vjp_call_jaxpr": "fun_jaxpr",
+}
+
+
+def _is_zero(atom: Any) -> bool:
+    return isinstance(atom, jax_core.Literal) and np.ndim(atom.val) == 0 and bool(atom.val == 0)
+
+
+def _relu_operand(eqn: Any) -> int | None:
+    """Returns which operand of a ``max(x, 0)`` equation is ``x``, or None for anything else."""
+    if eqn.primitive.name != "max" or len(eqn.invars) != 2:
+        return None
+    first, second = eqn.invars
+    if _is_zero(second) and not isinstance(first, jax_core.Literal):
+        return 0
+    if _is_zero(first) and not isinstance(second, jax_core.Literal):
+        return 1
+    return None
+
+
+def _is_relu_body(jaxpr: Any) -> bool:
+    """True for a one-input jaxpr that is ``max(x, 0)``, possibly inside a ``jit`` (``jax.nn.relu``)."""
+    jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
+    if len(jaxpr.eqns) != 1 or len(jaxpr.invars) != 1 or len(jaxpr.outvars) != 1:
+        return False
+    eqn = jaxpr.eqns[0]
+    if eqn.outvars[0] is not jaxpr.outvars[0]:
+        return False
+    operand = _relu_operand(eqn)
+    if operand is not None:
+        return eqn.invars[operand] is jaxpr.invars[0]
+    inner = eqn.params.get("jaxpr")
+    return inner is not None and list(eqn.invars) == list(jaxpr.invars) and _is_relu_body(inner)
+
+
+def _is_relu(eqn: Any) -> bool:
+    return _relu_operand(eqn) is not None or (
+        eqn.primitive.name == "custom_jvp_call" and _is_relu_body(eqn.params["call_jaxpr"])
+    )
+
+
+def _holds_relu(jaxpr: Any) -> bool:
+    jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
+    return any(
+        _is_relu(eqn) or any(_holds_relu(inner) for inner in jax_core.jaxprs_in_params(eqn.params))
+        for eqn in jaxpr.eqns
+    )
+
+
+def _evaluate_guided(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any], replaced: list[int]) -> list[Any]:
+    """Evaluates ``jaxpr`` like ``jax.core.eval_jaxpr``, with each ReLU replaced by ``_guided_relu``.
+
+    A ReLU is a ``max`` with a literal zero operand, or a ``custom_jvp_call`` whose body is one
+    (``jax.nn.relu``, which Flax's ``nn.relu`` and Equinox's default activations are). Bodies of
+    call-like primitives that hold a ReLU are evaluated inline; loops and conditionals
+    (``scan``, ``while``, ``cond``) get their bodies rewritten the same way. ``replaced[0]``
+    counts the ReLUs replaced.
+    """
+    env: dict[Any, Any] = {}
+
+    def read(atom: Any) -> Any:
+        return atom.val if isinstance(atom, jax_core.Literal) else env[atom]
+
+    def write(var: Any, value: Any) -> None:
+        if not isinstance(var, jax_core.DropVar):
+            env[var] = value
+
+    for var, value in zip(jaxpr.constvars, consts, strict=True):
+        write(var, value)
+    for var, value in zip(jaxpr.invars, args, strict=True):
+        write(var, value)
+    for eqn in jaxpr.eqns:
+        inputs = [read(atom) for atom in eqn.invars]
+        for var, value in zip(eqn.outvars, _apply_guided(eqn, inputs, replaced), strict=True):
+            write(var, value)
+    return [read(atom) for atom in jaxpr.outvars]
+
+
+def _apply_guided(eqn: Any, inputs: list[Any], replaced: list[int]) -> list[Any]:
+    operand = _relu_operand(eqn)
+    if operand is not None:
+        replaced[0] += 1
+        return [_guided_relu(inputs[operand])]
+    name = eqn.primitive.name
+    if name == "custom_jvp_call" and _is_relu_body(eqn.params["call_jaxpr"]):
+        replaced[0] += 1
+        return [_guided_relu(inputs[-1])]
+    params = eqn.params
+    if any(_holds_relu(inner) for inner in jax_core.jaxprs_in_params(params)):
+        key = _INLINE.get(name)
+        if key is not None and isinstance(params.get(key), jax_core.ClosedJaxpr):
+            body = params[key]
+            return _evaluate_guided(body.jaxpr, body.consts, inputs, replaced)
+        params = {key: _rewritten(value, replaced) for key, value in params.items()}
+    bind_params = eqn.primitive.get_bind_params(params)
+    if isinstance(bind_params, tuple):  # older JAX: (subfuns, params)
+        subfuns, bind_params = bind_params
+        inputs = [*subfuns, *inputs]
+    with eqn.ctx.manager:
+        out = eqn.primitive.bind(*inputs, **bind_params)
+    return list(out) if eqn.primitive.multiple_results else [out]
+
+
+def _rewritten(value: Any, replaced: list[int]) -> Any:
+    """Returns a primitive's parameter with the ReLUs in its closed jaxprs made guided."""
+    if isinstance(value, jax_core.ClosedJaxpr):
+        if not _holds_relu(value):
+            return value
+        avals = [var.aval for var in value.jaxpr.invars]
+        return jax.make_jaxpr(lambda *args: _evaluate_guided(value.jaxpr, value.consts, args, replaced))(*avals)
+    if isinstance(value, (tuple, list)) and any(isinstance(item, jax_core.ClosedJaxpr) for item in value):
+        return type(value)(_rewritten(item, replaced) for item in value)
+    return value
 
 
 def _constant_gradients(traced: Any, count: int) -> tuple[int, ...]:
@@ -1137,6 +1372,116 @@ class JaxBackend(Backend):
             input_layout=self.input_layout,
             layouts_follow_input=True,
         )
+
+    # -- gradient-free and guided methods (Score-CAM, Ablation-CAM, Guided Backprop) ------------
+
+    @staticmethod
+    def _given(target: TargetSpec, indices: np.ndarray | None, batch: int) -> tuple[tuple[Any, ...], Any]:
+        """Returns (mode, int32 ``(N, K)`` indices or None) for the resolved ``indices`` of a call."""
+        if target.kind == "callable":
+            return ("callable", target.fn), None
+        if indices is None:
+            raise TargetError("class-index targets need the (N, K) class indices the capture resolved; got None")
+        indices = np.asarray(indices)
+        if indices.ndim != 2 or indices.shape[0] != batch:
+            raise TargetError(f"expected (N, K) class indices with N={batch}, got shape {indices.shape}")
+        return ("given",), indices.astype(np.int32)
+
+    def head_scores(
+        self, inputs: Any, replacements: np.ndarray, target: TargetSpec, indices: np.ndarray | None
+    ) -> np.ndarray:
+        """Returns ``(B, N, K)`` float32 scores with the first layer's output replaced by each copy.
+
+        Runs ``jax.vmap`` over the B copies with the input unbatched: the network up to the
+        layer runs once per call, the rest on all B·N replaced samples, compiled once per
+        (model, layer, target kind, shapes). A skip connection around the layer sees the
+        original tensor, as it would in a model that recomputes everything.
+
+        Args:
+            inputs: the batch ``(N, ...)`` given to ``capture``.
+            replacements: ``(B, N, *layer_shape)`` copies of the layer output in its layout.
+            target: the call's target; indices: the ``(N, K)`` classes the capture resolved
+                (None for a callable target, which is applied to each replaced output).
+
+        Raises:
+            anycam.InputError: replacements of another shape than the layer's output.
+        """
+        x = self._as_input(inputs)
+        batch = x.shape[0]
+        mode, given = self._given(target, indices, batch)
+        copies = jnp.asarray(replacements, dtype=jnp.float32)
+        if copies.ndim < 2 or copies.shape[1] != batch:
+            raise InputError(
+                f"replacements must be (B, N, *layer_shape) with N={batch}, got shape {tuple(copies.shape)}"
+            )
+        program, params = self._model.snapshot()
+        return _to_numpy(jax.device_get(_head_scores(program, mode, params, x, copies, given)))
+
+    def input_scores(
+        self, inputs: Any, target: TargetSpec, indices: np.ndarray | None, *, probabilities: bool = False
+    ) -> np.ndarray:
+        """Returns ``(M, K)`` float32 scores of the targets on a batch of (modified) inputs.
+
+        ``probabilities=True`` takes the softmax over the classes first (Score-CAM's weights),
+        for class-index targets only. One compiled forward per (model, target kind, shapes).
+
+        Raises:
+            anycam.TargetError: ``probabilities=True`` with a callable target, or indices that
+                do not fit the batch or the model's classes.
+        """
+        x = self._as_input(inputs)
+        if probabilities and target.kind == "callable":
+            raise TargetError(
+                "Score-CAM weights by the softmax of class scores, and a callable target has no "
+                "classes to take it over; pass class indices, or a callable that returns what to "
+                "weight by and probabilities=False"
+            )
+        mode, given = self._given(target, indices, x.shape[0])
+        program, params = self._model.snapshot()
+        scores, outputs = jax.device_get(_input_scores(program, mode, bool(probabilities), params, x, given))
+        if outputs is not None:
+            resolve_indices(TargetSpec("indices", squeeze=False, indices=np.asarray(indices)), _to_numpy(outputs))
+        return _to_numpy(scores).reshape(x.shape[0], -1)
+
+    def guided_gradients(self, inputs: Any, target: TargetSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """Returns Guided Backpropagation: (∂score/∂input ``(N, K, ...)``, scores ``(N, K)``, indices).
+
+        The model is traced to a jaxpr and evaluated with every ReLU's backward replaced by the
+        guided rule (a gradient passes where the ReLU's input and the incoming gradient are both
+        positive): ``jax.nn.relu`` — what Flax's ``nn.relu`` and Equinox's activations are —
+        and ``jnp.maximum(x, 0)``, in plain functions, Flax and Equinox modules alike, inside
+        ``jit``, ``scan``, ``cond`` and ``while`` too. Only the traced copy of the program
+        changes; nothing is patched, so the model and ``jax.nn.relu`` are untouched, also when
+        the call fails. Compiled once per (model, target kind, shapes).
+
+        Raises:
+            anycam.TargetError: for targets that do not fit the output.
+        Warns:
+            UserWarning: the model has no ReLU, so the result equals plain input gradients.
+        """
+        x = self._as_input(inputs)
+        batch = x.shape[0]
+        mode, given = self._mode(target, batch)
+        if mode == ("given",):
+            assert target.indices is not None
+            if target.kind == "indices" and target.indices.shape[0] != batch:
+                resolve_indices(target, np.zeros((batch, 1), np.float32))  # raises: wrong count
+            given = np.broadcast_to(target.indices, (batch, target.indices.shape[1])).astype(np.int32)
+        program, params = self._model.snapshot()
+        gradients, scores, found, outputs, replaced = jax.device_get(_guided(program, mode, params, x, given))
+        if int(replaced) == 0:
+            warnings.warn(
+                "guided backpropagation found no ReLU in the model (jax.nn.relu or jnp.maximum(x, 0)), "
+                "so its result equals plain input gradients",
+                UserWarning,
+                stacklevel=3,
+            )
+        indices: np.ndarray | None = None
+        if mode == ("given",):
+            indices = resolve_indices(target, _to_numpy(outputs))
+        elif mode[0] != "callable":
+            indices = np.asarray(found, dtype=np.int64)
+        return _to_numpy(gradients), _to_numpy(scores), indices
 
     def _parameter_owners(self) -> tuple[dict[str, tuple[Any, ...]], list[str]]:
         """Returns the layers that own parameters (name → path, definition order) and all module names."""

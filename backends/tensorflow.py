@@ -52,6 +52,7 @@ import functools
 import operator
 import random
 import threading
+import warnings
 import weakref
 import zlib
 from collections.abc import Callable, Sequence
@@ -79,6 +80,17 @@ _Ran = tuple[Any, list[tf.Tensor]]  # a forward pass: (model output, captured la
 _PROGRAMS: weakref.WeakKeyDictionary[Any, collections.OrderedDict[tuple[Any, ...], _Program]] = (
     weakref.WeakKeyDictionary()
 )
+
+
+_GUIDED_RELU = "AnycamGuidedRelu"
+
+
+@tf.RegisterGradient(_GUIDED_RELU)
+def _guided_relu_gradient(op: Any, gradient: tf.Tensor) -> tf.Tensor:
+    # Springenberg et al. 2015, eq. 6: R_l = (f_l > 0) · (R_{l+1} > 0) · R_{l+1}; the Relu's
+    # output is positive exactly where its input is.
+    passes = tf.logical_and(op.outputs[0] > 0, gradient > 0)
+    return tf.where(passes, gradient, tf.zeros_like(gradient))
 
 
 def _keras_backend_check() -> None:
@@ -218,23 +230,27 @@ class _KerasForward:
             raise RuntimeError("the model of this capture no longer exists")
         return model
 
-    def __call__(self, inputs: tf.Tensor, tape: tf.GradientTape | None) -> _Ran:
+    def __call__(self, inputs: tf.Tensor, tape: tf.GradientTape | None, replacement: Any = None) -> _Ran:
+        """Runs the model; with a ``replacement``, the first layer returns it instead of its output."""
         captured: dict[int, tf.Tensor] = {}
         errors: list[Exception] = []
         layers = [ref() for ref in self._layers]
-        with _Intercept(layers, self.names, tape, captured, errors):
+        names = self.names
+        if replacement is not None:
+            layers, names = layers[:1], names[:1]
+        with _Intercept(layers, names, tape, captured, errors, replacement):
             output = self.model(inputs, training=False)
         # Raised here, not in the wrapper: Keras re-creates exceptions raised inside a layer's
         # call with the call's arguments appended to the message.
         if errors:
             raise errors[0]
-        missing = [name for index, name in enumerate(self.names) if index not in captured]
+        missing = [name for index, name in enumerate(names) if index not in captured]
         if missing:
             raise LayerError(
                 f"layer(s) {', '.join(map(repr, missing))} did not run during the forward pass; "
                 "explain a layer on the path from the input to the output"
             )
-        return output, [captured[index] for index in range(len(self.names))]
+        return output, [captured[index] for index in range(len(names))]
 
 
 class _PairForward:
@@ -246,7 +262,9 @@ class _PairForward:
         self.features = features
         self.head = head
 
-    def __call__(self, inputs: tf.Tensor, tape: tf.GradientTape | None) -> _Ran:
+    def __call__(self, inputs: tf.Tensor, tape: tf.GradientTape | None, replacement: Any = None) -> _Ran:
+        if replacement is not None:  # the head alone: nothing before the layer is needed
+            return _call(self.head, replacement), []
         leaf, downstream = _watched(_call(self.features, inputs), "features", tape)
         return _call(self.head, downstream), [leaf]
 
@@ -261,12 +279,14 @@ class _Intercept:
         tape: tf.GradientTape | None,
         captured: dict[int, tf.Tensor],
         errors: list[Exception],
+        replacement: Any = None,
     ) -> None:
         self.layers = layers
         self.names = names
         self.tape = tape
         self.captured = captured
         self.errors = errors
+        self.replacement = replacement
         self.saved: list[Any] = []
 
     def _wrapper(self, index: int, original: Callable[..., Any], owner: int) -> Callable[..., Any]:
@@ -289,9 +309,24 @@ class _Intercept:
                 self.errors.append(exc)
                 return output
             self.captured[index] = leaf
+            if self.replacement is not None:
+                return self._replaced(index, output)
             return downstream
 
         return call
+
+    def _replaced(self, index: int, output: tf.Tensor) -> Any:
+        replacement = self.replacement
+        if not replacement.shape[1:].is_compatible_with(output.shape[1:]):
+            self.errors.append(
+                InputError(
+                    f"a replacement for layer {self.names[index]!r} has per-sample shape "
+                    f"{tuple(replacement.shape[1:])}, but the layer outputs {tuple(output.shape[1:])}; "
+                    "pass (B, N, *layer_shape) replacements in the layer's layout"
+                )
+            )
+            return output
+        return tf.cast(replacement, output.dtype)
 
     def __enter__(self) -> None:
         owner = threading.get_ident()
@@ -372,6 +407,88 @@ class _Program:
             return tf.function(self._predict, input_signature=signature, autograph=False)
         body = functools.partial(self._capture, kind, param, gradients)
         return tf.function(body, input_signature=signature, autograph=False)
+
+    def method_function(
+        self, kind: str, target: str, param: Any, inputs: tf.Tensor, *extra: tf.TensorSpec
+    ) -> Any:
+        """Returns the compiled function of a method capability, one per target form and shapes.
+
+        ``kind`` is ``"head"`` (``head_scores``), ``"inputs"`` or ``"probabilities"``
+        (``input_scores``) or ``"guided"`` (``guided_gradients``); ``target`` is ``"callable"``
+        (``param`` the function), ``"indices"`` (``param`` K) or, for guided, ``"topk"``.
+        ``extra`` are the signatures of the arguments after the inputs.
+        """
+        token = param
+        try:
+            hash(token)
+        except TypeError:
+            token = ("id", id(param))
+        shapes = tuple((tuple(spec.shape), spec.dtype) for spec in extra)
+        key = (kind, target, token, tuple(inputs.shape[1:]), inputs.dtype.name, shapes)
+        table = self._callables if target == "callable" else self._functions
+        with self._lock:
+            function = table.get(key)
+            if function is None:
+                signature = [tf.TensorSpec((None, *inputs.shape[1:]), inputs.dtype), *extra]
+                method = getattr(self, "_inputs" if kind == "probabilities" else f"_{kind}")
+                body = functools.partial(method, kind, target, param)
+                function = table[key] = tf.function(body, input_signature=signature, autograph=False)
+                if target == "callable" and len(table) > _CALLABLE_TRACES:
+                    self._callables.popitem(last=False)
+            elif target == "callable":
+                self._callables.move_to_end(key)
+        return function
+
+    def _head(
+        self, kind: str, target: str, param: Any, inputs: tf.Tensor, replacements: tf.Tensor, indices: Any = None
+    ) -> tf.Tensor:
+        self.trace_count += 1
+
+        def scores_of(replacement: tf.Tensor) -> tf.Tensor:
+            output, _ = self.forward(inputs, None, replacement)
+            scores, _, _ = self._scores(target, param, select_output(output, self.selector), indices)
+            return tf.cast(scores, tf.float32)
+
+        # pfor: an op none of whose inputs depends on the mapped replacement (the network before
+        # the layer, and any tensor a skip connection carries around it) is created once,
+        # unbatched; the ops after the layer are converted to run on all B·N copies at once.
+        return tf.vectorized_map(scores_of, replacements)
+
+    def _inputs(
+        self, kind: str, target: str, param: Any, inputs: tf.Tensor, indices: Any = None
+    ) -> tuple[Any, Any]:
+        self.trace_count += 1
+        output, _ = self.forward(inputs, None)
+        selected = select_output(output, self.selector)
+        if target != "callable" and kind == "probabilities":
+            selected = tf.nn.softmax(tf.cast(_class_output(selected), tf.float32), axis=1)
+        scores, _, outputs = self._scores(target, param, selected, indices)
+        return tf.cast(scores, tf.float32), outputs
+
+    def _guided(
+        self, kind: str, target: str, param: Any, inputs: tf.Tensor, indices: Any = None
+    ) -> tuple[Any, ...]:
+        self.trace_count += 1
+        graph = tf.compat.v1.get_default_graph()
+        before = len(graph.get_operations())
+        # Every Relu op created while the model traces gets the guided gradient, whichever
+        # Python function made it: the ReLU layer, activation="relu", keras.activations.relu,
+        # keras.ops.relu and tf.nn.relu all end in one Relu op. The override belongs to this
+        # graph only; nothing is patched.
+        with graph.gradient_override_map({"Relu": _GUIDED_RELU}):
+            output, _ = self.forward(inputs, None)
+            selected = select_output(output, self.selector)
+            scores, chosen, outputs = self._scores(target, param, selected, indices)
+        relus = sum(op.type == "Relu" for op in graph.get_operations()[before:])
+        count = scores.shape[1]
+        if count is None:
+            raise TargetError("a callable target must return a fixed number K of scores per sample")
+        # tf.gradients, not a tape: a tape looks gradients up by op type and ignores the override.
+        columns = [tf.gradients(scores[:, k], inputs)[0] for k in range(count)]
+        if columns and columns[0] is None:
+            raise TargetError("the explained scores do not depend on the input (their gradient is None)")
+        attributions = tf.stack([tf.cast(column, tf.float32) for column in columns], axis=1)
+        return attributions, tf.cast(scores, tf.float32), chosen, outputs, tf.constant(relus, tf.int32)
 
     def _predict(self, inputs: tf.Tensor) -> Any:
         self.trace_count += 1
@@ -980,6 +1097,142 @@ class TensorFlowBackend(Backend):
             input_shape=tuple(x.shape),
             input_layout=self.input_layout,
         )
+
+    # -- gradient-free and guided methods (Score-CAM, Ablation-CAM, Guided Backprop) --------
+
+    @staticmethod
+    def _resolved(target: TargetSpec, indices: np.ndarray | None, batch: int) -> tuple[str, Any, list[Any]]:
+        """Returns (target form, its parameter, the extra arguments) for resolved ``indices``."""
+        if target.kind == "callable":
+            return "callable", target.fn, []
+        if indices is None:
+            raise TargetError("class-index targets need the (N, K) class indices the capture resolved; got None")
+        indices = np.asarray(indices)
+        if indices.ndim != 2 or indices.shape[0] != batch:
+            raise TargetError(f"expected (N, K) class indices with N={batch}, got shape {indices.shape}")
+        return "indices", indices.shape[1], [tf.constant(indices.astype(np.int64))]
+
+    def head_scores(
+        self, inputs: Any, replacements: np.ndarray, target: TargetSpec, indices: np.ndarray | None
+    ) -> np.ndarray:
+        """Returns ``(B, N, K)`` float32 scores with the first layer's output replaced by each copy.
+
+        One ``tf.function`` per (target form, input and layer shapes; B and N open) runs the
+        model once, its first explained layer's ``call`` returning the replacement, under
+        ``tf.vectorized_map`` over the B copies. The vectorizer creates every op that does not
+        depend on the replacement once, unbatched — the network before the layer, and tensors
+        that skip connections carry around it, which therefore stay correct — and runs the ops
+        after the layer on all B·N copies at once. Ops without a vectorization rule fall back
+        to a loop over the copies for that op (TensorFlow warns), still correct. A
+        ``(features, head)`` pair runs only ``head``.
+
+        Raises:
+            anycam.InputError: replacements of another shape than the layer's output.
+        """
+        x = self._as_input(inputs)
+        self._build(x)
+        batch = int(x.shape[0])
+        form, param, extra = self._resolved(target, indices, batch)
+        values = np.asarray(replacements, dtype=np.float32)
+        if values.ndim < 2 or values.shape[1] != batch:
+            raise InputError(
+                f"replacements must be (B, N, *layer_shape) with N={batch}, got shape {values.shape}"
+            )
+        specs = [tf.TensorSpec((None, None, *values.shape[2:]), tf.float32)]
+        specs += [tf.TensorSpec((None, param), tf.int64)] if form == "indices" else []
+        compiled = self._program.method_function("head", form, param, x, *specs)
+        scores = _as_numpy(compiled(x, tf.constant(values), *extra))
+        if form == "callable" and scores.shape[1] != batch:
+            raise TargetError(f"a callable target must return (N,) or (N, K) scores with N={batch}")
+        return scores
+
+    def input_scores(
+        self, inputs: Any, target: TargetSpec, indices: np.ndarray | None, *, probabilities: bool = False
+    ) -> np.ndarray:
+        """Returns ``(M, K)`` float32 scores of the targets on a batch of (modified) inputs.
+
+        ``probabilities=True`` takes the softmax over the classes first (Score-CAM's weights),
+        for class-index targets only. One compiled forward per target form and input shape.
+
+        Raises:
+            anycam.TargetError: ``probabilities=True`` with a callable target, or indices that
+                do not fit the batch or the model's classes.
+        """
+        x = self._as_input(inputs)
+        self._build(x)
+        if probabilities and target.kind == "callable":
+            raise TargetError(
+                "Score-CAM weights by the softmax of class scores, and a callable target has no "
+                "classes to take it over; pass class indices, or a callable that returns what to "
+                "weight by and probabilities=False"
+            )
+        batch = int(x.shape[0])
+        form, param, extra = self._resolved(target, indices, batch)
+        specs = [tf.TensorSpec((None, param), tf.int64)] if form == "indices" else []
+        kind = "probabilities" if probabilities else "inputs"
+        scores, outputs = self._program.method_function(kind, form, param, x, *specs)(x, *extra)
+        if outputs is not None:
+            resolve_indices(TargetSpec("indices", squeeze=False, indices=np.asarray(indices)), outputs.numpy())
+        scores_np = _as_numpy(scores)
+        if scores_np.shape[0] != batch:
+            raise TargetError(f"a callable target must return (N,) or (N, K) scores with N={batch}")
+        return scores_np
+
+    def guided_gradients(
+        self, inputs: Any, target: TargetSpec
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """Returns Guided Backpropagation: (∂score/∂input ``(N, K, ...)``, scores ``(N, K)``, indices).
+
+        While the compiled function traces the model, the graph's gradient of every ``Relu``
+        op is overridden by the guided rule (a gradient passes where the ReLU's output and the
+        incoming gradient are both positive), and the input gradients come from
+        ``tf.gradients`` of that graph. The op is caught, not the layer: ``keras.layers.ReLU``,
+        ``activation="relu"``, ``keras.activations.relu``, ``keras.ops.relu`` and ``tf.nn.relu``
+        all create it. The override belongs to that one graph, so the model and every other
+        function are untouched, also when the call fails. Not caught: ReLUs inside a nested
+        ``tf.function`` of the model (traced in their own graph) and ReLU variants that are
+        other ops (``relu6``, leaky ReLU, ``tf.maximum(x, 0)``).
+
+        Raises:
+            anycam.TargetError: for targets that do not fit the output.
+        Warns:
+            UserWarning: no ReLU was found, so the result equals plain input gradients.
+        """
+        x = self._as_input(inputs)
+        self._build(x)
+        batch = int(x.shape[0])
+        if target.kind == "callable":
+            compiled = self._program.method_function("guided", "callable", target.fn, x)
+            attributions, scores, chosen, outputs, relus = compiled(x)
+        elif target.kind in ("argmax", "topk"):
+            k = 1 if target.kind == "argmax" else target.k
+            compiled = self._program.method_function("guided", "topk", k, x)
+            attributions, scores, chosen, outputs, relus = compiled(x)
+        else:
+            given = self._given_indices(target, batch)
+            spec = tf.TensorSpec((None, given.shape[1]), tf.int64)
+            compiled = self._program.method_function("guided", "indices", given.shape[1], x, spec)
+            attributions, scores, chosen, outputs, relus = compiled(x, tf.constant(given))
+        if int(relus) == 0:
+            warnings.warn(
+                "guided backpropagation found no ReLU op in the model (ReLU layers, "
+                "activation='relu', keras.activations.relu, tf.nn.relu), so its result equals "
+                "plain input gradients",
+                UserWarning,
+                stacklevel=3,
+            )
+        scores_np = _as_numpy(scores)
+        indices: np.ndarray | None = None
+        if outputs is not None:
+            indices = resolve_indices(target, outputs.numpy())
+        elif chosen is not None:
+            indices = chosen.numpy().astype(np.int64)
+        elif scores_np.shape[0] != batch:
+            raise TargetError(
+                f"a callable target must return (N,) or (N, K) scores with N={batch}, got "
+                f"{scores_np.shape[0]} rows"
+            )
+        return _as_numpy(attributions), scores_np, indices
 
     def predict(self, inputs: Any) -> np.ndarray:
         x = self._as_input(inputs)

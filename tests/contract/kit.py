@@ -42,6 +42,8 @@ class Case:
             backpropagation gradients, channels first, from a network whose ReLUs were replaced
             by hand (no anycam).
         has_relu: whether the model calls a ReLU (guided methods warn when it does not).
+        head_reference: replacement ``(N, *layer_shape)`` → outputs ``(N, classes)``: the model
+            run again with the layer's output replaced (Ablation-CAM's ablated copies).
     """
 
     model: Any
@@ -58,4 +60,5 @@ class Case:
     masked_outputs: Callable[[np.ndarray], np.ndarray] | None = None
     upsample: Callable[[np.ndarray, tuple[int, ...]], np.ndarray] | None = None
     guided: Callable[[np.ndarray], np.ndarray] | None = None
+    head_reference: Callable[[np.ndarray], np.ndarray] | None = None
     has_relu: bool = True

@@ -148,6 +148,53 @@ def _reference_functions(kind: str):  # type: ignore[no-untyped-def]
     return features, head_vjp
 
 
+@jax.custom_vjp
+def guided_relu(z: jax.Array) -> jax.Array:
+    """ReLU whose gradient passes only where the input and the incoming gradient are positive."""
+    return jnp.where(z > 0, z, 0.0)
+
+
+guided_relu.defvjp(
+    lambda z: (guided_relu(z), z),
+    lambda z, upstream: (upstream * (z > 0) * (upstream > 0),),
+)
+
+
+def _guided_features(kind: str, variables: dict, x: jax.Array) -> jax.Array:
+    """``Features`` written out with ``guided_relu`` in place of ``nn.relu``."""
+    spatial = x.ndim - 2
+    params = variables["params"]["features"]
+    channels_first = kind == "channels_last"
+    if channels_first:
+        x = jnp.moveaxis(x, 1, -1)
+    x = guided_relu(nn.Conv(6, (3,) * spatial, padding="SAME").apply({"params": params["Conv_0"]}, x))
+    conv = nn.Conv(8, (3,) * spatial, strides=2, padding="SAME")
+    x = guided_relu(conv.apply({"params": params["Conv_1"]}, x))
+    return jnp.moveaxis(x, -1, 1) if channels_first else x
+
+
+@functools.cache
+def _guided_vjp(kind: str):  # type: ignore[no-untyped-def]
+    model, variables, *_ = _build(kind)
+
+    def network(x: jax.Array) -> jax.Array:
+        if kind == "tokens":  # no ReLU: guided backprop is the plain input gradient
+            return model.apply(variables, x)
+        return model.apply(variables, _guided_features(kind, variables, x), method=lambda m, a: m.head(a))
+
+    @jax.jit
+    def vjp(x: jax.Array, cotangent: jax.Array) -> jax.Array:
+        return jax.vjp(network, x)[1](cotangent)[0]
+
+    return vjp
+
+
+def upsample(maps: np.ndarray, size: tuple[int, ...]) -> np.ndarray:
+    """``(N, C, *S)`` → ``(N, C, *size)`` by ``jax.image.resize`` (linear, half-pixel centres)."""
+    shape = (*maps.shape[:2], *size)
+    return np.asarray(jax.image.resize(jnp.asarray(maps, jnp.float32), shape, "linear", antialias=False))
+
+
 @functools.cache
 def _linear_target(weights: bytes):  # type: ignore[no-untyped-def]
     # One function object per weights, so that every method reuses the compiled capture.
@@ -238,6 +285,26 @@ class JaxKit:
         def linear_target(weights: np.ndarray):  # type: ignore[no-untyped-def]
             return _linear_target(np.asarray(weights, dtype=np.float32).tobytes())
 
+        channel_axis = 1 if kind == "channels_last" else -1  # of the input and of the layer
+
+        def head_reference(replacement: np.ndarray) -> np.ndarray:
+            # The model is head(features(x)): run again with features' output replaced.
+            return np.asarray(model.apply(variables, jnp.asarray(replacement), method=lambda m, a: m.head(a)))
+
+        def ablated_outputs(channel: int) -> np.ndarray:
+            activations = np.array(features(inputs))
+            np.moveaxis(activations, channel_axis, 0)[channel] = 0
+            return head_reference(activations)
+
+        def masked_outputs(masks: np.ndarray) -> np.ndarray:
+            masked = inputs * jnp.asarray(np.expand_dims(masks, channel_axis), jnp.float32)
+            return np.asarray(model.apply(variables, masked))
+
+        def guided(cotangents: np.ndarray) -> np.ndarray:
+            vjp = _guided_vjp(kind)
+            grads = np.stack([np.asarray(vjp(inputs, jnp.asarray(c))) for c in cotangents], axis=1)
+            return grads if kind == "channels_last" else np.moveaxis(grads, -1, 2)  # (N, K, C_in, *S)
+
         return Case(
             model=(model, variables),
             layer="features",
@@ -248,6 +315,12 @@ class JaxKit:
             reference=reference,
             linear_target=linear_target,
             options=dict(options),
+            head_reference=head_reference,
+            ablated_outputs=ablated_outputs,
+            masked_outputs=masked_outputs,
+            upsample=upsample,
+            guided=guided,
+            has_relu=kind != "tokens",
         )
 
 

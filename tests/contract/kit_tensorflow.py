@@ -183,6 +183,41 @@ def _reference(features, head, inputs):  # type: ignore[no-untyped-def]
     return reference
 
 
+@tf.custom_gradient
+def guided_relu(z: tf.Tensor):  # type: ignore[no-untyped-def]
+    """ReLU whose gradient passes only where the input and the incoming gradient are positive."""
+
+    def gradient(upstream: tf.Tensor) -> tf.Tensor:
+        return upstream * tf.cast(z > 0, upstream.dtype) * tf.cast(upstream > 0, upstream.dtype)
+
+    return tf.maximum(z, 0.0), gradient
+
+
+def guided_by_hand(layers: list, inputs: tf.Tensor, cotangents: np.ndarray) -> np.ndarray:
+    """Runs ``layers`` one after the other with every ReLU layer replaced by ``guided_relu``;
+    returns the input gradients ``(N, K, ...)`` of the cotangents."""
+    with tf.GradientTape(persistent=True, watch_accessed_variables=False) as tape:
+        tape.watch(inputs)
+        hidden = inputs
+        for layer in layers:
+            relu = isinstance(layer, keras.layers.ReLU)
+            hidden = guided_relu(hidden) if relu else layer(hidden, training=False)
+    grads = [tape.gradient(hidden, inputs, output_gradients=tf.constant(c)) for c in cotangents]
+    return tf.stack(grads, axis=1).numpy()
+
+
+def upsample(maps: np.ndarray, size: tuple[int, ...]) -> np.ndarray:
+    """``(N, C, *S)`` → ``(N, C, *size)`` by ``tf.image.resize`` (bilinear, half-pixel), one axis
+    at a time: linear interpolation is separable, so this is the N-d linear resize."""
+    out = np.asarray(maps, dtype=np.float64)
+    for axis, length in enumerate(size, start=2):
+        moved = np.moveaxis(out, axis, -1)
+        flat = moved.reshape(-1, moved.shape[-1], 1, 1)  # (rows, L, 1, 1) images
+        resized = tf.image.resize(flat, (length, 1), method="bilinear", antialias=False).numpy()
+        out = np.moveaxis(resized.reshape(*moved.shape[:-1], length), -1, axis)
+    return out
+
+
 class TensorFlowKit:
     name = "tensorflow"
 
@@ -223,6 +258,32 @@ class TensorFlowKit:
             w = tf.constant(weights, tf.float32)
             return lambda output: tf.tensordot(output, w, axes=1)
 
+        channel_axis = 1 if kind == "channels_last" else -1  # of the input and of the layer
+
+        def head_reference(replacement: np.ndarray) -> np.ndarray:
+            # The model is head(features(x)): run again with features' output replaced.
+            return head(tf.constant(replacement), training=False).numpy()
+
+        def ablated_outputs(channel: int) -> np.ndarray:
+            activations = features(inputs, training=False).numpy()
+            np.moveaxis(activations, channel_axis, 0)[channel] = 0
+            return head_reference(activations)
+
+        def masked_outputs(masks: np.ndarray) -> np.ndarray:
+            masked = inputs * tf.constant(np.expand_dims(masks, channel_axis), tf.float32)
+            return model(masked, training=False).numpy()
+
+        def guided(cotangents: np.ndarray) -> np.ndarray:
+            if kind == "tokens":  # no ReLU: guided backprop is the plain input gradient
+                with tf.GradientTape(persistent=True, watch_accessed_variables=False) as tape:
+                    tape.watch(inputs)
+                    outputs = model(inputs, training=False)
+                grads = tf.stack([tape.gradient(outputs, inputs, output_gradients=c) for c in cotangents], 1)
+                grads = grads.numpy()
+            else:
+                grads = guided_by_hand([*features.layers, *head.layers], inputs, cotangents)
+            return grads if kind == "channels_last" else np.moveaxis(grads, -1, 2)  # (N, K, C_in, *S)
+
         return Case(
             model=model,
             layer="features",
@@ -232,6 +293,12 @@ class TensorFlowKit:
             input_spatial=spatial,
             reference=reference,
             linear_target=linear_target,
+            head_reference=head_reference,
+            ablated_outputs=ablated_outputs,
+            masked_outputs=masked_outputs,
+            upsample=upsample,
+            guided=guided,
+            has_relu=kind != "tokens",
         )
 
 

@@ -229,6 +229,11 @@ class TorchKit:
             finally:
                 handle.remove()
 
+        def head_reference(replacement: np.ndarray) -> np.ndarray:
+            # The model is head(features(x)): run again with features' output replaced.
+            with torch.no_grad():
+                return model.head(torch.as_tensor(replacement)).numpy()
+
         def masked_outputs(masks: np.ndarray) -> np.ndarray:
             with torch.no_grad():
                 masked = inputs * torch.as_tensor(masks, dtype=torch.float32)[:, None]
@@ -245,6 +250,7 @@ class TorchKit:
             return torch.stack(grads, dim=1).numpy()
 
         return Case(
+            head_reference=head_reference,
             ablated_outputs=ablated_outputs,
             masked_outputs=masked_outputs,
             upsample=upsample,

@@ -129,7 +129,9 @@ def _check(result, form: str, cam: np.ndarray, weights: np.ndarray | None, case)
     np.testing.assert_allclose(got_cam / scale, cam / scale, rtol=1e-4, atol=1e-5)
     if weights is not None:
         got = result.weights[:, None] if squeeze else result.weights
-        np.testing.assert_allclose(got, weights, rtol=1e-4, atol=1e-6)
+        # Ablation weights divide a float32 score difference by the score: a small score scales
+        # its rounding up (2.7e-6 seen for a score near 0.05 in JAX), hence atol 1e-5.
+        np.testing.assert_allclose(got, weights, rtol=1e-4, atol=1e-5)
     heat = result.heatmap[:, None] if squeeze else result.heatmap
     np.testing.assert_allclose(heat, core.heatmaps([cam.astype(np.float32)], case.input_spatial), atol=1e-4)
 

@@ -1,0 +1,200 @@
+"""Ablation-CAM, Score-CAM and the guided methods on Keras: skip connections, every ReLU spelling,
+no retrace, and a model left as it was, also after a failed call."""
+
+from __future__ import annotations
+
+import functools
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import anycam
+
+pytestmark = pytest.mark.tensorflow
+
+CLASSES = 4
+
+
+@functools.cache
+def residual() -> tuple[keras.Model, keras.Model]:
+    """conv → conv "mid" (explained) → ReLU → + skip from before "mid" → GAP → dense.
+
+    Returns the model and an oracle built from the *same layers* whose second input multiplies
+    the output of "mid" (a channel mask): the full network run again with channels zeroed.
+    """
+    keras.utils.set_random_seed(1)
+    image = keras.Input((8, 8, 3))
+    mask = keras.Input((4,))
+    first = keras.layers.Conv2D(4, 3, padding="same", activation="relu", name="first")
+    mid = keras.layers.Conv2D(4, 3, padding="same", name="mid")
+    after = keras.layers.Conv2D(4, 1, name="after")
+    pool = keras.layers.GlobalAveragePooling2D()
+    dense = keras.layers.Dense(CLASSES)
+
+    def network(masked: bool) -> keras.KerasTensor:
+        skip = first(image)
+        out = mid(skip)
+        if masked:
+            out = keras.layers.Multiply()([out, keras.layers.Reshape((1, 1, 4))(mask)])
+        branch = keras.layers.Activation("tanh")(after(keras.layers.ReLU()(out)))
+        return dense(pool(keras.layers.Add()([branch, skip])))
+
+    model = keras.Model(image, network(False))
+    oracle = keras.Model([image, mask], network(True))
+    return model, oracle
+
+
+def batch(*shape: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).normal(size=shape).astype(np.float32)
+
+
+def test_ablation_cam_with_a_skip_connection_equals_rerunning_with_channels_zeroed() -> None:
+    model, oracle = residual()
+    x = batch(3, 8, 8, 3)
+    explanation = anycam.Explainer(model, "mid", method="ablationcam", batch_size=5).explain(x, target=[0, 1, 2])
+    classes = np.array([0, 1, 2])
+    full = oracle([x, np.ones((3, 4), np.float32)]).numpy()[np.arange(3), classes]
+    expected = np.zeros((3, 4))
+    for channel in range(4):
+        keep = np.ones((3, 4), np.float32)
+        keep[:, channel] = 0
+        ablated = oracle([x, keep]).numpy()[np.arange(3), classes]
+        expected[:, channel] = (full - ablated) / full  # Desai & Ramaswamy 2020, eq. 2
+    np.testing.assert_allclose(explanation.scores, full, rtol=1e-5)
+    np.testing.assert_allclose(explanation.weights, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_head_scores_compile_once_for_any_number_of_copies() -> None:
+    model, _ = residual()
+    x = batch(2, 8, 8, 3)
+    explainer = anycam.Explainer(model, "mid", method="ablationcam", batch_size=4)
+    first = explainer.explain(x, target=1)
+    traced = explainer.backend.trace_count
+    for size in (1, 3, 8):  # other chunk sizes, another target class: no new trace
+        again = anycam.Explainer(model, "mid", method="ablationcam", batch_size=size).explain(x, target=1)
+        np.testing.assert_allclose(again.weights, first.weights, rtol=1e-5, atol=1e-7)
+    explainer.explain(batch(2, 8, 8, 3, seed=3), target=2)
+    assert explainer.backend.trace_count == traced
+
+
+def test_a_failed_head_scores_call_leaves_the_layer_as_it_was() -> None:
+    model, _ = residual()
+    x = batch(2, 8, 8, 3)
+    layer = model.get_layer("mid")
+    before = model(x).numpy()
+    explainer = anycam.Explainer(model, "mid", method="ablationcam")
+    wrong = np.zeros((2, 2, 8, 8, 5), np.float32)  # 5 channels where the layer has 4
+    with pytest.raises(anycam.InputError, match="per-sample shape"):
+        explainer.backend.head_scores(x, wrong, anycam.core.parse_target(0), np.zeros((2, 1), np.int64))
+    assert "call" not in vars(layer)
+    np.testing.assert_array_equal(model(x).numpy(), before)
+
+
+class OpsReLU(keras.layers.Layer):
+    """A subclassed layer that calls ``keras.ops.relu`` itself."""
+
+    def call(self, inputs):  # type: ignore[no-untyped-def]
+        return keras.ops.relu(inputs)
+
+
+@functools.cache
+def every_relu() -> keras.Model:
+    """Dense layers on a (3, 6) signal joined by each spelling of ReLU a Keras user writes."""
+    keras.utils.set_random_seed(2)
+    inputs = keras.Input((3, 6))
+    h = keras.layers.Dense(8, activation="relu", name="d0")(inputs)
+    h = keras.layers.ReLU()(keras.layers.Dense(8, name="d1")(h))
+    h = keras.layers.Activation(keras.activations.relu)(keras.layers.Dense(8, name="d2")(h))
+    h = keras.layers.Lambda(tf.nn.relu)(keras.layers.Dense(8, name="d3")(h))
+    h = OpsReLU()(keras.layers.Dense(8, name="d4")(h))
+    outputs = keras.layers.Dense(CLASSES, name="out")(keras.layers.GlobalAveragePooling1D()(h))
+    return keras.Model(inputs, outputs)
+
+
+def _guided_by_hand(model: keras.Model, x: np.ndarray, classes: np.ndarray) -> np.ndarray:
+    """The same network in plain TF ops with a guided ReLU written here."""
+
+    @tf.custom_gradient
+    def guided_relu(z):  # type: ignore[no-untyped-def]
+        def gradient(upstream):  # type: ignore[no-untyped-def]
+            return tf.where((z > 0) & (upstream > 0), upstream, 0.0)
+
+        return tf.maximum(z, 0.0), gradient
+
+    inputs = tf.constant(x)
+    with tf.GradientTape() as tape:
+        tape.watch(inputs)
+        hidden = inputs
+        for name in ("d0", "d1", "d2", "d3", "d4"):
+            kernel, bias = model.get_layer(name).get_weights()
+            hidden = guided_relu(hidden @ kernel + bias)
+        kernel, bias = model.get_layer("out").get_weights()
+        logits = tf.reduce_mean(hidden, axis=1) @ kernel + bias
+        score = tf.reduce_sum(tf.gather(logits, classes, batch_dims=1))
+    return tape.gradient(score, inputs).numpy()
+
+
+def test_guided_backprop_catches_every_relu_spelling() -> None:
+    model = every_relu()
+    x = batch(5, 3, 6)
+    classes = np.array([0, 1, 2, 3, 0])
+    explanation = anycam.Explainer(model, "d4", method="guided-backprop").explain(x, target=classes)
+    # attribution is channels first, (N, C_in, L).
+    expected = np.moveaxis(_guided_by_hand(model, x, classes), -1, 1)
+    np.testing.assert_allclose(explanation.attribution, expected, rtol=1e-4, atol=1e-6)
+    with tf.GradientTape() as tape:  # and it differs from the plain gradient
+        inputs = tf.constant(x)
+        tape.watch(inputs)
+        score = tf.reduce_sum(tf.gather(model(inputs), classes, batch_dims=1))
+    plain = np.moveaxis(tape.gradient(score, inputs).numpy(), -1, 1)
+    assert not np.allclose(explanation.attribution, plain, atol=1e-4)
+
+
+def test_the_guided_rule_stays_inside_its_own_call() -> None:
+    """After a guided call — also one that fails while tracing — gradients are ordinary again."""
+    model = every_relu()
+    x = tf.constant(batch(4, 3, 6))
+
+    @tf.function
+    def plain_gradient(inputs: tf.Tensor) -> tf.Tensor:
+        with tf.GradientTape() as tape:
+            tape.watch(inputs)
+            score = tf.reduce_sum(model(inputs)[:, 1])
+        return tape.gradient(score, inputs)
+
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        score = tf.reduce_sum(model(x)[:, 1])
+    expected = tape.gradient(score, x).numpy()
+
+    def failing(output: tf.Tensor) -> tf.Tensor:
+        raise RuntimeError("target failed")
+
+    explainer = anycam.Explainer(model, "d4", method="guided-backprop")
+    with pytest.raises(RuntimeError, match="target failed"):
+        explainer.explain(x, target=failing)
+    explainer.explain(x, target=1)
+    # Traced after the guided calls: ordinary ReLU gradients.
+    np.testing.assert_allclose(plain_gradient(x).numpy(), expected, rtol=1e-4, atol=1e-7)
+
+
+def test_guided_backprop_without_relu_warns() -> None:
+    keras.utils.set_random_seed(3)
+    inputs = keras.Input((3, 5))
+    hidden = keras.layers.Dense(4, activation="tanh", name="hidden")(inputs)
+    model = keras.Model(inputs, keras.layers.Dense(3)(keras.layers.Flatten()(hidden)))
+    with pytest.warns(UserWarning, match="no ReLU"):
+        anycam.Explainer(model, "hidden", method="guided-backprop")(batch(2, 3, 5))
+
+
+def test_guided_gradients_compile_once() -> None:
+    model = every_relu()
+    explainer = anycam.Explainer(model, "d4", method="guided-backprop")
+    explainer(batch(3, 3, 6), target=1)
+    traced = explainer.backend.trace_count
+    explainer(batch(3, 3, 6, seed=1), target=2)
+    explainer(batch(5, 3, 6, seed=2), target=[0, 1, 2, 3, 0])
+    # One class for all, or one per sample, is the same (N, 1) indices argument; N is open.
+    assert explainer.backend.trace_count == traced
