@@ -22,7 +22,7 @@ import numpy as np
 
 from . import core
 from ._errors import AnycamError, MissingExtraError, require
-from .cli import add_explain_parser, explain_command
+from .cli import add_explain_parser, explain_command, quiet_native_logs
 
 BACKENDS = ("torch", "tensorflow", "jax")
 FRAMEWORK_MODULE = {"torch": "torch", "tensorflow": "tensorflow", "jax": "flax"}
@@ -49,8 +49,9 @@ def _choose_backends(requested: str) -> list[str]:
 
 def _load_model(backend: str, weights: dict[str, np.ndarray]) -> tuple[Any, str]:
     """Returns the demo model in ``backend`` and the input layout it expects."""
-    module = importlib.import_module(f"anycam.backends.demo_{backend}")
-    return module.build_demo_model(weights), module.INPUT_LAYOUT
+    with quiet_native_logs():  # importing TensorFlow writes C++ log lines
+        module = importlib.import_module(f"anycam.backends.demo_{backend}")
+        return module.build_demo_model(weights), module.INPUT_LAYOUT
 
 
 def _inputs(images: np.ndarray, layout: str) -> np.ndarray:

@@ -23,12 +23,14 @@ Nothing here imports a framework: the factory does.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import importlib.util
 import os
 import re
 import sys
-from collections.abc import Callable, Sequence
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -37,6 +39,53 @@ import numpy as np
 
 from . import core
 from ._errors import AnycamError, InputError, TargetError, closest, require
+
+# TensorFlow >= 2.16 writes these from C++ while it is imported, before absl's logging is set up,
+# so TF_CPP_MIN_LOG_LEVEL does not hide them: "I0000 00:00:17.. 1234 port.cc:153] oneDNN ...".
+_ABSL_PREAMBLE = re.compile(
+    r"^WARNING: All log messages before absl::InitializeLog\(\) is called are written to STDERR\s*$"
+)
+_ABSL_LINE = re.compile(r"^([IWE])\d{4} \d\d:\d\d:[\d.]+ +\d+ [\w.]+:\d+\] ")
+_ABSL_LEVELS = {"I": 0, "W": 1, "E": 2}
+
+
+@contextlib.contextmanager
+def quiet_native_logs() -> Iterator[None]:
+    """Hides the C++ start-up log lines that TF_CPP_MIN_LOG_LEVEL asks to hide, and nothing else.
+
+    File descriptor 2 is captured while the block runs (C++ libraries write there directly,
+    past ``sys.stderr``); afterwards every captured line is written back except absl log lines
+    below the level ``TF_CPP_MIN_LOG_LEVEL`` sets (2: info and warnings hidden, errors kept)
+    and absl's preamble, so real errors and the block's own output still appear.
+    """
+    try:
+        level = int(os.environ.get("TF_CPP_MIN_LOG_LEVEL", "0"))
+    except ValueError:
+        level = 0
+    if level <= 0:
+        yield
+        return
+    sys.stderr.flush()
+    try:
+        saved = os.dup(2)
+    except OSError:  # no file descriptor 2 (an embedded interpreter): nothing to filter
+        yield
+        return
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            for line in captured.read().decode(errors="replace").splitlines(keepends=True):
+                match = _ABSL_LINE.match(line)
+                if _ABSL_PREAMBLE.match(line) or (match and _ABSL_LEVELS[match.group(1)] < level):
+                    continue
+                sys.stderr.write(line)
+            sys.stderr.flush()
 
 
 class FactoryError(AnycamError, ValueError):
@@ -49,7 +98,8 @@ class ModelSpec:
 
     Attributes:
         model: the model, in any form ``anycam.Explainer`` accepts.
-        layer: the layer to explain when ``--layer`` is not given (None: ``"auto"``).
+        layer: the layer to explain when ``--layer`` is not given (None: the automatic choice, as
+            ``Explainer(model, None)``).
         preprocess: a function from one image — uint8 ``(H, W, 3)`` RGB, or ``(H, W)`` with
             ``channels=1`` — to one model input without the batch axis (e.g. float32
             ``(3, 224, 224)``). When given, ``size``, ``mean`` and ``std`` are not used.
@@ -272,14 +322,17 @@ def explain_command(args: argparse.Namespace) -> int:
     from .viz import overlay, save
 
     reference = args.model
-    factory = load_factory(reference)
-    try:
-        built = factory()
-    except Exception as exc:  # the user's factory may raise anything
-        raise FactoryError(f"the factory {reference!r} raised {type(exc).__name__}: {exc}") from exc
+    # The factory usually imports its framework: that is when TensorFlow writes its C++ log.
+    with quiet_native_logs():
+        factory = load_factory(reference)
+        try:
+            built = factory()
+        except Exception as exc:  # the user's factory may raise anything
+            raise FactoryError(f"the factory {reference!r} raised {type(exc).__name__}: {exc}") from exc
     spec = model_spec(built, f"the factory {reference!r}")
-    # Neither --layer nor the spec's layer: the automatic rule (anycam.Explainer's layer="auto").
-    layer = args.layer if args.layer is not None else (spec.layer if spec.layer is not None else "auto")
+    # Neither --layer nor the spec's layer: None, the Explainer's automatic rule (and the only
+    # layer a JAX (features, head) pair accepts: it is already cut at its layer).
+    layer = args.layer if args.layer is not None else spec.layer
     chosen = args.method or ["gradcam"]
     methods = list(core.METHODS) if "all" in chosen else list(dict.fromkeys(chosen))
     for name, value in (("--top", args.top), ("--batch-size", args.batch_size)):
@@ -369,7 +422,7 @@ def add_explain_parser(commands: Any) -> None:
         default=None,
         metavar="NAME|auto",
         help="the layer to explain, e.g. layer4 or conv5_block3_out, or 'auto': the last layer whose output keeps "
-        "the input's spatial axes (default: the ModelSpec's layer, else auto)",
+        "the input's spatial axes (default: the ModelSpec's layer, else the automatic choice)",
     )
     command.add_argument(
         "--method",
