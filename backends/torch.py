@@ -38,7 +38,7 @@ import torch
 
 from anycam._backend import Backend, Capture, check_options, select_output
 from anycam._errors import AnycamError, ConfigTypeError, InputError, LayerError, TargetError, closest
-from anycam._inputs import Key, ModelInputs, structure_inputs
+from anycam._inputs import Key, ModelInputs, looks_spatial, structure_inputs
 from anycam._layers import LayerRecord, choose_layer, is_auto, parse_layer
 from anycam.core import TargetSpec, resolve_indices, spatial_shape
 
@@ -64,12 +64,6 @@ def _unwrap(model: torch.nn.Module) -> tuple[torch.nn.Module, tuple[str, ...]]:
             model = model._orig_mod
         else:
             return model, tuple(prefixes)
-
-
-def _is_spatial(value: Any) -> bool:
-    if isinstance(value, torch.Tensor):
-        return value.is_floating_point() and value.ndim >= 3
-    return isinstance(value, np.ndarray) and np.issubdtype(value.dtype, np.floating) and value.ndim >= 3
 
 
 def _parameter_names(function: Any) -> list[str]:
@@ -184,7 +178,7 @@ class TorchBackend(Backend):
     def _structure(self, inputs: Any) -> ModelInputs:
         """Returns the call's inputs as one structure, every tensor converted and checked."""
         structure = structure_inputs(
-            inputs, is_spatial=_is_spatial, spatial_input=self.spatial_input, model_kwargs=self.model_kwargs
+            inputs, is_spatial=looks_spatial, spatial_input=self.spatial_input, model_kwargs=self.model_kwargs
         )
         return structure.map(lambda key, value: self._as_tensor(key, value, key == structure.spatial, structure))
 

@@ -195,6 +195,7 @@ class Explainer:
             )
         name = backend if backend is not None else backends.detect(model)
         adapter: type[Backend] = backends.load(name)
+        self.spatial_input = spatial_input
         # Passed only when given, so a backend that does not take them yet says so by name.
         if spatial_input is not None:
             if isinstance(spatial_input, bool) or not isinstance(spatial_input, (int, str)):

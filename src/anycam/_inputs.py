@@ -93,6 +93,24 @@ class ModelInputs:
         return ", ".join(f"{key!r}: {_shape(self[key])}" for key in self.keys) or "none"
 
 
+def looks_spatial(value: Any) -> bool:
+    """Returns whether ``value`` is a floating-point array with at least 3 axes ``(N, ?, ?, ...)``.
+
+    Read from ``shape`` and the dtype's name, so it holds for NumPy, torch, TensorFlow and JAX
+    arrays alike ("float32", "torch.bfloat16", "<dtype: 'float16'>"): the default rule for which
+    input carries the spatial grid, the same in the adapters and in the Explainer's Score-CAM.
+    """
+    shape = getattr(value, "shape", None)
+    dtype = getattr(value, "dtype", None)
+    if shape is None or dtype is None:
+        return False
+    try:
+        rank = len(shape)
+    except TypeError:  # an unknown rank (a symbolic TensorFlow shape)
+        return False
+    return rank >= 3 and "float" in str(dtype)
+
+
 def _shape(value: Any) -> str:
     shape = getattr(value, "shape", None)
     if shape is None:

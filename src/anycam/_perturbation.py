@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from . import core
-from ._errors import InputError, TargetError
+from ._errors import TargetError
+from ._inputs import looks_spatial, structure_inputs
 
 if TYPE_CHECKING:
     from ._explainer import Explainer, Explanation
@@ -59,23 +60,49 @@ class _NoBar:
         """Does nothing."""
 
 
-def numpy_input(inputs: Any) -> np.ndarray:
-    """Returns the input batch as float32 NumPy (a CPU copy of a device tensor).
-
-    Raises:
-        anycam.InputError: for a structure of several inputs (tuple, list, dict).
-    """
-    if isinstance(inputs, (tuple, list, dict)):
-        raise InputError(
-            f"scorecam masks one input array, got a {type(inputs).__name__} of inputs; "
-            "explain a model that takes a single array, or use ablationcam (it perturbs the layer, not the input)"
-        )
+def _numpy(value: Any) -> np.ndarray:
     try:
-        array = np.asarray(inputs)
+        return np.asarray(value)
     except (TypeError, RuntimeError):
         # A CUDA torch tensor refuses __array__; its CPU copy is what the masks multiply.
-        array = np.asarray(inputs.detach().cpu())
-    return np.asarray(array, dtype=np.float32)
+        return np.asarray(value.detach().cpu())
+
+
+def numpy_input(inputs: Any) -> np.ndarray:
+    """Returns one input batch as float32 NumPy (a CPU copy of a device tensor)."""
+    return np.asarray(_numpy(inputs), dtype=np.float32)
+
+
+class _MaskedInputs:
+    """Score-CAM's view of the inputs: the spatial one is masked, the others follow its rows.
+
+    A model with several inputs (a tuple, list or dict, see ``anycam._inputs``) gets masked
+    copies of its spatial input together with the matching rows of every other batched input;
+    unbatched values (flags, None) pass unchanged.
+    """
+
+    def __init__(self, inputs: Any, spatial_input: Any) -> None:
+        self.structure = structure_inputs(inputs, is_spatial=looks_spatial, spatial_input=spatial_input)
+        self.x = numpy_input(self.structure.spatial_value)
+        batch = self.x.shape[0]
+
+        def batched(key: Any, value: Any) -> Any:
+            if key == self.structure.spatial or getattr(value, "shape", None) is None:
+                return value
+            array = _numpy(value)
+            return array if array.ndim >= 1 and array.shape[0] == batch else value
+
+        self.others = self.structure.map(batched)
+
+    def rows(self, samples: np.ndarray, masked: np.ndarray) -> Any:
+        """Returns the inputs for ``samples`` with the spatial input replaced by ``masked``."""
+
+        def pick(key: Any, value: Any) -> Any:
+            if key == self.structure.spatial:
+                return masked
+            return value[samples] if isinstance(value, np.ndarray) else value
+
+        return self.others.map(pick).container()
 
 
 def _mask_input(x: np.ndarray, masks: np.ndarray, input_layout: str) -> np.ndarray:
@@ -96,7 +123,8 @@ def scorecam(explainer: Explainer, inputs: Any, spec: core.TargetSpec) -> Explan
             f"scorecam weights each channel by the target's class score, and {exc}; for a model whose "
             "output is not class scores pass a callable target that returns the score to weight by"
         ) from exc
-    x = numpy_input(inputs)
+    given = _MaskedInputs(inputs, explainer.spatial_input)
+    x = given.x
     input_layout = getattr(backend, "input_layout", "channels_first")
     size = capture.input_spatial
     probabilities = explainer.scorecam == "probability" and spec.kind != "callable"
@@ -126,7 +154,8 @@ def scorecam(explainer: Explainer, inputs: Any, spec: core.TargetSpec) -> Explan
                 masks = core.scorecam_masks(acts[n, k], size, align_corners=corners)
                 masked = _mask_input(x[n], masks, input_layout)
                 targets = None if capture.target is None else capture.target[n]
-                out = np.asarray(backend.input_scores(masked, spec, targets, probabilities=probabilities))
+                batch_inputs = given.rows(n, masked)
+                out = np.asarray(backend.input_scores(batch_inputs, spec, targets, probabilities=probabilities))
                 scores[n, :, k] = out.reshape(len(n), count)
                 bar.update(len(n))
         core.check_finite(scores, "masked-input scores", name)

@@ -85,6 +85,25 @@ def test_model_kwargs_reach_every_call(two: TwoInputs) -> None:
     assert not np.allclose(plain.scores, result.scores)
 
 
+@pytest.mark.parametrize("form", ["tuple", "dict"])
+def test_scorecam_masks_the_spatial_input_and_keeps_the_others(two: TwoInputs, form: str) -> None:
+    inputs: object = (IMAGE, META) if form == "tuple" else {"meta": META, "image": IMAGE}
+    # batch_size=5 with 2 × 6 masked copies: chunks mix samples, so rows of meta must follow.
+    explainer = anycam.Explainer(two, "conv", method="scorecam", normalize=None, batch_size=5)
+    result = explainer.explain(inputs, target=TARGET)
+    with torch.no_grad():
+        activations = two.conv(IMAGE).double()
+        up = torch.nn.functional.interpolate(activations, size=(8, 8), mode="bilinear", align_corners=False)
+        low, high = up.amin((2, 3), keepdim=True), up.amax((2, 3), keepdim=True)
+        masks = ((up - low) / (high - low)).float()
+        weights = torch.stack(
+            [two(IMAGE * masks[:, k : k + 1], META).softmax(1)[[0, 1], TARGET] for k in range(6)], dim=1
+        ).double()
+    expected = torch.relu((weights[:, :, None, None] * activations).sum(1)).numpy()
+    np.testing.assert_allclose(result.weights, weights.numpy(), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(result.cam, expected, rtol=1e-5, atol=1e-6)
+
+
 class TwoImages(nn.Module):
     """Two images of different sizes; the explained conv sees the second."""
 
@@ -114,6 +133,15 @@ def test_spatial_input_sets_the_heatmap_resolution() -> None:
         anycam.Explainer(model, "large", spatial_input=2)((small, large))
     with pytest.raises(anycam.InputError, match="spatial_input='big' names no input.*'large': \\(2, 3, 12, 12\\)"):
         anycam.Explainer(model, "large", spatial_input="big")({"small": small, "large": large})
+    # Score-CAM masks the input named by spatial_input, at its own resolution.
+    scored = anycam.Explainer(model, "large", method="scorecam", spatial_input=1).explain((small, large), target=0)
+    assert scored.heatmap.shape == (2, 12, 12)
+    with torch.no_grad():
+        acts = model.large(large).double()
+        up = torch.nn.functional.interpolate(acts, size=(12, 12), mode="bilinear", align_corners=False)
+        masks = ((up - up.amin((2, 3), keepdim=True)) / (up.amax((2, 3), keepdim=True) - up.amin((2, 3), keepdim=True)))
+        probabilities = [model(small, large * masks[:, k : k + 1].float()).softmax(1)[:, 0] for k in range(4)]
+    np.testing.assert_allclose(scored.weights, torch.stack(probabilities, 1).numpy(), rtol=1e-5, atol=1e-7)
 
 
 class PixelValues(nn.Module):
