@@ -238,6 +238,13 @@ def test_auto_picks_the_last_stage_of_the_demo_network() -> None:
         # The choice is made once and kept.
         explainer(torch.randn(2, 1, 32, 32))
         assert explainer.layer_names == ("stage3",)
+    # Methods that need more than one capture choose the same way.
+    for method in ("ablationcam", "guided-gradcam"):
+        explainer = anycam.Explainer(model, "auto", method=method, normalize=None)
+        result = explainer.explain(x, target=TARGET)
+        assert explainer.layer_names == ("stage3",)
+        named = anycam.Explainer(model, "stage3", method=method, normalize=None).explain(x, target=TARGET)
+        np.testing.assert_allclose(result.cam, named.cam)
     assert not any(m._forward_hooks for m in model.modules())
     assert all(p.grad is None for p in model.parameters())
 
