@@ -70,8 +70,9 @@ def scaled(
         valid = np.isfinite(span) & (span > 0)
         out = shifted if np.dtype(dtype) == shifted.dtype else np.empty(values.shape, dtype)
         # Computed in float64 and rounded once on store (the float64 loop, same_kind cast).
+        # No clip needed: rounding is monotonic, so low ≤ x ≤ high gives 0 ≤ fl(x − low) ≤
+        # fl(high − low) and a quotient in [0, 1], also after rounding to float32.
         np.divide(shifted, np.where(valid, span, 1.0), out=out, casting="same_kind")
-        np.clip(out, 0.0, 1.0, out=out)
     if not valid.all():
         np.copyto(out, 0.0, where=~valid)
     return out
