@@ -1,31 +1,63 @@
 """Runs every installed framework's benchmark and prints one Markdown table of ratios.
 
-``python -m tests.benchmarks [--quick] [torch tensorflow jax ray]``
+``python -m tests.benchmarks [--quick] [--device cuda] [torch tensorflow jax ray]``: the benchmarks.
+``python -m tests.benchmarks --phases [--batch 64] [--device cuda] [torch tensorflow jax]``:
+only where one Grad-CAM call's time goes (forward, tapping, gradients, device→host copy, core).
+A framework that cannot be imported (or has no such device) is skipped with its reason.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import sys
+
+from .timing import DeviceUnavailable
+
+
+def _print(r: dict) -> None:
+    ms = f"{r['ms']:.1f}" if r.get("ms") is not None else f"{r['mb']:.0f} MB"
+    ratio = f"{r['ratio']:.2f}×" if abs(r["ratio"]) >= 0.1 else f"{r['ratio']:.3f}×"
+    print(
+        f"| {r['framework']} | {r['model']} | {r['case']} | {r['batch']} | {ms} | {ratio} | {r['baseline']} |",
+        flush=True,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.benchmarks")
     parser.add_argument("frameworks", nargs="*", default=["torch", "tensorflow", "jax", "ray"])
     parser.add_argument("--quick", action="store_true", help="tiny sizes, to check the benchmarks run")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    parser.add_argument("--phases", action="store_true", help="only the time breakdown of one call")
+    parser.add_argument("--batch", type=int, default=None, help="batch size for --phases (default 8)")
     args = parser.parse_args(argv)
     print("| framework | model | case | batch | time (ms) | ratio | relative to |")
     print("|---|---|---|---|---|---|---|")
     for framework in args.frameworks:
-        module = importlib.import_module(f"tests.benchmarks.bench_{framework}")
-        for r in module.run(quick=args.quick):
-            ms = f"{r['ms']:.1f}" if r.get("ms") is not None else f"{r['mb']:.0f} MB"
-            ratio = f"{r['ratio']:.2f}×" if r["ratio"] >= 0.1 else f"{r['ratio']:.3f}×"
-            print(
-                f"| {r['framework']} | {r['model']} | {r['case']} | {r['batch']} | {ms} | {ratio} | {r['baseline']} |",
-                flush=True,
-            )
+        try:
+            module = importlib.import_module(f"tests.benchmarks.bench_{framework}")
+        except ImportError as exc:
+            print(f"skipped {framework}: {type(exc).__name__}: {exc}", flush=True)
+            continue
+        if args.phases and not hasattr(module, "phases"):
+            continue
+        try:
+            if args.phases:
+                rows = module.phases(quick=args.quick, device=args.device, batch=args.batch)
+            elif "device" in inspect.signature(module.run).parameters:
+                rows = module.run(quick=args.quick, device=args.device)
+            elif args.device == "cpu":
+                rows = module.run(quick=args.quick)
+            else:
+                print(f"skipped {framework}: runs on the CPU only", flush=True)
+                continue
+        except DeviceUnavailable as exc:
+            print(f"skipped {framework}: {exc}", flush=True)
+            continue
+        for r in rows:
+            _print(r)
     return 0
 
 

@@ -8,6 +8,8 @@ benchmark.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -15,7 +17,7 @@ import numpy as np
 
 import anycam
 
-from .timing import interleaved, row
+from .timing import DeviceUnavailable, interleaved, memory_row, peak_in_subprocess, peak_of, phase_rows, row
 
 
 class Bottleneck(nn.Module):
@@ -78,25 +80,79 @@ def random_variables(model: nn.Module, x: jax.Array, seed: int = 0) -> dict:
     return jax.tree_util.tree_map_with_path(draw, jax.eval_shape(model.init, jax.random.key(0), x))
 
 
-def run(quick: bool = False) -> list[dict]:
-    size, batch, repeats, width = (64, 2, 2, 16) if quick else (224, 8, 5, 64)
+def _setup(quick: bool, device: str = "cpu", batch: int | None = None) -> tuple[nn.Module, dict, jax.Array, int, str]:
+    size, default_batch, repeats, width = (64, 2, 2, 16) if quick else (224, 8, 5, 64)
+    platform = "gpu" if device.startswith("cuda") else device
+    try:
+        target = jax.devices(platform)[0]
+    except RuntimeError as exc:
+        raise DeviceUnavailable(f"JAX {jax.__version__} has no {platform} device ({exc})") from exc
     model = ResNet50(width=width, blocks=(1, 1, 1, 1) if quick else (3, 4, 6, 3))
-    x = jnp.asarray(np.random.default_rng(1).normal(size=(batch, size, size, 3)).astype(np.float32))
-    variables = random_variables(model, x)
+    shape = (batch or default_batch, size, size, 3)
+    x = jax.device_put(jnp.asarray(np.random.default_rng(1).normal(size=shape).astype(np.float32)), target)
+    variables = jax.device_put(random_variables(model, x), target)
     name = "Flax ResNet-50-shaped (random init)" + (" (quick: width 16, one block per stage)" if quick else "")
+    return model, variables, x, repeats, name + ("" if device == "cpu" else f", {device}")
+
+
+def _forward(model: nn.Module, variables: dict, x: jax.Array) -> Callable[[], object]:
     forward = jax.jit(lambda v, x: model.apply(v, x, train=False))
+    return lambda: jax.block_until_ready(forward(variables, x))
+
+
+def memory_case(case: str, quick: bool) -> int:
+    """The peak resident memory (bytes) one call of ``case`` adds, after a warm-up call."""
+    model, variables, x, _, _ = _setup(quick)
+    if case == "forward":
+        return peak_of(_forward(model, variables, x))
+    explainer = anycam.Explainer((model, variables), "layer4", model_kwargs={"train": False})
+    return peak_of(lambda: explainer(x))
+
+
+def _copier(shapes: Sequence[tuple[int, ...]]) -> Callable[[], object]:
+    arrays = [jnp.ones(shape, jnp.float32) for shape in shapes]
+    # What the adapter does with the captured arrays: one jax.device_get.
+    return lambda: jax.device_get(arrays)
+
+
+def phases(quick: bool = False, device: str = "cpu", batch: int | None = None) -> list[dict]:
+    """Where a Grad-CAM call's time goes (forward, tapping, gradients, copy, core) at layer4."""
+    model, variables, x, repeats, name = _setup(quick, device, batch)
+    explainer = anycam.Explainer((model, variables), "layer4", model_kwargs={"train": False})
+    with jax.default_device(x.devices().pop()):
+        return phase_rows(
+            "jax",
+            name,
+            x.shape[0],
+            forward=_forward(model, variables, x),
+            explainer=explainer,
+            inputs=x,
+            copier=_copier,
+            repeats=repeats,
+        )
+
+
+def run(quick: bool = False, device: str = "cpu") -> list[dict]:
+    memory = device == "cpu"
+    mem = {case: peak_in_subprocess("bench_jax", case, (quick,)) for case in ("forward", "layer4")} if memory else {}
+    model, variables, x, repeats, name = _setup(quick, device)
+    batch = x.shape[0]
     explainer = anycam.Explainer((model, variables), "layer4", model_kwargs={"train": False})
     layer3 = anycam.Explainer((model, variables), "layer3", model_kwargs={"train": False})
     k10 = np.tile(np.arange(10), (batch, 1))
     cases = {
-        "forward": lambda: jax.block_until_ready(forward(variables, x)),
+        "forward": _forward(model, variables, x),
         "layer4": lambda: explainer(x),
         "layer4 K=10": lambda: explainer(x, target=k10),
         "layer3": lambda: layer3(x),
+        "layer3 K=10": lambda: layer3(x, target=k10),
     }
     times = interleaved(cases, repeats)
+    spec = anycam.core.parse_target(None)
+    capture = explainer.backend.capture(x, spec)
+    core_time = interleaved({"core": lambda: explainer._explanation(capture, spec)}, repeats)["core"]
     base, label = times["forward"], "jitted forward"
-    return [
+    rows = [
         row("jax", name, "Grad-CAM last stage (layer4)", batch, times["layer4"], label, base),
         row("jax", name, "Grad-CAM layer3", batch, times["layer3"], label, base),
         row(
@@ -108,7 +164,28 @@ def run(quick: bool = False) -> list[dict]:
             "one map (layer4)",
             times["layer4"],
         ),
+        row(
+            "jax",
+            name,
+            "Grad-CAM layer3, K=10 maps per sample",
+            batch,
+            times["layer3 K=10"],
+            "one map (layer3)",
+            times["layer3"],
+        ),
+        row(
+            "jax",
+            name,
+            f"core math (weights → {x.shape[1]}² heatmap), layer4",
+            batch,
+            core_time,
+            "whole Grad-CAM call",
+            times["layer4"],
+        ),
     ]
+    if memory:
+        rows.append(memory_row("jax", name, "Grad-CAM layer4", batch, mem["layer4"], "jitted forward", mem["forward"]))
+    return rows
 
 
 if __name__ == "__main__":

@@ -1,11 +1,16 @@
-"""TensorFlow/Keras 3: anycam against a compiled forward and the seed's ``make_gradcam_heatmap``.
+"""TensorFlow/Keras 3: anycam against a compiled forward, the seed's ``make_gradcam_heatmap`` and tf-keras-vis.
 
 ``keras.applications.ResNet50(weights=None)`` (random weights, no download; they do not change
 the cost), batch 8, 224×224, CPU. All cases are measured in one run, interleaved, as medians.
+tf-keras-vis's ``Gradcam`` (which returns maps at input resolution, min-max normalised) is
+measured in the same run where it imports; ``nox -s bench`` installs it.
 ``python -m tests.benchmarks tensorflow`` or ``python -m tests.benchmarks.bench_tensorflow``.
 """
 
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Sequence
 
 import keras
 import numpy as np
@@ -13,7 +18,7 @@ import tensorflow as tf
 
 import anycam
 
-from .timing import interleaved, row
+from .timing import DeviceUnavailable, interleaved, memory_row, peak_in_subprocess, peak_of, phase_rows, row
 
 LAYER = "conv5_block3_out"
 
@@ -53,32 +58,118 @@ def tiny_model(size: int) -> keras.Model:
     return keras.Model(inputs, keras.layers.Dense(1000)(pooled))
 
 
-def run(quick: bool = False) -> list[dict]:
+def _setup(quick: bool, batch: int | None = None) -> tuple[keras.Model, tf.Tensor, int, str]:
     keras.utils.set_random_seed(0)
-    size, batch, repeats = (32, 2, 2) if quick else (224, 8, 5)
+    size, default_batch, repeats = (32, 2, 2) if quick else (224, 8, 5)
     if quick:
         model, name = tiny_model(size), "tiny CNN (quick)"
     else:
         model = keras.applications.ResNet50(weights=None, input_shape=(size, size, 3), classifier_activation=None)
         name = "ResNet50 (keras.applications, weights=None)"
-    x = tf.constant(np.random.default_rng(0).uniform(size=(batch, size, size, 3)), tf.float32)
+    shape = (batch or default_batch, size, size, 3)
+    return model, tf.constant(np.random.default_rng(0).uniform(size=shape), tf.float32), repeats, name
+
+
+def _compiled_forward(model: keras.Model, size: int) -> Callable[[tf.Tensor], tf.Tensor]:
+    return tf.function(
+        lambda images: model(images, training=False),
+        input_signature=[tf.TensorSpec((None, size, size, 3), tf.float32)],
+    )
+
+
+def _scope(device: str) -> contextlib.AbstractContextManager:
+    if device == "cpu":
+        return contextlib.nullcontext()
+    if not tf.config.list_physical_devices("GPU"):
+        raise DeviceUnavailable(f"TensorFlow {tf.__version__} sees no GPU")
+    return tf.device("/GPU:0")
+
+
+def memory_case(case: str, quick: bool) -> int:
+    """The peak resident memory (bytes) one call of ``case`` adds, after a warm-up call."""
+    model, x, _, _ = _setup(quick)
+    if case == "forward":
+        forward = _compiled_forward(model, x.shape[1])
+        return peak_of(lambda: forward(x).numpy())
+    explainer = anycam.Explainer(model, LAYER)
+    return peak_of(lambda: explainer(x))
+
+
+def _keras_vis(model: keras.Model, x: tf.Tensor) -> tuple[dict[str, Callable[[], object]], list[str]]:
+    try:
+        from tf_keras_vis.gradcam import Gradcam
+        from tf_keras_vis.utils.scores import CategoricalScore
+    except Exception as exc:  # any import failure: the peer is skipped with its reason
+        return {}, [f"tf-keras-vis: {type(exc).__name__}: {exc}"]
+    # clone=False: the benchmark model already has a linear head; cloning once would not
+    # change the per-call cost.
+    gradcam = Gradcam(model, clone=False)
+
+    def case() -> object:
+        classes = np.argmax(model(x, training=False).numpy(), axis=1)
+        return gradcam(CategoricalScore(list(classes)), x, penultimate_layer=LAYER)
+
+    return {"tf-keras-vis Gradcam": case}, []
+
+
+def _copier(shapes: Sequence[tuple[int, ...]]) -> Callable[[], object]:
+    tensors = [tf.random.normal(shape) for shape in shapes]
+    # What the adapter does to every captured tensor: .numpy() (a copy off an accelerator).
+    return lambda: [np.asarray(t.numpy(), dtype=np.float32) for t in tensors]
+
+
+def phases(quick: bool = False, device: str = "cpu", batch: int | None = None) -> list[dict]:
+    """Where a Grad-CAM call's time goes (forward, tapping, gradients, copy, core) at the last stage."""
+    with _scope(device):
+        model, x, repeats, name = _setup(quick, batch)
+        forward = _compiled_forward(model, x.shape[1])
+        explainer = anycam.Explainer(model, LAYER)
+        return phase_rows(
+            "tensorflow",
+            name + ("" if device == "cpu" else f", {device}"),
+            x.shape[0],
+            forward=lambda: forward(x).numpy(),
+            explainer=explainer,
+            inputs=x,
+            copier=_copier,
+            repeats=repeats,
+        )
+
+
+def run(quick: bool = False, device: str = "cpu") -> list[dict]:
+    with _scope(device):
+        return _run(quick, device)
+
+
+def _run(quick: bool, device: str) -> list[dict]:
+    memory = device == "cpu"
+    mem = (
+        {case: peak_in_subprocess("bench_tensorflow", case, (quick,)) for case in ("forward", "gradcam")}
+        if memory
+        else {}
+    )
+    model, x, repeats, name = _setup(quick)
+    name += "" if device == "cpu" else f", {device}"
+    size, batch = x.shape[1], x.shape[0]
     explainer = anycam.Explainer(model, LAYER)
     earlier = "conv4_block6_out" if not quick else None
     explainer_earlier = anycam.Explainer(model, earlier) if earlier else None
     top10 = anycam.top_k(10)
-    forward = tf.function(
-        lambda images: model(images, training=False),
-        input_signature=[tf.TensorSpec((None, size, size, 3), tf.float32)],
-    )
+    forward = _compiled_forward(model, size)
+    peers, skipped = _keras_vis(model, x)
+    for reason in skipped:
+        print(f"skipped peer {reason}", flush=True)
 
     cases = {
         "forward": lambda: forward(x).numpy(),
         "gradcam": lambda: explainer(x),
         "k10": lambda: explainer(x, target=top10),
         "seed": lambda: seed_per_image(model, x),
+        **peers,
     }
     if explainer_earlier is not None:
         cases["earlier"] = lambda: explainer_earlier(x)
+        cases["earlier k10"] = lambda: explainer_earlier(x, target=top10)
     times = interleaved(cases, repeats)
     spec = anycam.core.parse_target(None)
     capture = explainer.backend.capture(x, spec)
@@ -93,12 +184,23 @@ def run(quick: bool = False) -> list[dict]:
             f"Grad-CAM {LAYER}, K=10 maps per sample (top_k(10))",
             batch,
             times["k10"],
-            label,
-            base,
+            f"one map ({LAYER})",
+            times["gradcam"],
         ),
     ]
     if earlier:
         rows.append(row("tensorflow", name, f"Grad-CAM {earlier}", batch, times["earlier"], label, base))
+        rows.append(
+            row(
+                "tensorflow",
+                name,
+                f"Grad-CAM {earlier}, K=10 maps per sample (top_k(10))",
+                batch,
+                times["earlier k10"],
+                f"one map ({earlier})",
+                times["earlier"],
+            )
+        )
     rows += [
         row(
             "tensorflow",
@@ -119,6 +221,24 @@ def run(quick: bool = False) -> list[dict]:
             times["gradcam"],
         ),
     ]
+    for peer in peers:
+        rows.append(
+            row(
+                "tensorflow",
+                name,
+                f"peer: {peer} ({LAYER})",
+                batch,
+                times[peer],
+                f"anycam Grad-CAM {LAYER}",
+                times["gradcam"],
+            )
+        )
+    if memory:
+        rows.append(
+            memory_row(
+                "tensorflow", name, f"Grad-CAM {LAYER}", batch, mem["gradcam"], "compiled forward", mem["forward"]
+            )
+        )
     return rows
 
 

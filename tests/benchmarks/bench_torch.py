@@ -1,24 +1,24 @@
-"""PyTorch: anycam against a plain inference forward and a pytorch-grad-cam-style capture.
+"""PyTorch: anycam against a plain inference forward, a pytorch-grad-cam-style capture and peers.
 
 The network is a ResNet-50-shaped model defined here (torchvision does not import beside the
-CPU wheel used in this project); random weights do not change the cost.
+CPU wheel used in this project); random weights do not change the cost. Peers (Captum's
+``LayerGradCam``, torchcam's ``GradCAM``, pytorch-grad-cam's ``GradCAM``) are measured in the
+same run where they import; ``nox -s bench`` installs them. Each peer's maps are upsampled to the
+input size with ``F.interpolate`` (bilinear), as anycam's heatmaps are.
 """
 
 from __future__ import annotations
 
-import gc
-import resource
-import statistics
-import subprocess
-import sys
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import anycam
 
-from .timing import interleaved, row, rss
+from .timing import DeviceUnavailable, interleaved, memory_row, peak_in_subprocess, peak_of, phase_rows, row
 
 
 class Bottleneck(nn.Module):
@@ -90,71 +90,165 @@ def anchor_style_gradcam(model: nn.Module, layer: nn.Module, x: torch.Tensor) ->
         output.gather(1, target[:, None]).sum().backward(retain_graph=True)
     finally:
         handle.remove()
-    acts, grads = store["a"].numpy(), store["g"].numpy()
+    acts, grads = store["a"].cpu().numpy(), store["g"].cpu().numpy()
     cam = np.maximum(np.einsum("nc,nchw->nhw", grads.mean((2, 3)), acts), 0)
     return anycam.core.normalize(anycam.core.resize(cam, x.shape[2:]))
 
 
-def _setup(quick: bool) -> tuple[nn.Module, torch.Tensor, int]:
+def _setup(quick: bool, device: str = "cpu", batch: int | None = None) -> tuple[nn.Module, torch.Tensor, int]:
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise DeviceUnavailable(f"torch {torch.__version__} sees no CUDA device")
     torch.manual_seed(0)
-    size, batch, repeats = (64, 2, 2) if quick else (224, 8, 7)
-    return ResNet50(width=16 if quick else 64).eval(), torch.randn(batch, 3, size, size), repeats
+    size, default_batch, repeats = (64, 2, 2) if quick else (224, 8, 7)
+    model = ResNet50(width=16 if quick else 64).eval().to(device)
+    x = torch.randn(batch or default_batch, 3, size, size).to(device)
+    return model, x, repeats
 
 
-def _memory_case(case: str, quick: bool) -> None:
-    """Prints the peak resident memory (bytes) one fresh call of ``case`` adds to the process."""
-    model, x, _ = _setup(quick)
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
 
-    def call(batch: torch.Tensor) -> None:
-        if case == "forward":
+
+def _peers(model: nn.Module, x: torch.Tensor) -> tuple[dict[str, Callable[[], object]], list[str]]:
+    """Returns each importable peer's Grad-CAM at layer4 as a case, and why the others are absent."""
+    cases: dict[str, Callable[[], object]] = {}
+    skipped: list[str] = []
+    size = tuple(x.shape[2:])
+
+    def upsampled(maps: torch.Tensor) -> np.ndarray:
+        return F.interpolate(maps.detach(), size=size, mode="bilinear").cpu().numpy()
+
+    try:
+        from captum.attr import LayerGradCam
+    except Exception as exc:  # any import failure: the peer is skipped with its reason
+        skipped.append(f"Captum: {type(exc).__name__}: {exc}")
+    else:
+        captum = LayerGradCam(model, model.layer4)
+
+        def captum_case() -> object:
+            with torch.no_grad():
+                target = model(x).argmax(1)
+            return upsampled(captum.attribute(x, target=target, relu_attributions=True))
+
+        cases["Captum LayerGradCam"] = captum_case
+    try:
+        from torchcam.methods import GradCAM as TorchcamGradCAM
+    except Exception as exc:
+        skipped.append(f"torchcam: {type(exc).__name__}: {exc}")
+    else:
+
+        def torchcam_case() -> object:
+            # Its hooks stay on the model while the extractor lives: scoped to the call.
+            with TorchcamGradCAM(model, "layer4") as extractor:
+                output = model(x)
+                (maps,) = extractor(output.argmax(1).tolist(), output)
+            return upsampled(maps[:, None])
+
+        cases["torchcam GradCAM"] = torchcam_case
+    try:
+        from pytorch_grad_cam import GradCAM as PgcGradCAM
+    except Exception as exc:
+        skipped.append(
+            f"pytorch-grad-cam: {type(exc).__name__}: {exc} (its package __init__ imports "
+            "utils/image.py, which imports torchvision)"
+        )
+    else:
+        pgc = PgcGradCAM(model=model, target_layers=[model.layer4])
+        cases["pytorch-grad-cam GradCAM"] = lambda: pgc(input_tensor=x)
+    return cases, skipped
+
+
+def _call(case: str, model: nn.Module, x: torch.Tensor) -> Callable[[], object]:
+    if case == "forward":
+
+        def forward() -> object:
             with torch.inference_mode():
-                model(batch)
-        elif case == "layer4":
-            anycam.Explainer(model, "layer4")(batch)
-        else:
-            anchor_style_gradcam(model, model.layer4, batch)
+                return model(x)
 
-    call(x[:1, :, :32, :32])  # one-time library initialisation is not the case's memory
-    gc.collect()
-    before = rss()
-    call(x)
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before)
+        return forward
+    if case == "layer4":
+        explainer = anycam.Explainer(model, "layer4")
+        return lambda: explainer(x)
+    return lambda: anchor_style_gradcam(model, model.layer4, x)
 
 
-def _peak_in_subprocess(case: str, quick: bool, repeats: int = 3) -> int:
-    """Median over fresh interpreters of one case's peak, so other cases' allocator caches cannot hide it.
-
-    A single run is occasionally far off (seen here: a plain forward once peaked ~8× its usual
-    ~150 MB), hence the median.
-    """
-    code = f"from tests.benchmarks.bench_torch import _memory_case; _memory_case({case!r}, {quick})"
-    peaks = []
-    for _ in range(repeats):
-        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-        peaks.append(int(done.stdout.strip().splitlines()[-1]))
-    return int(statistics.median(peaks))
+def memory_case(case: str, quick: bool) -> int:
+    """The peak resident memory (bytes) one call of ``case`` adds, after a warm-up call."""
+    model, x, _ = _setup(quick)
+    return peak_of(_call(case, model, x))
 
 
-def run(quick: bool = False) -> list[dict]:
-    # Memory first, each case in fresh interpreters, before this process does any work.
-    mem = {case: _peak_in_subprocess(case, quick) for case in ("forward", "layer4", "anchor")}
-    model, x, repeats = _setup(quick)
-    batch = x.shape[0]
-    name = "ResNet-50-shaped (defined in the benchmark)" if not quick else "ResNet-50-shaped (quick, width 16)"
-    explainers = {layer: anycam.Explainer(model, layer) for layer in ("layer2", "layer3", "layer4")}
-    k10 = np.argsort(-np.arange(1000))[:10][None].repeat(batch, 0) % 1000
+def _copier(device: str) -> Callable[[Sequence[tuple[int, ...]]], Callable[[], object]]:
+    def copier(shapes: Sequence[tuple[int, ...]]) -> Callable[[], object]:
+        tensors = [torch.randn(shape, device=device) for shape in shapes]
+        # What the adapter does to every captured tensor (on a CPU: hands the memory to NumPy).
+        return lambda: [t.detach().to("cpu", torch.float32).numpy() for t in tensors]
+
+    return copier
+
+
+def phases(quick: bool = False, device: str = "cpu", batch: int | None = None) -> list[dict]:
+    """Where a Grad-CAM call's time goes (forward, tapping, autograd, copy, core) at layer4."""
+    model, x, repeats = _setup(quick, device, batch)
+    name = _name(quick) + ("" if device == "cpu" else f", {device}")
 
     def forward() -> object:
         with torch.inference_mode():
-            return model(x)
+            out = model(x)
+        _sync(device)
+        return out
 
+    explainer = anycam.Explainer(model, "layer4")
+    return phase_rows(
+        "torch",
+        name,
+        x.shape[0],
+        forward=forward,
+        explainer=explainer,
+        inputs=x,
+        copier=_copier(device),
+        repeats=repeats,
+    )
+
+
+def _name(quick: bool) -> str:
+    return "ResNet-50-shaped (defined in the benchmark)" if not quick else "ResNet-50-shaped (quick, width 16)"
+
+
+def run(quick: bool = False, device: str = "cpu") -> list[dict]:
+    # Memory first, each case in fresh interpreters, before this process does any work (CPU only:
+    # resident memory says nothing about a GPU's).
+    memory = device == "cpu"
+    mem = (
+        {case: peak_in_subprocess("bench_torch", case, (quick,)) for case in ("forward", "layer4", "anchor")}
+        if memory
+        else {}
+    )
+    model, x, repeats = _setup(quick, device)
+    batch = x.shape[0]
+    name = _name(quick) + ("" if device == "cpu" else f", {device}")
+    explainers = {layer: anycam.Explainer(model, layer) for layer in ("layer2", "layer3", "layer4")}
+    k10 = np.tile(np.arange(10), (batch, 1))
+
+    def forward() -> object:
+        with torch.inference_mode():
+            out = model(x)
+        _sync(device)
+        return out
+
+    peers, skipped = _peers(model, x)
+    for reason in skipped:
+        print(f"skipped peer {reason}", flush=True)
     cases = {
         "forward": forward,
         "layer4": lambda: explainers["layer4"](x),
         "layer4 K=10": lambda: explainers["layer4"](x, target=k10),
         "layer3": lambda: explainers["layer3"](x),
+        "layer3 K=10": lambda: explainers["layer3"](x, target=k10),
         "layer2": lambda: explainers["layer2"](x),
         "anchor": lambda: anchor_style_gradcam(model, model.layer4, x),
+        **peers,
     }
     times = interleaved(cases, repeats)
     spec = anycam.core.parse_target(None)
@@ -178,7 +272,16 @@ def run(quick: bool = False) -> list[dict]:
         row(
             "torch",
             name,
-            "core math (weights → 224² heatmap), layer4",
+            "Grad-CAM layer3, K=10 maps per sample",
+            batch,
+            times["layer3 K=10"],
+            "one map (layer3)",
+            times["layer3"],
+        ),
+        row(
+            "torch",
+            name,
+            f"core math (weights → {x.shape[-1]}² heatmap), layer4",
             batch,
             core_time,
             "whole Grad-CAM call",
@@ -194,9 +297,21 @@ def run(quick: bool = False) -> list[dict]:
             times["layer4"],
         ),
     ]
-    for case, label in (("layer4", "Grad-CAM layer4"), ("anchor", "pytorch-grad-cam-style")):
-        entry = row("torch", name, f"peak memory, {label}", batch, mem[case], "plain forward", mem["forward"])
-        rows.append({**entry, "ms": None, "mb": mem[case] / 2**20})
+    for peer in peers:
+        rows.append(
+            row(
+                "torch",
+                name,
+                f"peer: {peer} (layer4, upsampled)",
+                batch,
+                times[peer],
+                "anycam Grad-CAM layer4",
+                times["layer4"],
+            )
+        )
+    for case, what in (("layer4", "Grad-CAM layer4"), ("anchor", "pytorch-grad-cam-style")):
+        if memory:
+            rows.append(memory_row("torch", name, what, batch, mem[case], "plain inference forward", mem["forward"]))
     return rows
 
 
