@@ -19,6 +19,7 @@ LINT = nox.project.dependency_groups(PROJECT, "lint")
 GROUPS = PROJECT["dependency-groups"]  # test-<backend>: what only that backend's session needs
 DOCS = nox.project.dependency_groups(PROJECT, "docs")
 PICTURES = nox.project.dependency_groups(PROJECT, "pictures")
+BENCH_PEERS = nox.project.dependency_groups(PROJECT, "bench-peers")
 BACKENDS = ("torch", "tensorflow", "jax")
 QUIET = {"TF_CPP_MIN_LOG_LEVEL": "2"}
 # Every install goes through one constraints file: it pins the torch the sessions test against
@@ -108,7 +109,9 @@ def docs(session: nox.Session) -> None:
 @nox.session(default=False)
 def bench(session: nox.Session) -> None:
     """Speed and memory against plain inference and the anchors, as ratios from one run."""
-    session.install(*CONSTRAINTS, "-e", ".[all,ray]", "psutil")
+    session.install(*CONSTRAINTS, "-e", ".[all,ray]", "psutil", *BENCH_PEERS)
+    # Without its dependencies (torchvision among them: see the bench-peers group).
+    session.install(*CONSTRAINTS, "--no-deps", "grad-cam", "ttach")
     session.run("python", "-m", "tests.benchmarks", *session.posargs, env=QUIET)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import inspect
+import os
 import sys
 
 from .timing import DeviceUnavailable
@@ -25,6 +26,27 @@ def _print(r: dict) -> None:
     )
 
 
+def limit_threads(threads: int) -> None:
+    """Caps every framework's CPU thread pools; must run before a framework is imported.
+
+    Environment variables, so the fresh interpreters of the memory cases get the same cap.
+    """
+    count = str(threads)
+    os.environ.update(
+        {
+            "OMP_NUM_THREADS": count,  # torch's intra-op pool, NumPy's BLAS
+            "MKL_NUM_THREADS": count,
+            "OPENBLAS_NUM_THREADS": count,
+            "TF_NUM_INTRAOP_THREADS": count,
+            "TF_NUM_INTEROP_THREADS": count,
+            "ANYCAM_BENCH_THREADS": count,  # read by bench_torch (torch.set_num_threads)
+        }
+    )
+    if threads == 1:
+        flags = os.environ.get("XLA_FLAGS", "")
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1".strip()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.benchmarks")
     parser.add_argument("frameworks", nargs="*", default=["torch", "tensorflow", "jax", "ray"])
@@ -32,7 +54,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     parser.add_argument("--phases", action="store_true", help="only the time breakdown of one call")
     parser.add_argument("--batch", type=int, default=None, help="batch size for --phases (default 8)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads per framework (default: each framework's own); 1 keeps ratios steady on a busy machine",
+    )
+    parser.add_argument(
+        "--clock",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="wall time (default) or the process's CPU time (steadier on a shared machine)",
+    )
     args = parser.parse_args(argv)
+    os.environ["ANYCAM_BENCH_CLOCK"] = args.clock
+    if args.threads is not None:
+        limit_threads(args.threads)
+    threads = "each framework's default threads" if args.threads is None else f"{args.threads} thread(s)"
+    print(f"Clock: {args.clock} time; {threads}; device: {args.device}.\n")
     print("| framework | model | case | batch | time (ms) | ratio | relative to |")
     print("|---|---|---|---|---|---|---|")
     for framework in args.frameworks:

@@ -9,6 +9,7 @@ input size with ``F.interpolate`` (bilinear), as anycam's heatmaps are.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -19,6 +20,10 @@ from torch import nn
 import anycam
 
 from .timing import DeviceUnavailable, interleaved, memory_row, peak_in_subprocess, peak_of, phase_rows, row
+
+if "ANYCAM_BENCH_THREADS" in os.environ:  # python -m tests.benchmarks --threads N
+    torch.set_num_threads(int(os.environ["ANYCAM_BENCH_THREADS"]))
+    torch.set_num_interop_threads(int(os.environ["ANYCAM_BENCH_THREADS"]))
 
 
 class Bottleneck(nn.Module):
@@ -151,7 +156,7 @@ def _peers(model: nn.Module, x: torch.Tensor) -> tuple[dict[str, Callable[[], ob
     except Exception as exc:
         skipped.append(
             f"pytorch-grad-cam: {type(exc).__name__}: {exc} (its package __init__ imports "
-            "utils/image.py, which imports torchvision)"
+            "torchvision, whose build for this torch fails to import beside it here)"
         )
     else:
         pgc = PgcGradCAM(model=model, target_layers=[model.layer4])

@@ -21,17 +21,25 @@ class DeviceUnavailable(RuntimeError):
     """The device asked for (``--device cuda``) is not there for this framework."""
 
 
+def clock() -> Callable[[], float]:
+    """The benchmarks' clock: wall time, or with ``ANYCAM_BENCH_CLOCK=cpu`` (``--clock cpu``) the
+    CPU time of the whole process, which a machine shared with other jobs barely disturbs (a
+    descheduled process accrues no CPU time) but which counts every thread's work."""
+    return time.process_time if os.environ.get("ANYCAM_BENCH_CLOCK") == "cpu" else time.perf_counter
+
+
 def interleaved(cases: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, float]:
     """Returns the median seconds of each case, running the cases round-robin ``repeats`` times."""
+    now = clock()
     for _ in range(warmup):
         for fn in cases.values():
             fn()
     samples: dict[str, list[float]] = {name: [] for name in cases}
     for _ in range(repeats):
         for name, fn in cases.items():
-            start = time.perf_counter()
+            start = now()
             fn()
-            samples[name].append(time.perf_counter() - start)
+            samples[name].append(now() - start)
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
