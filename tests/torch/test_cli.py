@@ -65,6 +65,19 @@ FACTORY = textwrap.dedent(
     def bad_keys():
         return {"model": tiny(), "layers": "features"}
 
+    def gray():
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                                    torch.nn.Flatten(), torch.nn.Linear(4, 2)).eval()
+        return ModelSpec(model, layer="1", channels=1, preprocess=None)
+
+
+    def custom():
+        def preprocess(image):
+            assert image.dtype.name == "uint8" and image.shape[2] == 3
+            return image[::2, ::2].transpose(2, 0, 1).astype("float32") / 255
+        return ModelSpec(tiny(), layer="features", preprocess=preprocess)
+
     not_callable = 3
     """
 )
@@ -239,3 +252,25 @@ def test_demo_without_the_picture_libraries_prints_its_table_and_exits_0(tmp_pat
     assert re.search(r"\| gradcam \| \d+\.\d% \|", result.stdout)
     assert 'no picture: it needs matplotlib and Pillow, pip install "anycam[viz]"' in result.stdout
     assert not (tmp_path / "demo.png").exists()
+
+
+def test_explain_grayscale_and_custom_preprocessing(workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # A one-channel model reads the images as grayscale; the overlay is still RGB at the image's size.
+    assert main(["explain", "a.png", "b.png", "--model", "my_models:gray", "--out", "gray"]) == 0
+    for name, shape in (("a", (20, 24, 3)), ("b", (9, 13, 3))):
+        assert np.asarray(Image.open(workdir / "gray" / f"{name}_gradcam.png")).shape == shape
+    # A custom preprocess (here: every second pixel) feeds the model; images of two sizes are
+    # explained in two batches.
+    assert main(["explain", "a.png", "b.png", "--model", "my_models:custom", "--out", "custom"]) == 0
+    assert "wrote 2 overlay(s) to custom" in capsys.readouterr().out
+    assert np.asarray(Image.open(workdir / "custom" / "b_gradcam.png")).shape == (9, 13, 3)
+    import my_models
+
+    original = np.asarray(Image.open(workdir / "a.png").convert("RGB"))
+    x = torch.from_numpy(original[::2, ::2].transpose(2, 0, 1)[None].astype(np.float32) / 255)
+    model = my_models.tiny()
+    with torch.no_grad():
+        best = int(model(x)[0].argmax())
+    expected = anycam.overlay(original, reference_heatmap(model, x, best).astype(np.float32))
+    written = np.asarray(Image.open(workdir / "custom" / "a_gradcam.png"))
+    assert np.abs(written.astype(int) - expected.astype(int)).max() <= 1
