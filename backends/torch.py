@@ -66,6 +66,14 @@ def _unwrap(model: torch.nn.Module) -> tuple[torch.nn.Module, tuple[str, ...]]:
             return model, tuple(prefixes)
 
 
+class _RunsTwice(LayerError):
+    """Raised inside the forward pass when an explained module runs a second time."""
+
+    def __init__(self, index: int) -> None:
+        super().__init__(f"layer {index} runs more than once")
+        self.index = index
+
+
 def _parameter_names(function: Any) -> list[str]:
     try:
         parameters = inspect.signature(function).parameters.values()
@@ -315,13 +323,7 @@ class TorchBackend(Backend):
                     "not a tensor; explain a layer whose output is a feature map"
                 )
             if index in captured:
-                hint = "a module that runs once"
-                if what == "output":
-                    hint += ", or the input of the module after it ('<next module>:input', e.g. 'avgpool:input')"
-                raise LayerError(
-                    f"layer {self.layer_names[index]!r} runs more than once per forward pass "
-                    f"(a shared module); explain {hint}"
-                )
+                raise _RunsTwice(index)
             if not differentiable:
                 captured[index] = value.detach()
                 return None
@@ -362,6 +364,21 @@ class TorchBackend(Backend):
             # no_grad() keeps everything before the layer graph-free.
             with torch.no_grad():
                 output = self._call(structure)
+        except _RunsTwice as exc:
+            for handle in handles:  # before the diagnosing pass below (removing twice is harmless)
+                handle.remove()
+            index = exc.index
+            hint = "a module that runs once"
+            if self.ports[index] == "output":
+                after = self._runs_after(structure, self.modules[index])
+                if after:
+                    hint += f", or '{after}:input' (the input of the module that runs after its last call)"
+                else:
+                    hint += ", or the input of the module after it ('<name>:input', e.g. 'avgpool:input')"
+            raise LayerError(
+                f"layer {self.layer_names[index]!r} runs more than once per forward pass (a shared module, "
+                f"e.g. one activation used by several blocks); explain {hint}"
+            ) from None
         finally:
             for handle in handles:
                 handle.remove()
@@ -372,6 +389,44 @@ class TorchBackend(Backend):
                 "explain a layer on the path from the input to the output"
             )
         return output, [captured[i] for i in range(len(self.modules))]
+
+    def _runs_after(self, structure: ModelInputs, shared: torch.nn.Module) -> str | None:
+        """Returns the name of the first module that starts after ``shared``'s last call, or None.
+
+        Only for the error message: one more forward pass, with hooks that record the order.
+        """
+        owner = threading.get_ident()
+        inside = {id(m) for m in shared.modules()}
+        events: list[str | None] = []
+
+        def ended(module: torch.nn.Module, args: Any, out: Any) -> None:
+            if threading.get_ident() == owner:
+                events.append(None)
+
+        def started(name: str) -> Any:
+            def hook(module: torch.nn.Module, args: Any) -> None:
+                if threading.get_ident() == owner:
+                    events.append(name)
+
+            return hook
+
+        handles = [shared.register_forward_hook(ended)]
+        handles += [
+            module.register_forward_pre_hook(started(name))
+            for name, module in self.model.named_modules()
+            if name and id(module) not in inside
+        ]
+        try:
+            with torch.no_grad():
+                structure.call(self.model)
+        except Exception:  # a diagnosis must not hide the error it explains
+            return None
+        finally:
+            for handle in handles:
+                handle.remove()
+        last = max((i for i, event in enumerate(events) if event is None), default=None)
+        following = [event for event in events[last + 1 :] if event is not None] if last is not None else []
+        return following[0] if following else None
 
     @staticmethod
     def _scores(output: Any, target: TargetSpec, batch: int) -> tuple[torch.Tensor, np.ndarray | None]:

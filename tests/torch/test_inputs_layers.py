@@ -195,7 +195,7 @@ def test_the_input_of_the_pool_is_the_shared_activations_output() -> None:
     torch.manual_seed(0)
     model = SharedSwish().eval()
     x = torch.randn(2, 3, 10, 10)
-    with pytest.raises(anycam.LayerError, match="runs more than once.*'avgpool:input'"):
+    with pytest.raises(anycam.LayerError, match=r"runs more than once.*'avgpool:input' \(the input of the module that"):
         anycam.Explainer(model, "_swish")(x)
     explainer = anycam.Explainer(model, "avgpool:input", normalize=None)
     assert explainer.layer_names == ("avgpool:input",)
