@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import anycam
-from anycam._inputs import ModelInputs, structure_inputs
+from anycam._inputs import ModelInputs, looks_spatial, structure_inputs
 from anycam._layers import LayerRecord, choose_layer, is_auto, parse_layer
 
 
@@ -131,3 +131,20 @@ def test_auto_without_a_fit_lists_the_layers_considered() -> None:
         choose_layer(many, (32, 32))
     with pytest.raises(anycam.LayerError, match="found no layers"):
         choose_layer([], (32, 32))
+
+
+class _FakeArray:
+    """Stands in for a framework tensor: only ``shape`` and a ``dtype`` that prints its name."""
+
+    def __init__(self, shape: tuple[int, ...] | None, dtype: str) -> None:
+        self.shape, self.dtype = shape, dtype
+
+
+def test_looks_spatial_reads_shape_and_dtype_name_of_any_framework() -> None:
+    assert looks_spatial(IMAGE) and looks_spatial(IMAGE.astype(np.float16))
+    assert not looks_spatial(IDS) and not looks_spatial(np.zeros((2, 3), np.float32))
+    assert not looks_spatial(np.zeros((2, 3, 4), np.int32)) and not looks_spatial([[[1.0]]])
+    assert looks_spatial(_FakeArray((2, 3, 8, 8), "torch.bfloat16"))
+    assert looks_spatial(_FakeArray((2, 8, 8, 3), "<dtype: 'float32'>"))
+    assert not looks_spatial(_FakeArray((2, 3, 8, 8), "torch.complex64"))
+    assert not looks_spatial(_FakeArray(None, "float32"))
