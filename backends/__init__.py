@@ -31,6 +31,13 @@ def _isinstance(obj: Any, module: str, *attrs: str) -> bool:
     return isinstance(found, type) and isinstance(obj, found)
 
 
+def _keras_backend(model: Any) -> str | None:
+    """Returns the framework Keras runs on if ``model`` is a Keras layer, else None."""
+    if not _isinstance(model, "keras", "Layer"):
+        return None
+    return str(sys.modules["keras"].config.backend())
+
+
 def _is_torch(model: Any) -> bool:
     return _isinstance(model, "torch", "nn", "Module")
 
@@ -55,9 +62,20 @@ _DETECTORS = (("torch", _is_torch), ("tensorflow", _is_tensorflow), ("jax", _is_
 def detect(model: Any) -> str:
     """Returns the backend name for ``model`` from its type.
 
+    A Keras 3 model belongs to the framework Keras runs on (``keras.config.backend()``): the
+    same model class is a TensorFlow, JAX or PyTorch model depending on ``KERAS_BACKEND``.
+
     Raises:
         BackendError: if no imported framework recognises the model.
     """
+    keras_backend = _keras_backend(model)
+    if keras_backend is not None:
+        if keras_backend in NAMES:
+            return keras_backend
+        raise BackendError(
+            f"Keras runs on its {keras_backend!r} backend, which has no automatic differentiation "
+            "anycam can use; set KERAS_BACKEND to tensorflow, jax or torch before the first `import keras`"
+        )
     for name, predicate in _DETECTORS:
         if predicate(model):
             return name
@@ -68,16 +86,22 @@ def detect(model: Any) -> str:
     )
 
 
-def load(name: str) -> type[Backend]:
-    """Returns the adapter class of backend ``name``, importing its framework.
+def load(name: str, model: Any = None) -> type[Backend]:
+    """Returns the adapter class of backend ``name`` for ``model``, importing its framework.
+
+    A Keras model on JAX or PyTorch gets that framework's Keras adapter (``keras_jax``,
+    ``keras_torch``); a Keras model on TensorFlow is the ``tensorflow`` adapter's own.
 
     Raises:
         BackendError: for an unknown name or a framework that cannot be imported.
     """
     if name not in NAMES:
         raise BackendError(f"unknown backend {name!r}; choose one of {', '.join(NAMES)}")
+    module_name = name
+    if name != "tensorflow" and model is not None and _keras_backend(model) is not None:
+        module_name = f"keras_{name}"
     try:
-        module = importlib.import_module(f"{__name__}.{name}")
+        module = importlib.import_module(f"{__name__}.{module_name}")
     except ImportError as exc:
         framework, extra = _INSTALL[name]
         raise BackendError(

@@ -50,12 +50,10 @@ import contextlib
 import copy
 import functools
 import operator
-import random
 import threading
 import warnings
 import weakref
-import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import keras
@@ -63,16 +61,16 @@ import numpy as np
 import tensorflow as tf
 
 from anycam._backend import Backend, Capture, check_options, select_output
-from anycam._errors import BackendError, ConfigTypeError, InputError, LayerError, TargetError, closest
+from anycam._errors import AnycamError, BackendError, ConfigTypeError, InputError, LayerError, TargetError
+from anycam._inputs import Key, ModelInputs, structure_inputs
+from anycam._layers import choose_layer, is_auto
 from anycam.core import TargetSpec, resolve_indices, spatial_shape
 
-_FORMATS = ("channels_first", "channels_last")
+from . import _keras
+
 _CALLABLE_TRACES = 8  # compiled captures kept per program for callable targets (LRU)
 _PROGRAMS_PER_MODEL = 16  # (layers, output selector) combinations kept per model (LRU)
-_MISSING = object()
-# Held while a layer's call is replaced: two threads tracing at once must not save each
-# other's wrappers as the "original".
-_PATCH_LOCK = threading.RLock()
+_CHOOSE_LOCK = threading.Lock()  # one automatic layer choice at a time
 _Ran = tuple[Any, list[tf.Tensor]]  # a forward pass: (model output, captured layer outputs)
 
 # model -> {(layer ids, output selector): _Program}; weak, so a cache never keeps a model alive
@@ -94,100 +92,14 @@ def _guided_relu_gradient(op: Any, gradient: tf.Tensor) -> tf.Tensor:
 
 
 def _keras_backend_check() -> None:
-    active = keras.config.backend()
+    active = _keras.backend()
     if active != "tensorflow":
         raise BackendError(
             f"Keras is running on its {active!r} backend, but anycam's tensorflow backend needs "
-            "Keras on TensorFlow: set the environment variable KERAS_BACKEND=tensorflow before "
-            f"the first `import keras`, or explain the model with backend={active!r} if anycam "
-            "supports it"
+            f"Keras on TensorFlow; a Keras model on {active!r} is explained with "
+            f"backend={active!r} (or backend=None, which detects it), or set the environment "
+            "variable KERAS_BACKEND=tensorflow before the first `import keras`"
         )
-
-
-def _children(layer: Any) -> list[Any]:
-    flatten = getattr(layer, "_flatten_layers", None)
-    if flatten is not None:
-        return list(flatten(include_self=False, recursive=False))
-    return list(getattr(layer, "layers", []))
-
-
-def _layer_paths(model: Any) -> dict[str, Any]:
-    """Returns ``{path: layer}`` for every layer inside ``model``, nested ones as ``"outer/inner"``.
-
-    Attribute names of subclassed models are aliases (``"features"`` for ``self.features``)
-    where they differ from the layer's name.
-    """
-    paths: dict[str, Any] = {}
-    aliases: dict[str, Any] = {}
-    seen: set[int] = set()
-
-    def walk(layer: Any, prefix: str) -> None:
-        children = _children(layer)
-        for child in children:
-            paths.setdefault(prefix + child.name, child)
-        for attribute, value in vars(layer).items():
-            if isinstance(value, keras.Layer) and not attribute.startswith("_"):
-                aliases.setdefault(prefix + attribute, value)
-        for child in children:
-            if id(child) not in seen:
-                seen.add(id(child))
-                walk(child, f"{prefix}{child.name}/")
-
-    walk(model, "")
-    for path, layer in aliases.items():
-        paths.setdefault(path, layer)
-    return paths
-
-
-def _data_format(layer: Any) -> str | None:
-    """Returns the data_format of ``layer``, or of the nearest layer upstream that has one.
-
-    Walks the Keras graph backwards from the layer's output (a ReLU, BatchNormalization or Add
-    after a ``channels_first`` convolution is ``channels_first`` too); for layers outside any
-    graph (subclassed models), the last sublayer that has a data_format decides.
-    """
-    queue: collections.deque[Any] = collections.deque([layer])
-    seen: set[int] = set()
-    while queue and len(seen) < 1000:
-        operation = queue.popleft()
-        if id(operation) in seen:
-            continue
-        seen.add(id(operation))
-        fmt = getattr(operation, "data_format", None)
-        if fmt in _FORMATS:
-            return str(fmt)
-        tensors: list[Any] = []
-        if isinstance(operation, keras.Model):
-            try:
-                tensors = list(operation.outputs or [])
-            except (AttributeError, ValueError):
-                tensors = []
-        if not tensors:
-            nodes = getattr(operation, "_inbound_nodes", None) or []
-            tensors = list(nodes[0].input_tensors) if nodes else []
-        for tensor in tensors:
-            history = getattr(tensor, "_keras_history", None)
-            if history is not None:
-                queue.append(history.operation)
-    return _outermost_format(layer, last=True)
-
-
-def _outermost_format(layer: Any, *, last: bool) -> str | None:
-    """Returns the data_format of the first (or last) sublayer that has one, outermost first.
-
-    A sublayer that declares a data_format decides for everything inside it (a custom
-    channels_first layer may wrap a channels_last convolution).
-    """
-    children = _children(layer)
-    for child in reversed(children) if last else children:
-        fmt = getattr(child, "data_format", None)
-        if fmt in _FORMATS:
-            return str(fmt)
-        found = _outermost_format(child, last=last)
-        if found is not None:
-            return found
-    return None
-
 
 def _call(part: Any, tensor: tf.Tensor) -> Any:
     if isinstance(part, keras.Layer):
@@ -218,10 +130,19 @@ def _watched(output: Any, name: str, tape: tf.GradientTape | None) -> tuple[tf.T
 class _KerasForward:
     """Runs a Keras model with its explained layers intercepted; holds them only weakly."""
 
-    def __init__(self, model: Any, layers: Sequence[Any], names: Sequence[str]) -> None:
+    def __init__(
+        self,
+        model: Any,
+        layers: Sequence[Any],
+        names: Sequence[str],
+        ports: Sequence[str] | None = None,
+        kwargs: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.kwargs = dict(kwargs or {})
         self._model = weakref.ref(model)
         self._layers = [weakref.ref(layer) for layer in layers]
         self.names = tuple(names)
+        self.ports = tuple(ports) if ports is not None else ("output",) * len(self.names)
 
     @property
     def model(self) -> Any:
@@ -233,23 +154,31 @@ class _KerasForward:
     def __call__(self, inputs: tf.Tensor, tape: tf.GradientTape | None, replacement: Any = None) -> _Ran:
         """Runs the model; with a ``replacement``, the first layer returns it instead of its output."""
         captured: dict[int, tf.Tensor] = {}
-        errors: list[Exception] = []
+
+        def tap(index: int, value: Any) -> tf.Tensor:
+            leaf, downstream = _watched(value, self.names[index], tape)
+            captured[index] = leaf
+            return downstream
+
         layers = [ref() for ref in self._layers]
-        names = self.names
+        names, ports = self.names, self.ports
         if replacement is not None:
-            layers, names = layers[:1], names[:1]
-        with _Intercept(layers, names, tape, captured, errors, replacement):
-            output = self.model(inputs, training=False)
-        # Raised here, not in the wrapper: Keras re-creates exceptions raised inside a layer's
-        # call with the call's arguments appended to the message.
-        if errors:
-            raise errors[0]
-        missing = [name for index, name in enumerate(names) if index not in captured]
-        if missing:
-            raise LayerError(
-                f"layer(s) {', '.join(map(repr, missing))} did not run during the forward pass; "
-                "explain a layer on the path from the input to the output"
-            )
+            layers, names, ports = layers[:1], names[:1], ports[:1]
+
+        def replace(index: int, value: Any) -> Any:
+            tap(index, value)
+            if not replacement.shape[1:].is_compatible_with(value.shape[1:]):
+                raise InputError(
+                    f"a replacement for layer {names[index]!r} has per-sample shape "
+                    f"{tuple(replacement.shape[1:])}, but the layer outputs {tuple(value.shape[1:])}; "
+                    "pass (B, N, *layer_shape) replacements in the layer's layout"
+                )
+            return tf.cast(replacement, value.dtype)
+
+        def forward() -> Any:
+            return self.model(inputs, training=False, **self.kwargs)
+
+        output = _keras.run(forward, layers, names, tap if replacement is None else replace, ports)
         return output, [captured[index] for index in range(len(names))]
 
 
@@ -267,88 +196,6 @@ class _PairForward:
             return _call(self.head, replacement), []
         leaf, downstream = _watched(_call(self.features, inputs), "features", tape)
         return _call(self.head, downstream), [leaf]
-
-
-class _Intercept:
-    """Replaces each layer's ``call`` by a capturing wrapper; restores it on exit, always."""
-
-    def __init__(
-        self,
-        layers: Sequence[Any],
-        names: Sequence[str],
-        tape: tf.GradientTape | None,
-        captured: dict[int, tf.Tensor],
-        errors: list[Exception],
-        replacement: Any = None,
-    ) -> None:
-        self.layers = layers
-        self.names = names
-        self.tape = tape
-        self.captured = captured
-        self.errors = errors
-        self.replacement = replacement
-        self.saved: list[Any] = []
-
-    def _wrapper(self, index: int, original: Callable[..., Any], owner: int) -> Callable[..., Any]:
-        @functools.wraps(original)
-        def call(*args: Any, **kwargs: Any) -> Any:
-            output = original(*args, **kwargs)
-            if threading.get_ident() != owner or self.errors:
-                return output
-            if index in self.captured:
-                self.errors.append(
-                    LayerError(
-                        f"layer {self.names[index]!r} runs more than once per forward pass (a "
-                        "shared layer); explain a layer that runs once"
-                    )
-                )
-                return output
-            try:
-                leaf, downstream = _watched(output, self.names[index], self.tape)
-            except LayerError as exc:
-                self.errors.append(exc)
-                return output
-            self.captured[index] = leaf
-            if self.replacement is not None:
-                return self._replaced(index, output)
-            return downstream
-
-        return call
-
-    def _replaced(self, index: int, output: tf.Tensor) -> Any:
-        replacement = self.replacement
-        if not replacement.shape[1:].is_compatible_with(output.shape[1:]):
-            self.errors.append(
-                InputError(
-                    f"a replacement for layer {self.names[index]!r} has per-sample shape "
-                    f"{tuple(replacement.shape[1:])}, but the layer outputs {tuple(output.shape[1:])}; "
-                    "pass (B, N, *layer_shape) replacements in the layer's layout"
-                )
-            )
-            return output
-        return tf.cast(replacement, output.dtype)
-
-    def __enter__(self) -> None:
-        owner = threading.get_ident()
-        _PATCH_LOCK.acquire()
-        try:
-            for index, layer in enumerate(self.layers):
-                self.saved.append(layer.__dict__.get("call", _MISSING))
-                # object.__setattr__: Keras's __setattr__ would try to track the function.
-                object.__setattr__(layer, "call", self._wrapper(index, layer.call, owner))
-        except BaseException:
-            self.__exit__()
-            raise
-
-    def __exit__(self, *exc: Any) -> None:
-        # In reverse, so a layer listed twice gets its own call back, not the first wrapper.
-        for layer, saved in reversed(list(zip(self.layers, self.saved, strict=False))):
-            if saved is _MISSING:
-                object.__delattr__(layer, "call")
-            else:
-                object.__setattr__(layer, "call", saved)
-        self.saved = []
-        _PATCH_LOCK.release()
 
 
 def _class_output(selected: Any) -> tf.Tensor:
@@ -384,7 +231,7 @@ class _Program:
             hash(token)
         except TypeError:  # an unhashable callable target: the cache holds it, so its id is unique
             token = ("id", id(param))
-        key = (kind, token, gradients, tuple(inputs.shape[1:]), inputs.dtype.name)
+        key = (kind, token, gradients, _signature_key(inputs))
         table = self._callables if kind == "callable" else self._functions
         with self._lock:
             function = table.get(key)
@@ -397,8 +244,9 @@ class _Program:
                 self._callables.move_to_end(key)
         return function
 
-    def _compile(self, kind: str, param: Any, gradients: bool, inputs: tf.Tensor) -> Any:
-        signature = [tf.TensorSpec((None, *inputs.shape[1:]), inputs.dtype)]
+    def _compile(self, kind: str, param: Any, gradients: bool, inputs: Any) -> Any:
+        # The batch left open; several inputs are one nested argument (a list or dict, as Keras takes them).
+        signature = [tf.nest.map_structure(lambda t: tf.TensorSpec((None, *t.shape[1:]), t.dtype), inputs)]
         if kind == "indices":
             signature.append(tf.TensorSpec((None, param), tf.int64))
         # autograph=False: AutoGraph never reaches a Keras 3 layer's call anyway, and it would
@@ -588,196 +436,22 @@ class _Program:
         return tuple(tf.cast(tf.convert_to_tensor(g), tf.float32) for g in grads)
 
 
-# -- randomised copies (the sanity check) -------------------------------------------------
-
-# Weights whose initializer a Keras layer keeps under another name than ``<weight>_initializer``.
-_INITIALIZER_ALIASES = {
-    "kernel": ("depthwise_initializer",),  # DepthwiseConv1D/2D
-    "recurrent_kernel": ("recurrent_initializer",),  # LSTM/GRU/SimpleRNN cells
-    "depthwise_kernel": ("depthwise_initializer",),  # SeparableConv1D/2D
-    "pointwise_kernel": ("pointwise_initializer",),
-}
+def _is_feature(value: Any) -> bool:
+    return tf.is_tensor(value) and value.dtype.is_floating
 
 
-def _own_weights(layer: Any) -> list[Any]:
-    """Returns the weights ``layer`` created itself (trainable or not), not its sublayers'."""
-    inherited = {id(weight) for child in _children(layer) for weight in child.weights}
-    return [weight for weight in layer.weights if id(weight) not in inherited]
+def _is_spatial(value: Any) -> bool:
+    """A floating input with spatial axes: the default carrier of the heatmap's grid."""
+    if isinstance(value, np.ndarray):
+        return np.issubdtype(value.dtype, np.floating) and value.ndim >= 3
+    return tf.is_tensor(value) and value.dtype.is_floating and value.shape.rank is not None and value.shape.rank >= 3
 
 
-def _weight_owners(model: Any) -> list[tuple[str, Any]]:
-    """Returns ``(path, layer)`` for the layers inside ``model`` that own weights, depth first.
-
-    Depth first in the order Keras keeps sublayers (topological for Functional models, list
-    order for Sequential, assignment order for subclassed ones), so a nested model's layers come
-    where the nested model runs. A layer shared by several parents is listed once.
-    """
-    owners: list[tuple[str, Any]] = []
-    seen = {id(model)}
-
-    def walk(layer: Any, prefix: str) -> None:
-        for child in _children(layer):
-            if id(child) in seen:
-                continue
-            seen.add(id(child))
-            path = prefix + child.name
-            if _own_weights(child):
-                owners.append((path, child))
-            walk(child, path + "/")
-
-    walk(model, "")
-    return owners
-
-
-def _twins(model: Any, duplicate: Any) -> list[tuple[Any, Any]]:
-    """Pairs every layer of ``model`` with its counterpart in ``duplicate``, by position.
-
-    By position, not by name: a subclassed model rebuilt from its config gives auto-named
-    sublayers new names (``dense_1`` for ``dense``).
-
-    Raises:
-        ValueError: the two differ in their sublayers or in the shapes and dtypes of weights.
-    """
-    pairs: list[tuple[Any, Any]] = []
-    seen: set[int] = set()
-
-    def signature(layer: Any) -> list[tuple[tuple[Any, ...], str]]:
-        return [(tuple(weight.shape), str(weight.dtype)) for weight in _own_weights(layer)]
-
-    def pair(original: Any, twin: Any, path: str) -> None:
-        seen.add(id(original))
-        pairs.append((original, twin))
-        where = repr(path) if path else "the model itself"
-        if signature(original) != signature(twin):
-            raise ValueError(
-                f"the weights of {where} differ in the copy: {signature(twin)} for "
-                f"{signature(original)}"
-            )
-        children, twin_children = _children(original), _children(twin)
-        if len(children) != len(twin_children):
-            raise ValueError(f"{where} has {len(children)} sublayers, its copy {len(twin_children)}")
-        for child, twin_child in zip(children, twin_children, strict=True):
-            if id(child) not in seen:
-                pair(child, twin_child, f"{path}/{child.name}" if path else child.name)
-
-    pair(model, duplicate, "")
-    return pairs
-
-
-def _is_graph_model(model: Any) -> bool:
-    """True for Sequential and Functional models (and their subclasses), which Keras can clone."""
-    return isinstance(model, keras.Sequential) or any(
-        cls.__name__ == "Functional" for cls in type(model).__mro__
-    )
-
-
-def _clone_graph(model: Any) -> Any:
-    return keras.models.clone_model(model, recursive=True)
-
-
-def _rebuild_from_config(model: Any) -> Any:
-    # Not serialize_keras_object: the copy only runs inference, and its compile config could
-    # name the user's unregistered loss.
-    return type(model).from_config(model.get_config())
-
-
-def _copy_model(model: Any) -> tuple[Any, dict[int, Any]]:
-    """Returns an independent copy of a built Keras ``model`` with equal weights, and its twins.
-
-    Functional and Sequential models are cloned layer by layer (``keras.models.clone_model``);
-    others are rebuilt from their config, as ``get_config``/``from_config`` allow. Either way
-    the new variables then receive the model's values; the model is only read. ``copy.deepcopy``
-    is no alternative: for a Keras model it is the same config round trip (``__reduce__`` saves
-    and reloads the model, compile config included).
-
-    Returns:
-        ``(duplicate, twins)``, twins mapping ``id(layer)`` to the layer's copy.
-
-    Raises:
-        NotImplementedError: Keras cannot rebuild the model from its config.
-    """
-    classes = {type(layer).__name__: type(layer) for layer in [model, *_all_layers(model)]}
-    failures = []
-    # Building the copy draws initializer seeds from Python's ``random``; leave it as found.
-    python_state = random.getstate()
-    try:
-        ways = [("get_config/from_config", _rebuild_from_config)]
-        if _is_graph_model(model):
-            ways.insert(0, ("clone_model", _clone_graph))
-        for how, make in ways:
-            try:
-                with keras.saving.custom_object_scope(classes):
-                    duplicate = make(model)
-                if getattr(model, "built", True) and not getattr(duplicate, "built", True):
-                    duplicate.build_from_config(model.get_build_config())
-                pairs = _twins(model, duplicate)
-            except Exception as exc:  # Keras raises all kinds; each sends us to the next way
-                failures.append(f"{how}: {type(exc).__name__}: {' '.join(str(exc).split())[:240]}")
-                continue
-            for original, twin in pairs:
-                weights = zip(_own_weights(original), _own_weights(twin), strict=True)
-                for weight, twin_weight in weights:
-                    twin_weight.assign(weight.value)
-            return duplicate, {id(original): twin for original, twin in pairs}
-    finally:
-        random.setstate(python_state)
-    raise NotImplementedError(
-        f"cannot copy the {type(model).__name__} model to randomise it ({'; '.join(failures)}). "
-        "anycam copies Functional and Sequential models, and subclassed models that Keras can "
-        "rebuild from get_config() (automatic when __init__ takes only numbers, strings, lists "
-        "and dicts); give the model's class a get_config() (and from_config()) that rebuilds it"
-    )
-
-
-def _all_layers(model: Any) -> list[Any]:
-    found: list[Any] = []
-    seen: set[int] = set()
-    pending = _children(model)
-    while pending:
-        layer = pending.pop()
-        if id(layer) not in seen:
-            seen.add(id(layer))
-            found.append(layer)
-            pending.extend(_children(layer))
-    return found
-
-
-def _initializer(layer: Any, weight: Any, path: str) -> Any:
-    """Returns the initializer ``layer`` keeps for ``weight`` (``kernel_initializer``, ...)."""
-    attributes = (f"{weight.name}_initializer", *_INITIALIZER_ALIASES.get(weight.name, ()))
-    for attribute in attributes:
-        found = getattr(layer, attribute, None)
-        if found is not None:
-            return keras.initializers.get(found)
-    raise LayerError(
-        f"layer {path!r} ({type(layer).__name__}) does not say how its weight {weight.name!r} is "
-        f"initialised (no attribute {' or '.join(map(repr, attributes))}); keep the initializer "
-        "on the layer under that name, or randomise other layers"
-    )
-
-
-def _reseeded(initializer: Any, seed: int) -> Any:
-    """Returns ``initializer`` with its seed replaced by ``seed``; non-random ones as they are.
-
-    Keras initializers draw with stateless ops from their seed, so this is deterministic and
-    leaves every global random state alone.
-    """
-    if isinstance(initializer, keras.initializers.Initializer):
-        config = initializer.get_config()
-        if "seed" in config:
-            return type(initializer).from_config({**config, "seed": seed})
-    return initializer
-
-
-def _reinitialise(layer: Any, path: str, seed: int) -> None:
-    """Gives the weights ``layer`` owns fresh values from its own initializers."""
-    weights = _own_weights(layer)
-    initializers = [_initializer(layer, weight, path) for weight in weights]  # all, or no change
-    for index, (weight, initializer) in enumerate(zip(weights, initializers, strict=True)):
-        # One seed per weight, from the path: a layer's new values do not depend on which
-        # other layers are randomised with it.
-        weight_seed = zlib.crc32(f"{seed}:{path}:{index}".encode())
-        weight.assign(_reseeded(initializer, weight_seed)(tuple(weight.shape), dtype=weight.dtype))
+def _signature_key(inputs: Any) -> tuple[Any, ...]:
+    """The compiled capture's cache key for an input structure: its layout, shapes (batch open), dtypes."""
+    flat = tf.nest.flatten(inputs)
+    layout = tuple(sorted(inputs)) if isinstance(inputs, dict) else (type(inputs).__name__, len(flat))
+    return (layout, tuple((tuple(t.shape[1:]), t.dtype.name) for t in flat))
 
 
 def _as_numpy(tensor: Any) -> np.ndarray:
@@ -812,7 +486,9 @@ class TensorFlowBackend(Backend):
         input_layout: str | None = None,
         **options: Any,
     ) -> None:
-        check_options(self.name, options, ())
+        check_options(self.name, options, ("model_kwargs", "spatial_input"))
+        self.spatial_input: Key | None = options.get("spatial_input")
+        self.model_kwargs: dict[str, Any] = dict(options.get("model_kwargs") or {})
         self.model = model
         self.output = output
         self._input_shape: tuple[Any, ...] | None = None
@@ -820,20 +496,17 @@ class TensorFlowBackend(Backend):
         self._built = True
         if isinstance(model, keras.Layer):
             _keras_backend_check()
-            resolved = [self._resolve(layer) for layer in layers]
-            self.layers = [layer for _, layer in resolved]
-            self.layer_names = tuple(name for name, _ in resolved)
-            self.layouts = tuple(
-                _data_format(layer) or keras.config.image_data_format() for layer in self.layers
-            )
-            self._read_input_spec()
+            self._input_shape, self._input_dtype = _keras.input_spec(model)
             self._built = bool(getattr(model, "built", True))
-            default_layout = _outermost_format(model, last=False) or keras.config.image_data_format()
-            self._program = self._keras_program()
+            default_layout = _keras.input_layout(model)
+            self.auto_layer = len(layers) == 1 and is_auto(layers[0])
+            self.layer_names = ()
+            if not self.auto_layer:
+                self._set_layers([_keras.resolve_spec(model, layer) for layer in layers])
         elif isinstance(model, tuple) and len(model) == 2 and all(callable(p) for p in model):
             if any(isinstance(part, keras.Layer) for part in model):
                 _keras_backend_check()
-            wrong = [layer for layer in layers if layer not in (None, "features")]
+            wrong = [layer for layer in layers if layer not in (None, "features", "auto")]
             if wrong:
                 raise LayerError(
                     "a (features, head) pair explains the output of features; pass layer=None "
@@ -841,8 +514,9 @@ class TensorFlowBackend(Backend):
                 )
             features, head = model
             self.layers = [features]
+            self.ports = ["output"]
             self.layer_names = ("features",)
-            guessed = _data_format(features) if isinstance(features, keras.Layer) else None
+            guessed = _keras.data_format(features) if isinstance(features, keras.Layer) else None
             self.layouts = (guessed or keras.config.image_data_format(),)
             default_layout = keras.config.image_data_format()
             self._program = _Program(_PairForward(features, head), output)
@@ -860,66 +534,35 @@ class TensorFlowBackend(Backend):
             )
         self.input_layout = input_layout or default_layout
 
-    # -- model structure ------------------------------------------------------------------
+    def _set_layers(self, resolved: Sequence[tuple[str, Any, str]]) -> None:
+        self.layers = [layer for _, layer, _ in resolved]
+        self.ports = [port for _, _, port in resolved]
+        self.layouts = _keras.layouts(self.layers)
+        names = tuple(name for name, _, _ in resolved)
+        self._program = self._keras_program(names)
+        self.layer_names = names  # last: a non-empty layer_names means ready
 
-    def _resolve(self, layer: Any) -> tuple[str, Any]:
-        paths = _layer_paths(self.model)
-        unbuilt = (
-            "" if getattr(self.model, "built", True)
-            else "; the model is not built yet: call it once on a batch so its layers exist"
-        )
-        if isinstance(layer, str):
-            if layer in paths:
-                return layer, paths[layer]
-            if "/" not in layer:
-                matches = [p for p in paths if p.rsplit("/", 1)[-1] == layer]
-                distinct = {id(paths[p]) for p in matches}
-                if len(distinct) == 1:
-                    return matches[0], paths[matches[0]]
-                if matches:
-                    raise LayerError(
-                        f"layer name {layer!r} is ambiguous in the model; use one of the paths "
-                        f"{', '.join(map(repr, matches))}"
-                    )
-            bare = {p.rsplit("/", 1)[-1] for p in paths}
-            hint = closest(layer, [*paths, *sorted(bare - set(paths))])
-            raise LayerError(f"layer {layer!r} not found in the model{hint}{unbuilt}")
-        if isinstance(layer, keras.Layer):
-            if layer is self.model:
-                raise LayerError("the layer given is the model itself; explain one of its layers")
-            for path, candidate in paths.items():
-                if candidate is layer:
-                    return path, candidate
-            raise LayerError(
-                f"the {type(layer).__name__} {layer.name!r} given as layer is not part of the model"
+    def _choose(self, inputs: Any, spatial: tf.Tensor) -> None:
+        """Chooses the layer for ``layer="auto"`` from one eager pass through every layer, once."""
+        with _CHOOSE_LOCK:
+            if self.layer_names:
+                return
+            records, paths = _keras.layer_records(
+                self.model, lambda: self.model(inputs, training=False, **self.model_kwargs), _is_feature
             )
-        if layer is None:
-            raise LayerError(
-                "name the layer to explain: its name (e.g. 'conv5_block3_out'), its path in "
-                "nested models ('resnet50/conv5_block3_out') or the layer object"
-            )
-        raise LayerError(
-            f"a Keras layer is a layer name, a path or a layer object, got {type(layer).__name__}"
-        )
+            chosen = choose_layer(records, spatial_shape(tuple(spatial.shape), self.input_layout))
+            self._set_layers([(chosen, paths[chosen], "output")])
 
-    def _read_input_spec(self) -> None:
+    def _keras_program(self, names: Sequence[str] | None = None) -> _Program:
+        names = self.layer_names if names is None else names
+        forward = _KerasForward(self.model, self.layers, names, self.ports, self.model_kwargs)
         try:
-            inputs = list(self.model.inputs or [])
-        except (AttributeError, ValueError):
-            return
-        if len(inputs) > 1:
-            raise InputError(
-                f"the model takes {len(inputs)} inputs; anycam explains models with one input "
-                "(wrap the others, e.g. as constants, in a one-input model)"
+            key: tuple[Any, ...] = (
+                tuple(id(layer) for layer in self.layers),
+                tuple(self.ports),
+                self.output,
+                tuple(sorted(self.model_kwargs.items())),
             )
-        if inputs:
-            self._input_shape = tuple(inputs[0].shape)
-            self._input_dtype = keras.backend.standardize_dtype(inputs[0].dtype)
-
-    def _keras_program(self) -> _Program:
-        forward = _KerasForward(self.model, self.layers, self.layer_names)
-        try:
-            key: tuple[Any, ...] = (tuple(id(layer) for layer in self.layers), self.output)
             hash(key)
         except TypeError:
             return _Program(forward, self.output)
@@ -940,21 +583,6 @@ class TensorFlowBackend(Backend):
 
     # -- sanity check ---------------------------------------------------------------------
 
-    def _keras_model_for(self, purpose: str) -> Any:
-        """Returns the Keras model, built; raises for a (features, head) pair or an unbuilt model."""
-        if not isinstance(self.model, keras.Layer):
-            raise NotImplementedError(
-                f"cannot {purpose} a (features, head) pair: anycam sees two functions, not the "
-                "layers and weights inside them; run the sanity check on the Keras model "
-                "(Sequential, Functional or subclassed)"
-            )
-        if not getattr(self.model, "built", True):
-            raise LayerError(
-                f"cannot {purpose} an unbuilt model: its layers have no weights yet; call the "
-                "model (or the explainer) once on a batch first"
-            )
-        return self.model
-
     def parameter_layers(self, inputs: Any = None) -> tuple[str, ...]:
         """Returns the paths of the layers that own weights (trainable or not), input to output.
 
@@ -965,7 +593,7 @@ class TensorFlowBackend(Backend):
             NotImplementedError: for a ``(features, head)`` pair.
             anycam.LayerError: the model is not built yet.
         """
-        return tuple(path for path, _ in _weight_owners(self._keras_model_for("list the layers of")))
+        return _keras.parameter_layers(self.model)
 
     def randomized(self, layers: Sequence[str], seed: int = 0) -> TensorFlowBackend:
         """Returns a backend over a copy of the model whose ``layers`` have fresh weights.
@@ -983,20 +611,7 @@ class TensorFlowBackend(Backend):
             NotImplementedError: for a ``(features, head)`` pair, or a model Keras cannot
                 rebuild from its config.
         """
-        model = self._keras_model_for("randomise a copy of")
-        seed = operator.index(seed)
-        chosen = [self._resolve(layer) for layer in layers]
-        for path, layer in chosen:
-            if not _own_weights(layer):
-                inside = [p for p, _ in _weight_owners(layer)]
-                hint = f"; randomise its layers: {', '.join(repr(f'{path}/{p}') for p in inside)}"
-                raise LayerError(
-                    f"layer {path!r} ({type(layer).__name__}) owns no weights to randomise"
-                    + (hint if inside else "")
-                )
-        duplicate, twins = _copy_model(model)
-        for path, layer in chosen:
-            _reinitialise(twins[id(layer)], path, seed)
+        duplicate, twins = _keras.randomized_copy(self.model, layers, operator.index(seed))
         clone = copy.copy(self)
         clone.model = duplicate
         clone.layers = [twins[id(layer)] for layer in self.layers]
@@ -1005,6 +620,39 @@ class TensorFlowBackend(Backend):
         return clone
 
     # -- inputs ---------------------------------------------------------------------------
+
+    def _structure(self, inputs: Any) -> ModelInputs:
+        """Returns the call's inputs as one structure, every tensor converted and checked.
+
+        One array is checked against the model's declared input; a list or dict (a Keras
+        multi-input model) has each entry converted, the spatial one checked for a grid.
+        """
+        structure = structure_inputs(inputs, is_spatial=_is_spatial, spatial_input=self.spatial_input)
+        if structure.kind == "single":
+            return structure.map(lambda key, value: self._as_input(value))
+        if not isinstance(self.model, keras.Layer):
+            raise InputError(
+                f"a (features, head) pair takes one input tensor, got a {type(inputs).__name__} of "
+                f"{len(structure.keys)}; close over the others in features"
+            )
+        return structure.map(lambda key, value: self._convert(key, value, key == structure.spatial))
+
+    def _convert(self, key: Key, value: Any, spatial: bool) -> tf.Tensor:
+        what = f"input {key!r}"
+        if isinstance(value, np.ndarray):
+            value = tf.convert_to_tensor(value)
+            if value.dtype.is_floating:
+                value = tf.cast(value, keras.config.floatx())
+        elif not (tf.is_tensor(value) or isinstance(value, tf.Variable)):
+            raise InputError(f"{what} must be a tf.Tensor or a NumPy array, got {type(value).__name__}")
+        value = tf.convert_to_tensor(value)
+        if spatial:
+            if not value.dtype.is_floating:
+                raise InputError(
+                    f"{what} carries the heatmap's grid, so it must be floating point, got {value.dtype.name}"
+                )
+            spatial_shape(tuple(value.shape), self.input_layout)
+        return value
 
     def _as_input(self, inputs: Any) -> tf.Tensor:
         if isinstance(inputs, np.ndarray):
@@ -1039,11 +687,11 @@ class TensorFlowBackend(Backend):
         spatial_shape(shape, self.input_layout)
         return inputs
 
-    def _build(self, inputs: tf.Tensor) -> None:
+    def _build(self, inputs: Any) -> None:
         # Variables cannot be created inside the compiled capture: build an unbuilt model
         # once, eagerly, on one sample.
         if not self._built:
-            self.model(inputs[:1], training=False)
+            self.model(tf.nest.map_structure(lambda t: t[:1], inputs), training=False, **self.model_kwargs)
             self._built = True
 
     @staticmethod
@@ -1061,10 +709,36 @@ class TensorFlowBackend(Backend):
 
     # -- captures -------------------------------------------------------------------------
 
-    def capture(self, inputs: Any, target: TargetSpec, *, gradients: bool = True) -> Capture:
-        x = self._as_input(inputs)
+    def _ready(self, structure: ModelInputs) -> Any:
+        """Returns the inputs as the model takes them (a tensor, list or dict), the model built."""
+        x = structure.container()
         self._build(x)
-        batch = int(x.shape[0])
+        if self.auto_layer and not self.layer_names:
+            self._choose(x, structure.spatial_value)
+        return x
+
+    @contextlib.contextmanager
+    def _naming_inputs(self, structure: ModelInputs) -> Iterator[None]:
+        """Wraps the model's refusal of several inputs (a missing or unknown key) with the inputs given."""
+        try:
+            yield
+        except (ValueError, TypeError, KeyError) as exc:
+            if structure.kind == "single" or isinstance(exc, AnycamError):
+                raise
+            raise InputError(
+                f"the model does not accept the inputs given ({structure.describe()}): {type(exc).__name__}: "
+                f"{exc}; pass a dict with the model's input names, or a list in the order of model.inputs"
+            ) from exc
+
+    def capture(self, inputs: Any, target: TargetSpec, *, gradients: bool = True) -> Capture:
+        structure = self._structure(inputs)
+        with self._naming_inputs(structure):
+            return self._capture(structure, target, gradients)
+
+    def _capture(self, structure: ModelInputs, target: TargetSpec, gradients: bool) -> Capture:
+        x = self._ready(structure)
+        spatial = structure.spatial_value
+        batch = int(spatial.shape[0])
         if target.kind == "callable":
             compiled = self._program.function("callable", target.fn, gradients, x)
             leaves, grads, scores, chosen, outputs = compiled(x)
@@ -1092,9 +766,9 @@ class TensorFlowBackend(Backend):
             gradients=None if grads is None else tuple(_as_numpy(g) for g in grads),
             scores=scores_np,
             target=indices,
-            input_spatial=spatial_shape(tuple(x.shape), self.input_layout),
+            input_spatial=spatial_shape(tuple(spatial.shape), self.input_layout),
             layouts=self.layouts,
-            input_shape=tuple(x.shape),
+            input_shape=tuple(spatial.shape),
             input_layout=self.input_layout,
         )
 
@@ -1235,9 +909,10 @@ class TensorFlowBackend(Backend):
         return _as_numpy(attributions), scores_np, indices
 
     def predict(self, inputs: Any) -> np.ndarray:
-        x = self._as_input(inputs)
-        self._build(x)
-        return _as_numpy(self._program.function("predict", None, False, x)(x))
+        structure = self._structure(inputs)
+        with self._naming_inputs(structure):
+            x = self._ready(structure)
+            return _as_numpy(self._program.function("predict", None, False, x)(x))
 
 
 BACKEND = TensorFlowBackend

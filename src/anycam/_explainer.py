@@ -194,7 +194,7 @@ class Explainer:
                 f"{method} explains one layer, got {len(layer)}; pass a single layer (or one Explainer per layer)"
             )
         name = backend if backend is not None else backends.detect(model)
-        adapter: type[Backend] = backends.load(name)
+        adapter: type[Backend] = backends.load(name, model)
         self.spatial_input = spatial_input
         # Passed only when given, so a backend that does not take them yet says so by name.
         if spatial_input is not None:

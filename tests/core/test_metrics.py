@@ -326,7 +326,7 @@ class NumpyBackend(Backend):
 
 
 def test_an_explainer_is_run_through_its_backend(monkeypatch):
-    monkeypatch.setattr(backends, "load", lambda name: NumpyBackend)
+    monkeypatch.setattr(backends, "load", lambda name, model=None: NumpyBackend)
     explainer = anycam.Explainer(object(), "features", backend="torch")
     image = np.array([[[[1.0], [2.0]], [[3.0], [4.0]]]])  # (1, 2, 2, 1): channels last
     heat = np.array([[[0.0, 1.0], [2.0, 3.0]]])

@@ -1,0 +1,193 @@
+"""Keras 3 on its JAX backend: ``stateless_call`` makes the model a pure function of its weights.
+
+A Keras model on JAX is explained exactly like a Flax model (``backends/jax.py``): one program
+runs ``model.stateless_call(trainable, non_trainable, x, training=False)`` with the explained
+layers' ``call`` intercepted while it traces (``backends/_keras.py``), and a zero ``delta`` added
+to each explained output, so ``jax.vjp`` with respect to the deltas gives ∂output/∂layer and
+nothing before the layer is differentiated. The weights are arguments of the one jitted capture
+(never constants), so a capture compiles once per (model, layers, target kind, shapes) and a
+model trained further, or randomised by the sanity check, reuses it. The model's variables are
+only read: ``stateless_call`` returns updated state and anycam drops it.
+
+Layers are named as in TensorFlow (``"conv5_block3_out"``, ``"resnet50/conv5_block3_out"``,
+attribute names of subclassed models, or layer objects), and layouts come from each layer's
+``data_format``, so the same ``Explainer(model, "layer")`` call gives the same maps on either
+backend. Option: ``model_kwargs``, keyword arguments for every model call.
+"""
+
+from __future__ import annotations
+
+import copy
+import operator
+import threading
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import keras
+import numpy as np
+
+from anycam._backend import Capture, check_options
+from anycam._errors import BackendError, ConfigTypeError
+from anycam._layers import choose_layer, is_auto
+from anycam.core import TargetSpec, spatial_shape
+
+from . import _keras
+from .jax import JaxBackend, _Model, _Program, _Taps
+
+
+class _KerasProgram(_Program):
+    """A Keras model on JAX: ``stateless_call`` with the layers' ``call`` tapped while tracing.
+
+    ``structure`` is ``(model, layers)``; programs compare equal by the identity of both, and the
+    weights ``(trainable, non_trainable)`` are the params argument.
+    """
+
+    def call(self, params: Any, x: jax.Array, deltas: Any) -> tuple[Any, tuple[jax.Array, ...]]:
+        model, layers, ports = self.structure
+        taps = _Taps(self.names, deltas)
+        output = _keras.run(lambda: _stateless(model, params, x, self.kwargs), layers, self.names, taps, ports)
+        return output, taps.activations()
+
+
+def _stateless(model: Any, params: Any, x: Any, kwargs: Mapping[str, Any]) -> Any:
+    """Returns the model's output for weights ``params``, its state updates dropped."""
+    trainable, non_trainable = params
+    return model.stateless_call(trainable, non_trainable, x, training=False, **kwargs)[0]
+
+
+def _weights(model: Any) -> tuple[list[jax.Array], list[jax.Array]]:
+    # Read per call: the model may have been trained (or its weights set) since.
+    trainable = [variable.value for variable in model.trainable_variables]
+    non_trainable = [variable.value for variable in model.non_trainable_variables]
+    return trainable, non_trainable
+
+
+def _keras_model(
+    model: Any,
+    layers: Sequence[Any],
+    names: Sequence[str],
+    ports: Sequence[str],
+    kwargs: Mapping[str, Any],
+    output: Any,
+) -> _Model:
+    """Returns the resolved model: a program over (model, layers, ports) and a snapshot of the weights."""
+    names = tuple(names)
+    key = ("keras", id(model), tuple(id(layer) for layer in layers), tuple(ports))
+    program = _KerasProgram(
+        (model, tuple(layers), tuple(ports)), names, names, output=output, vmap=False, kwargs=kwargs, key=key
+    )
+    return _Model(names, _keras.layouts(layers)[0], lambda: (program, _weights(model)), "keras", model)
+
+
+def _is_feature(value: Any) -> bool:
+    dtype = getattr(value, "dtype", None)
+    return dtype is not None and hasattr(value, "shape") and jnp.issubdtype(dtype, jnp.floating)
+
+
+class KerasJaxBackend(JaxBackend):
+    """Adapter for Keras 3 models running on Keras's JAX backend (``KERAS_BACKEND=jax``).
+
+    Chosen by ``Explainer`` for a Keras model when Keras runs on JAX; ``name`` is ``"jax"``.
+    See the module docstring.
+
+    Raises (constructor):
+        anycam.BackendError: Keras runs on another backend than JAX.
+        anycam.LayerError: a layer cannot be found (the message lists the closest names).
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        layers: Sequence[Any],
+        *,
+        output: Any = None,
+        input_layout: str | None = None,
+        **options: Any,
+    ) -> None:
+        check_options(self.name, options, ("model_kwargs",))
+        active = _keras.backend()
+        if active != "jax":
+            raise BackendError(
+                f"backend='jax' explains a Keras model only when Keras runs on JAX, but it runs on "
+                f"{active!r}; pass backend={active!r} (or backend=None), or set KERAS_BACKEND=jax "
+                "before the first `import keras`"
+            )
+        if not isinstance(model, keras.Layer):
+            raise ConfigTypeError(f"a Keras model was expected, got {type(model).__name__}")
+        if not getattr(model, "built", True):
+            raise BackendError(
+                f"the Keras {type(model).__name__} is not built, so its layers have no weights yet; "
+                "call it once on a batch first"
+            )
+        kwargs = options.get("model_kwargs") or {}
+        if not isinstance(kwargs, Mapping):
+            raise ConfigTypeError(f"model_kwargs must be a dict of keyword arguments, got {type(kwargs).__name__}")
+        self.model = model
+        self.output = output
+        self._kwargs = dict(kwargs)
+        self.input_layout = input_layout or _keras.input_layout(model)
+        self._traced: dict[Any, tuple[int, tuple[int, ...]]] = {}
+        self._options = dict(options)
+        self._example: tuple[tuple[int, ...], Any] | None = None
+        self._choose_lock = threading.Lock()
+        self.auto_layer = len(layers) == 1 and is_auto(layers[0])
+        self.layer_names = ()
+        self.layers: list[Any] = []
+        self.ports: list[str] = []
+        if not self.auto_layer:
+            self._set_layers([_keras.resolve_spec(model, layer) for layer in layers])
+
+    def _set_layers(self, resolved: Sequence[tuple[str, Any, str]]) -> None:
+        self.layers = [layer for _, layer, _ in resolved]
+        self.ports = [port for _, _, port in resolved]
+        names = [name for name, _, _ in resolved]
+        self._model = _keras_model(self.model, self.layers, names, self.ports, self._kwargs, self.output)
+        self.layer_layout = self._model.layout
+        self.layer_names = self._model.names
+
+    def _choose(self, x: jax.Array) -> None:
+        """Chooses the layer for ``layer="auto"`` from one abstract pass (shapes only), once."""
+        with self._choose_lock:
+            if self.layer_names:
+                return
+            weights = _weights(self.model)
+
+            def forward() -> Any:
+                return jax.eval_shape(lambda p, xs: _stateless(self.model, p, xs, self._kwargs), weights, x)
+
+            records, paths = _keras.layer_records(self.model, forward, _is_feature)
+            chosen = choose_layer(records, spatial_shape(tuple(x.shape), self.input_layout))
+            self._set_layers([(chosen, paths[chosen], "output")])
+
+    def capture(self, inputs: Any, target: TargetSpec, *, gradients: bool = True) -> Capture:
+        if self.auto_layer and not self.layer_names:
+            self._choose(self._as_input(inputs))
+        return super().capture(inputs, target, gradients=gradients)
+
+    def predict(self, inputs: Any) -> np.ndarray:
+        if self.auto_layer and not self.layer_names:
+            self._choose(self._as_input(inputs))
+        return super().predict(inputs)
+
+    def parameter_layers(self, inputs: Any = None) -> tuple[str, ...]:
+        """Returns the paths of the layers that own weights, input to output (as in TensorFlow)."""
+        return _keras.parameter_layers(self.model)
+
+    def randomized(self, layers: Sequence[str], seed: int = 0) -> KerasJaxBackend:
+        """Returns a backend over a copy of the model whose ``layers`` have fresh weights.
+
+        Drawn from each layer's own initializers, seeded from ``seed`` and the layer's path,
+        exactly as the TensorFlow backend does; the model itself is only read.
+        """
+        duplicate, twins = _keras.randomized_copy(self.model, layers, operator.index(seed))
+        clone = copy.copy(self)
+        clone.model = duplicate
+        clone.layers = [twins[id(layer)] for layer in self.layers]
+        clone._model = _keras_model(duplicate, clone.layers, self.layer_names, self.ports, self._kwargs, self.output)
+        clone._traced = {}
+        return clone
+
+
+BACKEND = KerasJaxBackend

@@ -1,0 +1,173 @@
+"""Keras 3 on its PyTorch backend: the layer's ``call`` intercepted, ``torch.autograd.grad`` on it.
+
+A Keras layer on the torch backend is a ``torch.nn.Module``, but Keras runs it through its own
+``__call__``, so torch's forward hooks never fire. The explained layers' ``call`` is intercepted
+instead (``backends/_keras.py``, the mechanism of the TensorFlow adapter), and the tap does
+what the torch adapter's hook does: the forward runs under ``no_grad``, the tap switches grad
+mode on and keeps the layer's output as a leaf that requires grad, and hands the rest of the
+model a clone. Autograd then records only the part of the model after the layer; no parameter
+gets a ``.grad``. Everything after the forward (targets, scores, K gradients in one batched
+``autograd.grad``) is the torch adapter's.
+
+Layers are named as in TensorFlow (``"conv5_block3_out"``, ``"resnet50/conv5_block3_out"``,
+attribute names of subclassed models, or layer objects), layouts come from each layer's
+``data_format`` (Keras models are channels-last by default, unlike torch modules), and the model
+runs with ``training=False``, Keras's inference mode, whatever torch's ``.training`` flag says.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import operator
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+import keras
+import torch
+
+from anycam._backend import Capture, check_options
+from anycam._errors import BackendError, ConfigTypeError, LayerError
+from anycam._inputs import Key, ModelInputs
+from anycam._layers import choose_layer, is_auto
+from anycam.core import TargetSpec, spatial_shape
+
+from . import _keras
+from .torch import TorchBackend
+
+
+def _is_feature(value: Any) -> bool:
+    return isinstance(value, torch.Tensor) and value.is_floating_point()
+
+
+class KerasTorchBackend(TorchBackend):
+    """Adapter for Keras 3 models running on Keras's PyTorch backend (``KERAS_BACKEND=torch``).
+
+    Chosen by ``Explainer`` for a Keras model when Keras runs on torch; ``name`` is ``"torch"``.
+    See the module docstring. Inputs: one array, or a list / dict for a multi-input model (as
+    Keras takes them); ``spatial_input=`` names the one with the spatial grid, ``model_kwargs=``
+    are passed to every call.
+
+    Raises (constructor):
+        anycam.BackendError: Keras runs on another backend than PyTorch.
+        anycam.LayerError: a layer cannot be found (the message lists the closest names).
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        layers: Sequence[Any],
+        *,
+        output: Any = None,
+        input_layout: str | None = None,
+        **options: Any,
+    ) -> None:
+        check_options(self.name, options, ("model_kwargs", "spatial_input"))
+        active = _keras.backend()
+        if active != "torch":
+            raise BackendError(
+                f"backend='torch' explains a Keras model only when Keras runs on PyTorch, but it runs "
+                f"on {active!r}; pass backend={active!r} (or backend=None), or set KERAS_BACKEND=torch "
+                "before the first `import keras`"
+            )
+        if not isinstance(model, keras.Layer):
+            raise ConfigTypeError(f"a Keras model was expected, got {type(model).__name__}")
+        self.model = model
+        self._prefixes = ()
+        self.output = output
+        self.input_layout = input_layout or _keras.input_layout(model)
+        self.spatial_input: Key | None = options.get("spatial_input")
+        self.model_kwargs: dict[str, Any] = dict(options.get("model_kwargs") or {})
+        self.modules = []
+        self.ports = []
+        self.layer_names = ()
+        self.layouts: tuple[str, ...] = ()
+        self._choose_lock = threading.Lock()
+        self.auto_layer = len(layers) == 1 and is_auto(layers[0])
+        if not self.auto_layer:
+            self._set_layers([_keras.resolve_spec(model, layer) for layer in layers])
+        self._warned_training = False
+        self._splits = {}
+        self._splits_lock = threading.Lock()
+
+    def _set_layers(self, resolved: Sequence[tuple[str, Any, str]]) -> None:
+        super()._set_layers(resolved)
+        self.layouts = _keras.layouts(self.modules)
+
+    def _warn_training(self) -> None:
+        # torch's .training flag is not Keras's mode: the model always runs with training=False.
+        pass
+
+    def _call(self, structure: ModelInputs) -> Any:
+        # Keras takes several inputs as one list or dict, not as separate arguments.
+        return self.model(structure.container(), training=False, **structure.constants)
+
+    def _choose(self, structure: ModelInputs, target: TargetSpec) -> None:
+        """Chooses the layer for ``layer="auto"`` from one forward pass of every layer, once."""
+        with self._choose_lock:
+            if self.layer_names:
+                return
+            with torch.no_grad():
+                records, paths = _keras.layer_records(self.model, lambda: self._call(structure), _is_feature)
+            input_spatial = spatial_shape(tuple(structure.spatial_value.shape), self.input_layout)
+            chosen = choose_layer(records, input_spatial)
+            self._set_layers([(chosen, paths[chosen], "output")])
+
+    def _forward(self, structure: ModelInputs, differentiable: bool) -> tuple[Any, list[torch.Tensor]]:
+        """Runs the model with the layers tapped; returns its output and the layers' tensors."""
+        captured: dict[int, torch.Tensor] = {}
+
+        def tap(index: int, value: Any) -> Any:
+            if not _is_feature(value):
+                kind = f"a {value.dtype} tensor" if isinstance(value, torch.Tensor) else f"a {type(value).__name__}"
+                raise LayerError(
+                    f"layer {self.layer_names[index]!r}: its {self.ports[index]} is {kind}, not a "
+                    "floating-point tensor; explain a layer whose output is a feature map"
+                )
+            if not differentiable:
+                captured[index] = value.detach()
+                return value
+            torch.set_grad_enabled(True)  # no_grad() below ends it when the forward returns
+            leaf = value if value.requires_grad else value.detach().requires_grad_()
+            captured[index] = leaf
+            # A clone downstream: in-place ops after the layer must not change the captured tensor.
+            return leaf.clone()
+
+        # no_grad() keeps everything before the layer graph-free.
+        with torch.no_grad():
+            output = _keras.run(lambda: self._call(structure), self.modules, self.layer_names, tap, self.ports)
+        return output, [captured[index] for index in range(len(self.modules))]
+
+    def _split(self) -> None:
+        # No fx graph of a Keras model: head scores run the whole model with the layer replaced.
+        return None
+
+    def _replaced_forward(self, structure: ModelInputs, replacement: torch.Tensor) -> Any:
+        """Runs the model with the first layer's output (or input) replaced by ``replacement``."""
+        layers, names, ports = self.modules[:1], self.layer_names[:1], self.ports[:1]
+        return _keras.run(lambda: self._call(structure), layers, names, lambda index, value: replacement, ports)
+
+    def capture(self, inputs: Any, target: TargetSpec, *, gradients: bool = True) -> Capture:
+        return dataclasses.replace(super().capture(inputs, target, gradients=gradients), layouts=self.layouts)
+
+    def parameter_layers(self, inputs: Any = None) -> tuple[str, ...]:
+        """Returns the paths of the layers that own weights, input to output (as in TensorFlow)."""
+        return _keras.parameter_layers(self.model)
+
+    def randomized(self, layers: Sequence[str], seed: int = 0) -> KerasTorchBackend:
+        """Returns a backend over a copy of the model whose ``layers`` have fresh weights.
+
+        Drawn from each layer's own initializers, seeded from ``seed`` and the layer's path,
+        exactly as the TensorFlow backend does; the model itself is only read.
+        """
+        duplicate, twins = _keras.randomized_copy(self.model, layers, operator.index(seed))
+        clone = copy.copy(self)
+        clone.model = duplicate
+        clone.modules = [twins[id(layer)] for layer in self.modules]
+        clone._splits = {}
+        clone._splits_lock = threading.Lock()
+        return clone
+
+
+BACKEND = KerasTorchBackend
