@@ -108,7 +108,8 @@ def test_keras_on_another_backend(model: keras.Model, monkeypatch: pytest.Monkey
         (np.zeros((2, 8, 8, 4), np.float32), r"does not fit"),
         (np.zeros((2, 8, 8, 3), np.int32), "floating point"),
         (tf.zeros((2, 8, 8, 3), tf.int32), "floating point"),
-        ([[0.0]], "tf.Tensor or a NumPy array"),
+        ([[0.0]], "floating-point array with spatial axes; the inputs are 0: list"),  # a list is several inputs
+        ({"x": np.zeros((2, 8, 8, 3), np.float32), "y": "text"}, "input .y. must be a tf.Tensor or a NumPy array"),
     ],
 )
 def test_wrong_input(model: keras.Model, inputs: object, message: str) -> None:

@@ -30,7 +30,8 @@ def tape_gradcam(model, x: np.ndarray, targets: np.ndarray) -> np.ndarray:
 
 def capture_ops(explainer: anycam.Explainer, k: int) -> int:
     explainer(images(3, 10, 8, 3), target=anycam.top_k(k))
-    function = explainer.backend._program._functions[("topk", k, True, (10, 8, 3), "float32")]
+    functions = explainer.backend._program._functions
+    function = next(f for key, f in functions.items() if key[:3] == ("topk", k, True))
     return len(function.get_concrete_function().graph.get_operations())
 
 
