@@ -3,9 +3,10 @@
 How it is done (in order of preference):
 
 1. **A graph split** (``torch.fx``). The model is traced once with the explained module kept as
-   one node; every node that does not depend on that module's output (the prefix, including
-   the tensors that residual connections carry *over* the layer) runs once per explanation, and
-   only the nodes that depend on it (the suffix) run on the replacements. The suffix runs under
+   one node; the nodes that do not depend on that module's output and that the rest reads (the
+   tensors residual connections carry *over* the layer, and what they are computed from) run
+   once per explanation, and only the nodes that depend on the layer (the suffix) run on the
+   replacements. The suffix runs under
    ``torch.func.vmap`` over the B copies, so a prefix tensor of shape ``(N, ...)`` meets a
    replacement of shape ``(N, ...)`` exactly as in the original forward: a skip connection adds
    the *original* identity to every copy, with no hand-written broadcasting.
@@ -74,6 +75,14 @@ class GraphSplit:
         self.needed = {arg for n in self.suffix for arg in n.all_input_nodes if arg not in dependent}
         if port == "input":
             self.needed |= set(self.layer.all_input_nodes)
+        # Only what the suffix reads, and what that depends on, runs in the prefix: at the last
+        # stage of a ResNet the suffix (pool, linear) reads nothing but the layer output, so the
+        # prefix costs nothing beyond the capture's own forward.
+        required = set(self.needed)
+        for node in reversed(self.prefix):
+            if node in required:
+                required.update(node.all_input_nodes)
+        self.prefix = [n for n in self.prefix if n in required]
         outputs = [n for n in self.graph.nodes if n.op == "output"]
         if not outputs or outputs[0] not in dependent:
             raise RuntimeError("the model output does not depend on the layer")

@@ -167,7 +167,10 @@ def sanity_check(
     if mode not in ("cascading", "independent", "full"):
         raise ValueError(f"unknown mode {mode!r}; choose 'cascading', 'independent' or 'full'")
     backend = explainer.backend
-    signed = replace_explainer(explainer, relu=False)
+    # Guided methods compare their input-resolution attribution, already signed (Adebayo et al.
+    # compare Guided Backprop's and Guided Grad-CAM's maps the same way): nothing to switch off.
+    guided = explainer.method in core.GUIDED_METHODS
+    signed = explainer if guided else replace_explainer(explainer, relu=False)
     original = explainer.explain(inputs, target)
     order = list(layers) if layers is not None else list(backend.parameter_layers(inputs))
     if not order:
@@ -192,10 +195,12 @@ def sanity_check(
     for index, chosen in enumerate(plan):
         randomized = replace_explainer(signed, backend=backend.randomized(chosen, seed=first_seed + index))
         flipped = randomized.explain(inputs, fixed_target)
-        reference_raw, flipped_raw = _flat(reference_signed.cam), _flat(flipped.cam)
+        reference_raw, flipped_raw = _flat(_signed_map(reference_signed)), _flat(_signed_map(flipped))
         rows_spearman.append(spearman(reference_raw, flipped_raw))
         rows_abs.append(spearman(np.abs(reference_raw), np.abs(flipped_raw)))
-        if two_d:
+        if two_d and guided:
+            rows_ssim.append(ssim(original.heatmap, flipped.heatmap))
+        elif two_d:
             # The rectified heatmap is the same pipeline on ReLU(signed map): no second pass.
             rectified = [np.maximum(cam, 0)[:, None] for cam in flipped.cams]
             heat = core.heatmaps(
@@ -226,6 +231,14 @@ def replace_explainer(explainer: Explainer, **changes: Any) -> Explainer:
             raise AttributeError(key)
         setattr(clone, key, value)
     return clone
+
+
+def _signed_map(explanation: Any) -> np.ndarray:
+    """The signed map an explanation is compared by: Σ_c attribution_c for the guided methods
+    (input resolution), else the raw layer map ``cam``."""
+    if explanation.attribution is not None:
+        return np.asarray(explanation.attribution).sum(axis=1)
+    return np.asarray(explanation.cam)
 
 
 def _flat(maps: np.ndarray) -> np.ndarray:

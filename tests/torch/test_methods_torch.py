@@ -278,3 +278,19 @@ def test_progress_bar_only_when_asked(capsys) -> None:  # type: ignore[no-untype
     assert "anycam ablationcam" in capsys.readouterr().err
     anycam.Explainer(model, "conv1", method="scorecam", progress=False, batch_size=2).explain(x)
     assert "anycam" not in capsys.readouterr().err
+
+
+def test_sanity_check_compares_guided_attributions_at_input_resolution(functional) -> None:  # type: ignore[no-untyped-def]
+    from anycam.sanity import replace_explainer, sanity_check, spearman
+
+    model, x = functional
+    explainer = anycam.Explainer(model, "conv3", method="guided-backprop")
+    result = sanity_check(explainer, x, target=1, mode="full")
+    order = explainer.backend.parameter_layers(x)
+    randomized = replace_explainer(
+        explainer, backend=explainer.backend.randomized(list(reversed(order)), seed=len(order) - 1)
+    )
+    original, flipped = explainer.explain(x, 1).attribution, randomized.explain(x, 1).attribution
+    signed = [a.sum(axis=1).reshape(len(x), -1) for a in (original, flipped)]
+    np.testing.assert_allclose(result.spearman[-1], spearman(*signed), atol=1e-12)
+    np.testing.assert_allclose(result.spearman_abs[-1], spearman(*(np.abs(m) for m in signed)), atol=1e-12)
