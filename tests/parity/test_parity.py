@@ -111,6 +111,52 @@ def test_maps_agree(demo: tuple[Family, np.ndarray], method: str, form: str, lay
     _assert_same(results)
 
 
+def _assert_same_attribution(results: dict[str, anycam.Explanation]) -> None:
+    reference = results["torch"].attribution
+    assert reference is not None
+    scale = max(float(np.abs(reference).max()), 1e-12)
+    for backend, result in results.items():
+        assert result.attribution is not None and result.attribution.shape == reference.shape, backend
+        np.testing.assert_allclose(result.attribution / scale, reference / scale, rtol=1e-4, atol=1e-5, err_msg=backend)
+
+
+BEYOND = [
+    # Each method at both layers and with one- and K-target forms, not the full product: every
+    # case compiles its own programs in three frameworks (guided-backprop has no layer at all).
+    ("scorecam", "int", "stage3"),
+    ("scorecam", "callable", "stage1"),
+    ("ablationcam", "int", "stage1"),
+    ("ablationcam", "k_per_sample", "stage3"),
+    ("ablationcam", "callable", "stage3"),
+    ("guided-backprop", "k_per_sample", "stage3"),
+    ("guided-backprop", "callable", "stage3"),
+    ("guided-gradcam", "k_per_sample", "stage1"),
+    ("guided-gradcam", "callable", "stage3"),
+]
+
+
+@pytest.mark.parametrize(("method", "form", "layer"), BEYOND)
+def test_methods_beyond_gradients_agree(demo: tuple[Family, np.ndarray], method: str, form: str, layer: str) -> None:
+    """Score-CAM, Ablation-CAM, Guided Backprop and Guided Grad-CAM: one answer in three frameworks.
+
+    Score-CAM runs C masked forwards per sample, so it gets 3 of the 6 images.
+    """
+    assert {m for m, _, _ in BEYOND} == {*core.SCORE_METHODS, *core.GUIDED_METHODS}
+    family, x = demo
+    if method == "scorecam":
+        x = x[:3]
+    results = {b: family.explain(b, x, layer, method, _target(form, b, len(x))) for b in BACKENDS}
+    _assert_same(results)
+    if method in core.GUIDED_METHODS:
+        _assert_same_attribution(results)
+    else:
+        scale = max(float(np.abs(results["torch"].weights).max()), 1e-12)
+        for backend, result in results.items():
+            np.testing.assert_allclose(
+                result.weights / scale, results["torch"].weights / scale, rtol=1e-4, atol=1e-5, err_msg=backend
+            )
+
+
 @pytest.mark.parametrize(("spatial_dims", "shape"), [(1, (3, 2, 96)), (3, (2, 1, 12, 16, 10))])
 def test_signal_and_volume_variants_agree(spatial_dims: int, shape: tuple[int, ...]) -> None:
     weights = random_demo_weights(spatial_dims=spatial_dims, in_channels=shape[1], seed=spatial_dims)
