@@ -426,6 +426,36 @@ def _head_scores(
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _ablation_scores(
+    program: _Program,
+    mode: tuple[Any, ...],
+    channel_axis: int,
+    params: Any,
+    x: jax.Array,
+    activations: jax.Array,
+    channels: jax.Array,
+    given: Any,
+) -> jax.Array:
+    """Returns ``(B, N, K)`` scores with channel ``channels[b]`` of the first layer's output zeroed.
+
+    Like ``_head_scores``, with each copy made inside the vmapped function from one
+    ``activations`` array: the zeroing fuses into the suffix's first operation, and no B·N
+    copies of the layer output are built outside.
+    """
+    batch = x.shape[0]
+    axis = channel_axis % activations.ndim
+    shape = [1] * activations.ndim
+    shape[axis] = activations.shape[axis]
+
+    def scores_of(channel: jax.Array) -> jax.Array:
+        keep = (jnp.arange(activations.shape[axis]) != channel).astype(activations.dtype).reshape(shape)
+        output, _ = program.run(params, x, {"replace": activations * keep})
+        return _selected_scores(mode, output, batch, given)
+
+    return jax.vmap(scores_of)(channels)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
 def _input_scores(
     program: _Program, mode: tuple[Any, ...], probabilities: bool, params: Any, x: jax.Array, given: Any
 ) -> Any:
@@ -1416,6 +1446,36 @@ class JaxBackend(Backend):
             )
         program, params = self._model.snapshot()
         return _to_numpy(jax.device_get(_head_scores(program, mode, params, x, copies, given)))
+
+    def ablation_scorer(
+        self,
+        inputs: Any,
+        target: TargetSpec,
+        indices: np.ndarray | None,
+        activations: np.ndarray,
+        channel_axis: int,
+    ) -> Callable[[np.ndarray], np.ndarray]:
+        """Returns ``f(channels (B,)) -> (B, N, K)``: scores with channel ``channels[b]`` zeroed.
+
+        One compiled function per (model, layer, target kind, shapes) takes the activations once
+        and the B channel indices, and makes each copy inside ``jax.vmap`` (see ``head_scores``).
+        """
+        x = self._as_input(inputs)
+        mode, given = self._given(target, indices, x.shape[0])
+        values = jnp.asarray(activations, dtype=jnp.float32)
+        if values.ndim < 2 or values.shape[0] != x.shape[0]:
+            raise InputError(
+                f"activations must be (N, ...) with N={x.shape[0]}, got shape {tuple(values.shape)}"
+            )
+        program, params = self._model.snapshot()
+        axis = int(channel_axis) % values.ndim
+
+        def scores(channels: np.ndarray) -> np.ndarray:
+            chosen = jnp.asarray(np.asarray(channels, dtype=np.int32))
+            result = _ablation_scores(program, mode, axis, params, x, values, chosen, given)
+            return _to_numpy(jax.device_get(result))
+
+        return scores
 
     def input_scores(
         self, inputs: Any, target: TargetSpec, indices: np.ndarray | None, *, probabilities: bool = False

@@ -261,7 +261,8 @@ class _Program:
     ) -> Any:
         """Returns the compiled function of a method capability, one per target form and shapes.
 
-        ``kind`` is ``"head"`` (``head_scores``), ``"inputs"`` or ``"probabilities"``
+        ``kind`` is ``"head"`` (``head_scores``), ``"ablate"`` (``ablation_scorer``; ``param`` is
+        then (the target's parameter, the channel axis)), ``"inputs"`` or ``"probabilities"``
         (``input_scores``) or ``"guided"`` (``guided_gradients``); ``target`` is ``"callable"``
         (``param`` the function), ``"indices"`` (``param`` K) or, for guided, ``"topk"``.
         ``extra`` are the signatures of the arguments after the inputs.
@@ -301,6 +302,29 @@ class _Program:
         # the layer, and any tensor a skip connection carries around it) is created once,
         # unbatched; the ops after the layer are converted to run on all B·N copies at once.
         return tf.vectorized_map(scores_of, replacements)
+
+    def _ablate(
+        self,
+        kind: str,
+        target: str,
+        param: Any,
+        inputs: tf.Tensor,
+        activations: tf.Tensor,
+        channels: tf.Tensor,
+        indices: Any = None,
+    ) -> tf.Tensor:
+        self.trace_count += 1
+        axis = param[1] % activations.shape.rank
+        shape = [1] * activations.shape.rank
+        shape[axis] = -1
+
+        def scores_of(channel: tf.Tensor) -> tf.Tensor:
+            keep = tf.cast(tf.not_equal(tf.range(tf.shape(activations)[axis]), channel), activations.dtype)
+            output, _ = self.forward(inputs, None, activations * tf.reshape(keep, shape))
+            scores, _, _ = self._scores(target, param[0], select_output(output, self.selector), indices)
+            return tf.cast(scores, tf.float32)
+
+        return tf.vectorized_map(scores_of, channels)
 
     def _inputs(
         self, kind: str, target: str, param: Any, inputs: tf.Tensor, indices: Any = None
@@ -818,6 +842,38 @@ class TensorFlowBackend(Backend):
         scores = _as_numpy(compiled(x, tf.constant(values), *extra))
         if form == "callable" and scores.shape[1] != batch:
             raise TargetError(f"a callable target must return (N,) or (N, K) scores with N={batch}")
+        return scores
+
+    def ablation_scorer(
+        self,
+        inputs: Any,
+        target: TargetSpec,
+        indices: np.ndarray | None,
+        activations: np.ndarray,
+        channel_axis: int,
+    ) -> Callable[[np.ndarray], np.ndarray]:
+        """Returns ``f(channels (B,)) -> (B, N, K)``: scores with channel ``channels[b]`` zeroed.
+
+        As ``head_scores``, with each copy made inside the vectorized function from one
+        ``activations`` tensor and the B channel indices: no B·N copies are built in NumPy and
+        fed in. One ``tf.function`` per (target form, input and layer shapes).
+        """
+        x = self._as_input(inputs)
+        self._build(x)
+        batch = int(x.shape[0])
+        form, param, extra = self._resolved(target, indices, batch)
+        values = tf.constant(np.asarray(activations, dtype=np.float32))
+        if values.shape.rank < 2 or values.shape[0] != batch:
+            raise InputError(f"activations must be (N, ...) with N={batch}, got shape {tuple(values.shape)}")
+        axis = int(channel_axis) % values.shape.rank
+        specs = [tf.TensorSpec((None, *values.shape[1:]), tf.float32), tf.TensorSpec((None,), tf.int32)]
+        specs += [tf.TensorSpec((None, param), tf.int64)] if form == "indices" else []
+        compiled = self._program.method_function("ablate", form, (param, axis), x, *specs)
+
+        def scores(channels: np.ndarray) -> np.ndarray:
+            chosen = tf.constant(np.asarray(channels, dtype=np.int32))
+            return _as_numpy(compiled(x, values, chosen, *extra))
+
         return scores
 
     def input_scores(

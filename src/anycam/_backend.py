@@ -141,6 +141,33 @@ class Backend(abc.ABC):
 
         return scores
 
+    def ablation_scorer(
+        self,
+        inputs: Any,
+        target: TargetSpec,
+        indices: np.ndarray | None,
+        activations: np.ndarray,
+        channel_axis: int,
+    ) -> Callable[[np.ndarray], np.ndarray]:
+        """Returns ``f(channels (B,)) -> (B, N, K)``: the head's scores with channel ``channels[b]``
+        of ``activations`` zeroed in every sample (Ablation-CAM's copies).
+
+        ``activations`` ``(N, ...)`` is the capture's output of the (first) layer and
+        ``channel_axis`` its channel axis (1 or -1). The default builds the B copies with
+        ``core.ablated_copies`` and scores them with :meth:`head_scorer`. A backend that zeroes
+        the channel inside its compiled suffix overrides this, so that no B·N copies of the layer
+        output are built in NumPy and moved into the framework (at a late layer that is most of
+        the cost: the suffix itself is small).
+        """
+        from .core.perturbation import ablated_copies
+
+        scorer = self.head_scorer(inputs, target, indices)
+
+        def scores(channels: np.ndarray) -> np.ndarray:
+            return scorer(ablated_copies(activations, channels, channel_axis))
+
+        return scores
+
     def input_scores(
         self, inputs: Any, target: TargetSpec, indices: np.ndarray | None, *, probabilities: bool = False
     ) -> np.ndarray:

@@ -178,13 +178,12 @@ def ablationcam(explainer: Explainer, inputs: Any, spec: core.TargetSpec) -> Exp
     batch, channels = activations.shape[0], activations.shape[channel_axis]
     count = capture.scores.shape[1]
     per_copy = max(1, _rows(explainer, activations[0].size, ABLATION_VALUES) // batch)
-    scorer = backend.head_scorer(inputs, spec, capture.target)
+    scorer = backend.ablation_scorer(inputs, spec, capture.target, activations, channel_axis)
     ablated = np.zeros((batch, count, channels), dtype=np.float64)
     with _progress(explainer, channels * batch, f"ablationcam {name}") as bar:
         for start in range(0, channels, per_copy):
             chunk = np.arange(start, min(channels, start + per_copy))
-            copies = core.ablated_copies(activations, chunk, channel_axis)
-            out = np.asarray(scorer(copies)).reshape(len(chunk), batch, count)
+            out = np.asarray(scorer(chunk)).reshape(len(chunk), batch, count)
             ablated[:, :, chunk] = out.transpose(1, 2, 0)
             bar.update(len(chunk) * batch)
     core.check_finite(ablated, "ablated scores", name)

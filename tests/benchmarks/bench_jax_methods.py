@@ -103,7 +103,9 @@ def run(quick: bool = False) -> list[dict]:
         },
         repeats,
     )
-    rows.append(row("jax", name, "Ablation-CAM layer4", batch, times["ablationcam"], "jitted forward", times["forward"]))
+    rows.append(
+        row("jax", name, "Ablation-CAM layer4", batch, times["ablationcam"], "jitted forward", times["forward"])
+    )
     rows.append(
         row(
             "jax",

@@ -47,7 +47,9 @@ def narrow_resnet50(size: int, width: int, blocks: tuple[int, ...] = (3, 4, 6, 3
             if stride != 1 or x.shape[-1] != planes * 4:
                 shortcut = keras.layers.Conv2D(planes * 4, 1, strides=stride, use_bias=False)(x)
                 shortcut = keras.layers.BatchNormalization()(shortcut)
-            y = keras.layers.ReLU()(keras.layers.BatchNormalization()(keras.layers.Conv2D(planes, 1, use_bias=False)(x)))
+            y = keras.layers.ReLU()(
+                keras.layers.BatchNormalization()(keras.layers.Conv2D(planes, 1, use_bias=False)(x))
+            )
             y = keras.layers.Conv2D(planes, 3, strides=stride, padding="same", use_bias=False)(y)
             y = keras.layers.ReLU()(keras.layers.BatchNormalization()(y))
             y = keras.layers.BatchNormalization()(keras.layers.Conv2D(planes * 4, 1, use_bias=False)(y))
@@ -130,7 +132,15 @@ def run(quick: bool = False) -> list[dict]:
         repeats,
     )
     rows.append(
-        row("tensorflow", name, f"Ablation-CAM {layer}", batch, times["ablationcam"], "tf.function forward", times["forward"])
+        row(
+            "tensorflow",
+            name,
+            f"Ablation-CAM {layer}",
+            batch,
+            times["ablationcam"],
+            "tf.function forward",
+            times["forward"],
+        )
     )
     rows.append(
         row(
