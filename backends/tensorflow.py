@@ -220,7 +220,6 @@ class _Program:
         self.forward = forward
         self.selector = selector
         self.trace_count = 0
-        self.xla_failed = False
         self._functions: dict[tuple[Any, ...], Any] = {}
         self._callables: collections.OrderedDict[tuple[Any, ...], Any] = collections.OrderedDict()
         self._lock = threading.Lock()
@@ -280,12 +279,9 @@ class _Program:
             function = table.get(key)
             if function is None:
                 signature = [tf.TensorSpec((None, *inputs.shape[1:]), inputs.dtype), *extra]
-                names = {"probabilities": "_inputs", "ablate-plain": "_ablate"}
-                body = functools.partial(getattr(self, names.get(kind, f"_{kind}")), kind, target, param)
-                # XLA fuses Ablation-CAM's zeroing into the suffix (~1.5× faster on CPU);
-                # "ablate-plain" is the fallback for models with ops XLA cannot compile.
-                jit = True if kind == "ablate" else None
-                function = table[key] = tf.function(body, input_signature=signature, autograph=False, jit_compile=jit)
+                method = getattr(self, "_inputs" if kind == "probabilities" else f"_{kind}")
+                body = functools.partial(method, kind, target, param)
+                function = table[key] = tf.function(body, input_signature=signature, autograph=False)
                 if target == "callable" and len(table) > _CALLABLE_TRACES:
                     self._callables.popitem(last=False)
             elif target == "callable":
@@ -872,19 +868,11 @@ class TensorFlowBackend(Backend):
         axis = int(channel_axis) % values.shape.rank
         specs = [tf.TensorSpec((None, *values.shape[1:]), tf.float32), tf.TensorSpec((None,), tf.int32)]
         specs += [tf.TensorSpec((None, param), tf.int64)] if form == "indices" else []
-        program = self._program
+        compiled = self._program.method_function("ablate", form, (param, axis), x, *specs)
 
         def scores(channels: np.ndarray) -> np.ndarray:
             chosen = tf.constant(np.asarray(channels, dtype=np.int32))
-            kind = "ablate-plain" if program.xla_failed else "ablate"
-            try:
-                compiled = program.method_function(kind, form, (param, axis), x, *specs)
-                return _as_numpy(compiled(x, values, chosen, *extra))
-            except (tf.errors.InvalidArgumentError, tf.errors.UnimplementedError, tf.errors.InternalError):
-                if kind == "ablate-plain":
-                    raise
-                program.xla_failed = True  # an op without an XLA kernel: run without XLA from now on
-                return scores(channels)
+            return _as_numpy(compiled(x, values, chosen, *extra))
 
         return scores
 

@@ -198,28 +198,3 @@ def test_guided_gradients_compile_once() -> None:
     explainer(batch(5, 3, 6, seed=2), target=[0, 1, 2, 3, 0])
     # One class for all, or one per sample, is the same (N, 1) indices argument; N is open.
     assert explainer.backend.trace_count == traced
-
-
-def test_ablation_cam_of_a_suffix_xla_cannot_compile_falls_back_and_agrees() -> None:
-    """An op without an XLA kernel after the layer (a NumPy function): the unfused path, same answer."""
-    keras.utils.set_random_seed(4)
-    inputs = keras.Input((8, 8, 3))
-    conv = keras.layers.Conv2D(4, 3, name="conv")
-    numpy_tanh = keras.layers.Lambda(
-        lambda t: tf.numpy_function(np.tanh, [t], tf.float32, stateful=False), output_shape=(6, 6, 4)
-    )
-    flatten = keras.layers.Lambda(lambda t: tf.reshape(t, (-1, 144)), output_shape=(144,))
-    dense = keras.layers.Dense(3)
-    model = keras.Model(inputs, dense(flatten(numpy_tanh(conv(inputs)))))
-    x = batch(2, 8, 8, 3)
-    explainer = anycam.Explainer(model, "conv", method="ablationcam")
-    explanation = explainer.explain(x, target=1)
-    assert explainer.backend._program.xla_failed
-    activations = conv(x).numpy()
-    full = dense(flatten(numpy_tanh(activations))).numpy()[:, 1]
-    expected = np.zeros((2, 4))
-    for channel in range(4):
-        ablated = activations.copy()
-        ablated[..., channel] = 0
-        expected[:, channel] = (full - dense(flatten(numpy_tanh(ablated))).numpy()[:, 1]) / full
-    np.testing.assert_allclose(explanation.weights, expected, rtol=1e-4, atol=1e-5)
