@@ -55,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     parser.add_argument("--phases", action="store_true", help="only the time breakdown of one call")
     parser.add_argument("--batch", type=int, default=None, help="batch size for --phases (default 8)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed rounds for --phases (default as run)")
     parser.add_argument(
         "--threads",
         type=int,
@@ -85,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         try:
             if args.phases:
-                rows = module.phases(quick=args.quick, device=args.device, batch=args.batch)
+                rows = module.phases(quick=args.quick, device=args.device, batch=args.batch, repeats=args.repeats)
             elif "device" in inspect.signature(module.run).parameters:
                 rows = module.run(quick=args.quick, device=args.device)
             elif args.device == "cpu":

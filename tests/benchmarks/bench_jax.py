@@ -115,9 +115,12 @@ def _copier(shapes: Sequence[tuple[int, ...]]) -> Callable[[], object]:
     return lambda: jax.device_get(arrays)
 
 
-def phases(quick: bool = False, device: str = "cpu", batch: int | None = None) -> list[dict]:
+def phases(
+    quick: bool = False, device: str = "cpu", batch: int | None = None, repeats: int | None = None
+) -> list[dict]:
     """Where a Grad-CAM call's time goes (forward, tapping, gradients, copy, core) at layer4."""
-    model, variables, x, repeats, name = _setup(quick, device, batch)
+    model, variables, x, default_repeats, name = _setup(quick, device, batch)
+    repeats = repeats or default_repeats
     explainer = anycam.Explainer((model, variables), "layer4", model_kwargs={"train": False})
     with jax.default_device(x.devices().pop()):
         return phase_rows(

@@ -118,10 +118,13 @@ def _copier(shapes: Sequence[tuple[int, ...]]) -> Callable[[], object]:
     return lambda: [np.asarray(t.numpy(), dtype=np.float32) for t in tensors]
 
 
-def phases(quick: bool = False, device: str = "cpu", batch: int | None = None) -> list[dict]:
+def phases(
+    quick: bool = False, device: str = "cpu", batch: int | None = None, repeats: int | None = None
+) -> list[dict]:
     """Where a Grad-CAM call's time goes (forward, tapping, gradients, copy, core) at the last stage."""
     with _scope(device):
-        model, x, repeats, name = _setup(quick, batch)
+        model, x, default_repeats, name = _setup(quick, batch)
+        repeats = repeats or default_repeats
         forward = _compiled_forward(model, x.shape[1])
         explainer = anycam.Explainer(model, LAYER)
         return phase_rows(

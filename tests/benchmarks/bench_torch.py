@@ -193,9 +193,12 @@ def _copier(device: str) -> Callable[[Sequence[tuple[int, ...]]], Callable[[], o
     return copier
 
 
-def phases(quick: bool = False, device: str = "cpu", batch: int | None = None) -> list[dict]:
+def phases(
+    quick: bool = False, device: str = "cpu", batch: int | None = None, repeats: int | None = None
+) -> list[dict]:
     """Where a Grad-CAM call's time goes (forward, tapping, autograd, copy, core) at layer4."""
-    model, x, repeats = _setup(quick, device, batch)
+    model, x, default_repeats = _setup(quick, device, batch)
+    repeats = repeats or default_repeats
     name = _name(quick) + ("" if device == "cpu" else f", {device}")
 
     def forward() -> object:
