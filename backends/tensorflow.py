@@ -423,7 +423,7 @@ class _Program:
         totals: tf.Tensor,
         leaves: list[tf.Tensor],
     ) -> tuple[tf.Tensor, ...]:
-        """Returns per layer ∂scores/∂leaf as (N, K, ...) float32 tensors.
+        """Returns per layer ∂scores/∂leaf as (K, N, ...) float32 tensors (target axis first).
 
         ``totals`` is ``scores`` (N, K) summed over the batch, recorded on ``tape``. One target
         is one backward pass. K targets are the Jacobian of the K totals, vectorised by pfor
@@ -433,7 +433,7 @@ class _Program:
         """
         count = int(scores.shape[1])
         if count == 1:
-            grads = [g if g is None else g[:, None] for g in tape.gradient(totals, leaves)]
+            grads = [g if g is None else g[None] for g in tape.gradient(totals, leaves)]
         else:
             try:
                 jacobians = tape.jacobian(totals, leaves, experimental_use_pfor=True)
@@ -446,10 +446,8 @@ class _Program:
                     None if column[0] is None else tf.stack(list(column), axis=0)
                     for column in zip(*columns, strict=True)
                 ]
-            # (K, N, ...) → (N, K, ...)
-            grads = [
-                None if j is None else tf.experimental.numpy.moveaxis(j, 0, 1) for j in jacobians
-            ]
+            # Left (K, N, ...): the capture turns them to (N, K, ...) as a NumPy view, not a copy.
+            grads = list(jacobians)
         names = getattr(self.forward, "names", ())
         for index, gradient in enumerate(grads):
             if gradient is None:
@@ -479,7 +477,9 @@ def _signature_key(inputs: Any) -> tuple[Any, ...]:
 
 
 def _as_numpy(tensor: Any) -> np.ndarray:
-    return np.asarray(tensor.numpy(), dtype=np.float32)
+    # np.asarray views the tensor's buffer (read-only); .numpy() copies it, which for K maps'
+    # gradients is tens of megabytes per call.
+    return np.asarray(np.asarray(tensor), dtype=np.float32)
 
 
 class TensorFlowBackend(Backend):
@@ -787,7 +787,7 @@ class TensorFlowBackend(Backend):
             )
         return Capture(
             activations=tuple(_as_numpy(a) for a in leaves),
-            gradients=None if grads is None else tuple(_as_numpy(g) for g in grads),
+            gradients=None if grads is None else tuple(np.moveaxis(_as_numpy(g), 0, 1) for g in grads),
             scores=scores_np,
             target=indices,
             input_spatial=spatial_shape(tuple(spatial.shape), self.input_layout),

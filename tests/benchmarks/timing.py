@@ -56,14 +56,17 @@ def _high_water_mark() -> int:
     return int(found.group(1)) * 1024
 
 
-def peak_of(call: Callable[[], object]) -> int:
+def peak_of(call: Callable[[], object], warmup: Callable[[], object] | None = None) -> int:
     """Returns the peak resident memory (bytes) one call adds to the process, after a warm-up call.
 
-    The warm-up call (same shapes) traces, compiles and initialises what a repeated call does
-    not pay again; then the kernel's high-water mark is reset (``/proc/self/clear_refs``) and
-    the second call's peak above the memory resident before it is what is reported.
+    The warm-up call traces, compiles and initialises what a repeated call does not pay again;
+    then the kernel's high-water mark is reset (``/proc/self/clear_refs``) and the call's peak
+    above the memory resident before it is what is reported. The warm-up is the call itself
+    unless ``warmup`` is given: a framework whose allocator keeps its blocks (TensorFlow) warms
+    up on one sample instead, or the measured call would reuse the warm-up's memory and seem
+    to need none.
     """
-    call()
+    (warmup or call)()
     gc.collect()
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset VmHWM to the current RSS (Linux ≥ 4.0)
