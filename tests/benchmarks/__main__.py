@@ -1,7 +1,7 @@
 """Runs every installed framework's benchmark and prints one Markdown table of ratios.
 
-``python -m tests.benchmarks [--quick] [--device cuda] [torch torch_methods tensorflow jax ray]``: the
-benchmarks (``torch_methods``: Ablation-CAM, Score-CAM, Guided Grad-CAM).
+``python -m tests.benchmarks [--quick] [--device cuda] [torch torch_methods tensorflow tensorflow_methods jax
+jax_methods ray]``: the benchmarks (``*_methods``: Ablation-CAM, Score-CAM, Guided Grad-CAM).
 ``python -m tests.benchmarks --phases [--batch 64] [--device cuda] [torch tensorflow jax]``:
 only where one Grad-CAM call's time goes (forward, tapping, gradients, device→host copy, core).
 A framework that cannot be imported (or has no such device) is skipped with its reason.
@@ -50,7 +50,8 @@ def limit_threads(threads: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.benchmarks")
-    parser.add_argument("frameworks", nargs="*", default=["torch", "torch_methods", "tensorflow", "jax", "ray"])
+    everything = ["torch", "torch_methods", "tensorflow", "tensorflow_methods", "jax", "jax_methods", "ray"]
+    parser.add_argument("frameworks", nargs="*", default=everything)
     parser.add_argument("--quick", action="store_true", help="tiny sizes, to check the benchmarks run")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     parser.add_argument("--phases", action="store_true", help="only the time breakdown of one call")

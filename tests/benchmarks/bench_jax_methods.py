@@ -16,12 +16,6 @@ On the Flax ResNet-50 of ``bench_jax`` (random weights), batch 8 at 224², CPU:
 
 from __future__ import annotations
 
-import gc
-import resource
-import statistics
-import subprocess
-import sys
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -29,7 +23,7 @@ import numpy as np
 import anycam
 
 from .bench_jax import ResNet50, random_variables
-from .timing import interleaved, row, rss
+from .timing import interleaved, memory_row, peak_in_subprocess, peak_of, row
 
 SCORECAM_BATCH = 16
 
@@ -44,8 +38,8 @@ def _scorecam_config(quick: bool) -> tuple[int, int, int]:
     return (8, 64, 1) if quick else (16, 224, 1)
 
 
-def _memory_case(case: str, quick: bool) -> None:
-    """Prints the peak resident memory (bytes) one fresh Score-CAM call adds to the process."""
+def memory_case(case: str, quick: bool) -> int:
+    """Returns the peak resident memory (bytes) one Score-CAM call (or one chunk's forward) adds."""
     width, size, batch = _scorecam_config(quick)
     model, variables, x = _setup(width, size, batch, (1, 1, 1, 1) if quick else (3, 4, 6, 3))
     forward = jax.jit(lambda v, images: model.apply(v, images))
@@ -59,24 +53,11 @@ def _memory_case(case: str, quick: bool) -> None:
             )
             explainer(images)
 
-    call(x)  # compilation and library initialisation are not the case's memory
-    gc.collect()
-    before = rss()
-    call(x)
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before)
-
-
-def _peak(case: str, quick: bool, repeats: int = 3) -> int:
-    code = f"from tests.benchmarks.bench_jax_methods import _memory_case; _memory_case({case!r}, {quick})"
-    peaks = []
-    for _ in range(repeats):
-        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-        peaks.append(int(done.stdout.strip().splitlines()[-1]))
-    return int(statistics.median(peaks))
+    return peak_of(lambda: call(x))
 
 
 def run(quick: bool = False) -> list[dict]:
-    mem = {case: _peak(case, quick) for case in ("forward", "scorecam")}
+    mem = {case: peak_in_subprocess("bench_jax_methods", case, (quick,)) for case in ("forward", "scorecam")}
     rows: list[dict] = []
 
     width, size, batch, repeats = (16, 64, 2, 2) if quick else (64, 224, 8, 3)
@@ -146,8 +127,7 @@ def run(quick: bool = False) -> list[dict]:
         )
     )
     label = f"jitted forward of one chunk ({SCORECAM_BATCH} images)"
-    entry = row("jax", name, "peak memory, Score-CAM", batch, mem["scorecam"], label, mem["forward"])
-    rows.append({**entry, "ms": None, "mb": mem["scorecam"] / 2**20})
+    rows.append(memory_row("jax", name, "Score-CAM", batch, mem["scorecam"], label, mem["forward"]))
     return rows
 
 

@@ -15,19 +15,13 @@
 
 from __future__ import annotations
 
-import gc
-import resource
-import statistics
-import subprocess
-import sys
-
 import keras
 import numpy as np
 import tensorflow as tf
 
 import anycam
 
-from .timing import interleaved, row, rss
+from .timing import interleaved, memory_row, peak_in_subprocess, peak_of, row
 
 LAYER = "conv5_block3_out"
 SCORECAM_BATCH = 16
@@ -70,8 +64,8 @@ def _scorecam_setup(quick: bool) -> tuple[keras.Model, tf.Tensor]:
     return model, tf.constant(np.random.default_rng(0).uniform(size=(batch, size, size, 3)), tf.float32)
 
 
-def _memory_case(case: str, quick: bool) -> None:
-    """Prints the peak resident memory (bytes) one fresh Score-CAM call adds to the process."""
+def memory_case(case: str, quick: bool) -> int:
+    """Returns the peak resident memory (bytes) one Score-CAM call (or one chunk's forward) adds."""
     model, x = _scorecam_setup(quick)
     forward = tf.function(lambda images: model(images, training=False))
     chunk = tf.repeat(x, SCORECAM_BATCH, axis=0)
@@ -82,24 +76,11 @@ def _memory_case(case: str, quick: bool) -> None:
         else:
             anycam.Explainer(model, "layer4", method="scorecam", batch_size=SCORECAM_BATCH, progress=False)(x)
 
-    call()  # tracing and library initialisation are not the case's memory
-    gc.collect()
-    before = rss()
-    call()
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before)
-
-
-def _peak(case: str, quick: bool, repeats: int = 3) -> int:
-    code = f"from tests.benchmarks.bench_tensorflow_methods import _memory_case; _memory_case({case!r}, {quick})"
-    peaks = []
-    for _ in range(repeats):
-        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-        peaks.append(int(done.stdout.strip().splitlines()[-1]))
-    return int(statistics.median(peaks))
+    return peak_of(call)
 
 
 def run(quick: bool = False) -> list[dict]:
-    mem = {case: _peak(case, quick) for case in ("forward", "scorecam")}
+    mem = {case: peak_in_subprocess("bench_tensorflow_methods", case, (quick,)) for case in ("forward", "scorecam")}
     rows: list[dict] = []
     keras.utils.set_random_seed(0)
     size, batch, repeats = (32, 2, 2) if quick else (224, 8, 3)
@@ -180,8 +161,7 @@ def run(quick: bool = False) -> list[dict]:
         )
     )
     label = f"tf.function forward of one chunk ({SCORECAM_BATCH} images)"
-    entry = row("tensorflow", name, "peak memory, Score-CAM", batch, mem["scorecam"], label, mem["forward"])
-    rows.append({**entry, "ms": None, "mb": mem["scorecam"] / 2**20})
+    rows.append(memory_row("tensorflow", name, "Score-CAM", batch, mem["scorecam"], label, mem["forward"]))
     return rows
 
 
