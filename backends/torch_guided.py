@@ -20,8 +20,13 @@ _OUT_OF_PLACE = frozenset({F.relu, torch.relu, torch.Tensor.relu})
 _IN_PLACE = frozenset({torch.relu_, torch.Tensor.relu_})
 
 
+def _guided_backward(grad: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    # threshold_backward is the fused kernel of ReLU's own backward: grad where out > 0, else 0.
+    return torch.ops.aten.threshold_backward(grad.clamp_min(0), out, 0.0)
+
+
 class GuidedReLU(torch.autograd.Function):
-    """y = max(x, 0); ∂L/∂x = ReLU(∂L/∂y) · [x > 0] (Springenberg et al. 2015, eq. for guided backprop)."""
+    """y = max(x, 0); ∂L/∂x = ReLU(∂L/∂y) · [x > 0] (Springenberg et al. 2015, guided backpropagation)."""
 
     # K targets backpropagate under vmap (autograd.grad(..., is_grads_batched=True)).
     generate_vmap_rule = True
@@ -32,13 +37,34 @@ class GuidedReLU(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx: Any, inputs: Any, output: torch.Tensor) -> None:
-        # The output, not the input, is saved: an in-place relu_ overwrites its input.
         ctx.save_for_backward(output)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
         (out,) = ctx.saved_tensors
-        return grad.clamp_min(0) * (out > 0).to(grad.dtype)
+        return _guided_backward(grad, out)
+
+
+class GuidedReLUInplace(torch.autograd.Function):
+    """The in-place form (``relu_``, ``inplace=True``): x ← max(x, 0), same guided backward.
+
+    Modifying x in place, as the model asked, costs no extra copy; the output (x itself after
+    the update) is what the backward needs.
+    """
+
+    @staticmethod
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return x.clamp_min_(0)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: Any, output: torch.Tensor) -> None:
+        ctx.mark_dirty(inputs[0])
+        ctx.save_for_backward(output)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        (out,) = ctx.saved_tensors
+        return _guided_backward(grad, out)
 
 
 class GuidedMode(TorchFunctionMode):
@@ -58,12 +84,9 @@ class GuidedMode(TorchFunctionMode):
             x = args[0] if args else kwargs["input"]
             if isinstance(x, torch.Tensor) and x.is_floating_point():
                 self.calls += 1
-                out = GuidedReLU.apply(x)
                 inplace = func in _IN_PLACE or bool(kwargs.get("inplace", args[1] if len(args) > 1 else False))
-                if inplace:
-                    # Keeps the in-place contract (callers may ignore the return value); autograd
-                    # records the copy, so the gradient still flows through GuidedReLU.
-                    x.copy_(out)
-                    return x
-                return out
+                # In place only where autograd allows it (not on a leaf that requires grad).
+                if inplace and not (x.is_leaf and x.requires_grad):
+                    return GuidedReLUInplace.apply(x)
+                return GuidedReLU.apply(x)
         return func(*args, **kwargs)

@@ -83,7 +83,23 @@ class GraphSplit:
             if node in required:
                 required.update(node.all_input_nodes)
         self.prefix = [n for n in self.prefix if n in required]
+        # The suffix reads nothing from before the layer: copies can be stacked along the batch.
+        self.flattenable = port == "output" and not self.needed
         outputs = [n for n in self.graph.nodes if n.op == "output"]
+        # A classifier ending in nn.Linear: with class targets only the target rows of its weight
+        # are needed (K of, say, 1000 outputs per copy).
+        self.head_linear: torch.fx.Node | None = None
+        last = outputs[0].args[0] if outputs else None
+        if (
+            isinstance(last, torch.fx.Node)
+            and last.op == "call_module"
+            and isinstance(model.get_submodule(str(last.target)), torch.nn.Linear)
+            and len(last.users) == 1
+            and len(last.args) == 1
+            and not last.kwargs
+            and last is not self.layer
+        ):
+            self.head_linear = last
         if not outputs or outputs[0] not in dependent:
             raise RuntimeError("the model output does not depend on the layer")
 
@@ -123,12 +139,19 @@ class GraphSplit:
                     env.pop(arg, None)
         return {node: env[node] for node in self.needed}
 
-    def suffix_output(self, prefix: dict[torch.fx.Node, Any], replacement: torch.Tensor) -> Any:
-        """Runs the nodes that depend on the layer with the layer's output (or input) replaced."""
+    def suffix_output(
+        self, prefix: dict[torch.fx.Node, Any], replacement: torch.Tensor, before: torch.fx.Node | None = None
+    ) -> Any:
+        """Runs the nodes that depend on the layer with the layer's output (or input) replaced.
+
+        With ``before`` (a node of the suffix), stops there and returns that node's first input.
+        """
         env = dict(prefix)
         if self.port == "output":
             env[self.layer] = replacement
         for node in self.suffix:
+            if node is before:
+                return torch.fx.node.map_arg(node.args[0], lambda n: env[n])
             if node.op == "output":
                 return torch.fx.node.map_arg(node.args[0], lambda n: env[n])
             if node is self.layer and self.port == "input":

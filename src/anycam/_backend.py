@@ -162,9 +162,14 @@ class Backend(abc.ABC):
         from .core.perturbation import ablated_copies
 
         scorer = self.head_scorer(inputs, target, indices)
+        # One buffer for every chunk of this explanation: no fresh allocation (and page faults)
+        # per chunk; the scorer returns before the next chunk overwrites it.
+        buffers: list[np.ndarray] = []
 
         def scores(channels: np.ndarray) -> np.ndarray:
-            return scorer(ablated_copies(activations, channels, channel_axis))
+            if not buffers or len(buffers[0]) < len(channels):
+                buffers[:] = [np.empty((len(channels), *activations.shape), dtype=np.float32)]
+            return np.asarray(scorer(ablated_copies(activations, channels, channel_axis, out=buffers[0])))
 
         return scores
 

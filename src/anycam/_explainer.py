@@ -112,7 +112,8 @@ class Explainer:
             split into chunks of this many rows, so peak memory is bounded by one chunk, not by
             C). Default: about 16 MB of masked inputs for Score-CAM (27 rows at 3 × 224²; the
             network's own activations for those rows come on top), 256 MB of ablated copies for
-            Ablation-CAM.
+            Ablation-CAM (16 MB where the backend keeps the part before the layer between chunks,
+            as PyTorch's does: cache-sized chunks are faster there).
         progress: a tqdm progress bar over the chunks of ``scorecam``/``ablationcam``: True
             always, False never, None (default) only once a run has taken over 2 s. Needs
             ``tqdm`` (optional); None without it shows nothing.

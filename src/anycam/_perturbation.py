@@ -26,6 +26,9 @@ if TYPE_CHECKING:
 # for backends that cannot keep the prefix between chunks).
 SCORECAM_VALUES = 2**22
 ABLATION_VALUES = 2**26
+# A backend that keeps the prefix between chunks (it overrides head_scorer) loses nothing by
+# small chunks, and cache-sized ones (16 MB) make filling and reading the copies much cheaper.
+ABLATION_VALUES_KEPT = 2**22
 MAX_ROWS = 4096
 
 
@@ -177,7 +180,16 @@ def ablationcam(explainer: Explainer, inputs: Any, spec: core.TargetSpec) -> Exp
     channel_axis = 1 if layout == "channels_first" else -1
     batch, channels = activations.shape[0], activations.shape[channel_axis]
     count = capture.scores.shape[1]
-    per_copy = max(1, _rows(explainer, activations[0].size, ABLATION_VALUES) // batch)
+    from ._backend import Backend
+
+    # A backend that keeps the part before the layer between chunks (it overrides head_scorer or
+    # ablation_scorer) loses nothing by small chunks, and cache-sized ones are faster.
+    keeps_prefix = (
+        type(backend).head_scorer is not Backend.head_scorer
+        or type(backend).ablation_scorer is not Backend.ablation_scorer
+    )
+    budget = ABLATION_VALUES_KEPT if keeps_prefix else ABLATION_VALUES
+    per_copy = max(1, _rows(explainer, activations[0].size, budget) // batch)
     scorer = backend.ablation_scorer(inputs, spec, capture.target, activations, channel_axis)
     ablated = np.zeros((batch, count, channels), dtype=np.float64)
     with _progress(explainer, channels * batch, f"ablationcam {name}") as bar:

@@ -294,3 +294,25 @@ def test_sanity_check_compares_guided_attributions_at_input_resolution(functiona
     signed = [a.sum(axis=1).reshape(len(x), -1) for a in (original, flipped)]
     np.testing.assert_allclose(result.spearman[-1], spearman(*signed), atol=1e-12)
     np.testing.assert_allclose(result.spearman_abs[-1], spearman(*(np.abs(m) for m in signed)), atol=1e-12)
+
+
+class BatchMixing(nn.Module):
+    """A head that mixes the samples of a batch (centres over the batch): copies must not share one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = F.relu(self.conv(x)).mean(dim=(2, 3))
+        return self.fc(features - features.mean(dim=0, keepdim=True)) + 2.0
+
+
+def test_ablationcam_keeps_copies_apart_when_the_head_mixes_the_batch() -> None:
+    torch.manual_seed(5)
+    model = BatchMixing().eval()
+    x = torch.randn(3, 3, 5, 5)
+    result = anycam.Explainer(model, "conv", method="ablationcam").explain(x, target=1)
+    expected = _zeroing_oracle(model, model.conv, x, np.array([1, 1, 1]))
+    np.testing.assert_allclose(result.weights, expected, rtol=1e-4, atol=1e-6)

@@ -160,15 +160,26 @@ def ablation_weights(score: np.ndarray, ablated: np.ndarray) -> np.ndarray:
     return (y - np.asarray(ablated, _F)) / np.where(y != 0, y, 1.0)
 
 
-def ablated_copies(activations: np.ndarray, channels: Sequence[int] | np.ndarray, channel_axis: int) -> np.ndarray:
+def ablated_copies(
+    activations: np.ndarray,
+    channels: Sequence[int] | np.ndarray,
+    channel_axis: int,
+    out: np.ndarray | None = None,
+) -> np.ndarray:
     """Returns ``(B, N, ...)`` copies of ``activations`` ``(N, ...)``, copy b with channel ``channels[b]`` zeroed.
 
     ``channel_axis`` indexes the per-batch array ``(N, ...)`` (1 for channels-first, -1 for
-    channels-last and tokens, where every token's channel k is zeroed).
+    channels-last and tokens, where every token's channel k is zeroed). ``out``, a float32 buffer
+    of at least B copies, is filled and its first B copies returned: reusing one buffer across
+    chunks saves a fresh allocation (and its page faults) per chunk.
     """
     acts = np.asarray(activations, np.float32)
     axis = channel_axis % acts.ndim
-    copies = np.repeat(acts[None], len(channels), axis=0)
+    if out is None:
+        copies = np.repeat(acts[None], len(channels), axis=0)
+    else:
+        copies = out[: len(channels)]
+        copies[...] = acts
     for b, channel in enumerate(channels):
         index: list[Any] = [slice(None)] * copies.ndim
         index[0], index[axis + 1] = b, int(channel)
