@@ -50,8 +50,24 @@ import numpy as np
 from jax.extend import core as jax_core
 
 from anycam._backend import Backend, Capture, check_options, select_output
-from anycam._errors import BackendError, ConfigTypeError, InputError, LayerError, TargetError, closest
-from anycam.core import TargetSpec, resolve_indices, spatial_shape
+from anycam._errors import (
+    AnycamError,
+    BackendError,
+    ConfigTypeError,
+    InputError,
+    LayerError,
+    TargetError,
+    closest,
+)
+from anycam.core import (
+    TargetSpec,
+    check_batch,
+    check_scores_shape,
+    forward_error,
+    non_finite_input,
+    resolve_indices,
+    spatial_shape,
+)
 
 ACCEPTED = (
     "a Flax linen (module, variables) pair or bound module, a Flax NNX module, an Equinox "
@@ -334,6 +350,7 @@ def _callable_scores(fn: Callable[[Any], Any], output: Any, batch: int) -> jax.A
         raise TargetError(
             f"a callable target must return a JAX array of shape (N,) or (N, K) with N={batch}, got {shape}"
         )
+    check_scores_shape(tuple(scores.shape), batch)
     return scores.reshape(batch, -1)
 
 
@@ -1324,8 +1341,23 @@ class JaxBackend(Backend):
             raise InputError(
                 f"input must be floating point, got dtype {inputs.dtype}; e.g. x.astype(jnp.float32) / 255"
             )
-        spatial_shape(tuple(inputs.shape), self.input_layout)
+        shape = tuple(inputs.shape)
+        spatial_shape(shape, self.input_layout)
+        check_batch(shape)
+        finite = np.isfinite(inputs) if isinstance(inputs, np.ndarray) else jnp.isfinite(inputs)
+        if not bool(finite.all()):
+            nan = np.isnan(inputs).any() if isinstance(inputs, np.ndarray) else jnp.isnan(inputs).any()
+            raise non_finite_input("input", bool(nan), int((~finite).sum()))
         return jnp.asarray(inputs)
+
+    def _run(self, call: Callable[[], Any], x: jax.Array) -> Any:
+        """Runs ``call``; a failure of the traced model becomes an InputError with it as the cause."""
+        try:
+            return call()
+        except AnycamError:
+            raise
+        except Exception as exc:  # flax, equinox and jax raise many kinds for a misfit input
+            raise forward_error(exc, tuple(x.shape), self.input_layout) from exc
 
     @staticmethod
     def _mode(target: TargetSpec, batch: int) -> tuple[tuple[Any, ...], np.ndarray | None]:
@@ -1344,7 +1376,7 @@ class JaxBackend(Backend):
         key = (program, mode, x.shape, x.dtype, None if given is None else given.shape)
         info = self._traced.get(key)
         if info is None:
-            traced = _capture.trace(program, mode, params, x, given)
+            traced = self._run(lambda: _capture.trace(program, mode, params, x, given), x)
             info = (traced.out_info[4].shape[1], _constant_gradients(traced, len(self.layer_names)))
             if len(self._traced) >= _TRACE_INFO_LIMIT:
                 # pop(..., None): another thread sharing the Explainer may evict the same entry.
@@ -1370,7 +1402,7 @@ class JaxBackend(Backend):
 
     def _without_gradients(self, program: _Program, params: Any, x: jax.Array, target: TargetSpec) -> Any:
         batch = x.shape[0]
-        output, activations = _forward(program, params, x)
+        output, activations = self._run(lambda: _forward(program, params, x), x)
         if target.kind == "callable":
             assert target.fn is not None
             scores = _callable_scores(target.fn, output, batch)
@@ -1652,7 +1684,7 @@ class JaxBackend(Backend):
         x = self._as_input(inputs)
         self._example = (tuple(x.shape), x.dtype)
         program, params = self._model.snapshot()
-        output, _ = _forward(program, params, x)
+        output, _ = self._run(lambda: _forward(program, params, x), x)
         return _to_numpy(jax.device_get(output))
 
 

@@ -64,7 +64,14 @@ from anycam._backend import Backend, Capture, check_options, select_output
 from anycam._errors import AnycamError, BackendError, ConfigTypeError, InputError, LayerError, TargetError
 from anycam._inputs import Key, ModelInputs, structure_inputs
 from anycam._layers import choose_layer, is_auto
-from anycam.core import TargetSpec, resolve_indices, spatial_shape
+from anycam.core import (
+    TargetSpec,
+    check_batch,
+    forward_error,
+    non_finite_input,
+    resolve_indices,
+    spatial_shape,
+)
 
 from . import _keras
 
@@ -400,6 +407,11 @@ class _Program:
                     "a callable target must return a tensor of shape (N,) or (N, K), computed "
                     f"with TF ops from the model output; got {shape}"
                 )
+            if scores.shape.rank == 2 and scores.shape[1] == 0:
+                raise TargetError(
+                    f"a callable target returned (N, 0) scores {tuple(scores.shape)}: no target to explain; "
+                    "return (N,) or (N, K) scores with K ≥ 1"
+                )
             return (scores[:, None] if scores.shape.rank == 1 else scores), None, None
         selected = _class_output(selected)
         if kind == "topk":
@@ -480,6 +492,19 @@ def _as_numpy(tensor: Any) -> np.ndarray:
     # np.asarray views the tensor's buffer (read-only); .numpy() copies it, which for K maps'
     # gradients is tens of megabytes per call.
     return np.asarray(np.asarray(tensor), dtype=np.float32)
+
+
+def _check_spatial(inputs: tf.Tensor, what: str) -> None:
+    """Refuses an empty batch and NaN/inf in the input that carries the grid.
+
+    Checked eagerly, before the compiled capture: inside ``tf.function`` a fused
+    Conv+BiasAdd+ReLU can turn a NaN input into a finite map.
+    """
+    check_batch(tuple(inputs.shape), what)
+    finite = tf.math.is_finite(inputs)
+    if not bool(tf.reduce_all(finite)):
+        bad = int(tf.reduce_sum(tf.cast(~finite, tf.int64)))
+        raise non_finite_input(what, bool(tf.reduce_any(tf.math.is_nan(inputs))), bad)
 
 
 class TensorFlowBackend(Backend):
@@ -676,6 +701,7 @@ class TensorFlowBackend(Backend):
                     f"{what} carries the heatmap's grid, so it must be floating point, got {value.dtype.name}"
                 )
             spatial_shape(tuple(value.shape), self.input_layout)
+            _check_spatial(value, what)
         return value
 
     def _as_input(self, inputs: Any) -> tf.Tensor:
@@ -709,6 +735,7 @@ class TensorFlowBackend(Backend):
                 "training layout"
             )
         spatial_shape(shape, self.input_layout)
+        _check_spatial(inputs, "input")
         return inputs
 
     def _build(self, inputs: Any) -> None:
@@ -717,6 +744,20 @@ class TensorFlowBackend(Backend):
         if not self._built:
             self.model(tf.nest.map_structure(lambda t: t[:1], inputs), training=False, **self.model_kwargs)
             self._built = True
+
+    def _run(self, call: Callable[[], Any], structure: ModelInputs) -> Any:
+        """Runs ``call``; a framework error of the forward pass becomes an InputError (its cause).
+
+        Several inputs are left to ``_naming_inputs``, which names the inputs given.
+        """
+        try:
+            return call()
+        except AnycamError:
+            raise
+        except (ValueError, TypeError, IndexError, tf.errors.InvalidArgumentError) as exc:
+            if structure.kind != "single":
+                raise
+            raise forward_error(exc, tuple(structure.spatial_value.shape), self.input_layout) from exc
 
     @staticmethod
     def _given_indices(target: TargetSpec, batch: int) -> np.ndarray:
@@ -764,16 +805,16 @@ class TensorFlowBackend(Backend):
         spatial = structure.spatial_value
         batch = int(spatial.shape[0])
         if target.kind == "callable":
-            compiled = self._program.function("callable", target.fn, gradients, x)
-            leaves, grads, scores, chosen, outputs = compiled(x)
+            compiled = self._run(lambda: self._program.function("callable", target.fn, gradients, x), structure)
+            leaves, grads, scores, chosen, outputs = self._run(lambda: compiled(x), structure)
         elif target.kind in ("argmax", "topk"):
             k = 1 if target.kind == "argmax" else target.k
-            compiled = self._program.function("topk", k, gradients, x)
-            leaves, grads, scores, chosen, outputs = compiled(x)
+            compiled = self._run(lambda: self._program.function("topk", k, gradients, x), structure)
+            leaves, grads, scores, chosen, outputs = self._run(lambda: compiled(x), structure)
         else:
             given = self._given_indices(target, batch)
-            compiled = self._program.function("indices", given.shape[1], gradients, x)
-            leaves, grads, scores, chosen, outputs = compiled(x, tf.constant(given))
+            compiled = self._run(lambda: self._program.function("indices", given.shape[1], gradients, x), structure)
+            leaves, grads, scores, chosen, outputs = self._run(lambda: compiled(x, tf.constant(given)), structure)
         scores_np = _as_numpy(scores)
         indices: np.ndarray | None = None
         if outputs is not None:
@@ -968,7 +1009,8 @@ class TensorFlowBackend(Backend):
         structure = self._structure(inputs)
         with self._naming_inputs(structure):
             x = self._ready(structure)
-            return _as_numpy(self._program.function("predict", None, False, x)(x))
+            compiled = self._program.function("predict", None, False, x)
+            return _as_numpy(self._run(lambda: compiled(x), structure))
 
 
 BACKEND = TensorFlowBackend

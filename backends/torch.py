@@ -37,10 +37,27 @@ import numpy as np
 import torch
 
 from anycam._backend import Backend, Capture, check_options, select_output
-from anycam._errors import AnycamError, ConfigTypeError, InputError, LayerError, TargetError, closest
+from anycam._errors import (
+    AnycamError,
+    BackendError,
+    ConfigTypeError,
+    InputError,
+    LayerError,
+    TargetError,
+    TrainingModeWarning,
+    closest,
+)
 from anycam._inputs import Key, ModelInputs, looks_spatial, structure_inputs
 from anycam._layers import LayerRecord, choose_layer, is_auto, parse_layer
-from anycam.core import TargetSpec, resolve_indices, spatial_shape
+from anycam.core import (
+    TargetSpec,
+    check_batch,
+    check_scores_shape,
+    forward_error,
+    non_finite_input,
+    resolve_indices,
+    spatial_shape,
+)
 
 from .torch_guided import GuidedMode
 from .torch_head import GraphSplit, batched, graph_split, to_scores
@@ -101,6 +118,52 @@ def _binds(function: Any, inputs: ModelInputs) -> bool:
     except TypeError:
         return False
     return True
+
+
+def _check_finite(value: torch.Tensor, what: str) -> None:
+    """Raises NonFiniteError for NaN/inf in an input: one reduction, one sync per call."""
+    if not bool(torch.isfinite(value).all()):
+        bad = ~torch.isfinite(value)
+        raise non_finite_input(what, bool(torch.isnan(value).any()), int(bad.sum()))
+
+
+_BUFFER_LOCK = threading.RLock()
+
+# Modules whose forward differs between training and evaluation mode.
+_NORMS = (torch.nn.modules.batchnorm._BatchNorm,)
+_DROPOUTS = (torch.nn.modules.dropout._DropoutNd,)
+
+
+def _training_sensitive(model: torch.nn.Module) -> list[tuple[str, str]]:
+    """Returns (name, class) of the modules in training mode that behave differently in training.
+
+    BatchNorm (batch statistics, running-statistics updates), InstanceNorm that tracks running
+    statistics, Dropout of any kind, and modules with a ``dropout`` rate > 0 (attention, RNNs).
+    A root module in training mode counts too: its own forward may read ``self.training``.
+    """
+    found = []
+    for name, module in model.named_modules():
+        if not module.training:
+            continue
+        instance_norm = isinstance(module, torch.nn.modules.instancenorm._InstanceNorm)
+        rate = getattr(module, "dropout", 0.0)
+        if (
+            isinstance(module, _NORMS + _DROPOUTS)
+            or (instance_norm and module.track_running_stats)
+            or (isinstance(rate, float) and rate > 0)
+            or not name
+        ):
+            found.append((name, type(module).__name__))
+    return found
+
+
+def _inference_error(exc: BaseException) -> BackendError:
+    return BackendError(
+        "the model's weights (or buffers) are inference tensors: they were created or loaded under "
+        "torch.inference_mode(), and autograd cannot save them for the backward pass Grad-CAM needs. "
+        "Create or load the model under torch.no_grad() instead, or explain a copy: "
+        f"copy.deepcopy(model) holds ordinary tensors ({exc})"
+    )
 
 
 class TorchBackend(Backend):
@@ -200,6 +263,8 @@ class TorchBackend(Backend):
                 raise InputError(f"{what} must be floating point, got dtype {value.dtype}; scale it to floats first")
             else:
                 value = torch.as_tensor(value, device=device)
+        if isinstance(value, torch.Tensor):
+            value = self._to_model(value, what)
         if not spatial:
             return value
         if not isinstance(value, torch.Tensor):
@@ -207,7 +272,32 @@ class TorchBackend(Backend):
         if not value.is_floating_point():
             raise InputError(f"{what} must be floating point, got {value.dtype}; e.g. x.float() / 255")
         spatial_shape(tuple(value.shape), self.input_layout)
+        check_batch(tuple(value.shape), what)
+        _check_finite(value, what)
         return value
+
+    def _to_model(self, value: torch.Tensor, what: str) -> torch.Tensor:
+        """Returns a tensor on the model's device, floating ones in its dtype (as NumPy inputs are)."""
+        found = self._float_parameter()
+        if found is None:
+            return value
+        device, dtype = found
+        wanted = dtype if value.is_floating_point() else value.dtype
+        if value.device == device and value.dtype == wanted:
+            return value
+        try:
+            return value.to(device=device, dtype=wanted)
+        except RuntimeError as exc:
+            raise InputError(
+                f"{what} is a {value.dtype} tensor on {value.device}, the model's weights are {dtype} on {device}, "
+                f"and moving the input failed ({exc}); move it yourself, e.g. x.to({str(device)!r})"
+            ) from exc
+
+    def _float_parameter(self) -> tuple[torch.device, torch.dtype] | None:
+        for tensor in (*self.model.parameters(), *self.model.buffers()):
+            if tensor.is_floating_point():
+                return tensor.device, tensor.dtype
+        return None
 
     def _as_input(self, inputs: Any) -> torch.Tensor:
         """Returns the spatial input of ``inputs`` as a checked tensor."""
@@ -216,13 +306,14 @@ class TorchBackend(Backend):
     def _call(self, structure: ModelInputs) -> Any:
         """Runs the model on the structure; inputs its forward does not take name the inputs given."""
         try:
-            return structure.call(self.model)
+            return self._call_frozen(structure)
         except Exception as exc:
-            if isinstance(exc, AnycamError):
+            if isinstance(exc, (AnycamError, torch.OutOfMemoryError)):
                 raise
             unknown = _unknown_keys(self.model.forward, structure)
             if _binds(self.model.forward, structure) and not unknown:
-                raise
+                # The signature fits: the forward itself failed on these inputs (item 8).
+                raise self._failed(exc, structure) from exc
             given = []
             if structure.args:
                 given.append(f"{len(structure.args)} positional")
@@ -245,14 +336,54 @@ class TorchBackend(Backend):
                 "takes, a tuple in its order, or constants through model_kwargs="
             ) from exc
 
+    def _failed(self, exc: BaseException, structure: ModelInputs) -> AnycamError:
+        """The error for a forward pass that raised ``exc``: inference tensors, or the input."""
+        if "Inference tensors" in str(exc):
+            return _inference_error(exc)
+        what = "input" if structure.kind == "single" else f"input {structure.spatial!r}"
+        return forward_error(exc, tuple(structure.spatial_value.shape), self.input_layout, what)
+
+    def _call_frozen(self, structure: ModelInputs) -> Any:
+        """Calls the model; buffers of modules in training mode (BatchNorm statistics) stay as they were.
+
+        Explaining must not change the model, but BatchNorm in training mode updates its
+        running statistics on every forward pass. Such modules run on copies of their buffers
+        for the call, and get their own back after it. Swapped, not copied back in place: the
+        backward pass may still need the copies autograd saved.
+        """
+        training = [module for module in self.model.modules() if module.training and module._buffers]
+        if not training:
+            return structure.call(self.model)
+        # Threads sharing the Explainer would otherwise swap each other's copies back in.
+        with _BUFFER_LOCK:
+            swapped = []
+            for module in training:
+                for name, buffer in module._buffers.items():
+                    if buffer is not None:
+                        swapped.append((module, name, buffer))
+                        module._buffers[name] = buffer.clone()
+            try:
+                return structure.call(self.model)
+            finally:
+                for module, name, buffer in swapped:
+                    module._buffers[name] = buffer
+
     def _warn_training(self) -> None:
-        if self.model.training and not self._warned_training:
-            self._warned_training = True
-            warnings.warn(
-                "the model is in training mode: BatchNorm mixes the samples of a batch and Dropout "
-                "is random, so maps depend on the batch; call model.eval() first",
-                stacklevel=4,
-            )
+        if self._warned_training:
+            return
+        training = _training_sensitive(self.model)
+        if not training:
+            return
+        self._warned_training = True
+        shown = ", ".join(f"{name or 'the model'} ({kind})" for name, kind in training[:4])
+        more = f" and {len(training) - 4} more" if len(training) > 4 else ""
+        warnings.warn(
+            f"modules that behave differently in training are in training mode: {shown}{more}. BatchNorm "
+            "then mixes the samples of a batch and Dropout is random, so maps depend on the batch (running "
+            "statistics are left unchanged); call model.eval() first",
+            TrainingModeWarning,
+            stacklevel=4,
+        )
 
     def _choose(self, structure: ModelInputs, target: TargetSpec) -> None:
         """Chooses the layer for ``layer="auto"`` from one forward (and backward) pass, once."""
@@ -434,11 +565,12 @@ class TorchBackend(Backend):
         if target.kind == "callable":
             assert target.fn is not None
             scores = target.fn(output)
-            if not isinstance(scores, torch.Tensor) or scores.ndim not in (1, 2) or scores.shape[0] != batch:
-                shape = tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__
+            if not isinstance(scores, torch.Tensor):
                 raise TargetError(
-                    f"a callable target must return a tensor of shape (N,) or (N, K) with N={batch}, got {shape}"
+                    f"a callable target must return a tensor of shape (N,) or (N, K) with N={batch}, "
+                    f"got {type(scores).__name__}"
                 )
+            check_scores_shape(tuple(scores.shape), batch)
             return scores.reshape(batch, -1), None
         if not isinstance(output, torch.Tensor):
             raise TargetError(f"the selected model output is a {type(output).__name__}, not a tensor; use output=...")
@@ -494,7 +626,12 @@ class TorchBackend(Backend):
         # inference_mode(False) lets a call made inside the user's inference_mode() build the
         # small graph it needs.
         with torch.inference_mode(False):
-            return self._capture(inputs, target, gradients)
+            try:
+                return self._capture(inputs, target, gradients)
+            except RuntimeError as exc:
+                if "Inference tensors" in str(exc):
+                    raise _inference_error(exc) from exc
+                raise
 
     def _capture(self, inputs: Any, target: TargetSpec, gradients: bool) -> Capture:
         structure = self._structure(inputs)

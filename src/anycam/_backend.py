@@ -9,7 +9,7 @@ knows which framework produced them.
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -257,7 +257,31 @@ def select_output(output: Any, selector: Any) -> Any:
             return getattr(output, selector)
         return output[selector]
     except (KeyError, IndexError, AttributeError, TypeError) as exc:
-        raise TargetError(f"output={selector!r} does not fit a model output of type {type(output).__name__}") from exc
+        raise TargetError(
+            f"output={selector!r} does not fit a model output of type {type(output).__name__}{_parts(output, selector)}"
+        ) from exc
+
+
+def _parts(output: Any, selector: Any) -> str:
+    """Lists what a container output offers, and the closest name to ``selector``."""
+    from ._errors import closest
+
+    if isinstance(output, Mapping):
+        names = [str(key) for key in output]
+        kind = "keys"
+    elif isinstance(output, (tuple, list)):
+        return f"; it has {len(output)} items: use an index 0..{len(output) - 1}"
+    else:
+        fields = getattr(output, "__dataclass_fields__", None)
+        if fields:
+            names = list(fields)
+        else:
+            names = [n for n in getattr(output, "__dict__", {}) if not n.startswith("_")]
+        kind = "attributes"
+    if not names:
+        return ""
+    shown = ", ".join(map(repr, names[:20])) + (", …" if len(names) > 20 else "")
+    return f"; its {kind} are {shown}{closest(str(selector), names)}"
 
 
 def as_list(layer: Any) -> list[Any]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -11,7 +12,7 @@ import numpy as np
 
 from . import core
 from ._backend import Backend, Capture, as_list
-from ._errors import AnycamError, ConfigError, ConfigTypeError
+from ._errors import AnycamError, ConfigError, ConfigTypeError, ZeroMapWarning
 
 
 @dataclass(frozen=True)
@@ -213,6 +214,7 @@ class Explainer:
             options["model_kwargs"] = dict(model_kwargs)
         self.backend: Backend = adapter(model, as_list(layer), output=output, input_layout=input_layout, **options)
         self._single_layer = not isinstance(layer, list)
+        self._warned_zero = False
 
     @property
     def layer_names(self) -> tuple[str, ...]:
@@ -327,7 +329,37 @@ class Explainer:
                 )
             except AnycamError as exc:
                 raise type(exc)(f"layer {name!r}: {exc}") from exc
+            self._warn_zero(results[-1].cam, gradients, name)
         return results
+
+    def _warn_zero(self, cam: np.ndarray, gradients: np.ndarray | None, name: str) -> None:
+        """Warns once per Explainer when a map ``(N, K, *S)`` is flat (its heatmap all zeros)."""
+        if self._warned_zero:
+            return
+        flat = cam.reshape(*cam.shape[:2], -1)
+        dead = flat.max(axis=-1) <= flat.min(axis=-1)
+        if not dead.any():
+            return
+        self._warned_zero = True
+        sample, target = (int(i) for i in np.argwhere(dead)[0])
+        if gradients is not None and not np.any(gradients[sample, target]):
+            cause = (
+                "its gradient is zero: the explained output does not depend on it there (e.g. the last "
+                "ViT block after the class token was read, or a head that ignores the patch tokens); explain "
+                "an earlier layer"
+            )
+        else:
+            cause = (
+                "the weighted sum of its channels is ≤ 0 everywhere and the final ReLU removes it (e.g. a "
+                "pre-activation layer: explain the layer after the activation, or pass relu=False)"
+            )
+        warnings.warn(
+            f"layer {name!r} gives an all-zero map for {int(dead.sum())} of {dead.size} (sample, target) pairs "
+            f"(first: sample {sample}, target {target}); {cause}. The heatmaps are returned as zeros. "
+            "(This warning is shown once per Explainer.)",
+            ZeroMapWarning,
+            stacklevel=4,
+        )
 
     def _assemble(
         self,

@@ -121,3 +121,62 @@ def test_a_layout_that_contradicts_the_shapes_is_refused(kit, kind: str, wrong: 
     explainer = anycam.Explainer(case.model, case.layer, layout=wrong, **case.options)
     with pytest.raises(anycam.InputError, match=f"layout={wrong!r} contradicts the shapes"):
         explainer(case.inputs)
+
+
+# -- input checks at every adapter's boundary (items 6, 8, 9, 11) -------------------------------
+
+
+def _like(kit, array: np.ndarray):  # type: ignore[no-untyped-def]
+    """``array`` as the backend's own tensor type."""
+    if kit.name == "torch":
+        import torch
+
+        return torch.as_tensor(array)
+    if kit.name == "tensorflow":
+        import tensorflow as tf
+
+        return tf.constant(array)
+    import jax.numpy as jnp
+
+    return jnp.asarray(array)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_a_non_finite_input_is_refused(kit, bad: float) -> None:
+    """Item 6: TensorFlow's fused kernels hid a NaN input; every backend now checks the input."""
+    case = kit.case("conv2d")
+    values = np.asarray(case.inputs).astype(np.float32)
+    values[1, 0, 0] = bad
+    explainer = anycam.Explainer(case.model, case.layer, **case.options)
+    with pytest.raises(anycam.NonFiniteError, match=f"{'NaN' if np.isnan(bad) else 'inf'} in the input"):
+        explainer(_like(kit, values))
+    with pytest.raises(anycam.NonFiniteError):
+        explainer(values)
+
+
+def test_an_empty_batch_is_one_clear_error(kit) -> None:
+    """Item 9: N = 0 is refused with an InputError (documented in check_batch), not a NumPy error."""
+    case = kit.case("conv2d")
+    explainer = anycam.Explainer(case.model, case.layer, **case.options)
+    with pytest.raises(anycam.InputError, match=r"empty batch \(N = 0\)"):
+        explainer(case.inputs[:0])
+
+
+def test_a_callable_target_with_no_scores_is_a_target_error(kit) -> None:
+    """Item 11: (N, 0) scores raised IndexError (torch, TF) or gave an empty map (JAX)."""
+    case = kit.case("conv2d")
+    explainer = anycam.Explainer(case.model, case.layer, **case.options)
+    with pytest.raises(anycam.TargetError, match=r"\(N, 0\)"):
+        explainer(case.inputs, target=lambda output: output[:, :0])
+
+
+def test_a_forward_that_fails_on_the_input_is_an_input_error(kit) -> None:
+    """Item 8: wrong channel count → InputError naming the shape, the framework's error as cause."""
+    case = kit.case("conv2d")
+    values = np.asarray(case.inputs).astype(np.float32)
+    axis = 1 if kit.name == "torch" else -1
+    wrong = np.concatenate([values, values], axis=axis)  # 6 channels for a 3-channel model
+    explainer = anycam.Explainer(case.model, case.layer, **case.options)
+    with pytest.raises(anycam.InputError) as info:
+        explainer(_like(kit, wrong))
+    assert str(tuple(wrong.shape)) in str(info.value)

@@ -239,3 +239,13 @@ def test_core_configuration_errors_are_anycam_errors(call) -> None:
 
     with pytest.raises(anycam.ConfigError):
         call()
+
+
+def test_a_missing_output_key_lists_the_keys_and_the_closest():
+    """Issue 10, item 15: output='logit' for a dict output names what is there."""
+    from anycam._backend import select_output
+
+    with pytest.raises(anycam.TargetError, match=r"its keys are 'logits', 'hidden_states'; closest: 'logits'"):
+        select_output({"logits": 1, "hidden_states": 2}, "logit")
+    with pytest.raises(anycam.TargetError, match=r"3 items: use an index 0..2"):
+        select_output((1, 2, 3), 5)

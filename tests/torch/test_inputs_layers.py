@@ -165,9 +165,12 @@ def test_a_key_the_model_does_not_take_wraps_the_framework_message() -> None:
         anycam.Explainer(model, "conv", model_kwargs={"colour": 1})(IMAGE)
     with pytest.raises(anycam.InputError, match="3 positional"):
         explainer((IMAGE, None, IMAGE))
-    # An error raised inside forward is not mistaken for a signature mismatch.
-    with pytest.raises(RuntimeError):
+    # An error raised inside forward is not mistaken for a signature mismatch: it is the
+    # input's (issue 10, item 8), with the framework's error as the cause.
+    with pytest.raises(anycam.InputError, match=r"shape \(2, 5, 8, 8\)") as info:
         explainer({"pixel_values": torch.randn(2, 5, 8, 8)})
+    assert isinstance(info.value.__cause__, RuntimeError)
+    assert "keys" not in str(info.value)
 
 
 class SharedSwish(nn.Module):

@@ -100,8 +100,11 @@ def test_hooks_removed_when_the_model_raises() -> None:
             raise RuntimeError("boom")
 
     model = _seeded(Fails).eval()
-    with pytest.raises(RuntimeError, match="boom"):
+    # A failed forward is wrapped (issue 10, item 8): shape and layout in the message, the
+    # framework's error as the cause.
+    with pytest.raises(anycam.InputError, match=r"\(1, 3, 8, 8\).*boom") as info:
         anycam.Explainer(model, "conv")(torch.randn(1, 3, 8, 8))
+    assert isinstance(info.value.__cause__, RuntimeError)
     assert not model.conv._forward_hooks
     assert torch.is_grad_enabled()
 
@@ -358,8 +361,14 @@ def test_non_finite_activations_name_the_layer() -> None:
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2)).eval()
     x = torch.randn(1, 3, 8, 8)
     x[0, 0, 0, 0] = float("nan")
-    with pytest.raises(anycam.NonFiniteError, match="activations of layer '0'"):
+    # A NaN input is caught at the input now (issue 10, item 6) ...
+    with pytest.raises(anycam.NonFiniteError, match="NaN in the input"):
         anycam.Explainer(model, "0")(x)
+    # ... and a finite input that overflows float32 inside the layer names the layer.
+    with torch.no_grad():
+        model[0].weight.fill_(1e38)
+    with pytest.raises(anycam.NonFiniteError, match="activations of layer '0'"):
+        anycam.Explainer(model, "0")(torch.ones(1, 3, 8, 8))
 
 
 def test_bad_inputs_are_clear_errors(net: InPlaceAfterLayer) -> None:

@@ -10,6 +10,7 @@
 ((1, 224, 224), 0.0, 1.0)
 """
 
+from .checks import check_batch, check_scores_shape, forward_error, non_finite_input
 from .guided import attribution_map, guided_gradcam
 from .layout import (
     LAYOUTS,
@@ -78,11 +79,14 @@ __all__ = [
     "align_spatial",
     "attribution_map",
     "canonical_layout",
+    "check_batch",
     "check_finite",
+    "check_scores_shape",
     "class_activation_map",
     "compute_cam",
     "eigencam",
     "eigengradcam",
+    "forward_error",
     "gradcam_elementwise",
     "gradcam_weights",
     "gradcampp_weights",
@@ -93,6 +97,7 @@ __all__ = [
     "kpcacam",
     "layer_cam",
     "layercam",
+    "non_finite_input",
     "normalize",
     "one_hot",
     "parse_target",

@@ -1,0 +1,69 @@
+"""Checks at the adapters' input boundary, shared by every backend (no framework here).
+
+Each takes plain shapes or NumPy values, so a backend calls it once per tensor it receives:
+an empty batch, non-finite inputs, a callable target's scores of the wrong shape, and the
+error that wraps a failed forward pass.
+"""
+
+from __future__ import annotations
+
+from .._errors import InputError, NonFiniteError, TargetError
+
+_LAYOUT_FORMS = {"channels_first": "(N, C, *spatial)", "channels_last": "(N, *spatial, C)"}
+
+
+def check_batch(shape: tuple[int, ...], what: str = "input") -> None:
+    """Raises InputError for an empty batch (N = 0).
+
+    An empty batch is refused rather than answered with empty arrays: the layer's shape, and
+    so the shape of ``cam`` and ``weights``, is only known from a forward pass, and a
+    zero-sample pass fails in some frameworks' kernels. Skip empty batches before explaining.
+
+    >>> check_batch((0, 3, 8, 8))  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    anycam._errors.InputError: input of shape (0, 3, 8, 8) is an empty batch (N = 0); ...
+    """
+    if len(shape) and int(shape[0]) == 0:
+        raise InputError(
+            f"{what} of shape {tuple(int(d) for d in shape)} is an empty batch (N = 0); anycam explains at least one "
+            "sample, skip empty batches"
+        )
+
+
+def non_finite_input(what: str, nan: bool, count: int) -> NonFiniteError:
+    """Returns the error for ``count`` NaN/inf values found in an input."""
+    kind = "NaN" if nan else "inf"
+    return NonFiniteError(
+        f"{kind} in the {what} ({count} non-finite values); a map of such an input means nothing "
+        "(and fused kernels may hide the NaN); clean the input first, e.g. np.nan_to_num"
+    )
+
+
+def check_scores_shape(shape: tuple[int, ...], batch: int) -> None:
+    """Raises TargetError unless a callable target's scores are ``(N,)`` or ``(N, K)`` with K ≥ 1."""
+    shape = tuple(int(d) for d in shape)
+    if len(shape) not in (1, 2) or shape[0] != batch:
+        raise TargetError(f"a callable target must return scores of shape (N,) or (N, K) with N={batch}, got {shape}")
+    if len(shape) == 2 and shape[1] == 0:
+        raise TargetError(
+            f"a callable target returned (N, 0) scores {shape}: no target to explain; return (N,) or (N, K) "
+            "scores with K ≥ 1 (an empty selection, e.g. no detected box, has nothing to explain)"
+        )
+
+
+def forward_error(exc: BaseException, shape: tuple[int, ...], layout: str, what: str = "input") -> InputError:
+    """Returns an InputError for a forward pass that failed on an input of ``shape``.
+
+    The framework's message stays in the text and as the cause (raise it ``from exc``).
+    """
+    message = " ".join(str(exc).split())
+    if len(message) > 400:
+        message = message[:400] + " …"
+    form = _LAYOUT_FORMS.get(layout, layout)
+    return InputError(
+        f"the model failed on the {what} of shape {tuple(shape)}, read as {layout} {form}: "
+        f"{type(exc).__name__}: {message}. Check the input's rank and channel placement against what the "
+        "model was built for (a batch axis first; the channels where the model expects them), "
+        "or pass input_layout="
+    )
