@@ -726,7 +726,8 @@ class TorchBackend(Backend):
         else:
             handle = module.register_forward_hook(hook)
         try:
-            return self._call(structure)
+            # Unwrapped: under vmap a RuntimeError sends ``batched`` to its per-copy fallback.
+            return self._call_frozen(structure)
         finally:
             handle.remove()
 
