@@ -142,3 +142,25 @@ def test_unknown_option_and_model_type(model: keras.Model) -> None:
         anycam.Explainer(model, "inner/conv", backend="tensorflow", jit=True)
     with pytest.raises(TypeError, match="Keras 3 model"):
         anycam.Explainer(object(), "conv", backend="tensorflow")
+
+
+class SubclassedNet(keras.Model):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = keras.layers.Conv2D(4, 3)
+        self.pool = keras.layers.GlobalAveragePooling2D()
+        self.dense = keras.layers.Dense(2)
+
+    def call(self, x):  # type: ignore[no-untyped-def]
+        return self.dense(self.pool(self.conv(x)))
+
+
+def test_a_subclassed_model_that_fails_on_the_input_is_an_input_error() -> None:
+    """Issue 10, item 8: Keras's raw ValueError (no model.inputs to check against) is wrapped."""
+    model = SubclassedNet()
+    model(tf.zeros((1, 8, 8, 3)))
+    explainer = anycam.Explainer(model, "conv")
+    assert explainer(tf.zeros((2, 8, 8, 3))).shape == (2, 8, 8)
+    with pytest.raises(anycam.InputError, match=r"shape \(2, 8, 8, 5\), read as channels_last") as info:
+        explainer(tf.zeros((2, 8, 8, 5)))
+    assert isinstance(info.value.__cause__, ValueError)
