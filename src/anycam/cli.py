@@ -379,8 +379,8 @@ def explain_command(args: argparse.Namespace) -> int:
             explanation = explainers[method].explain(batch, target)
             if unresolved:
                 unresolved = False
-                chosen = explanation.layer if isinstance(explanation.layer, str) else ", ".join(explanation.layer)
-                print(f"  layer auto chose {chosen}")
+                picked = explanation.layer if isinstance(explanation.layer, str) else ", ".join(explanation.layer)
+                print(f"  layer auto chose {picked}")
             several = explanation.scores.ndim == 2
             for row, index in enumerate(chunk):
                 maps = explanation.heatmap[row] if several else explanation.heatmap[row][None]
