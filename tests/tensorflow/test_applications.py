@@ -17,20 +17,23 @@ import anycam
 
 pytestmark = pytest.mark.tensorflow
 
-# The layer each model's documentation / the Keras Grad-CAM example explains: the output of the
-# last convolutional stage, after its activation.
+# The output of each model's last convolutional stage, after its activation: the layer the Keras
+# Grad-CAM example explains. ConvNeXt's last stage ends in a residual sum that is no layer, so
+# it is the input of the global pooling (``"<layer>:input"``).
 ZOO = {
     "ResNet50": "conv5_block3_out",
     "MobileNetV2": "out_relu",
     "EfficientNetB0": "top_activation",
     "DenseNet121": "relu",
-    "ConvNeXtTiny": "convnext_tiny_stage_3_block_2_identity",
+    "ConvNeXtTiny": "convnext_tiny_head_gap:input",
 }
 
 
 def tape_gradcam(model: keras.Model, layer: str, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Returns (raw Grad-CAM ``(N, h, w)``, argmax classes) by a sub-model and a GradientTape."""
-    split = keras.Model(model.input, [model.get_layer(layer).output, model.output])
+    name, _, port = layer.partition(":")
+    tensor = model.get_layer(name).input if port == "input" else model.get_layer(name).output
+    split = keras.Model(model.input, [tensor, model.output])
     with tf.GradientTape() as tape:
         activations, outputs = split(x, training=False)
         classes = tf.argmax(outputs, axis=1)
