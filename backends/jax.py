@@ -59,6 +59,8 @@ from anycam._errors import (
     TargetError,
     closest,
 )
+from anycam._inputs import structure_inputs
+from anycam._layers import is_auto, parse_layer
 from anycam.core import (
     TargetSpec,
     check_batch,
@@ -111,6 +113,69 @@ def _hashable(value: Any) -> Any:
 
 
 # -- programs: the static half of a capture ------------------------------------------------------
+
+
+@jax.tree_util.register_pytree_node_class
+class _Inputs:
+    """Several model inputs as one pytree: ``model(*args, **kwargs)``.
+
+    ``shape``, ``dtype`` and ``ndim`` are those of the spatial input, so the capture reads the
+    batch and the grid as it does from one array; ``jit``, ``vmap`` and ``vjp`` see the pytree.
+    ``kind`` is how they were given (``"positional"`` or ``"keyword"``), for Keras, which takes
+    several inputs as one list or dict.
+    """
+
+    def __init__(self, args: tuple[Any, ...], kwargs: dict[str, Any], spatial: Any, kind: str) -> None:
+        self.args = tuple(args)
+        self.kwargs = dict(kwargs)
+        self.spatial = spatial
+        self.kind = kind
+
+    def tree_flatten(self) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+        keys = tuple(self.kwargs)
+        return (self.args, tuple(self.kwargs[k] for k in keys)), (keys, self.spatial, self.kind)
+
+    @classmethod
+    def tree_unflatten(cls, aux: tuple[Any, ...], children: tuple[Any, ...]) -> _Inputs:
+        keys, spatial, kind = aux
+        args, values = children
+        return cls(tuple(args), dict(zip(keys, values, strict=True)), spatial, kind)
+
+    @property
+    def value(self) -> Any:
+        return self.args[self.spatial] if isinstance(self.spatial, int) else self.kwargs[self.spatial]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.value.shape)
+
+    @property
+    def dtype(self) -> Any:
+        return self.value.dtype
+
+    @property
+    def ndim(self) -> int:
+        return int(self.value.ndim)
+
+    def container(self) -> Any:
+        return list(self.args) if self.kind == "positional" else dict(self.kwargs)
+
+
+def _call_model(fn: Callable[..., Any], x: Any, kwargs: Mapping[str, Any]) -> Any:
+    """Returns ``fn(x, **kwargs)``, or ``fn(*args, **inputs, **kwargs)`` for several inputs."""
+    if isinstance(x, _Inputs):
+        return fn(*x.args, **x.kwargs, **kwargs)
+    return fn(x, **kwargs)
+
+
+def _one_input(x: Any, what: str) -> None:
+    if isinstance(x, _Inputs):
+        raise InputError(f"{what} takes one input array; got several ({len(x.args)} positional, keys {list(x.kwargs)})")
+
+
+def _shape_key(x: Any) -> Any:
+    leaves, treedef = jax.tree_util.tree_flatten(x)
+    return treedef, tuple((tuple(leaf.shape), str(leaf.dtype)) for leaf in leaves)
 
 
 class _Taps:
@@ -181,15 +246,18 @@ class _Program:
         vmap: bool,
         kwargs: Mapping[str, Any],
         key: Any = None,
+        ports: tuple[str, ...] = (),
     ) -> None:
         self.structure = structure
         self.paths = paths
         self.names = names
+        # "output" or "input" per layer: "name:input" taps what flows into the module.
+        self.ports = tuple(ports) or ("output",) * len(names)
         self.output = output
         self.vmap = vmap
         self.kwargs = dict(kwargs)
         structure_key = _hashable(structure) if key is None else key
-        self._key = (type(self), structure_key, paths, _hashable(output), vmap, _hashable(self.kwargs))
+        self._key = (type(self), structure_key, paths, self.ports, _hashable(output), vmap, _hashable(self.kwargs))
         self._hash = hash(self._key)
 
     def __hash__(self) -> int:
@@ -218,6 +286,7 @@ class _FunctionsProgram(_Program):
         features, head, with_params = self.structure
         taps = _Taps(self.names, deltas)
         args = (params,) if with_params else ()
+        _one_input(x, "a (features, head) pair")
         activations = taps(0, features(*args, x))
         return head(*args, activations), taps.activations()
 
@@ -233,16 +302,18 @@ class _LinenProgram(_Program):
         index = {path: i for i, path in enumerate(self.paths)}
 
         def interceptor(next_fun: Any, args: Any, kwargs: Any, context: Any) -> Any:
+            found = index.get(context.module.path) if context.method_name == "__call__" else None
+            if found is not None and self.ports[found] == "input":
+                args = (taps(found, _first_input(self.names[found], args)), *args[1:])
+                return next_fun(*args, **kwargs)
             out = next_fun(*args, **kwargs)
-            if context.method_name == "__call__":
-                found = index.get(context.module.path)
-                if found is not None:
-                    out = taps(found, out)
+            if found is not None:
+                out = taps(found, out)
             return out
 
         try:
             with nn.intercept_methods(interceptor):
-                output = self.structure.apply(params, x, **self.kwargs)
+                output = _call_model(functools.partial(self.structure.apply, params), x, self.kwargs)
         except flax.errors.ModifyScopeVariableError as exc:
             raise BackendError(
                 f"the Flax model tried to update a variable ({exc}); it runs in training mode, "
@@ -256,6 +327,15 @@ class _LinenProgram(_Program):
                 "Run it in inference mode, e.g. model_kwargs={'train': False} (deterministic=True)"
             ) from exc
         return output, taps.activations()
+
+
+def _first_input(name: str, args: Sequence[Any]) -> Any:
+    if not args:
+        raise LayerError(
+            f"layer {name!r}: the module is called with no positional input to capture; explain the "
+            "output of the module before it"
+        )
+    return args[0]
 
 
 def _follow(node: Any, path: tuple[Any, ...]) -> Any:
@@ -284,15 +364,18 @@ class _NnxProgram(_Program):
         model.eval()
         taps = _Taps(self.names, deltas)
         for index, path in enumerate(self.paths):
-            _tap_nnx(_follow(model, path), index, taps)
-        return model(x, **self.kwargs), taps.activations()
+            _tap_nnx(_follow(model, path), index, taps, self.ports[index])
+        return _call_model(model, x, self.kwargs), taps.activations()
 
 
-def _tap_nnx(module: Any, index: int, taps: _Taps) -> None:
-    """Gives one module of a private copy a ``__call__`` that reports its output to ``taps``."""
+def _tap_nnx(module: Any, index: int, taps: _Taps, port: str = "output") -> None:
+    """Gives one module of a private copy a ``__call__`` that reports its output (or input) to ``taps``."""
     base = type(module)
 
     def __call__(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if port == "input":
+            args = (taps(index, _first_input(taps.names[index], args)), *args[1:])
+            return base.__call__(self, *args, **kwargs)
         return taps(index, base.__call__(self, *args, **kwargs))
 
     module.__class__ = type(base.__name__, (base,), {"__call__": __call__, "__module__": base.__module__})
@@ -306,8 +389,11 @@ def _equinox_tap() -> type:
         inner: Any
         index: int = eqx.field(static=True)
         taps: Any = eqx.field(static=True)
+        port: str = eqx.field(static=True, default="output")
 
         def __call__(self, x: Any, *args: Any, **kwargs: Any) -> Any:
+            if self.port == "input":
+                return self.inner(self.taps(self.index, x), *args, **kwargs)
             return self.taps(self.index, self.inner(x, *args, **kwargs))
 
     return Tap
@@ -322,9 +408,13 @@ class _EquinoxProgram(_Program):
         model = eqx.nn.inference_mode(eqx.combine(params, self.structure))
         taps = _Taps(self.names, deltas)
         tap = _equinox_tap()
-        wrapped = [tap(_follow(model, path), index, taps) for index, path in enumerate(self.paths)]
-        model = eqx.tree_at(lambda m: [_follow(m, path) for path in self.paths], model, wrapped)
-        return model(x, **self.kwargs), taps.activations()
+        # Deepest first: wrapping a module leaves the paths of the modules around it unchanged,
+        # so a block and a layer inside it can both be tapped.
+        for index in sorted(range(len(self.paths)), key=lambda i: -len(self.paths[i])):
+            path = self.paths[index]
+            wrapped = tap(_follow(model, path), index, taps, self.ports[index])
+            model = eqx.tree_at(functools.partial(_follow, path=path), model, wrapped)
+        return _call_model(model, x, self.kwargs), taps.activations()
 
 
 class _SequentialProgram(_Program):
@@ -334,7 +424,8 @@ class _SequentialProgram(_Program):
         import equinox as eqx
 
         model = eqx.nn.inference_mode(eqx.combine(params, self.structure))
-        cut = self.paths[0][-1] + 1
+        _one_input(x, "an eqx.nn.Sequential")
+        cut = self.paths[0][-1] + (0 if self.ports[0] == "input" else 1)
         taps = _Taps(self.names, deltas)
         activations = taps(0, model[:cut](x, **self.kwargs))
         return model[cut:](activations, **self.kwargs), taps.activations()
@@ -755,6 +846,28 @@ def _linen_paths(variables: Mapping[str, Any]) -> dict[str, tuple[str, ...]]:
     return {"/".join(p): p for p in sorted(found)}
 
 
+def _linen_setup_paths(module: Any, variables: Any) -> list[tuple[str, ...]]:
+    """Returns the paths of the submodules registered in ``setup`` or as fields, recursively.
+
+    These include modules without variables (an activation or pooling module), which the
+    variables do not show; compact submodules exist only while the model runs, so only those
+    with variables can be named.
+    """
+    try:
+        bound = module.bind(variables)
+    except Exception:  # variables that do not bind: the variables' paths alone
+        return []
+    found: list[tuple[str, ...]] = []
+
+    def walk(node: Any, path: tuple[str, ...]) -> None:
+        for name, child in _linen_children(node).items():
+            found.append((*path, name))
+            walk(child, (*path, name))
+
+    walk(bound, ())
+    return found
+
+
 def _linen(module: Any, variables: Any, layers: Sequence[Any], common: dict[str, Any]) -> _Model:
     if not isinstance(variables, Mapping):
         raise BackendError(
@@ -768,9 +881,12 @@ def _linen(module: Any, variables: Any, layers: Sequence[Any], common: dict[str,
             "parameters, pass (module, {'params': params})"
         )
     paths = _linen_paths(variables)
+    for path in _linen_setup_paths(module, variables):
+        paths.setdefault("/".join(path), path)
     names = tuple(_pick(layer, paths, {}, "Flax linen", "/") for layer in layers)
-    program = _LinenProgram(module, tuple(paths[n] for n in names), names, **common)
-    return _Model(names, "channels_last", lambda: (program, variables), "linen", (module, variables))
+    labels = _labels(names, common)
+    program = _LinenProgram(module, tuple(paths[n] for n in names), labels, **common)
+    return _Model(labels, "channels_last", lambda: (program, variables), "linen", (module, variables))
 
 
 def _nnx(model: Any, layers: Sequence[Any], common: dict[str, Any]) -> _Model:
@@ -782,8 +898,8 @@ def _nnx(model: Any, layers: Sequence[Any], common: dict[str, Any]) -> _Model:
     )
     paths = {".".join(map(str, path)): tuple(path) for path, _ in modules}
     objects = {id(module): ".".join(map(str, path)) for path, module in reversed(modules)}
-    names = tuple(_pick(layer, paths, objects, "Flax NNX", ".") for layer in layers)
-    chosen = tuple(paths[n] for n in names)
+    chosen = tuple(paths[_pick(layer, paths, objects, "Flax NNX", ".")] for layer in layers)
+    names = _labels(tuple(".".join(map(str, path)) for path in chosen), common)
 
     leaves, treedef = jax.tree_util.tree_flatten(model)
     # Tree mode copies a shared submodule, so its tap would see one of its calls only.
@@ -828,13 +944,19 @@ def _equinox(model: Any, layers: Sequence[Any], common: dict[str, Any]) -> _Mode
         paths.update({str(i): ("layers", i) for i in range(len(model.layers))})
     names = tuple(_pick(layer, paths, objects, "Equinox", ".") for layer in layers)
     chosen = tuple(paths[n] for n in names)
-    names = tuple(".".join(map(str, path)) for path in chosen)
+    names = _labels(tuple(".".join(map(str, path)) for path in chosen), common)
     params, static = eqx.partition(model, eqx.is_array)
     leaves, treedef = jax.tree_util.tree_flatten(static)
     key = _hashable((treedef, tuple(leaves)))
     sliced = sequential and len(chosen) == 1 and len(chosen[0]) == 2
     program = (_SequentialProgram if sliced else _EquinoxProgram)(static, chosen, names, key=key, **common)
     return _Model(names, "channels_first", lambda: (program, params), "equinox", model)
+
+
+def _labels(names: Sequence[str], common: Mapping[str, Any]) -> tuple[str, ...]:
+    """Returns the reported names: ``"name:input"`` where the layer's input is explained."""
+    ports = common.get("ports") or ("output",) * len(names)
+    return tuple(name if port == "output" else f"{name}:input" for name, port in zip(names, ports, strict=True))
 
 
 def _functions(model: Sequence[Any], layers: Sequence[Any], common: dict[str, Any]) -> _Model:
@@ -859,7 +981,15 @@ def _resolve(model: Any, layers: Sequence[Any], options: dict[str, Any], output:
         raise ConfigTypeError(f"model_kwargs must be a dict of keyword arguments, got {type(kwargs).__name__}")
     is_equinox = equinox is not None and isinstance(model, equinox.Module)
     vmap = bool(options.get("vmap", is_equinox))
-    common = {"output": output, "vmap": vmap, "kwargs": kwargs}
+    common: dict[str, Any] = {"output": output, "vmap": vmap, "kwargs": kwargs}
+    if isinstance(model, (tuple, list)) and len(model) in (2, 3) and all(map(callable, model[:2])):
+        if not (linen is not None and isinstance(model[0], linen.Module)):
+            return _functions(model, [None if is_auto(layer) else layer for layer in layers], common)
+    if any(is_auto(layer) for layer in layers) and len(layers) > 1:
+        raise LayerError("layer='auto' (or None) chooses one layer; it cannot be part of a list")
+    specs = [parse_layer(layer) for layer in layers]
+    common["ports"] = tuple(spec.port for spec in specs)
+    layers = [spec.layer for spec in specs]
     if linen is not None:
         if isinstance(model, tuple) and len(model) == 2 and isinstance(model[0], linen.Module):
             return _linen(model[0], model[1], layers, common)
@@ -1276,6 +1406,13 @@ def _function_randomized(source: tuple[Any, ...], chosen: list[tuple[str, tuple[
 # -- the backend ---------------------------------------------------------------------------------
 
 
+def _is_spatial(value: Any) -> bool:
+    """A floating input with spatial axes: the default carrier of the heatmap's grid."""
+    return (
+        isinstance(value, (np.ndarray, jax.Array)) and jnp.issubdtype(value.dtype, jnp.floating) and value.ndim >= 3
+    )
+
+
 def _to_numpy(array: Any) -> np.ndarray:
     return np.asarray(array, dtype=np.float32)
 
@@ -1323,7 +1460,7 @@ class JaxBackend(Backend):
         input_layout: str | None = None,
         **options: Any,
     ) -> None:
-        check_options(self.name, options, ("model_kwargs", "vmap"))
+        check_options(self.name, options, ("model_kwargs", "vmap", "spatial_input"))
         self.output = output
         self._model = _resolve(model, list(layers), options, output)
         self.layer_names = self._model.names
@@ -1334,12 +1471,28 @@ class JaxBackend(Backend):
         # (shape, dtype) of the last batch: a linen module's init needs an input to run on.
         self._example: tuple[tuple[int, ...], Any] | None = None
 
-    def _as_input(self, inputs: Any) -> jax.Array:
+    def _as_input(self, inputs: Any) -> Any:
+        """Returns one checked array, or several inputs (a tuple/list or dict) as one ``_Inputs`` pytree."""
+        structure = structure_inputs(inputs, is_spatial=_is_spatial, spatial_input=self._options.get("spatial_input"))
+        if structure.kind == "single":
+            return self._as_array(structure.args[0])
+
+        def convert(key: Any, value: Any) -> Any:
+            if key == structure.spatial:
+                return self._as_array(value, f"input {key!r}")
+            if not isinstance(value, (np.ndarray, jax.Array)):
+                raise InputError(f"input {key!r} must be a jax.Array or a NumPy array, got {type(value).__name__}")
+            return jnp.asarray(value)
+
+        converted = structure.map(convert)
+        return _Inputs(converted.args, converted.kwargs, converted.spatial, converted.kind)
+
+    def _as_array(self, inputs: Any, what: str = "input") -> jax.Array:
         if not isinstance(inputs, (np.ndarray, jax.Array)):
-            raise InputError(f"input must be a jax.Array or a NumPy array, got {type(inputs).__name__}")
+            raise InputError(f"{what} must be a jax.Array or a NumPy array, got {type(inputs).__name__}")
         if not jnp.issubdtype(inputs.dtype, jnp.floating):
             raise InputError(
-                f"input must be floating point, got dtype {inputs.dtype}; e.g. x.astype(jnp.float32) / 255"
+                f"{what} must be floating point, got dtype {inputs.dtype}; e.g. x.astype(jnp.float32) / 255"
             )
         shape = tuple(inputs.shape)
         spatial_shape(shape, self.input_layout)
@@ -1373,7 +1526,7 @@ class JaxBackend(Backend):
     def _with_gradients(self, program: _Program, params: Any, x: jax.Array, target: TargetSpec) -> Any:
         batch = x.shape[0]
         mode, given = self._mode(target, batch)
-        key = (program, mode, x.shape, x.dtype, None if given is None else given.shape)
+        key = (program, mode, _shape_key(x), None if given is None else given.shape)
         info = self._traced.get(key)
         if info is None:
             traced = self._run(lambda: _capture.trace(program, mode, params, x, given), x)
@@ -1552,6 +1705,7 @@ class JaxBackend(Backend):
             UserWarning: the model has no ReLU, so the result equals plain input gradients.
         """
         x = self._as_input(inputs)
+        _one_input(x, "guided backpropagation in JAX")
         batch = x.shape[0]
         mode, given = self._mode(target, batch)
         if mode == ("given",):

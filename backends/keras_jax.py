@@ -12,7 +12,8 @@ only read: ``stateless_call`` returns updated state and anycam drops it.
 Layers are named as in TensorFlow (``"conv5_block3_out"``, ``"resnet50/conv5_block3_out"``,
 attribute names of subclassed models, or layer objects), and layouts come from each layer's
 ``data_format``, so the same ``Explainer(model, "layer")`` call gives the same maps on either
-backend. Option: ``model_kwargs``, keyword arguments for every model call.
+backend. Several inputs are a list or dict, as Keras takes them (``spatial_input=`` names the one
+with the grid). Option: ``model_kwargs``, keyword arguments for every model call.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from anycam._layers import choose_layer, is_auto
 from anycam.core import TargetSpec, spatial_shape
 
 from . import _keras
-from .jax import JaxBackend, _Model, _Program, _Taps
+from .jax import JaxBackend, _Inputs, _Model, _Program, _Taps
 
 
 class _KerasProgram(_Program):
@@ -54,7 +55,9 @@ class _KerasProgram(_Program):
 def _stateless(model: Any, params: Any, x: Any, kwargs: Mapping[str, Any]) -> Any:
     """Returns the model's output for weights ``params``, its state updates dropped."""
     trainable, non_trainable = params
-    return model.stateless_call(trainable, non_trainable, x, training=False, **kwargs)[0]
+    # Keras takes several inputs as one list or dict, not as separate arguments.
+    inputs = x.container() if isinstance(x, _Inputs) else x
+    return model.stateless_call(trainable, non_trainable, inputs, training=False, **kwargs)[0]
 
 
 def _weights(model: Any) -> tuple[list[jax.Array], list[jax.Array]]:
@@ -106,7 +109,7 @@ class KerasJaxBackend(JaxBackend):
         input_layout: str | None = None,
         **options: Any,
     ) -> None:
-        check_options(self.name, options, ("model_kwargs",))
+        check_options(self.name, options, ("model_kwargs", "spatial_input"))
         active = _keras.backend()
         if active != "jax":
             raise BackendError(
