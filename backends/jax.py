@@ -32,6 +32,7 @@ compiled capture, so the copy reuses it.
 
 from __future__ import annotations
 
+import contextvars
 import copy
 import dataclasses
 import functools
@@ -39,6 +40,7 @@ import inspect
 import operator
 import re
 import sys
+import threading
 import warnings
 import zlib
 from collections.abc import Callable, Mapping, Sequence
@@ -60,7 +62,7 @@ from anycam._errors import (
     closest,
 )
 from anycam._inputs import structure_inputs
-from anycam._layers import is_auto, parse_layer
+from anycam._layers import LayerRecord, choose_layer, is_auto, parse_layer
 from anycam.core import (
     TargetSpec,
     check_batch,
@@ -178,6 +180,40 @@ def _shape_key(x: Any) -> Any:
     return treedef, tuple((tuple(leaf.shape), str(leaf.dtype)) for leaf in leaves)
 
 
+class _Record:
+    """What ``layer="auto"`` reads from one abstract pass with every module tapped: order, calls, shapes."""
+
+    def __init__(self) -> None:
+        self.order: list[int] = []
+        self.calls: dict[int, int] = {}
+        self.shapes: dict[int, tuple[int, ...] | None] = {}
+
+    def note(self, index: int, value: Any) -> Any:
+        self.calls[index] = self.calls.get(index, 0) + 1
+        if self.calls[index] == 1:
+            self.order.append(index)
+            floating = isinstance(value, jax.Array) and jnp.issubdtype(value.dtype, jnp.floating)
+            self.shapes[index] = tuple(value.shape) if floating else None
+        return value
+
+
+# Set while ``layer="auto"`` records a pass: every _Taps of that trace only notes what it sees.
+_RECORDING: contextvars.ContextVar[_Record | None] = contextvars.ContextVar("anycam_jax_record", default=None)
+
+
+def _reaching(jaxpr: Any, count: int) -> list[bool]:
+    """Returns, for each of the first ``count`` inputs of ``jaxpr``, whether an output depends on it."""
+    deps: dict[Any, frozenset[int]] = {v: frozenset([i]) for i, v in enumerate(jaxpr.invars[:count])}
+    empty: frozenset[int] = frozenset()
+    for eqn in jaxpr.eqns:
+        found = empty.union(*(deps.get(v, empty) for v in eqn.invars if isinstance(v, jax_core.Var)))
+        if found:
+            for out in eqn.outvars:
+                deps[out] = found
+    reached = empty.union(*(deps.get(v, empty) for v in jaxpr.outvars if isinstance(v, jax_core.Var)))
+    return [i in reached for i in range(count)]
+
+
 class _Taps:
     """The explained layers' outputs, collected during one traced model call.
 
@@ -192,8 +228,11 @@ class _Taps:
         self.names = names
         self.deltas = deltas
         self.found: dict[int, jax.Array] = {}
+        self.record = _RECORDING.get()
 
     def __call__(self, index: int, value: Any) -> Any:
+        if self.record is not None:
+            return self.record.note(index, value)
         name = self.names[index]
         if not isinstance(value, jax.Array) or not jnp.issubdtype(value.dtype, jnp.floating):
             kind = f"an array of {value.dtype}" if isinstance(value, jax.Array) else type(value).__name__
@@ -220,6 +259,8 @@ class _Taps:
         return value if self.deltas is None else value + self.deltas[index]
 
     def activations(self) -> tuple[jax.Array, ...]:
+        if self.record is not None:
+            return ()
         missing = [name for i, name in enumerate(self.names) if i not in self.found]
         if missing:
             raise LayerError(
@@ -972,6 +1013,29 @@ def _functions(model: Sequence[Any], layers: Sequence[Any], common: dict[str, An
     return _Model(("features",), "channels_first", lambda: (program, params), "functions", tuple(model))
 
 
+def _all_layers(model: Any) -> list[str] | None:
+    """Returns every module name of a Flax or Equinox model (``layer="auto"`` chooses among them).
+
+    None for a ``(features, head)`` pair, which is already cut at its layer.
+    """
+    linen = sys.modules.get("flax.linen")
+    nnx = sys.modules.get("flax.nnx")
+    equinox = sys.modules.get("equinox")
+    if linen is not None:
+        pair = isinstance(model, tuple) and len(model) == 2 and isinstance(model[0], linen.Module)
+        if pair or (isinstance(model, linen.Module) and model.scope is not None):
+            module, variables = model if pair else model.unbind()
+            if not isinstance(variables, Mapping):
+                return None
+            paths = {"/".join(path) for path in _linen_setup_paths(module, variables)}
+            return sorted(set(_linen_paths(variables)) | paths)
+    if nnx is not None and isinstance(model, nnx.Module):
+        return [".".join(map(str, path)) for path, _ in nnx.iter_modules(model) if path]
+    if equinox is not None and isinstance(model, equinox.Module):
+        return [".".join(map(str, path)) for path, _ in _equinox_modules(model)]
+    return None
+
+
 def _resolve(model: Any, layers: Sequence[Any], options: dict[str, Any], output: Any) -> _Model:
     linen = sys.modules.get("flax.linen")
     nnx = sys.modules.get("flax.nnx")
@@ -1462,8 +1526,13 @@ class JaxBackend(Backend):
     ) -> None:
         check_options(self.name, options, ("model_kwargs", "vmap", "spatial_input"))
         self.output = output
-        self._model = _resolve(model, list(layers), options, output)
-        self.layer_names = self._model.names
+        candidates = _all_layers(model) if len(layers) == 1 and is_auto(layers[0]) else None
+        self.auto_layer = candidates is not None
+        self._candidates = candidates or []
+        self._choose_lock = threading.Lock()
+        # With layer="auto", a program tapping every module until the first batch chooses one.
+        self._model = _resolve(model, candidates or list(layers), options, output)
+        self.layer_names = () if self.auto_layer else self._model.names
         self.input_layout = input_layout or self._model.layout
         self.layer_layout = input_layout or self._model.layout
         self._traced: dict[Any, tuple[int, tuple[int, ...]]] = {}
@@ -1472,7 +1541,63 @@ class JaxBackend(Backend):
         self._example: tuple[tuple[int, ...], Any] | None = None
 
     def _as_input(self, inputs: Any) -> Any:
-        """Returns one checked array, or several inputs (a tuple/list or dict) as one ``_Inputs`` pytree."""
+        """Returns one checked array, or several inputs (a tuple/list or dict) as one ``_Inputs`` pytree.
+
+        With ``layer="auto"`` the first batch also chooses the layer.
+        """
+        x = self._structured(inputs)
+        if self.auto_layer and not self.layer_names:
+            self._choose(x)
+        return x
+
+    def _choose(self, x: Any) -> None:
+        """Chooses the layer for ``layer="auto"`` from abstract passes (shapes only, no compute), once.
+
+        One pass with every module tapped gives the call order, the call counts and the output
+        shapes; the layers that run once with a floating output are then tapped with zero
+        deltas, and the traced program says which deltas the model output depends on.
+        """
+        with self._choose_lock:
+            if self.layer_names:
+                return
+            program, params = self._model.snapshot()
+            record = _Record()
+            token = _RECORDING.set(record)
+            try:
+                jax.eval_shape(lambda p, xs: program.run(p, xs, None)[0], params, x)
+            finally:
+                _RECORDING.reset(token)
+            batch = x.shape[0]
+            shapes = {
+                i: None if shape is None else ((batch, *shape) if program.vmap else shape)
+                for i, shape in record.shapes.items()
+            }
+            once = [i for i in record.order if record.calls[i] == 1 and shapes[i] is not None]
+            reaches: dict[int, bool] = {}
+            if once:
+                tapped = [self._candidates[i] for i in once]
+                sub, sub_params = _resolve(self._model.source, tapped, self._options, self.output).snapshot()
+                found = jax.eval_shape(lambda p, xs: sub.run(p, xs, None)[1], sub_params, x)
+                deltas = tuple(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in found)
+                traced = jax.make_jaxpr(lambda d, p, xs: jax.tree_util.tree_leaves(sub.run(p, xs, d)[0]))(
+                    deltas, sub_params, x
+                )
+                reaches = dict(zip(once, _reaching(traced.jaxpr, len(deltas)), strict=True))
+            records = [
+                LayerRecord(
+                    self._candidates[i],
+                    shapes[i],
+                    layout=self.layer_layout,
+                    calls=record.calls[i],
+                    reaches_output=reaches.get(i, True),
+                )
+                for i in record.order
+            ]
+            chosen = choose_layer(records, spatial_shape(tuple(x.shape), self.input_layout))
+            self._model = _resolve(self._model.source, [chosen], self._options, self.output)
+            self.layer_names = self._model.names
+
+    def _structured(self, inputs: Any) -> Any:
         structure = structure_inputs(inputs, is_spatial=_is_spatial, spatial_input=self._options.get("spatial_input"))
         if structure.kind == "single":
             return self._as_array(structure.args[0])

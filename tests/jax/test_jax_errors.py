@@ -74,8 +74,8 @@ def test_unknown_nnx_and_equinox_paths_list_the_paths() -> None:
         anycam.LayerError, match=r"'blocks.5' not found in the Flax NNX model.*module paths: .*'blocks.1'"
     ):
         anycam.Explainer(model, "blocks.5")
-    with pytest.raises(anycam.LayerError, match=r"name the layer to explain.*module paths: 'blocks', 'blocks.0'"):
-        anycam.Explainer(model)
+    with pytest.raises(anycam.LayerError, match=r"'auto' \(or None\) chooses one layer; it cannot be part of a list"):
+        anycam.Explainer(model, ["blocks.0", None])
     with pytest.raises(anycam.LayerError, match="not a module of the Flax NNX model"):
         anycam.Explainer(model, nnx.Linear(2, 2, rngs=nnx.Rngs(0)))
     sequential = eqx.nn.Sequential([eqx.nn.Lambda(jnp.tanh), eqx.nn.Lambda(jnp.sin)])
@@ -142,7 +142,8 @@ def test_function_pairs_take_no_layer_and_no_model_kwargs() -> None:
         anycam.Explainer(pair, "conv", backend="jax")
     with pytest.raises(TypeError, match="model_kwargs does not apply"):
         anycam.Explainer(pair, backend="jax", model_kwargs={"train": False})
-    with pytest.raises(TypeError, match=r"unknown option\(s\) trian for the jax backend; accepted: model_kwargs, vmap"):
+    accepted = "accepted: model_kwargs, spatial_input, vmap"
+    with pytest.raises(TypeError, match=rf"unknown option\(s\) trian for the jax backend; {accepted}"):
         anycam.Explainer(pair, backend="jax", trian=False)
 
 
@@ -152,8 +153,11 @@ def test_inputs_must_be_float_arrays() -> None:
         explainer(jnp.ones((2, 6, 6, 3), jnp.int32))
     with pytest.raises(anycam.InputError, match="input must be floating point, got dtype uint8"):
         explainer(np.zeros((2, 6, 6, 3), np.uint8))
-    with pytest.raises(anycam.InputError, match="must be a jax.Array or a NumPy array, got list"):
+    # A list is several inputs (extra positional arguments); none of these is an array.
+    with pytest.raises(anycam.InputError, match="no input is a floating-point array with spatial axes"):
         explainer([[[[0.0]]]])
+    with pytest.raises(anycam.InputError, match=r"input 1 must be a jax.Array or a NumPy array, got str"):
+        explainer((np.zeros((1, 4, 4, 1), np.float32), "text"))
     with pytest.raises(anycam.InputError, match="no spatial axis"):
         explainer(jnp.ones((2, 3)))
 

@@ -138,3 +138,45 @@ def test_nnx_pool_input() -> None:
     model = NnxNet(nnx.Rngs(2))
     x = jnp.asarray(np.random.default_rng(2).normal(size=(2, 10, 10, 3)).astype(np.float32))
     check(model, x, model.features, model.head, channel_axis=-1)
+
+
+class DeadBranch(nn.Module):
+    """A conv whose output is computed and dropped: on no path to the output."""
+
+    def setup(self) -> None:
+        self.conv, self.unused, self.fc = nn.Conv(4, (3, 3)), nn.Conv(2, (1, 1)), nn.Dense(3)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        features = nn.relu(self.conv(x))
+        self.unused(features)
+        return self.fc(jnp.mean(features, axis=(1, 2)))
+
+
+def test_auto_skips_shared_and_dead_modules() -> None:
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 10, 10, 3)).astype(np.float32))
+    module = LinenNet()
+    variables = module.init(jax.random.key(0), x)
+    explainer = anycam.Explainer((module, variables), "auto")
+    explainer.explain(x)
+    # act runs twice; conv2 is the last module that runs once with a 2-D map.
+    assert explainer.layer_names == ("conv2",)
+    dead = DeadBranch()
+    explainer = anycam.Explainer((dead, dead.init(jax.random.key(1), x)), "auto")
+    explainer.explain(x)
+    assert explainer.layer_names == ("conv",)
+    eqx_model = EqxNet(jax.random.key(1))
+    explainer = anycam.Explainer(eqx_model, "auto")
+    explainer.explain(jnp.moveaxis(x, -1, 1))
+    assert explainer.layer_names == ("conv2",)
+
+
+def test_auto_with_no_map_names_the_modules_considered() -> None:
+    class Flat(nn.Module):
+        @nn.compact
+        def __call__(self, x: jax.Array) -> jax.Array:
+            return nn.Dense(2, name="out")(nn.Dense(4, name="hidden")(x.reshape(x.shape[0], -1)))
+
+    x = jnp.ones((2, 4, 4, 1))
+    module = Flat()
+    with pytest.raises(anycam.LayerError, match=r"considered.*'hidden'.*'out'"):
+        anycam.Explainer((module, module.init(jax.random.key(0), x)), "auto").explain(x)

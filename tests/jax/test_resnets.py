@@ -183,3 +183,20 @@ def test_equinox_resnet_last_block_matches_a_hand_split_vjp() -> None:
     result = anycam.Explainer(model, "blocks.2").explain(x)
     assert result.cam.shape == (2, 8, 8)
     assert_raw_map(result, expected, classes)
+
+
+def test_auto_picks_the_last_block_in_flax_and_equinox() -> None:
+    module = ResNet()
+    x = jnp.asarray(np.random.default_rng(3).normal(size=(2, 32, 32, 3)).astype(np.float32))
+    variables = module.init(jax.random.key(0), x[:1])
+    explainer = anycam.Explainer((module, variables), "auto")
+    assert explainer.layer_names == () and "chosen at the first call" in repr(explainer)
+    chosen = explainer.explain(x)
+    # The last block's output is the last 2-D map; fc sees the pooled vector.
+    assert explainer.layer_names == ("blocks_2",)
+    np.testing.assert_array_equal(chosen.cam, anycam.Explainer((module, variables), "blocks_2").explain(x).cam)
+
+    model = EqxResNet(jax.random.key(2))
+    explainer = anycam.Explainer(model, None)
+    explainer.explain(jnp.asarray(np.random.default_rng(4).normal(size=(2, 3, 32, 32)).astype(np.float32)))
+    assert explainer.layer_names == ("blocks.2",)

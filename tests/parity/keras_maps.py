@@ -35,6 +35,16 @@ class Wrapped(keras.Model):
         return self.backbone(self.scale(inputs), training=training)
 
 
+def two_inputs() -> keras.Model:
+    """An image branch (conv "features") and a metadata branch, as a dict-input Functional model."""
+    image = keras.Input((16, 16, 1), name="image")
+    meta = keras.Input((4,), name="meta")
+    features = keras.layers.Conv2D(6, 3, padding="same", activation="relu", name="features")(image)
+    pooled = keras.layers.GlobalAveragePooling2D(name="pool")(features)
+    joined = keras.layers.Concatenate(name="join")([pooled, keras.layers.Dense(5, name="meta_dense")(meta)])
+    return keras.Model({"image": image, "meta": meta}, keras.layers.Dense(3, name="fc")(joined))
+
+
 def targets(data: np.lib.npyio.NpzFile) -> dict[str, object]:
     score_weights = keras.ops.convert_to_tensor(data["score_weights"])
     return {
@@ -78,6 +88,21 @@ def main(cases: str, out: str) -> None:
     for layer in ("demo_net_2d/stage3", "stage2", "scale"):
         record(f"nested/{layer}", anycam.Explainer(nested, layer).explain(x))
     results["predict"] = anycam.Explainer(model, "stage3").backend.predict(x)
+    # A real architecture: keras.applications.MobileNetV2 with the test's weights.
+    application = keras.applications.MobileNetV2(alpha=0.35, weights=None, input_shape=(64, 64, 3), classes=10)
+    application.set_weights([data[f"app/{i}"] for i in range(len(application.weights))])
+    for form in ("argmax", "top_k"):
+        explained = anycam.Explainer(application, "out_relu").explain(data["app_x"], forms[form])
+        record(f"app/{form}", explained)
+    # Several inputs, as Keras takes them: a dict by name, a list in the order of model.inputs.
+    joint = two_inputs()
+    joint.set_weights([data[f"two/{i}"] for i in range(len(joint.weights))])
+    inputs = {"image": data["two_image"], "meta": data["two_meta"]}
+    record("two/dict", anycam.Explainer(joint, "features").explain(inputs, forms["top_k"]))
+    ordered = [inputs[tensor.name] for tensor in joint.inputs]
+    record("two/list", anycam.Explainer(joint, "pool:input").explain(ordered))
+    chosen = anycam.Explainer(application, "auto")
+    record("app/auto", chosen.explain(data["app_x"]))
     # Before the sanity-check part: Keras's own get_config imports TensorFlow where it is installed.
     imported = sorted(name for name in ("tensorflow", "torch", "jax") if name in sys.modules)
     # The sanity check's randomised copies: same layers listed, the copy's maps differ.
@@ -91,6 +116,7 @@ def main(cases: str, out: str) -> None:
         "keras_backend": keras.config.backend(),
         "picked": sorted(picked),
         "imported": imported,
+        "app_auto": list(chosen.layer_names),
     }
     results["info"] = np.array(json.dumps(info))
     np.savez(out, **results)

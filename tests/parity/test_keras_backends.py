@@ -16,6 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import keras
 import numpy as np
 import pytest
 import torch
@@ -24,6 +25,7 @@ from anycam.backends import demo_torch
 import anycam
 from anycam.demo_data import load_demo
 from anycam.demo_weights import random_demo_weights
+from tests.parity import keras_maps
 
 ROOT = Path(__file__).resolve().parents[2]
 KERAS_BACKENDS = ("tensorflow", "jax", "torch")
@@ -42,6 +44,16 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, np.nda
         "score_weights": rng.normal(size=10).astype(np.float32),
         **{f"w/{name}": value for name, value in weights.items()},
     }
+    # keras.applications.MobileNetV2 (the smallest width), built here on TensorFlow: its weights
+    # travel to the other backends as arrays, in the order of model.weights.
+    keras.utils.set_random_seed(3)
+    application = keras.applications.MobileNetV2(alpha=0.35, weights=None, input_shape=(64, 64, 3), classes=10)
+    cases.update({f"app/{i}": np.asarray(w) for i, w in enumerate(application.get_weights())})
+    cases["app_x"] = rng.uniform(-1, 1, size=(2, 64, 64, 3)).astype(np.float32)
+    joint = keras_maps.two_inputs()
+    cases.update({f"two/{i}": np.asarray(w) for i, w in enumerate(joint.get_weights())})
+    cases["two_image"] = rng.normal(size=(2, 16, 16, 1)).astype(np.float32)
+    cases["two_meta"] = rng.normal(size=(2, 4)).astype(np.float32)
     np.savez(folder / "cases.npz", **cases)
     processes = {}
     for backend in KERAS_BACKENDS:
@@ -71,6 +83,7 @@ def test_each_keras_backend_gets_its_framework_adapter(runs: dict[str, dict[str,
             assert "tensorflow" not in info["imported"], info
         if backend == "jax":
             assert "torch" not in info["imported"], info
+        assert info["app_auto"] == ["out_relu"], info
 
 
 def _map_keys(result: dict[str, np.ndarray]) -> list[str]:
@@ -103,6 +116,12 @@ def test_keras_on_jax_and_torch_gives_the_tensorflow_maps(runs: dict[str, dict[s
 
 @pytest.mark.parametrize("form", ["argmax", "k_per_sample", "top_k", "callable"])
 @pytest.mark.parametrize("method", ["gradcam", "eigencam"])
+def test_mobilenet_maps_are_nonzero_and_auto_is_the_last_stage(runs: dict[str, dict[str, np.ndarray]]) -> None:
+    reference = runs["tensorflow"]
+    assert np.abs(reference["app/argmax/cam"]).max() > 0
+    np.testing.assert_array_equal(reference["app/auto/cam"], reference["app/argmax/cam"])
+
+
 def test_keras_maps_equal_the_pytorch_port(runs: dict[str, dict[str, np.ndarray]], method: str, form: str) -> None:
     cases = runs["cases"]
     weights = {key[len("w/") :]: value for key, value in cases.items() if key.startswith("w/")}
