@@ -369,6 +369,39 @@ class _Program:
         attributions = tf.stack([tf.cast(column, tf.float32) for column in columns], axis=1)
         return attributions, tf.cast(scores, tf.float32), chosen, outputs, tf.constant(relus, tf.int32)
 
+    def _guided_capture(
+        self, kind: str, target: str, param: Any, inputs: tf.Tensor, indices: Any = None
+    ) -> tuple[Any, ...]:
+        self.trace_count += 1
+        graph = tf.compat.v1.get_default_graph()
+        before = len(graph.get_operations())
+        tape = tf.GradientTape(watch_accessed_variables=False, persistent=True)
+        with tape, graph.gradient_override_map({"Relu": _GUIDED_RELU}):
+            output, leaves = self.forward(inputs, tape)
+            scores, chosen, outputs = self._scores(target, param, select_output(output, self.selector), indices)
+            count = scores.shape[1]
+            if count is None:
+                raise TargetError("a callable target must return a fixed number K of scores per sample")
+            totals = tf.reduce_sum(scores, axis=0)
+        relus = sum(op.type == "Relu" for op in graph.get_operations()[before:])
+        # One forward pass, two rules: the tape looks gradients up by op type (the ordinary ReLU
+        # gradient: Grad-CAM's layer gradients), tf.gradients honours the graph's override (the
+        # guided input gradients).
+        layer_gradients = self._gradients(tape, scores, totals, leaves)
+        columns = [tf.gradients(scores[:, k], inputs)[0] for k in range(count)]
+        if columns and columns[0] is None:
+            raise TargetError("the explained scores do not depend on the input (their gradient is None)")
+        attributions = tf.stack([tf.cast(column, tf.float32) for column in columns], axis=1)
+        return (
+            tuple(leaves),
+            layer_gradients,
+            tf.cast(scores, tf.float32),
+            chosen,
+            outputs,
+            attributions,
+            tf.constant(relus, tf.int32),
+        )
+
     def _predict(self, inputs: tf.Tensor) -> Any:
         self.trace_count += 1
         output, _ = self.forward(inputs, None)
@@ -1004,6 +1037,62 @@ class TensorFlowBackend(Backend):
                 f"{scores_np.shape[0]} rows"
             )
         return _as_numpy(attributions), scores_np, indices
+
+    def guided_capture(self, inputs: Any, target: TargetSpec) -> tuple[Capture, np.ndarray]:
+        """Returns Guided Grad-CAM's Grad-CAM capture and guided input gradients from one forward.
+
+        One compiled function records the forward pass (layer intercepted, ``Relu`` gradients
+        overridden as in :meth:`guided_gradients`) and differentiates it twice: the tape gives
+        the layer gradients by the ordinary rules, ``tf.gradients`` the guided input gradients.
+
+        Warns:
+            UserWarning: no ReLU was found, so the guided gradients equal plain input gradients.
+        """
+        x = self._as_input(inputs)
+        self._build(x)
+        batch = int(x.shape[0])
+        if target.kind == "callable":
+            compiled = self._program.method_function("guided_capture", "callable", target.fn, x)
+            result = compiled(x)
+        elif target.kind in ("argmax", "topk"):
+            k = 1 if target.kind == "argmax" else target.k
+            result = self._program.method_function("guided_capture", "topk", k, x)(x)
+        else:
+            given = self._given_indices(target, batch)
+            spec = tf.TensorSpec((None, given.shape[1]), tf.int64)
+            compiled = self._program.method_function("guided_capture", "indices", given.shape[1], x, spec)
+            result = compiled(x, tf.constant(given))
+        leaves, grads, scores, chosen, outputs, attributions, relus = result
+        if int(relus) == 0:
+            warnings.warn(
+                "guided backpropagation found no ReLU op in the model (ReLU layers, "
+                "activation='relu', keras.activations.relu, tf.nn.relu), so its result equals "
+                "plain input gradients",
+                UserWarning,
+                stacklevel=3,
+            )
+        scores_np = _as_numpy(scores)
+        indices: np.ndarray | None = None
+        if outputs is not None:
+            indices = resolve_indices(target, outputs.numpy())
+        elif chosen is not None:
+            indices = chosen.numpy().astype(np.int64)
+        elif scores_np.shape[0] != batch:
+            raise TargetError(
+                f"a callable target must return (N,) or (N, K) scores with N={batch}, got "
+                f"{scores_np.shape[0]} rows"
+            )
+        capture = Capture(
+            activations=tuple(_as_numpy(a) for a in leaves),
+            gradients=tuple(np.moveaxis(_as_numpy(g), 0, 1) for g in grads),
+            scores=scores_np,
+            target=indices,
+            input_spatial=spatial_shape(tuple(x.shape), self.input_layout),
+            layouts=self.layouts,
+            input_shape=tuple(x.shape),
+            input_layout=self.input_layout,
+        )
+        return capture, _as_numpy(attributions)
 
     def predict(self, inputs: Any) -> np.ndarray:
         structure = self._structure(inputs)

@@ -212,6 +212,22 @@ class Backend(abc.ABC):
             f"the {self.name} backend has no guided_gradients(), which guided-backprop and guided-gradcam need"
         )
 
+    def guided_capture(self, inputs: Any, target: TargetSpec) -> tuple[Capture, np.ndarray]:
+        """Returns Guided Grad-CAM's two passes: the Grad-CAM :class:`Capture` (with gradients)
+        and the guided input gradients ``(N, K, *input_shape_without_N)`` of the same targets.
+
+        The default runs :meth:`capture`, then :meth:`guided_gradients` for exactly the classes
+        the capture resolved (argmax, top-k). A backend that can take both gradients from one
+        forward pass — the layer's by the ordinary rule, the input's by the guided one —
+        overrides this.
+        """
+        capture = self.capture(inputs, target, gradients=True)
+        spec = target
+        if capture.target is not None:
+            spec = TargetSpec("indices", squeeze=False, indices=capture.target)
+        gradients, _, _ = self.guided_gradients(inputs, spec)
+        return capture, gradients
+
     def parameter_layers(self, inputs: Any = None) -> tuple[str, ...]:
         """Returns the names of the layers that own parameters, from the input to the output.
 

@@ -219,13 +219,11 @@ def guided(explainer: Explainer, inputs: Any, spec: core.TargetSpec) -> Explanat
     backend = explainer.backend
     input_layout = getattr(backend, "input_layout", "channels_first")
     capture: Capture | None = None
-    guided_spec = spec
     if explainer.method == "guided-gradcam":
-        capture = backend.capture(inputs, spec, gradients=True)
-        if capture.target is not None:
-            # The guided pass explains exactly the classes the capture resolved (argmax, top-k).
-            guided_spec = core.TargetSpec("indices", squeeze=False, indices=capture.target)
-    grads, scores, target = backend.guided_gradients(inputs, guided_spec)
+        capture, grads = backend.guided_capture(inputs, spec)
+        scores, target = capture.scores, capture.target
+    else:
+        grads, scores, target = backend.guided_gradients(inputs, spec)
     grads = np.asarray(grads, dtype=np.float64)
     core.check_finite(grads, "guided gradients", "input")
     # (N, K, *input) in the input's layout → (N, K, C_in, *S).
