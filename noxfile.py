@@ -111,7 +111,7 @@ def bench(session: nox.Session) -> None:
     """Speed and memory against plain inference and the anchors, as ratios from one run."""
     session.install(*CONSTRAINTS, "-e", ".[all,ray]", "psutil", *BENCH_PEERS)
     # Without its dependencies (torchvision among them: see the bench-peers group).
-    session.install(*CONSTRAINTS, "--no-deps", "grad-cam", "ttach")
+    session.install(*CONSTRAINTS, "--no-deps", "grad-cam")
     session.run("python", "-m", "tests.benchmarks", *session.posargs, env=QUIET)
 
 

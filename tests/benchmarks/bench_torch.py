@@ -154,10 +154,13 @@ def _peers(model: nn.Module, x: torch.Tensor) -> tuple[dict[str, Callable[[], ob
     try:
         from pytorch_grad_cam import GradCAM as PgcGradCAM
     except Exception as exc:
-        skipped.append(
-            f"pytorch-grad-cam: {type(exc).__name__}: {exc} (its package __init__ imports "
-            "torchvision, whose build for this torch fails to import beside it here)"
-        )
+        why = f"pytorch-grad-cam: {type(exc).__name__}: {exc}"
+        if getattr(exc, "name", None) == "torchvision":
+            why += (
+                " (its package __init__ imports torchvision; the torchvision pip picks for this CPU "
+                "torch fails to import beside it, so nox -s bench leaves it out)"
+            )
+        skipped.append(why)
     else:
         pgc = PgcGradCAM(model=model, target_layers=[model.layer4])
         cases["pytorch-grad-cam GradCAM"] = lambda: pgc(input_tensor=x)
