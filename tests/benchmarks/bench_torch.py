@@ -151,19 +151,25 @@ def _peers(model: nn.Module, x: torch.Tensor) -> tuple[dict[str, Callable[[], ob
             return upsampled(maps[:, None])
 
         cases["torchcam GradCAM"] = torchcam_case
-    try:
-        from pytorch_grad_cam import GradCAM as PgcGradCAM
-    except Exception as exc:
-        why = f"pytorch-grad-cam: {type(exc).__name__}: {exc}"
-        if getattr(exc, "name", None) == "torchvision":
-            why += (
-                " (its package __init__ imports torchvision; the torchvision pip picks for this CPU "
-                "torch fails to import beside it, so nox -s bench leaves it out)"
-            )
-        skipped.append(why)
+    # Its package imports torchvision (image helpers its Grad-CAM never calls), which does not
+    # import beside this torch: bench_torch_methods stands a stub in for it.
+    from .bench_torch_methods import _peer as grad_cam_package
+
+    pgc = grad_cam_package()
+    if pgc is None:
+        try:
+            import pytorch_grad_cam  # noqa: F401  (only for the reason it fails)
+        except Exception as exc:
+            skipped.append(f"pytorch-grad-cam: {type(exc).__name__}: {exc}")
     else:
-        pgc = PgcGradCAM(model=model, target_layers=[model.layer4])
-        cases["pytorch-grad-cam GradCAM"] = lambda: pgc(input_tensor=x)
+
+        def pgc_case() -> object:
+            # Its hooks stay on the model while the extractor lives: scoped to the call. Its own
+            # output: maps at input resolution, min-max normalised (cv2 resize), NumPy.
+            with pgc.GradCAM(model=model, target_layers=[model.layer4]) as extractor:
+                return extractor(input_tensor=x, targets=None)
+
+        cases["pytorch-grad-cam GradCAM"] = pgc_case
     return cases, skipped
 
 
