@@ -39,6 +39,7 @@ import torch
 from anycam._backend import Backend, Capture, check_options, select_output
 from anycam._errors import (
     AnycamError,
+    AnycamWarning,
     BackendError,
     ConfigTypeError,
     InputError,
@@ -858,7 +859,7 @@ class TorchBackend(Backend):
             warnings.warn(
                 f"{type(self.model).__name__} calls no ReLU, so guided backpropagation equals the plain "
                 "input gradient here",
-                UserWarning,
+                AnycamWarning,
                 stacklevel=3,
             )
         return _to_numpy(grads), _to_numpy(scores), indices

@@ -28,6 +28,8 @@ import numpy as np
 import torch
 import torch.fx
 
+from anycam._errors import AnycamWarning
+
 Scores = Callable[[Any], torch.Tensor]
 
 
@@ -180,6 +182,7 @@ def batched(function: Callable[[torch.Tensor], torch.Tensor], replacements: torc
         warnings.warn(
             f"the network after the layer cannot be vectorised over the ablated copies ({exc}); "
             "falling back to one pass per copy, which is slower",
+            AnycamWarning,
             stacklevel=3,
         )
         return torch.stack([function(r) for r in replacements])
