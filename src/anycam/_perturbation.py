@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from . import core
-from ._errors import TargetError
+from ._errors import MissingExtraError, TargetError
 from ._inputs import looks_spatial, structure_inputs
 
 if TYPE_CHECKING:
@@ -47,7 +47,10 @@ def _progress(explainer: Explainer, total: int, what: str) -> Iterator[Any]:
             from tqdm import tqdm
         except ImportError:
             if explainer.progress:
-                raise ImportError("progress=True needs tqdm: pip install tqdm") from None
+                raise MissingExtraError(
+                    'progress=True needs tqdm: pip install tqdm (or "anycam[metrics]"); progress=None shows '
+                    "a bar only where tqdm is installed"
+                ) from None
         else:
             # progress=None: shown only if the run is still going after 2 s.
             bar = tqdm(total=total, desc=f"anycam {what}", unit="row", delay=0 if explainer.progress else 2.0)

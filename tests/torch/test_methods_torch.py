@@ -316,3 +316,14 @@ def test_ablationcam_keeps_copies_apart_when_the_head_mixes_the_batch() -> None:
     result = anycam.Explainer(model, "conv", method="ablationcam").explain(x, target=1)
     expected = _zeroing_oracle(model, model.conv, x, np.array([1, 1, 1]))
     np.testing.assert_allclose(result.weights, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_progress_true_without_tqdm_names_the_package(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import sys
+
+    monkeypatch.setitem(sys.modules, "tqdm", None)  # import tqdm now raises ImportError
+    model = Residual().eval()
+    with pytest.raises(anycam.MissingExtraError, match="pip install tqdm"):
+        anycam.Explainer(model, "conv1", method="ablationcam", progress=True).explain(torch.randn(1, 3, 6, 6))
+    # progress=None quietly goes without a bar.
+    anycam.Explainer(model, "conv1", method="ablationcam").explain(torch.randn(1, 3, 6, 6))
