@@ -22,10 +22,14 @@ class Explanation:
     Attributes:
         heatmap: ``(N, *input_spatial)`` or ``(N, K, *input_spatial)`` float32 in [0, 1].
         cam: the raw map of the (first) layer, ReLU(Σ_k α_k A^k) at layer resolution, not
-            normalised, float32; ``(N, *S)`` or ``(N, K, *S)``.
+            normalised, float32; ``(N, *S)`` or ``(N, K, *S)``. For ``guided-backprop``, which
+            has no layer map, Σ_c |attribution_c| at the input's resolution; for
+            ``guided-gradcam`` the Grad-CAM factor.
         cams: ``cam`` for every layer, in the order given.
         weights: channel weights α ``(N, C)`` or ``(N, K, C)`` of the (first) layer, or None for
-            methods without them (HiResCAM, LayerCAM, Eigen-CAM).
+            methods without them (HiResCAM, LayerCAM, Eigen-CAM, Eigen-Grad-CAM, Grad-CAM element-wise,
+            KPCA-CAM, Guided Backprop). Score-CAM's are its α, Ablation-CAM's (y − y_k)/y,
+            Guided Grad-CAM's those of its Grad-CAM factor.
         scores: the explained model outputs, ``(N,)`` or ``(N, K)``.
         target: resolved class indices ``(N,)`` or ``(N, K)``, or None for callable targets.
         layer: the layer name, or a tuple of names for several layers.
