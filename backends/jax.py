@@ -162,6 +162,11 @@ class _Inputs:
     def container(self) -> Any:
         return list(self.args) if self.kind == "positional" else dict(self.kwargs)
 
+    def describe(self) -> str:
+        """Returns ``"0: (2, 8, 8, 3), 'scale': (2, 4)"`` for error messages."""
+        entries = [*enumerate(self.args), *self.kwargs.items()]
+        return ", ".join(f"{key!r}: {tuple(getattr(value, 'shape', ()))}" for key, value in entries)
+
 
 def _call_model(fn: Callable[..., Any], x: Any, kwargs: Mapping[str, Any]) -> Any:
     """Returns ``fn(x, **kwargs)``, or ``fn(*args, **inputs, **kwargs)`` for several inputs."""
@@ -1635,6 +1640,11 @@ class JaxBackend(Backend):
         except AnycamError:
             raise
         except Exception as exc:  # flax, equinox and jax raise many kinds for a misfit input
+            if isinstance(x, _Inputs):
+                raise InputError(
+                    f"the model does not accept the inputs given ({x.describe()}): {type(exc).__name__}: {exc}; "
+                    "pass a dict with the keywords it takes, or a tuple in the order of its positional arguments"
+                ) from exc
             raise forward_error(exc, tuple(x.shape), self.input_layout) from exc
 
     @staticmethod

@@ -180,3 +180,18 @@ def test_auto_with_no_map_names_the_modules_considered() -> None:
     module = Flat()
     with pytest.raises(anycam.LayerError, match=r"considered.*'hidden'.*'out'"):
         anycam.Explainer((module, module.init(jax.random.key(0), x)), "auto").explain(x)
+
+
+def test_auto_on_the_parity_net_picks_stage3() -> None:
+    from anycam.backends import demo_jax
+
+    from anycam.demo_data import load_demo
+
+    data = load_demo()
+    module, variables = demo_jax.build_demo_model(data["weights"])
+    x = jnp.asarray(data["images"][:2].transpose(0, 2, 3, 1))
+    explainer = anycam.Explainer((module, variables), "auto")
+    chosen = explainer.explain(x)
+    # The same choice as torch and Keras make on their ports of the net.
+    assert explainer.layer_names == ("stage3",)
+    np.testing.assert_array_equal(chosen.cam, anycam.Explainer((module, variables), "stage3").explain(x).cam)

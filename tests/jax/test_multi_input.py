@@ -72,6 +72,10 @@ def test_linen_positional_and_keyword_inputs() -> None:
     assert keywords.heatmap.shape == (2, 8, 8)
     with pytest.raises(anycam.InputError, match=r"spatial_input=2 names no input.*0: \(2, 8, 8, 3\)"):
         anycam.Explainer((module, variables), "conv", spatial_input=2).explain((image, scale))
+    # A key the model does not take: its own message, with the inputs given.
+    refused = r"does not accept the inputs given \('image'.*'scales'.*unexpected keyword"
+    with pytest.raises(anycam.InputError, match=refused):
+        explainer.explain({"image": image, "scales": scale})
 
 
 class EqxTwo(eqx.Module):
