@@ -28,7 +28,7 @@ import keras
 import torch
 
 from anycam._backend import Capture, check_options
-from anycam._errors import BackendError, ConfigTypeError, LayerError
+from anycam._errors import AnycamError, BackendError, ConfigTypeError, InputError, LayerError
 from anycam._inputs import Key, ModelInputs
 from anycam._layers import choose_layer, is_auto
 from anycam.core import TargetSpec, spatial_shape
@@ -101,7 +101,15 @@ class KerasTorchBackend(TorchBackend):
 
     def _call(self, structure: ModelInputs) -> Any:
         # Keras takes several inputs as one list or dict, not as separate arguments.
-        return self.model(structure.container(), training=False, **structure.constants)
+        try:
+            return self.model(structure.container(), training=False, **structure.constants)
+        except (ValueError, TypeError, KeyError) as exc:
+            if structure.kind == "single" or isinstance(exc, AnycamError):
+                raise
+            raise InputError(
+                f"the model does not accept the inputs given ({structure.describe()}): {type(exc).__name__}: "
+                f"{exc}; pass a dict with the model's input names, or a list in the order of model.inputs"
+            ) from exc
 
     def _choose(self, structure: ModelInputs, target: TargetSpec) -> None:
         """Chooses the layer for ``layer="auto"`` from one forward pass of every layer, once."""
