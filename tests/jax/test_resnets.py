@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 import anycam
+from tests.contract.kit_jax import numpy_fill, numpy_init
 
 pytestmark = pytest.mark.jax
 
@@ -91,21 +92,12 @@ class ResNet(nn.Module):
         return self.head(self.features(x))
 
 
-def _nontrivial_batch_stats(variables: dict, key: jax.Array) -> dict:
-    """Running statistics away from (0, 1), so BatchNorm in inference mode does something."""
-    leaves, treedef = jax.tree_util.tree_flatten(variables["batch_stats"])
-    keys = jax.random.split(key, len(leaves))
-    drawn = [
-        0.1 * jax.random.normal(k, leaf.shape) + (1.0 if i % 2 else 0.0) * (1 + 0.1 * jax.random.uniform(k, leaf.shape))
-        for i, (k, leaf) in enumerate(zip(keys, leaves, strict=True))
-    ]
-    return {**variables, "batch_stats": jax.tree_util.tree_unflatten(treedef, drawn)}
-
-
 def test_flax_resnet_last_block_matches_a_hand_split_vjp() -> None:
     module = ResNet()
     x = jnp.asarray(np.random.default_rng(3).normal(size=(2, 32, 32, 3)).astype(np.float32))
-    variables = _nontrivial_batch_stats(module.init(jax.random.key(0), x[:1]), jax.random.key(1))
+    # Drawn with NumPy (running statistics away from 0 and 1 included): compiling Flax's random
+    # initialisers takes longer than the test.
+    variables = numpy_init(module, x[:1], np.random.default_rng(0))
 
     @jax.jit
     def features(images: jax.Array) -> jax.Array:
@@ -175,7 +167,7 @@ class EqxResNet(eqx.Module):
 
 
 def test_equinox_resnet_last_block_matches_a_hand_split_vjp() -> None:
-    model = EqxResNet(jax.random.key(2))
+    model = numpy_fill(eqx.filter_eval_shape(EqxResNet, jax.random.key(2)), np.random.default_rng(2))
     x = jnp.asarray(np.random.default_rng(4).normal(size=(2, 3, 32, 32)).astype(np.float32))
     # Equinox layers take one sample: the reference vmaps the two halves over the batch.
     features, head = jax.jit(jax.vmap(model.features)), jax.jit(jax.vmap(model.head))
@@ -188,7 +180,7 @@ def test_equinox_resnet_last_block_matches_a_hand_split_vjp() -> None:
 def test_auto_picks_the_last_block_in_flax_and_equinox() -> None:
     module = ResNet()
     x = jnp.asarray(np.random.default_rng(3).normal(size=(2, 32, 32, 3)).astype(np.float32))
-    variables = module.init(jax.random.key(0), x[:1])
+    variables = numpy_init(module, x[:1], np.random.default_rng(0))
     explainer = anycam.Explainer((module, variables), "auto")
     assert explainer.layer_names == () and "chosen at the first call" in repr(explainer)
     chosen = explainer.explain(x)
@@ -196,7 +188,7 @@ def test_auto_picks_the_last_block_in_flax_and_equinox() -> None:
     assert explainer.layer_names == ("blocks_2",)
     np.testing.assert_array_equal(chosen.cam, anycam.Explainer((module, variables), "blocks_2").explain(x).cam)
 
-    model = EqxResNet(jax.random.key(2))
+    model = numpy_fill(eqx.filter_eval_shape(EqxResNet, jax.random.key(2)), np.random.default_rng(2))
     explainer = anycam.Explainer(model, None)
     explainer.explain(jnp.asarray(np.random.default_rng(4).normal(size=(2, 3, 32, 32)).astype(np.float32)))
     assert explainer.layer_names == ("blocks.2",)

@@ -101,6 +101,11 @@ def main(cases: str, out: str) -> None:
     record("two/dict", anycam.Explainer(joint, "features").explain(inputs, forms["top_k"]))
     ordered = [inputs[tensor.name] for tensor in joint.inputs]
     record("two/list", anycam.Explainer(joint, "pool:input").explain(ordered))
+    try:
+        anycam.Explainer(joint, "features").explain({"image": data["two_image"], "extra": data["two_meta"]})
+        refused = "accepted"
+    except anycam.InputError as exc:
+        refused = str(exc)
     chosen = anycam.Explainer(application, "auto")
     record("app/auto", chosen.explain(data["app_x"]))
     # Before the sanity-check part: Keras's own get_config imports TensorFlow where it is installed.
@@ -117,6 +122,7 @@ def main(cases: str, out: str) -> None:
         "picked": sorted(picked),
         "imported": imported,
         "app_auto": list(chosen.layer_names),
+        "refused": refused,
     }
     results["info"] = np.array(json.dumps(info))
     np.savez(out, **results)

@@ -98,8 +98,10 @@ def test_model_kwargs_reach_every_call() -> None:
     model = Scaled()
     x = RNG.normal(size=(2, 6, 6, 1)).astype(np.float32)
     model(x)
-    plain = anycam.Explainer(model, "conv").explain(x, target=0)
-    doubled = anycam.Explainer(model, "conv", model_kwargs={"scale": 2.0}).explain(x, target=0)
+    # relu=False: the signed map, so the comparison cannot pass on two all-zero maps.
+    plain = anycam.Explainer(model, "conv", relu=False).explain(x, target=0)
+    doubled = anycam.Explainer(model, "conv", relu=False, model_kwargs={"scale": 2.0}).explain(x, target=0)
+    assert np.abs(plain.cam).max() > 0
     # ∂(f(2A))/∂A = 2 f'(2A): with a linear head after the conv the raw map doubles exactly.
     np.testing.assert_allclose(doubled.cam, 2 * plain.cam, rtol=1e-5)
     np.testing.assert_allclose(doubled.scores, 2 * plain.scores - model.fc.bias.numpy()[0], rtol=1e-5)
