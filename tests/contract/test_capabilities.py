@@ -19,8 +19,6 @@ from anycam._backend import Backend
 
 from .test_contract import _target
 
-FORMS = ("argmax", "k_per_sample", "top_k", "callable")
-
 
 def _explainer(case, capability: str) -> anycam.Explainer:  # type: ignore[no-untyped-def]
     explainer = anycam.Explainer(case.model, case.layer, layout=case.layout, **case.options)
@@ -45,7 +43,7 @@ def _close(actual: np.ndarray, expected: np.ndarray, rtol: float = 1e-4) -> None
 
 
 @pytest.mark.parametrize("kind", ("conv2d", "channels_last", "tokens"))
-@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("form", ("k_per_sample", "callable"))
 def test_head_scores_equal_the_model_rerun_with_the_layer_replaced(kit, kind: str, form: str) -> None:
     case = kit.case(kind)
     _, _, outputs = case.reference(None)
@@ -102,8 +100,9 @@ def test_input_scores_equal_the_outputs_on_modified_inputs(kit, form: str, proba
     np.testing.assert_allclose(scores, expected, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("kind", ("conv2d", "channels_last", "tokens"))
-@pytest.mark.parametrize("form", ("int", "top_k", "callable"))
+@pytest.mark.parametrize(
+    ("kind", "form"), [("conv2d", "top_k"), ("conv2d", "callable"), ("channels_last", "int"), ("tokens", "callable")]
+)
 def test_guided_gradients_in_the_input_layout(kit, kind: str, form: str) -> None:
     """The protocol's own form: (N, K, *input) in the input's layout, scores, indices."""
     case = kit.case(kind)
