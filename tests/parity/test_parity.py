@@ -124,12 +124,9 @@ BEYOND = [
     # Each method at both layers and with one- and K-target forms, not the full product: every
     # case compiles its own programs in three frameworks (guided-backprop has no layer at all).
     ("scorecam", "int", "stage3"),
-    ("scorecam", "callable", "stage1"),
-    ("ablationcam", "int", "stage1"),
     ("ablationcam", "k_per_sample", "stage3"),
-    ("ablationcam", "callable", "stage3"),
+    ("ablationcam", "callable", "stage1"),
     ("guided-backprop", "k_per_sample", "stage3"),
-    ("guided-backprop", "callable", "stage3"),
     ("guided-gradcam", "k_per_sample", "stage1"),
     ("guided-gradcam", "callable", "stage3"),
 ]
