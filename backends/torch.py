@@ -833,6 +833,8 @@ class TorchBackend(Backend):
                         f"class-index targets need a model output of shape (N, classes), got {shape}; "
                         "pass a callable target that maps the output to (N,) scores"
                     )
+                # The same checks as every other target path: count and class range, as TargetError.
+                resolve_indices(TargetSpec("indices", squeeze=False, indices=np.asarray(indices)), _to_numpy(output))
                 if probabilities:
                     output = torch.softmax(output.float(), dim=1)
                 scores = output.gather(1, torch.as_tensor(indices, device=output.device))

@@ -100,6 +100,17 @@ def test_input_scores_equal_the_outputs_on_modified_inputs(kit, form: str, proba
     np.testing.assert_allclose(scores, expected, rtol=1e-5, atol=1e-6)
 
 
+def test_input_scores_refuse_indices_that_do_not_fit(kit) -> None:
+    case = kit.case("conv2d")
+    explainer = _explainer(case, "input_scores")
+    x = np.asarray(case.inputs)
+    spec = core.parse_target(None)
+    with pytest.raises(anycam.TargetError, match="out of range"):
+        explainer.backend.input_scores(x, spec, np.full((x.shape[0], 1), 99, np.int64))
+    with pytest.raises(anycam.TargetError, match=rf"for a batch of {x.shape[0]}|N={x.shape[0]}"):
+        explainer.backend.input_scores(x, spec, np.zeros((x.shape[0] + 1, 1), np.int64))
+
+
 @pytest.mark.parametrize(
     ("kind", "form"), [("conv2d", "top_k"), ("conv2d", "callable"), ("channels_last", "int"), ("tokens", "callable")]
 )
