@@ -150,7 +150,8 @@ def _write_picture(
         )
         figure.savefig(path, dpi=110)
     except MissingExtraError as exc:
-        print(f'\n(no picture: it needs matplotlib and Pillow, pip install "anycam[viz]"; {exc})')
+        # exc says which import failed and names the extra to install.
+        print(f"\n(no picture: it needs matplotlib and Pillow: {exc})")
         return None
     return path
 
