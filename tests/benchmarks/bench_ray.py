@@ -27,7 +27,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[2]
 LAYER = "stage3"
-BATCH = 16
+BATCH = 128
 
 
 def demo_factory():  # type: ignore[no-untyped-def]
@@ -97,7 +97,7 @@ _IN_PROCESS = textwrap.dedent(
 def run(quick: bool = False) -> list[dict]:
     import ray
 
-    count = 96 if quick else 1024
+    count = 256 if quick else 4096
     repeats = 1 if quick else 3
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     ray.init(
