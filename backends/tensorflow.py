@@ -1017,25 +1017,7 @@ class TensorFlowBackend(Backend):
             spec = tf.TensorSpec((None, given.shape[1]), tf.int64)
             compiled = self._program.method_function("guided", "indices", given.shape[1], x, spec)
             attributions, scores, chosen, outputs, relus = compiled(x, tf.constant(given))
-        if int(relus) == 0:
-            warnings.warn(
-                "guided backpropagation found no ReLU op in the model (ReLU layers, "
-                "activation='relu', keras.activations.relu, tf.nn.relu), so its result equals "
-                "plain input gradients",
-                UserWarning,
-                stacklevel=3,
-            )
-        scores_np = _as_numpy(scores)
-        indices: np.ndarray | None = None
-        if outputs is not None:
-            indices = resolve_indices(target, outputs.numpy())
-        elif chosen is not None:
-            indices = chosen.numpy().astype(np.int64)
-        elif scores_np.shape[0] != batch:
-            raise TargetError(
-                f"a callable target must return (N,) or (N, K) scores with N={batch}, got "
-                f"{scores_np.shape[0]} rows"
-            )
+        scores_np, indices = _guided_results(relus, scores, chosen, outputs, target, batch)
         return _as_numpy(attributions), scores_np, indices
 
     def guided_capture(self, inputs: Any, target: TargetSpec) -> tuple[Capture, np.ndarray]:
@@ -1063,25 +1045,7 @@ class TensorFlowBackend(Backend):
             compiled = self._program.method_function("guided_capture", "indices", given.shape[1], x, spec)
             result = compiled(x, tf.constant(given))
         leaves, grads, scores, chosen, outputs, attributions, relus = result
-        if int(relus) == 0:
-            warnings.warn(
-                "guided backpropagation found no ReLU op in the model (ReLU layers, "
-                "activation='relu', keras.activations.relu, tf.nn.relu), so its result equals "
-                "plain input gradients",
-                UserWarning,
-                stacklevel=3,
-            )
-        scores_np = _as_numpy(scores)
-        indices: np.ndarray | None = None
-        if outputs is not None:
-            indices = resolve_indices(target, outputs.numpy())
-        elif chosen is not None:
-            indices = chosen.numpy().astype(np.int64)
-        elif scores_np.shape[0] != batch:
-            raise TargetError(
-                f"a callable target must return (N,) or (N, K) scores with N={batch}, got "
-                f"{scores_np.shape[0]} rows"
-            )
+        scores_np, indices = _guided_results(relus, scores, chosen, outputs, target, batch)
         capture = Capture(
             activations=tuple(_as_numpy(a) for a in leaves),
             gradients=tuple(np.moveaxis(_as_numpy(g), 0, 1) for g in grads),
@@ -1100,6 +1064,32 @@ class TensorFlowBackend(Backend):
             x = self._ready(structure)
             compiled = self._program.function("predict", None, False, x)
             return _as_numpy(self._run(lambda: compiled(x), structure))
+
+
+
+def _guided_results(
+    relus: Any, scores: Any, chosen: Any, outputs: Any, target: TargetSpec, batch: int
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Returns the guided pass's ``(N, K)`` scores and resolved indices; warns when no ReLU was found."""
+    if int(relus) == 0:
+        warnings.warn(
+            "guided backpropagation found no ReLU op in the model (ReLU layers, "
+            "activation='relu', keras.activations.relu, tf.nn.relu), so its result equals "
+            "plain input gradients",
+            UserWarning,
+            stacklevel=4,
+        )
+    scores_np = _as_numpy(scores)
+    indices: np.ndarray | None = None
+    if outputs is not None:
+        indices = resolve_indices(target, outputs.numpy())
+    elif chosen is not None:
+        indices = chosen.numpy().astype(np.int64)
+    elif scores_np.shape[0] != batch:
+        raise TargetError(
+            f"a callable target must return (N,) or (N, K) scores with N={batch}, got {scores_np.shape[0]} rows"
+        )
+    return scores_np, indices
 
 
 BACKEND = TensorFlowBackend
