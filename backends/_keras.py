@@ -21,7 +21,7 @@ from typing import Any
 
 import keras
 
-from anycam._errors import AnycamError, LayerError, closest
+from anycam._errors import AnycamError, BackendError, ConfigTypeError, LayerError, closest
 
 FORMATS = ("channels_first", "channels_last")
 _MISSING = object()
@@ -33,6 +33,26 @@ _PATCH_LOCK = threading.RLock()
 def backend() -> str:
     """Returns the framework Keras runs on: ``"tensorflow"``, ``"jax"``, ``"torch"``, ..."""
     return str(keras.config.backend())
+
+
+_FRAMEWORKS = {"tensorflow": "TensorFlow", "jax": "JAX", "torch": "PyTorch"}
+
+
+def require_backend(model: Any, wanted: str) -> None:
+    """Raises unless Keras runs on ``wanted`` (its backend name) and ``model`` is a Keras layer.
+
+    The Keras backend is fixed when Keras is first imported, so the fix is the other anycam
+    backend (or ``backend=None``, which detects it), or ``KERAS_BACKEND`` set before that import.
+    """
+    active = backend()
+    if active != wanted:
+        raise BackendError(
+            f"backend={wanted!r} explains a Keras model only when Keras runs on {_FRAMEWORKS[wanted]}, but "
+            f"it runs on {active!r}; pass backend={active!r} (or backend=None, which detects it), or set "
+            f"KERAS_BACKEND={wanted} before the first `import keras`"
+        )
+    if not isinstance(model, keras.Layer):
+        raise ConfigTypeError(f"a Keras model was expected, got {type(model).__name__}")
 
 
 # -- model structure ----------------------------------------------------------------------

@@ -26,7 +26,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import keras
 import numpy as np
 
 from anycam._backend import Capture, check_options
@@ -110,15 +109,7 @@ class KerasJaxBackend(JaxBackend):
         **options: Any,
     ) -> None:
         check_options(self.name, options, ("model_kwargs", "spatial_input"))
-        active = _keras.backend()
-        if active != "jax":
-            raise BackendError(
-                f"backend='jax' explains a Keras model only when Keras runs on JAX, but it runs on "
-                f"{active!r}; pass backend={active!r} (or backend=None), or set KERAS_BACKEND=jax "
-                "before the first `import keras`"
-            )
-        if not isinstance(model, keras.Layer):
-            raise ConfigTypeError(f"a Keras model was expected, got {type(model).__name__}")
+        _keras.require_backend(model, "jax")
         if not getattr(model, "built", True):
             raise BackendError(
                 f"the Keras {type(model).__name__} is not built, so its layers have no weights yet; "

@@ -24,11 +24,10 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
-import keras
 import torch
 
 from anycam._backend import Capture, check_options
-from anycam._errors import AnycamError, BackendError, ConfigTypeError, InputError, LayerError
+from anycam._errors import AnycamError, InputError, LayerError
 from anycam._inputs import Key, ModelInputs
 from anycam._layers import choose_layer, is_auto
 from anycam.core import TargetSpec, spatial_shape
@@ -64,15 +63,7 @@ class KerasTorchBackend(TorchBackend):
         **options: Any,
     ) -> None:
         check_options(self.name, options, ("model_kwargs", "spatial_input"))
-        active = _keras.backend()
-        if active != "torch":
-            raise BackendError(
-                f"backend='torch' explains a Keras model only when Keras runs on PyTorch, but it runs "
-                f"on {active!r}; pass backend={active!r} (or backend=None), or set KERAS_BACKEND=torch "
-                "before the first `import keras`"
-            )
-        if not isinstance(model, keras.Layer):
-            raise ConfigTypeError(f"a Keras model was expected, got {type(model).__name__}")
+        _keras.require_backend(model, "torch")
         self.model = model
         self._prefixes = ()
         self.output = output
