@@ -848,17 +848,7 @@ class TensorFlowBackend(Backend):
             given = self._given_indices(target, batch)
             compiled = self._run(lambda: self._program.function("indices", given.shape[1], gradients, x), structure)
             leaves, grads, scores, chosen, outputs = self._run(lambda: compiled(x, tf.constant(given)), structure)
-        scores_np = _as_numpy(scores)
-        indices: np.ndarray | None = None
-        if outputs is not None:
-            indices = resolve_indices(target, outputs.numpy())
-        elif chosen is not None:
-            indices = chosen.numpy().astype(np.int64)
-        elif scores_np.shape[0] != batch:
-            raise TargetError(
-                f"a callable target must return (N,) or (N, K) scores with N={batch}, got "
-                f"{scores_np.shape[0]} rows"
-            )
+        scores_np, indices = _resolved_targets(scores, chosen, outputs, target, batch)
         return Capture(
             activations=tuple(_as_numpy(a) for a in leaves),
             gradients=None if grads is None else tuple(np.moveaxis(_as_numpy(g), 0, 1) for g in grads),
@@ -1067,18 +1057,10 @@ class TensorFlowBackend(Backend):
 
 
 
-def _guided_results(
-    relus: Any, scores: Any, chosen: Any, outputs: Any, target: TargetSpec, batch: int
+def _resolved_targets(
+    scores: Any, chosen: Any, outputs: Any, target: TargetSpec, batch: int
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """Returns the guided pass's ``(N, K)`` scores and resolved indices; warns when no ReLU was found."""
-    if int(relus) == 0:
-        warnings.warn(
-            "guided backpropagation found no ReLU op in the model (ReLU layers, "
-            "activation='relu', keras.activations.relu, tf.nn.relu), so its result equals "
-            "plain input gradients",
-            UserWarning,
-            stacklevel=4,
-        )
+    """Returns a compiled pass's ``(N, K)`` scores and the class indices it explained (None for callables)."""
     scores_np = _as_numpy(scores)
     indices: np.ndarray | None = None
     if outputs is not None:
@@ -1090,6 +1072,21 @@ def _guided_results(
             f"a callable target must return (N,) or (N, K) scores with N={batch}, got {scores_np.shape[0]} rows"
         )
     return scores_np, indices
+
+
+def _guided_results(
+    relus: Any, scores: Any, chosen: Any, outputs: Any, target: TargetSpec, batch: int
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """:func:`_resolved_targets` of a guided pass; warns when the pass met no ReLU."""
+    if int(relus) == 0:
+        warnings.warn(
+            "guided backpropagation found no ReLU op in the model (ReLU layers, "
+            "activation='relu', keras.activations.relu, tf.nn.relu), so its result equals "
+            "plain input gradients",
+            UserWarning,
+            stacklevel=4,
+        )
+    return _resolved_targets(scores, chosen, outputs, target, batch)
 
 
 BACKEND = TensorFlowBackend
