@@ -7,7 +7,7 @@ use. See ``anycam.Explainer``; ``anycam.metrics`` and ``anycam.sanity`` evaluate
 from __future__ import annotations
 
 from . import core, metrics
-from ._backend import Backend, Capture
+from ._backend import AblationHead, Backend, Capture
 from ._errors import (
     AnycamError,
     AnycamWarning,
@@ -34,6 +34,7 @@ from .viz import overlay, save
 __version__ = "0.1.0"
 
 __all__ = [
+    "AblationHead",
     "AnycamError",
     "AnycamWarning",
     "Backend",

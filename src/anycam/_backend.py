@@ -52,6 +52,35 @@ class Capture:
     layouts_follow_input: bool = False
 
 
+@dataclass(frozen=True)
+class AblationHead:
+    """The network after the explained layer, when it starts with a global per-channel pooling.
+
+    Returned by :meth:`Backend.ablation_head`. Ablation-CAM then never runs the B·N ablated
+    copies of the layer output: zeroing channel k of the layer zeroes entry k of ``pooled``
+    (a mean, max or sum over the spatial axes maps an all-zero channel to 0), a dense layer
+    right after the pooling is linear (``anycam.core.ablated_head_features``), and only
+    ``tail`` — the rest of the head — runs in the framework on ``(B, N, F)`` feature vectors.
+
+    Attributes:
+        pooled: ``(N, C)`` the pooling's output on the captured activations, in the layer's
+            channel order, computed by the model's own pooling.
+        tail: ``f(features (B, N, F) float32) -> (B, N, K)`` float32: the network from the
+            dense layer's output (its activation included; from the pooling's output without
+            a ``weight``) to the target scores, with the call's targets (class indices or the
+            callable) applied per copy exactly as :meth:`Backend.ablation_scorer` would.
+        weight: ``(C, F)`` the dense layer after the pooling (features = pooled · weight + bias),
+            with only shape-keeping steps (flatten, dropout at inference) in between; None when
+            the pooling is followed by anything else.
+        bias: ``(F,)`` that layer's bias, or None.
+    """
+
+    pooled: np.ndarray
+    tail: Callable[[np.ndarray], np.ndarray]
+    weight: np.ndarray | None = None
+    bias: np.ndarray | None = None
+
+
 class Backend(abc.ABC):
     """One framework's adapter. Subclasses live in ``backends/<name>.py`` as ``BACKEND``.
 
@@ -172,6 +201,26 @@ class Backend(abc.ABC):
             return np.asarray(scorer(ablated_copies(activations, channels, channel_axis, out=buffers[0])))
 
         return scores
+
+    def ablation_head(
+        self,
+        inputs: Any,
+        target: TargetSpec,
+        indices: np.ndarray | None,
+        activations: np.ndarray,
+        channel_axis: int,
+    ) -> AblationHead | None:
+        """Returns the network after the (first) layer as pooling → [dense] → tail, or None.
+
+        Arguments as :meth:`ablation_scorer`. A backend returns an :class:`AblationHead` only
+        when the layer's output is read by nothing but a global per-channel pooling over all
+        its spatial axes (mean, max or sum) and the rest of the network reads nothing from
+        before the layer; the Explainer checks the tail's unablated scores against the
+        capture's and falls back to :meth:`ablation_scorer` (with a warning) if they differ.
+        The default returns None: Ablation-CAM then runs the network after the layer on every
+        ablated copy.
+        """
+        return None
 
     def input_scores(
         self, inputs: Any, target: TargetSpec, indices: np.ndarray | None, *, probabilities: bool = False

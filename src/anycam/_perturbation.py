@@ -8,16 +8,18 @@ imported here.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import warnings
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from . import core
-from ._errors import MissingExtraError, TargetError
+from ._errors import AnycamWarning, MissingExtraError, TargetError
 from ._inputs import looks_spatial, structure_inputs
 
 if TYPE_CHECKING:
+    from ._backend import AblationHead
     from ._explainer import Explainer, Explanation
 
 # Default chunk sizes (float32 values per chunk): about 16 MB of masked inputs for Score-CAM
@@ -193,7 +195,14 @@ def ablationcam(explainer: Explainer, inputs: Any, spec: core.TargetSpec) -> Exp
     )
     budget = ABLATION_VALUES_KEPT if keeps_prefix else ABLATION_VALUES
     per_copy = max(1, _rows(explainer, activations[0].size, budget) // batch)
-    scorer = backend.ablation_scorer(inputs, spec, capture.target, activations, channel_axis)
+    scorer: Any = None
+    head = backend.ablation_head(inputs, spec, capture.target, activations, channel_axis)
+    if head is not None and _head_agrees(head, capture.scores, name):
+        scorer = _head_scorer(head)
+        features = head.pooled.shape[1] if head.weight is None else head.weight.shape[1]
+        per_copy = max(1, _rows(explainer, features, ABLATION_VALUES_KEPT) // batch)
+    if scorer is None:
+        scorer = backend.ablation_scorer(inputs, spec, capture.target, activations, channel_axis)
     ablated = np.zeros((batch, count, channels), dtype=np.float64)
     with _progress(explainer, channels * batch, f"ablationcam {name}") as bar:
         for start in range(0, channels, per_copy):
@@ -207,6 +216,43 @@ def ablationcam(explainer: Explainer, inputs: Any, spec: core.TargetSpec) -> Exp
     cam = core.weighted_cam(acts[:, None], weights, channel_axis=2, rectify=explainer.relu)
     result = core.LayerResult(_float32(cam), _float32(weights))
     return explainer._assemble([result], capture, spec)
+
+
+def _head_scorer(head: AblationHead) -> Callable[[np.ndarray], np.ndarray]:
+    """Returns f(channels (B,)) -> (B, N, K): the tail's scores of the closed-form ablated features."""
+
+    def scores(channels: np.ndarray) -> np.ndarray:
+        features = core.ablated_head_features(head.pooled, channels, head.weight, head.bias)
+        return np.asarray(head.tail(features.astype(np.float32)))
+
+    return scores
+
+
+def _head_agrees(head: AblationHead, scores: np.ndarray, name: str) -> bool:
+    """Whether the backend's pooling → [dense] → tail reproduces the capture's unablated scores.
+
+    The backend recognised the head from the model's structure; this checks the recognition on
+    the numbers (one tail call on N vectors) before every channel's score is taken from it.
+    """
+    features = core.head_features(head.pooled, head.weight, head.bias)[None].astype(np.float32)
+    try:
+        got = np.asarray(head.tail(features), dtype=np.float64).reshape(np.shape(scores))
+    except Exception as exc:  # any failure means: run the suffix instead
+        reason = f"its tail failed ({type(exc).__name__}: {exc})"
+    else:
+        want = np.asarray(scores, dtype=np.float64)
+        scale = max(float(np.abs(want).max()) if want.size else 0.0, 1e-12)
+        if np.allclose(got, want, rtol=1e-4, atol=1e-5 * scale):
+            return True
+        reason = f"its scores differ from the model's by up to {float(np.abs(got - want).max()):.3g}"
+    warnings.warn(
+        f"ablationcam: the network after layer {name!r} looked like pooling → dense → head, but "
+        f"{reason}; running the network after the layer on every ablated copy instead (slower). "
+        "Please report this model's structure.",
+        AnycamWarning,
+        stacklevel=4,
+    )
+    return False
 
 
 def guided(explainer: Explainer, inputs: Any, spec: core.TargetSpec) -> Explanation:

@@ -156,6 +156,68 @@ def test_ablationcam_equals_zeroing_each_channel_in_the_whole_model(kit, kind: s
     _check(explainer.explain(case.inputs, target=target), form, cam, weights, case)
 
 
+# Networks whose layer is read only by a global pooling: mean pooling → flatten → dense → softmax,
+# and max pooling → dense. Ablation-CAM takes them through the backend's AblationHead.
+POOLED_HEADS = ("pooled_head", "max_pooled_head")
+
+
+def _pooled_case(kit, kind: str):  # type: ignore[no-untyped-def]
+    try:
+        return kit.case(kind)
+    except ValueError:
+        pytest.skip(f"this backend's kit has no {kind} case yet")
+
+
+@pytest.mark.parametrize("kind", POOLED_HEADS)
+@pytest.mark.parametrize("form", BEYOND_TARGETS)
+def test_ablationcam_of_a_pooled_head_takes_the_closed_form_and_equals_zeroing(kit, kind, form, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    case = _pooled_case(kit, kind)
+    activations, _, outputs = case.reference(None)
+    target, cotangents, _ = _target(form, outputs, case)
+    acts = _channels_first(case, activations)
+    y = _scores(cotangents, outputs)
+    drops = np.stack([_scores(cotangents, case.ablated_outputs(k)) for k in range(acts.shape[1])], axis=-1)
+    weights = (y[..., None] - drops) / y[..., None]
+    cam = np.maximum(np.einsum("nkc,nc...->nk...", weights, acts), 0)
+    explainer = anycam.Explainer(case.model, case.layer, method="ablationcam", layout=case.layout, **case.options)
+    backend = explainer.backend
+    heads: list[object] = []
+    offered = backend.ablation_head
+
+    def spy(*args, **kwargs):  # type: ignore[no-untyped-def]
+        heads.append(offered(*args, **kwargs))
+        return heads[-1]
+
+    def suffix(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise AssertionError("the network after the layer ran on ablated copies")
+
+    monkeypatch.setattr(backend, "ablation_head", spy)
+    monkeypatch.setattr(backend, "ablation_scorer", suffix)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", anycam.AnycamWarning)
+        warnings.simplefilter("ignore", anycam.ZeroMapWarning)
+        result = explainer.explain(case.inputs, target=target)
+    assert len(heads) == 1 and isinstance(heads[0], anycam.AblationHead)
+    _check(result, form, cam, weights, case)
+    # The suffix on every copy (no head offered) gives the same weights.
+    monkeypatch.undo()
+    monkeypatch.setattr(backend, "ablation_head", lambda *a, **k: None)
+    honest = explainer.explain(case.inputs, target=target)
+    np.testing.assert_allclose(result.weights, honest.weights, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_no_ablation_head_when_the_layer_is_not_read_by_a_pooling_alone(kit, kind: str) -> None:
+    # Every KINDS network runs a convolution (or a token block) on the layer before pooling.
+    case = kit.case(kind)
+    explainer = anycam.Explainer(case.model, case.layer, method="ablationcam", layout=case.layout, **case.options)
+    capture = explainer.backend.capture(case.inputs, core.parse_target(None), gradients=False)
+    reading = explainer._read_layouts(capture)[1][0]
+    axis = 1 if reading.layout == "channels_first" else -1
+    head = explainer.backend.ablation_head(case.inputs, core.parse_target(None), capture.target, capture.activations[0], axis)
+    assert head is None
+
+
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("form", BEYOND_TARGETS)
 def test_scorecam_equals_masked_forwards(kit, kind: str, form: str) -> None:

@@ -185,3 +185,69 @@ def ablated_copies(
         index[0], index[axis + 1] = b, int(channel)
         copies[tuple(index)] = 0.0
     return copies
+
+
+def head_features(pooled: np.ndarray, weight: np.ndarray | None = None, bias: np.ndarray | None = None) -> np.ndarray:
+    """Returns ``pooled @ weight + bias`` ``(N, F)`` (``pooled`` itself without a weight), float64.
+
+    The unablated counterpart of :func:`ablated_head_features`: what the network after a pooled
+    layer computes before the rest of its head.
+    """
+    p = np.asarray(pooled, _F)
+    if weight is None:
+        return p
+    z = p @ np.asarray(weight, _F)
+    return z if bias is None else z + np.asarray(bias, _F)
+
+
+def ablated_head_features(
+    pooled: np.ndarray,
+    channels: Sequence[int] | np.ndarray,
+    weight: np.ndarray | None = None,
+    bias: np.ndarray | None = None,
+) -> np.ndarray:
+    """Returns ``(B, N, F)``: the head's features with channel ``channels[b]`` of the layer zeroed.
+
+    Ablation-CAM without running B·N copies of the layer output through the network, exact
+    where the network after the layer starts with a global per-channel reduction r over the
+    spatial axes with r(0) = 0 (mean, max, sum pooling): zeroing channel k of the layer output
+    then zeroes entry k of the pooled vector p ``(N, C)`` and leaves the others unchanged. A dense
+    layer after the pooling is linear, so its output for that copy is
+
+        z⁽ᵏ⁾ = (p − p_k e_k) W + b = z − p_k W_k        (z = p W + b),
+
+    B·N·F multiply-adds instead of B·N·C·F (at ResNet-50's last stage with 1000 classes that is a
+    whole forward pass saved). The rest of the network (the dense layer's activation, softmax, …)
+    runs on these features in the framework.
+
+    Args:
+        pooled: ``(N, C)`` the pooling's output p on the unablated layer output.
+        channels: ``(B,)`` the channel zeroed in each copy.
+        weight: ``(C, F)`` the dense layer W after the pooling, or None: the features are then
+            the pooled vectors with entry k zeroed.
+        bias: ``(F,)`` its bias b, or None.
+
+    Returns:
+        ``(B, N, F)`` float64 (F = C without a weight).
+
+    >>> p = np.array([[1.0, 2.0]]); w = np.array([[1.0, 0.0], [1.0, 3.0]])
+    >>> ablated_head_features(p, [0, 1], w)[:, 0]
+    array([[2., 6.],
+           [1., 0.]])
+    """
+    p = np.asarray(pooled, _F)
+    if p.ndim != 2:
+        raise ValueError(f"pooled features must be (N, C), got shape {p.shape}")
+    index = np.asarray(channels, dtype=np.int64).reshape(-1)
+    if index.size and (index.min() < 0 or index.max() >= p.shape[1]):
+        raise ValueError(f"channels must lie in [0, {p.shape[1]}), got {index.min()}..{index.max()}")
+    if weight is None:
+        copies = np.repeat(p[None], index.size, axis=0)
+        copies[np.arange(index.size), :, index] = 0.0
+        return copies
+    w = np.asarray(weight, _F)
+    if w.ndim != 2 or w.shape[0] != p.shape[1]:
+        raise ValueError(f"weight must be (C, F) with C={p.shape[1]}, got shape {w.shape}")
+    z = head_features(p, w, bias)
+    # (B, N, 1) · (B, 1, F): each copy loses its channel's contribution p_k W_k.
+    return z[None] - p[:, index].T[:, :, None] * w[index][:, None, :]
