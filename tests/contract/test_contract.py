@@ -214,7 +214,8 @@ def test_no_ablation_head_when_the_layer_is_not_read_by_a_pooling_alone(kit, kin
     capture = explainer.backend.capture(case.inputs, core.parse_target(None), gradients=False)
     reading = explainer._read_layouts(capture)[1][0]
     axis = 1 if reading.layout == "channels_first" else -1
-    head = explainer.backend.ablation_head(case.inputs, core.parse_target(None), capture.target, capture.activations[0], axis)
+    spec, acts = core.parse_target(None), capture.activations[0]
+    head = explainer.backend.ablation_head(case.inputs, spec, capture.target, acts, axis)
     assert head is None
 
 
