@@ -49,6 +49,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import checkify
 from jax.extend import core as jax_core
 
 from anycam._backend import Backend, Capture, check_options, select_output
@@ -1541,6 +1542,8 @@ class JaxBackend(Backend):
         self.input_layout = input_layout or self._model.layout
         self.layer_layout = input_layout or self._model.layout
         self._traced: dict[Any, tuple[int, tuple[int, ...]]] = {}
+        # (program, callable, input shape) of the callable targets whose indexing was checked.
+        self._checked: dict[Any, Callable[[Any], Any]] = {}
         self._options = dict(options)
         # (shape, dtype) of the last batch: a linen module's init needs an input to run on.
         self._example: tuple[tuple[int, ...], Any] | None = None
@@ -1647,6 +1650,42 @@ class JaxBackend(Backend):
                 ) from exc
             raise forward_error(exc, tuple(x.shape), self.input_layout) from exc
 
+    def _check_callable(self, program: _Program, params: Any, x: Any, fn: Callable[[Any], Any]) -> None:
+        """Refuses a callable target that indexes the model output out of range.
+
+        JAX clamps an out-of-range index instead of failing, so a callable written for an
+        ``(N, classes)`` output, given an output of another shape (an input with an extra axis,
+        which Flax folds into the batch, gives ``(N, 1, classes)``), returns plausible scores of
+        the wrong entries and a wrong map. The callable runs once per (program, callable, input
+        shape) under ``checkify``'s index checks, on a zero output of the model's output shape
+        (traced, not computed): the indices a target takes from its own constants (labels,
+        ``jnp.arange(N)``) are checked exactly; indices it computes from the output's values are not.
+
+        Raises:
+            anycam.TargetError: naming the output's shape, the input's and the index that misses.
+        """
+        key = (program, id(fn), _shape_key(x))
+        if key in self._checked:
+            return
+        shapes = self._run(lambda: jax.eval_shape(lambda p, xs: program.run(p, xs, None)[0], params, x), x)
+        zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+        try:
+            error, _ = checkify.checkify(fn, errors=checkify.index_checks)(zeros)
+            message = error.get()
+        except Exception:  # the callable fails on zeros: the capture reports its own error
+            message = None
+        if message:
+            shape = tuple(getattr(shapes, "shape", ()))
+            raise TargetError(
+                f"the callable target indexes the model output out of range ({message.strip()}); the model "
+                f"returned shape {shape} for the input of shape {tuple(x.shape)}, and JAX clamps such an "
+                "index instead of failing, so the scores would belong to other entries. Check the input's "
+                "shape (an extra axis is folded into the batch by Flax) or index within range"
+            )
+        if len(self._checked) >= _TRACE_INFO_LIMIT:
+            self._checked.clear()
+        self._checked[key] = fn  # keeps fn alive, so its id is not reused while the key is kept
+
     @staticmethod
     def _mode(target: TargetSpec, batch: int) -> tuple[tuple[Any, ...], np.ndarray | None]:
         if target.kind == "argmax":
@@ -1664,6 +1703,8 @@ class JaxBackend(Backend):
         key = (program, mode, _shape_key(x), None if given is None else given.shape)
         info = self._traced.get(key)
         if info is None:
+            if mode[0] == "callable":
+                self._check_callable(program, params, x, mode[1])
             traced = self._run(lambda: _capture.trace(program, mode, params, x, given), x)
             info = (traced.out_info[4].shape[1], _constant_gradients(traced, len(self.layer_names)))
             if len(self._traced) >= _TRACE_INFO_LIMIT:
@@ -1693,6 +1734,7 @@ class JaxBackend(Backend):
         output, activations = self._run(lambda: _forward(program, params, x), x)
         if target.kind == "callable":
             assert target.fn is not None
+            self._check_callable(program, params, x, target.fn)
             scores = _callable_scores(target.fn, output, batch)
             activations, scores = jax.device_get((activations, scores))
             return activations, scores, None
@@ -1849,6 +1891,8 @@ class JaxBackend(Backend):
                 resolve_indices(target, np.zeros((batch, 1), np.float32))  # raises: wrong count
             given = np.broadcast_to(target.indices, (batch, target.indices.shape[1])).astype(np.int32)
         program, params = self._model.snapshot()
+        if mode[0] == "callable":
+            self._check_callable(program, params, x, mode[1])
         gradients, scores, found, outputs, replaced = jax.device_get(_guided(program, mode, params, x, given))
         if int(replaced) == 0:
             warnings.warn(

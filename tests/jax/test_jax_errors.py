@@ -232,3 +232,33 @@ def test_a_flax_pair_in_nhwc_is_read_channels_last_without_being_told() -> None:
     found = anycam.Explainer((features, head), None, backend="jax").explain(x)
     assert told.heatmap.shape == found.heatmap.shape == (2, 24, 24)
     np.testing.assert_array_equal(found.heatmap, told.heatmap)
+
+
+class Small(nn.Module):
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = nn.relu(nn.Conv(4, (3, 3), name="conv")(x))
+        return nn.Dense(5, name="fc")(x.mean(axis=(-3, -2)))
+
+
+@pytest.mark.parametrize("method", ["gradcam", "ablationcam", "guided-backprop"])
+def test_an_extra_input_axis_with_an_indexing_callable_is_refused_not_clamped(method: str) -> None:
+    """Issue 10, item 8: Flax folds an extra axis into the batch, the output becomes (N, 1, classes)
+    and JAX clamps the callable's class index to 0 — the maps were of the wrong entries."""
+    x = np.random.default_rng(0).random((2, 8, 8, 3), np.float32)
+    module = Small()
+    variables = module.init(jax.random.key(0), x)
+    labels = jnp.array([3, 1])
+
+    def pick(output: jax.Array) -> jax.Array:
+        return output[jnp.arange(output.shape[0]), labels]
+
+    explainer = anycam.Explainer((module, variables), "conv", method=method, progress=False)
+    good = explainer.explain(x, target=pick)  # a right input: no false alarm
+    logits = module.apply(variables, x)
+    np.testing.assert_allclose(good.scores, logits[np.arange(2), labels], rtol=1e-5)
+    with pytest.raises(anycam.TargetError, match=r"out of range.*\(2, 1, 5\).*\(2, 1, 8, 8, 3\)"):
+        explainer.explain(x[:, None], target=pick)
+    # A negative index is in range (it counts from the end): not refused.
+    last = explainer.explain(x, target=lambda output: output[:, -1])
+    np.testing.assert_allclose(last.scores, logits[:, -1], rtol=1e-5)
