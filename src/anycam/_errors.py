@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import os
+import sys
 from collections.abc import Iterable
 from types import ModuleType
 
@@ -53,6 +55,29 @@ class ConfigTypeError(AnycamError, TypeError):
 
 class AnycamWarning(UserWarning):
     """Base class of the warnings anycam gives (filter them with ``warnings.filterwarnings``)."""
+
+
+# The folders of the anycam package (``anycam`` and ``anycam.backends`` may lie apart in a
+# source checkout): a warning is attributed to the first frame outside them.
+_PACKAGE_DIRS = tuple(
+    os.path.dirname(os.path.abspath(path)) + os.sep
+    for path in (__file__, os.path.join(os.path.dirname(__file__), os.pardir, os.pardir, "backends", "x"))
+)
+
+
+def user_stacklevel() -> int:
+    """Returns the ``stacklevel`` for ``warnings.warn`` that points at the user's line.
+
+    Counts the frames from the function that calls this one (level 1) out to the first frame
+    whose file is not part of anycam, so the warning names the user's call however deep inside
+    anycam (the Explainer, a method, an adapter) it was raised.
+    """
+    frame = sys._getframe(1)
+    level = 1
+    while frame.f_back is not None and os.path.abspath(frame.f_code.co_filename).startswith(_PACKAGE_DIRS):
+        frame = frame.f_back
+        level += 1
+    return level
 
 
 class ZeroMapWarning(AnycamWarning):

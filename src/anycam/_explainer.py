@@ -12,7 +12,7 @@ import numpy as np
 
 from . import core
 from ._backend import Backend, Capture, as_list
-from ._errors import AnycamError, ConfigError, ConfigTypeError, ZeroMapWarning
+from ._errors import AnycamError, ConfigError, ConfigTypeError, ZeroMapWarning, user_stacklevel
 
 
 @dataclass(frozen=True)
@@ -362,7 +362,7 @@ class Explainer:
             f"(first: sample {sample}, target {target}); {cause}. The heatmaps are returned as zeros. "
             "(This warning is shown once per Explainer.)",
             ZeroMapWarning,
-            stacklevel=4,
+            stacklevel=user_stacklevel(),
         )
 
     def _assemble(

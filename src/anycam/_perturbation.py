@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from . import core
-from ._errors import AnycamWarning, MissingExtraError, TargetError
+from ._errors import AnycamWarning, MissingExtraError, TargetError, user_stacklevel
 from ._inputs import looks_spatial, structure_inputs
 
 if TYPE_CHECKING:
@@ -250,7 +250,7 @@ def _head_agrees(head: AblationHead, scores: np.ndarray, name: str) -> bool:
         f"{reason}; running the network after the layer on every ablated copy instead (slower). "
         "Please report this model's structure.",
         AnycamWarning,
-        stacklevel=4,
+        stacklevel=user_stacklevel(),
     )
     return False
 

@@ -135,7 +135,8 @@ def test_a_head_that_disagrees_with_the_model_warns_and_runs_the_suffix(explaine
     explainer.backend.offers_head = False
     honest = explainer.explain(inputs, target=target)
     explainer.backend.offers_head, explainer.backend.broken_tail = True, True
-    with pytest.warns(anycam.AnycamWarning, match="differ from the model's"):
+    with pytest.warns(anycam.AnycamWarning, match="differ from the model's") as record:
         fallback = explainer.explain(inputs, target=target)
+    assert [w.filename for w in record] == [__file__]  # the user's line, not anycam's
     np.testing.assert_array_equal(fallback.weights, honest.weights)
     np.testing.assert_allclose(honest.weights, _paper_weights(target), rtol=1e-4, atol=1e-6)

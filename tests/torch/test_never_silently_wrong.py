@@ -89,9 +89,11 @@ def test_weights_made_under_inference_mode_get_a_clear_error() -> None:
 def test_an_all_zero_map_warns_once_and_stays_zero() -> None:
     """Item 5: a layer whose gradient is zero (the head ignores it) gives zeros, never NaN."""
     explainer = anycam.Explainer(_net(head_scale=0.0), "conv")
-    with pytest.warns(anycam.ZeroMapWarning, match=r"layer 'conv' gives an all-zero map.*gradient is zero"):
+    with pytest.warns(anycam.ZeroMapWarning, match=r"layer 'conv' gives an all-zero map.*gradient is zero") as record:
         heat = explainer(X)
     assert np.all(heat == 0) and not np.isnan(heat).any()
+    # The warning points at the user's call, not into anycam.
+    assert [w.filename for w in record] == [__file__]
     with warnings.catch_warnings():
         warnings.simplefilter("error", anycam.ZeroMapWarning)
         explainer(X)
