@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from anycam._backend import Backend, Capture, check_options, select_output
+from anycam._backend import AblationHead, Backend, Capture, check_options, select_output
 from anycam._errors import (
     AnycamError,
     AnycamWarning,
@@ -61,7 +61,7 @@ from anycam.core import (
 )
 
 from .torch_guided import GuidedMode
-from .torch_head import GraphSplit, batched, graph_split, to_scores
+from .torch_head import GraphSplit, batched, copies_scorer, graph_split, pooled_head, to_scores
 
 
 def _to_numpy(tensor: torch.Tensor) -> np.ndarray:
@@ -165,6 +165,19 @@ def _inference_error(exc: BaseException) -> BackendError:
         "Create or load the model under torch.no_grad() instead, or explain a copy: "
         f"copy.deepcopy(model) holds ordinary tensors ({exc})"
     )
+
+
+def _rows_scores(output: Any, count: int, batch: int, indices: np.ndarray | None, fn: Any) -> torch.Tensor | None:
+    """Returns ``(count, batch, K)`` scores of an output computed on count·batch rows, or None
+    when that output is not a tensor with those rows (the copies then run one at a time)."""
+    if not isinstance(output, torch.Tensor) or output.ndim == 0 or output.shape[0] != count * batch:
+        return None
+    per_copy = output.unflatten(0, (count, batch))
+    if fn is None:
+        index = torch.as_tensor(indices, device=output.device).expand(count, -1, -1)
+        return per_copy.gather(2, index)
+    # A callable target sees each copy's (N, ...) output, as in an ordinary call.
+    return batched(lambda out: fn(out).reshape(batch, -1), per_copy)
 
 
 class TorchBackend(Backend):
@@ -762,50 +775,99 @@ class TorchBackend(Backend):
             return to_scores(select_output(output, self.output), indices, fn, batch)
 
         # When the rest of the network reads nothing but the layer output, the B copies can run as
-        # one batch of B·N rows, without vmap's overhead: decided on the first chunk by checking
-        # that the rows stay independent (copy 0 alone must score the same as within the batch).
-        flat_ok: list[bool | None] = [None if split is not None and split.flattenable else False]
-
+        # one batch of B·N rows (``copies_scorer`` checks that the rows stay independent).
         def flat(copies: torch.Tensor) -> torch.Tensor | None:
             count = copies.shape[0]
             assert split is not None
             linear = split.head_linear
             if fn is None and self.output is None and linear is not None:
                 features = split.suffix_output({}, copies.flatten(0, 1), before=linear)
-                if isinstance(features, torch.Tensor) and features.ndim == 2:
+                if isinstance(features, torch.Tensor) and features.ndim == 2 and features.shape[0] == count * batch:
                     module = self.model.get_submodule(str(linear.target))
                     index = torch.as_tensor(indices, device=features.device)
                     rows = module.weight[index]  # (N, K, F): only the target classes
                     scores = torch.einsum("bnf,nkf->bnk", features.unflatten(0, (count, batch)), rows)
                     return scores if module.bias is None else scores + module.bias[index]
             output = select_output(split.suffix_output({}, copies.flatten(0, 1)), self.output)
-            if not isinstance(output, torch.Tensor) or output.shape[0] != count * batch:
-                return None
-            per_copy = output.unflatten(0, (count, batch))
-            if fn is None:
-                index = torch.as_tensor(indices, device=output.device).expand(count, -1, -1)
-                return per_copy.gather(2, index)
-            return batched(lambda out: fn(out).reshape(batch, -1), per_copy)
+            return _rows_scores(output, count, batch, indices, fn)
+
+        run = copies_scorer(one, flat if split is not None and split.flattenable else None)
 
         def scores(replacements: np.ndarray) -> np.ndarray:
             copies = torch.as_tensor(np.asarray(replacements), dtype=dtype, device=device)
             with torch.inference_mode(False), torch.no_grad():
-                if flat_ok[0] is None:
-                    candidate = flat(copies)
-                    alone = one(copies[0])
-                    scale = float(alone.abs().max()) if alone.numel() else 0.0
-                    flat_ok[0] = candidate is not None and bool(
-                        torch.allclose(candidate[0], alone, rtol=1e-4, atol=1e-5 * max(scale, 1e-12))
-                    )
-                    if flat_ok[0] and candidate is not None:
-                        return _to_numpy(candidate)
-                elif flat_ok[0]:
-                    result = flat(copies)
-                    if result is not None:
-                        return _to_numpy(result)
-                return _to_numpy(batched(one, copies))
+                return _to_numpy(run(copies))
 
         return scores
+
+    def ablation_head(
+        self,
+        inputs: Any,
+        target: TargetSpec,
+        indices: np.ndarray | None,
+        activations: np.ndarray,
+        channel_axis: int,
+    ) -> AblationHead | None:
+        """Returns layer → global pooling → [nn.Linear] → tail as read from the traced graph, or None.
+
+        See ``torch_head.pooled_head`` for the structures recognised. ``pooled`` is the model's
+        own pooling on ``activations``; ``weight`` is the Linear's ``W.T`` when only reshapes,
+        dropout or identity (at inference) lie between; ``tail`` runs the suffix after the
+        Linear (or after the pooling) on the B·N feature rows, or vmapped over the B copies
+        when the rows do not stay independent. float32 models only.
+        """
+        if len(self.modules) != 1 or self.ports != ["output"] or activations.dtype != np.float32:
+            return None
+        device, dtype = self._device_dtype()
+        split = self._split()
+        if dtype != torch.float32 or split is None:
+            return None
+        plan = pooled_head(split, activations.ndim, channel_axis)
+        if plan is None:
+            return None
+        batch, channels = activations.shape[0], activations.shape[channel_axis]
+        with torch.inference_mode(False), torch.no_grad():
+            layer = torch.as_tensor(activations, device=device)
+            pool = split.evaluate([plan.pool], layer)
+            if not isinstance(pool, torch.Tensor) or pool.numel() != batch * channels or pool.shape[0] != batch:
+                return None
+            pooled = pool.reshape(batch, channels)
+            weight = bias = None
+            start, shape = plan.pool, tuple(pool.shape[1:])
+            if plan.linear is not None:
+                linear = self.model.get_submodule(str(plan.linear.target))
+                # The steps must hand the Linear the pooled vector itself, (N, C) in channel order.
+                flat = split.evaluate([plan.pool, *plan.steps], layer)
+                if (
+                    isinstance(linear, torch.nn.Linear)
+                    and linear.weight.dtype == torch.float32
+                    and linear.in_features == channels
+                    and isinstance(flat, torch.Tensor)
+                    and flat.shape == pooled.shape
+                    and torch.equal(flat, pooled)
+                ):
+                    weight = _to_numpy(linear.weight).T
+                    bias = None if linear.bias is None else _to_numpy(linear.bias)
+                    start, shape = plan.linear, (linear.out_features,)
+        fn = target.fn if target.kind == "callable" else None
+
+        def one(features: torch.Tensor) -> torch.Tensor:
+            output = split.tail_output(start, features.reshape(batch, *shape))
+            return to_scores(select_output(output, self.output), indices, fn, batch)
+
+        def rows(features: torch.Tensor) -> torch.Tensor | None:
+            count = features.shape[0]
+            output = select_output(split.tail_output(start, features.reshape(count * batch, *shape)), self.output)
+            return _rows_scores(output, count, batch, indices, fn)
+
+        run = copies_scorer(one, rows)
+
+        def tail(features: np.ndarray) -> np.ndarray:
+            values = torch.as_tensor(np.asarray(features, dtype=np.float32), device=device)
+            with torch.inference_mode(False), torch.no_grad():
+                return _to_numpy(run(values))
+
+        return AblationHead(pooled=_to_numpy(pooled), tail=tail, weight=weight, bias=bias)
 
     def head_scores(
         self, inputs: Any, replacements: np.ndarray, target: TargetSpec, indices: np.ndarray | None

@@ -15,18 +15,25 @@ How it is done (in order of preference):
    prefix does not depend on the vmapped replacements, so it runs unbatched, once per chunk.
 3. **A loop** over the copies with the substituting hook, when an operator of the suffix has no
    vmap batching rule. Correct, and as slow as the peers.
+
+Before all of these, Ablation-CAM asks for a **pooled head** (``pooled_head``): when the layer
+is read by nothing but a global per-channel pooling, zeroing a channel zeroes one pooled entry,
+the core folds a following ``nn.Linear`` in closed form, and only the nodes after it run
+(``GraphSplit.tail_output``), on B·N feature rows instead of B·N layer outputs.
 """
 
 from __future__ import annotations
 
 import inspect
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 import torch.fx
+import torch.nn.functional as F
 
 from anycam._errors import AnycamWarning
 
@@ -165,6 +172,26 @@ class GraphSplit:
                 env[node] = self._run(node, env)
         raise RuntimeError("the traced graph has no output")
 
+    def tail_output(self, start: torch.fx.Node, value: Any) -> Any:
+        """Runs the suffix nodes after ``start`` with ``start``'s output given as ``value``.
+
+        ``start`` must be a node every later suffix node reaches the layer through (a pooled
+        head's pooling or dense layer): nothing after it reads the layer output itself.
+        """
+        env: dict[torch.fx.Node, Any] = {start: value}
+        for node in self.suffix[self.suffix.index(start) + 1 :]:
+            if node.op == "output":
+                return torch.fx.node.map_arg(node.args[0], lambda n: env[n])
+            env[node] = self._run(node, env)
+        raise RuntimeError("the traced graph has no output")
+
+    def evaluate(self, nodes: Sequence[torch.fx.Node], value: torch.Tensor) -> torch.Tensor:
+        """Returns the last of ``nodes`` (a chain from the layer output) run on ``value``."""
+        env: dict[torch.fx.Node, Any] = {self.layer: value}
+        for node in nodes:
+            env[node] = self._run(node, env)
+        return env[nodes[-1]]  # type: ignore[no-any-return]
+
 
 def graph_split(model: torch.nn.Module, module: torch.nn.Module, port: str) -> GraphSplit | None:
     """Returns the split of ``model`` at ``module``, or None if the model cannot be traced."""
@@ -188,9 +215,161 @@ def batched(function: Callable[[torch.Tensor], torch.Tensor], replacements: torc
         return torch.stack([function(r) for r in replacements])
 
 
+def copies_scorer(
+    one: Callable[[torch.Tensor], torch.Tensor], flat: Callable[[torch.Tensor], torch.Tensor | None] | None
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Returns f(copies (B, N, ...)) -> (B, N, K): ``one`` per copy, or ``flat`` on all B·N rows at once.
+
+    ``flat`` (None: never) runs the B copies as one batch of B·N rows, without vmap's overhead;
+    rows stay independent unless the network mixes the samples of a batch (batch statistics,
+    a softmax over the batch axis), so it is taken only once the first call with B ≥ 2 showed
+    copy 0 scoring within it as it does alone. Otherwise ``one`` runs vmapped over the copies.
+    """
+    flat_ok: list[bool | None] = [None if flat is not None else False]
+
+    def scores(copies: torch.Tensor) -> torch.Tensor:
+        if flat is not None and flat_ok[0] is None and copies.shape[0] >= 2:
+            candidate = flat(copies)
+            alone = one(copies[0])
+            scale = float(alone.abs().max()) if alone.numel() else 0.0
+            flat_ok[0] = candidate is not None and bool(
+                torch.allclose(candidate[0], alone, rtol=1e-4, atol=1e-5 * max(scale, 1e-12))
+            )
+            if flat_ok[0] and candidate is not None:
+                return candidate
+        elif flat is not None and flat_ok[0]:
+            result = flat(copies)
+            if result is not None:
+                return result
+        return batched(one, copies)
+
+    return scores
+
+
 def to_scores(output: Any, indices: np.ndarray | None, fn: Scores | None, batch: int) -> torch.Tensor:
     """Returns the (N, K) scores of one copy's model output (inside vmap: one copy at a time)."""
     if fn is not None:
         return fn(output).reshape(batch, -1)
     index = torch.as_tensor(indices, device=output.device)
     return output.gather(1, index)
+
+
+# -- Ablation-CAM's pooled head: layer → global pooling → [shape-only steps → nn.Linear] → tail --
+
+_ADAPTIVE_MODULES: dict[type[torch.nn.Module], int] = {
+    torch.nn.AdaptiveAvgPool1d: 1,
+    torch.nn.AdaptiveAvgPool2d: 2,
+    torch.nn.AdaptiveAvgPool3d: 3,
+    torch.nn.AdaptiveMaxPool1d: 1,
+    torch.nn.AdaptiveMaxPool2d: 2,
+    torch.nn.AdaptiveMaxPool3d: 3,
+}
+_ADAPTIVE_FUNCTIONS: dict[Any, int] = {
+    F.adaptive_avg_pool1d: 1,
+    F.adaptive_avg_pool2d: 2,
+    F.adaptive_avg_pool3d: 3,
+    F.adaptive_max_pool1d: 1,
+    F.adaptive_max_pool2d: 2,
+    F.adaptive_max_pool3d: 3,
+}
+# Reductions r with r(0) = 0 per channel: zeroing a channel zeroes its pooled entry.
+_REDUCTION_FUNCTIONS = (torch.mean, torch.amax, torch.sum)
+_REDUCTION_METHODS = ("mean", "amax", "sum")
+_RESHAPE_FUNCTIONS = (torch.flatten, torch.reshape, torch.squeeze)
+_RESHAPE_METHODS = ("flatten", "view", "reshape", "squeeze")
+
+
+@dataclass(frozen=True)
+class PooledHead:
+    """Where a split's suffix starts with a global pooling: the pooling node, the ``nn.Linear``
+    node reached from it through shape-only steps (or None), and the node the tail starts at."""
+
+    pool: torch.fx.Node
+    steps: tuple[torch.fx.Node, ...]
+    linear: torch.fx.Node | None
+
+    @property
+    def start(self) -> torch.fx.Node:
+        return self.pool if self.linear is None else self.linear
+
+
+def _is_one(size: Any) -> bool:
+    sizes = size if isinstance(size, (tuple, list)) else (size,)
+    return all(isinstance(s, int) and s == 1 for s in sizes)
+
+
+def _global_pooling(split: GraphSplit, node: torch.fx.Node, ndim: int, channel_axis: int) -> bool:
+    """Whether ``node`` reduces the layer output over every axis but the batch and channel axes."""
+    if node.all_input_nodes != [split.layer] or not node.args or node.args[0] is not split.layer:
+        return False
+    spatial = set(range(ndim)) - {0, channel_axis % ndim}
+    if node.op == "call_module":
+        module = split.model.get_submodule(str(node.target))
+        rank = _ADAPTIVE_MODULES.get(type(module))
+        if rank is None or getattr(module, "return_indices", False):
+            return False
+        return spatial == set(range(ndim - rank, ndim)) and _is_one(module.output_size)  # type: ignore[arg-type]
+    if node.op == "call_function" and node.target in _ADAPTIVE_FUNCTIONS:
+        rank = _ADAPTIVE_FUNCTIONS[node.target]
+        kwargs = dict(node.kwargs)
+        if kwargs.pop("return_indices", False):
+            return False
+        size = node.args[1] if len(node.args) > 1 else kwargs.pop("output_size", None)
+        return not kwargs and len(node.args) <= 2 and spatial == set(range(ndim - rank, ndim)) and _is_one(size)
+    if (node.op == "call_function" and node.target in _REDUCTION_FUNCTIONS) or (
+        node.op == "call_method" and node.target in _REDUCTION_METHODS
+    ):
+        kwargs = dict(node.kwargs)
+        dim = node.args[1] if len(node.args) > 1 else kwargs.pop("dim", None)
+        if len(node.args) > 2:
+            kwargs.setdefault("keepdim", node.args[2])
+        if len(node.args) > 3 or set(kwargs) - {"keepdim"} or not isinstance(kwargs.get("keepdim", False), bool):
+            return False
+        dims = dim if isinstance(dim, (tuple, list)) else (dim,)
+        if not all(isinstance(d, int) and -ndim <= d < ndim for d in dims):
+            return False  # None (every axis, the batch included) or a dimension name
+        return len(dims) == len(spatial) and {d % ndim for d in dims} == spatial
+    return False
+
+
+def _shape_only(split: GraphSplit, node: torch.fx.Node, previous: torch.fx.Node) -> bool:
+    """Whether ``node`` only reshapes ``previous`` (or is dropout/identity at inference)."""
+    if node.all_input_nodes != [previous] or not node.args or node.args[0] is not previous:
+        return False
+    if node.op == "call_module":
+        module = split.model.get_submodule(str(node.target))
+        if isinstance(module, torch.nn.Flatten | torch.nn.Identity):
+            return True
+        return isinstance(module, torch.nn.Dropout) and not module.training
+    if node.op == "call_function":
+        if node.target is F.dropout:
+            return node.kwargs.get("training", True) is False and len(node.args) == 1
+        return node.target in _RESHAPE_FUNCTIONS
+    return node.op == "call_method" and node.target in _RESHAPE_METHODS
+
+
+def pooled_head(split: GraphSplit, ndim: int, channel_axis: int) -> PooledHead | None:
+    """Returns where the suffix is a global pooling of the layer output (then, optionally, a dense
+    layer), or None when the network after the layer has any other structure.
+
+    The layer (port "output") must be read by one node only, a global per-channel pooling, and
+    the suffix must read nothing computed before the layer (no residual over it).
+    """
+    if split.port != "output" or split.needed or len(split.layer.users) != 1:
+        return None
+    (pool,) = split.layer.users
+    if not _global_pooling(split, pool, ndim, channel_axis):
+        return None
+    steps: list[torch.fx.Node] = []
+    node = pool
+    while len(node.users) == 1:
+        (user,) = node.users
+        if user.op == "call_module" and isinstance(split.model.get_submodule(str(user.target)), torch.nn.Linear):
+            if user.all_input_nodes == [node] and len(user.args) == 1 and not user.kwargs:
+                return PooledHead(pool, tuple(steps), user)
+            break
+        if not _shape_only(split, user, node):
+            break
+        steps.append(user)
+        node = user
+    return PooledHead(pool, (), None)

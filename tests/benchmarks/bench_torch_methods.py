@@ -1,9 +1,11 @@
 """PyTorch, the methods beyond one capture: Ablation-CAM, Score-CAM, Guided Grad-CAM.
 
-* Ablation-CAM at the last stage against a plain forward: anycam runs the network after the
-  layer only (a traced graph split), pytorch-grad-cam's ``AblationCAM`` re-runs the whole
-  network once per batch of channels (measured at N = 1: it loops over images, so its cost is
-  linear in N; one run, it takes minutes).
+* Ablation-CAM at the last stage against a plain forward: layer4 is read only by the global
+  pooling, so anycam takes the pooled head's closed form (zeroing channel k zeroes pooled entry
+  k; the fc layer's output is z − p_k W_k) and runs no ablated copy through the network: the
+  cost is the capture's forward plus B·N·1000 multiply-adds. pytorch-grad-cam's ``AblationCAM``
+  re-runs the whole network once per batch of channels (measured at N = 1: it loops over
+  images, so its cost is linear in N; one run, it takes minutes).
 * Score-CAM at equal ``batch_size`` against pytorch-grad-cam's ``ScoreCAM``, with the peak memory
   of each in a fresh interpreter (the peer builds all N·C masked inputs at once). A narrower
   ResNet-50-shaped net (width 16, 512 channels at layer4) keeps the C masked forwards short.

@@ -36,11 +36,34 @@ def _conv(spatial: int) -> tuple[type[nn.Module], type[nn.Module]]:
 
 def conv_net(spatial: int) -> Split:
     conv, pool = _conv(spatial)
-    features = nn.Sequential(
-        conv(3, 6, 3, padding=1), nn.ReLU(), conv(6, 8, 3, padding=1, stride=2), nn.ReLU(inplace=True)
-    )
+    features = _features(conv)
     head = nn.Sequential(conv(8, 8, 1), nn.Tanh(), pool(1), nn.Flatten(), nn.Linear(8, CLASSES))
     return Split(features, head)
+
+
+def _features(conv: type[nn.Module]) -> nn.Sequential:
+    """Two convolutions, the last one ReLU'd: the explained layer of every kit net."""
+    return nn.Sequential(conv(3, 6, 3, padding=1), nn.ReLU(), conv(6, 8, 3, padding=1, stride=2), nn.ReLU(inplace=True))
+
+
+class MaxPooledHead(nn.Module):
+    """Global max pooling written as ``amax`` over the spatial axes, then a dense layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, CLASSES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x.amax(dim=(2, 3)))
+
+
+def pooled_head_net(kind: str) -> Split:
+    """The layer read by nothing but a global pooling: mean → flatten → dense → softmax, or max → dense."""
+    if kind == "pooled_head":
+        head: nn.Module = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, CLASSES), nn.Softmax(dim=1))
+    else:
+        head = MaxPooledHead()
+    return Split(_features(nn.Conv2d), head)
 
 
 class Tokens(nn.Module):
@@ -184,6 +207,8 @@ class TorchKit:
             model, shape = conv_net(1), (BATCH, 3, 17)
         elif kind == "conv3d":
             model, shape = conv_net(3), (BATCH, 3, 6, 8, 5)
+        elif kind in ("pooled_head", "max_pooled_head"):
+            model, shape = pooled_head_net(kind), (BATCH, 3, 12, 10)
         elif kind == "tokens":
             model, shape = Split(Tokens(), TokenHead()), (BATCH, 3, 16, 16)
             layout = true_layout = "tokens"
