@@ -60,7 +60,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from anycam._backend import Backend, Capture, check_options, select_output
+from anycam._backend import AblationHead, Backend, Capture, check_options, select_output
 from anycam._errors import AnycamError, BackendError, ConfigTypeError, InputError, LayerError, TargetError
 from anycam._inputs import Key, ModelInputs, structure_inputs
 from anycam._layers import choose_layer, is_auto
@@ -220,6 +220,37 @@ def _class_output(selected: Any) -> tf.Tensor:
     return selected
 
 
+class _Tail:
+    """A pooled head after its features (``_keras.PooledHead``), its layers held weakly.
+
+    ``dense`` is the layer whose kernel and bias Ablation-CAM applies in closed form (None: the
+    features are the pooled vectors); ``activation`` is that layer's activation, and ``layers``
+    the ones after it (after the pooling without a dense layer), up to the model output.
+    """
+
+    def __init__(self, pooling: Any, dense: Any, layers: Sequence[Any]) -> None:
+        self._pooling = weakref.ref(pooling)
+        self._dense = None if dense is None else weakref.ref(dense)
+        self.activation = None if dense is None else dense.activation
+        self._layers = [weakref.ref(layer) for layer in layers]
+
+    @staticmethod
+    def _alive(ref: Callable[[], Any]) -> Any:
+        layer = ref()
+        if layer is None:  # pragma: no cover - the backend holds the model while it is used
+            raise RuntimeError("a layer of this model no longer exists")
+        return layer
+
+    def pooling(self) -> Any:
+        return self._alive(self._pooling)
+
+    def dense(self) -> Any:
+        return None if self._dense is None else self._alive(self._dense)
+
+    def layers(self) -> list[Any]:
+        return [self._alive(ref) for ref in self._layers]
+
+
 class _Program:
     """The compiled captures of one (model, layers, output selector)."""
 
@@ -230,6 +261,8 @@ class _Program:
         self._functions: dict[tuple[Any, ...], Any] = {}
         self._callables: collections.OrderedDict[tuple[Any, ...], Any] = collections.OrderedDict()
         self._lock = threading.Lock()
+        # (layer rank, channel axis) -> the pooled head after the first layer, or None.
+        self.heads: dict[tuple[int, int], _Tail | None] = {}
 
     def function(self, kind: str, param: Any, gradients: bool, inputs: tf.Tensor) -> Any:
         """Returns the compiled capture for a target form and the input's shape and dtype."""
@@ -269,7 +302,9 @@ class _Program:
         """Returns the compiled function of a method capability, one per target form and shapes.
 
         ``kind`` is ``"head"`` (``head_scores``), ``"ablate"`` (``ablation_scorer``; ``param`` is
-        then (the target's parameter, the channel axis)), ``"inputs"`` or ``"probabilities"``
+        then (the target's parameter, the channel axis)), ``"tail"`` (``ablation_head``; the
+        "inputs" are then the ``(B, N, F)`` features and ``param`` is (the target's parameter,
+        the ``_Tail``, the per-row shape)), ``"inputs"`` or ``"probabilities"``
         (``input_scores``) or ``"guided"`` (``guided_gradients``); ``target`` is ``"callable"``
         (``param`` the function), ``"indices"`` (``param`` K) or, for guided, ``"topk"``.
         ``extra`` are the signatures of the arguments after the inputs.
@@ -332,6 +367,31 @@ class _Program:
             return tf.cast(scores, tf.float32)
 
         return tf.vectorized_map(scores_of, channels)
+
+    def _tail(
+        self, kind: str, target: str, param: Any, features: tf.Tensor, indices: Any = None
+    ) -> tf.Tensor:
+        self.trace_count += 1
+        chosen, tail, row = param
+        shape = tf.shape(features)
+        # Every layer of the tail computes a row from that row alone (_keras.pooled_head), so
+        # the B·N feature vectors run as one batch.
+        hidden = tf.reshape(features, [-1, *row])
+        if tail.activation is not None:
+            hidden = tail.activation(hidden)
+        for layer in tail.layers():
+            hidden = layer(hidden, training=False)
+        selected = select_output(hidden, self.selector)
+        if target == "callable":
+            # The callable sees each copy's (N, ...) output, as on the model itself.
+            outputs = tf.reshape(selected, tf.concat([shape[:2], tf.shape(selected)[1:]], axis=0))
+
+            def scores_of(output: tf.Tensor) -> tf.Tensor:
+                return tf.cast(self._scores(target, chosen, output, None)[0], tf.float32)
+
+            return tf.vectorized_map(scores_of, outputs)
+        scores, _, _ = self._scores(target, chosen, selected, tf.tile(indices, [shape[0], 1]))
+        return tf.reshape(tf.cast(scores, tf.float32), [shape[0], shape[1], chosen])
 
     def _inputs(
         self, kind: str, target: str, param: Any, inputs: tf.Tensor, indices: Any = None
@@ -939,6 +999,78 @@ class TensorFlowBackend(Backend):
             return _as_numpy(compiled(x, values, chosen, *extra))
 
         return scores
+
+    def ablation_head(
+        self,
+        inputs: Any,
+        target: TargetSpec,
+        indices: np.ndarray | None,
+        activations: np.ndarray,
+        channel_axis: int,
+    ) -> AblationHead | None:
+        """Returns the network after the layer as global pooling → [dense] → tail, or None.
+
+        Read from the Keras graph (``_keras.pooled_head``): the layer's output feeds exactly one
+        ``GlobalAveragePooling{1,2,3}D`` / ``GlobalMaxPooling{1,2,3}D`` over all its spatial
+        axes, then per-row layers only, each reading the previous one's output, to the model
+        output; a ``Dense`` reached through ``Flatten`` / ``Reshape`` / dropout gives
+        ``weight`` and ``bias``. Of a ``(features, head)`` pair the head is read. ``pooled`` is
+        the model's own pooling of ``activations``; ``tail`` runs the rest (the dense layer's
+        activation and every layer after it) on the B·N feature rows as one batch in one
+        ``tf.function`` per (target form, shapes; B open) and applies the targets per copy.
+        None for several layers, the ``"input"`` port, an ``output=`` selector, ``model_kwargs``,
+        several inputs, non-float32 layers, and every other structure (branches, skip
+        connections over the layer, shared layers, subclassed models): Ablation-CAM then runs
+        the network after the layer on every copy.
+        """
+        values = np.asarray(activations)
+        refused = len(self.layers) != 1 or self.ports[0] != "output" or self.output is not None
+        if refused or self.model_kwargs or isinstance(inputs, (list, tuple, dict)):
+            return None
+        if values.dtype != np.float32 or values.ndim < 3:
+            return None
+        batch, rank = values.shape[0], values.ndim
+        axis = int(channel_axis) % rank
+        heads = self._program.heads
+        if (rank, axis) not in heads:
+            heads[(rank, axis)] = self._pooled_head(rank, axis)
+        tail = heads[(rank, axis)]
+        if tail is None:
+            return None
+        form, param, extra = self._resolved(target, indices, batch)
+        pooled_tensor = tail.pooling()(tf.constant(values))
+        channels = values.shape[axis]
+        if pooled_tensor.shape.num_elements() != batch * channels:
+            return None
+        pooled = _as_numpy(pooled_tensor).reshape(batch, channels)
+        dense = tail.dense()
+        weight = bias = None
+        row: tuple[int, ...] = tuple(pooled_tensor.shape[1:])
+        if dense is not None:
+            weight = _as_numpy(tf.convert_to_tensor(dense.kernel))
+            if dense.bias is not None:
+                bias = _as_numpy(tf.convert_to_tensor(dense.bias))
+            row = (weight.shape[1],)
+        spec = tf.TensorSpec((None, batch, weight.shape[1] if weight is not None else channels), tf.float32)
+        specs = [tf.TensorSpec((None, param), tf.int64)] if form == "indices" else []
+        compiled = self._program.method_function("tail", form, (param, tail, row), spec, *specs)
+
+        def run(features: np.ndarray) -> np.ndarray:
+            return _as_numpy(compiled(tf.constant(np.asarray(features, dtype=np.float32)), *extra))
+
+        return AblationHead(pooled, run, weight, bias)
+
+    def _pooled_head(self, rank: int, axis: int) -> _Tail | None:
+        if isinstance(self.model, keras.Layer):
+            found = _keras.pooled_head(self.model, self.layers[0], rank, axis)
+        else:
+            head = self.model[1]
+            found = _keras.pooled_head(head, None, rank, axis, head=True) if isinstance(head, keras.Layer) else None
+        if found is None:
+            return None
+        if found.dense is None:
+            return _Tail(found.pooling, None, found.steps)
+        return _Tail(found.pooling, found.steps[found.dense], found.steps[found.dense + 1 :])
 
     def input_scores(
         self, inputs: Any, target: TargetSpec, indices: np.ndarray | None, *, probabilities: bool = False

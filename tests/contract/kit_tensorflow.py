@@ -65,10 +65,8 @@ def _layers(spatial: int, channels_first: bool) -> tuple[type, type]:
     return conv, pool
 
 
-def conv_net(input_shape: tuple[int, ...], channels_first: bool = False) -> keras.Model:
-    conv, pool = _layers(len(input_shape) - 1, channels_first)
-    same = {} if channels_first else {"padding": "same"}
-    features = keras.Sequential(
+def _features(input_shape: tuple[int, ...], conv: type, same: dict) -> keras.Model:
+    return keras.Sequential(
         [
             keras.Input(input_shape),
             conv(6, 3, **same),
@@ -78,6 +76,12 @@ def conv_net(input_shape: tuple[int, ...], channels_first: bool = False) -> kera
         ],
         name="features",
     )
+
+
+def conv_net(input_shape: tuple[int, ...], channels_first: bool = False) -> keras.Model:
+    conv, pool = _layers(len(input_shape) - 1, channels_first)
+    same = {} if channels_first else {"padding": "same"}
+    features = _features(input_shape, conv, same)
     head = keras.Sequential(
         [
             keras.Input(features.outputs[0].shape[1:]),
@@ -88,6 +92,24 @@ def conv_net(input_shape: tuple[int, ...], channels_first: bool = False) -> kera
         ],
         name="head",
     )
+    inputs = keras.Input(input_shape)
+    return keras.Model(inputs, head(features(inputs)))
+
+
+def pooled_net(input_shape: tuple[int, ...], kind: str) -> keras.Model:
+    """The layer read by a global pooling alone: ``"pooled_head"`` mean pooling (keepdims) →
+    Flatten → Dense → Softmax, ``"max_pooled_head"`` max pooling → Dense."""
+    features = _features(input_shape, keras.layers.Conv2D, {"padding": "same"})
+    if kind == "pooled_head":
+        steps = [
+            keras.layers.GlobalAveragePooling2D(keepdims=True),
+            keras.layers.Flatten(),
+            keras.layers.Dense(CLASSES),
+            keras.layers.Softmax(),
+        ]
+    else:
+        steps = [keras.layers.GlobalMaxPooling2D(), keras.layers.Dense(CLASSES)]
+    head = keras.Sequential([keras.Input(features.outputs[0].shape[1:]), *steps], name="head")
     inputs = keras.Input(input_shape)
     return keras.Model(inputs, head(features(inputs)))
 
@@ -124,6 +146,9 @@ def _model_and_inputs(kind: str) -> tuple[keras.Model, tf.Tensor]:
     elif kind == "tokens":
         shape = (16, 16, 3)
         model = token_net()
+    elif kind in ("pooled_head", "max_pooled_head"):
+        shape = (12, 10, 3)
+        model = pooled_net(shape, kind)
     else:
         raise ValueError(kind)
     inputs = tf.constant(np.random.default_rng(0).normal(size=(BATCH, *shape)), tf.float32)
