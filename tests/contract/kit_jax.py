@@ -45,6 +45,19 @@ class Head(nn.Module):
         return nn.Dense(CLASSES)(a.mean(axis=tuple(range(1, a.ndim - 1))))
 
 
+class PooledHead(nn.Module):
+    """Global mean pooling → flatten → dense → softmax, or global max pooling → dense."""
+
+    pool: str = "mean"
+
+    @nn.compact
+    def __call__(self, a: jax.Array) -> jax.Array:
+        if self.pool == "max":
+            return nn.Dense(CLASSES)(a.max(axis=(1, 2)))
+        pooled = a.mean(axis=(1, 2), keepdims=True)
+        return jax.nn.softmax(nn.Dense(CLASSES)(pooled.reshape(pooled.shape[0], -1)))
+
+
 class Tokens(nn.Module):
     """Patch embedding + class token → (N, 1 + 16, D), then a residual MLP block."""
 
@@ -119,6 +132,9 @@ def _build(kind: str) -> tuple[Split, dict, jax.Array, str | None, str, tuple[in
         model, shape = Split(Features(2, channels_first=True), Head(channels_first=True)), (BATCH, 3, 12, 10)
         layout = true_layout = "channels_first"
         options = {"input_layout": "channels_first"}
+    elif kind in ("pooled_head", "max_pooled_head"):
+        pool = "max" if kind == "max_pooled_head" else "mean"
+        model, shape = Split(Features(2), PooledHead(pool)), (BATCH, 12, 10, 3)
     elif kind == "tokens":
         model, shape = Split(Tokens(), TokenHead()), (BATCH, 16, 16, 3)
         layout = true_layout = "tokens"
