@@ -2,9 +2,11 @@
 
 On the Flax ResNet-50 of ``bench_jax`` (random weights), batch 8 at 224², CPU:
 
-* Ablation-CAM at the last stage (``layer4``) against a jitted forward: ``head_scores`` vmaps
-  the network after the layer over the ablated copies, and what does not depend on them (the
-  network before the layer) is left out of the compiled suffix.
+* Ablation-CAM at the last stage (``layer4``) against a jitted forward: ``layer4`` is read only
+  by the global mean pooling, so ``ablation_head`` reads pooling → dense → tail from the
+  suffix's jaxpr; the ablated copies' logits are the closed form z − p_k W_k, and only the
+  tail (bias, target gather) runs vmapped over the copies. The call is one forward pass (the
+  capture) plus that.
 * Guided Grad-CAM at ``layer4`` against a jitted forward plus a full input-gradient backward.
 * Score-CAM on a narrower net (width 16, 512 channels at ``layer4``, one 224² image) at
   ``batch_size=16``, against the floor: a jitted forward over the same 512 masked images in
