@@ -2,9 +2,11 @@
 
 * Ablation-CAM and Guided Grad-CAM on ``keras.applications.ResNet50(weights=None)`` at its last
   stage (``conv5_block3_out``), batch 8 at 224², CPU: Ablation-CAM against a ``tf.function``
-  forward (``head_scores`` runs the model under ``tf.vectorized_map`` over the ablated copies;
-  what does not depend on them is computed unbatched, and pruned when nothing uses it), Guided
-  Grad-CAM against a ``tf.function`` forward plus a full input-gradient backward.
+  forward (the layer is read only by ``avg_pool``, so ``ablation_head`` takes the closed form:
+  one capture, then the 2048→1000 dense as z − p_k W_k in NumPy and the tail, here only the
+  class gather, on the 8·2048 feature rows; no ablated copy of the layer runs through the
+  network), Guided Grad-CAM against a ``tf.function`` forward plus a full input-gradient
+  backward.
 * Score-CAM on a narrower ResNet-50-shaped Functional model defined here (width 16, 512
   channels at ``layer4``, one 224² image) at ``batch_size=16``, against the floor: a
   ``tf.function`` forward over the same 512 masked images in chunks of 16 written by hand. Its
