@@ -123,6 +123,7 @@ class KerasJaxBackend(JaxBackend):
         self._kwargs = dict(kwargs)
         self.input_layout = input_layout or _keras.input_layout(model)
         self._traced: dict[Any, tuple[int, tuple[int, ...]]] = {}
+        self._checked: dict[Any, Any] = {}
         self._options = dict(options)
         self._example: tuple[tuple[int, ...], Any] | None = None
         self._choose_lock = threading.Lock()
