@@ -61,6 +61,7 @@ from anycam._errors import (
     LayerError,
     TargetError,
     closest,
+    user_stacklevel,
 )
 from anycam._inputs import structure_inputs
 from anycam._layers import LayerRecord, choose_layer, is_auto, parse_layer
@@ -2207,7 +2208,7 @@ class JaxBackend(Backend):
                 "guided backpropagation found no ReLU in the model (jax.nn.relu or jnp.maximum(x, 0)), "
                 "so its result equals plain input gradients",
                 UserWarning,
-                stacklevel=3,
+                stacklevel=user_stacklevel(),
             )
         indices: np.ndarray | None = None
         if mode == ("given",):

@@ -61,7 +61,15 @@ import numpy as np
 import tensorflow as tf
 
 from anycam._backend import AblationHead, Backend, Capture, check_options, select_output
-from anycam._errors import AnycamError, BackendError, ConfigTypeError, InputError, LayerError, TargetError
+from anycam._errors import (
+    AnycamError,
+    BackendError,
+    ConfigTypeError,
+    InputError,
+    LayerError,
+    TargetError,
+    user_stacklevel,
+)
 from anycam._inputs import Key, ModelInputs, structure_inputs
 from anycam._layers import choose_layer, is_auto
 from anycam.core import (
@@ -1216,7 +1224,7 @@ def _guided_results(
             "activation='relu', keras.activations.relu, tf.nn.relu), so its result equals "
             "plain input gradients",
             UserWarning,
-            stacklevel=4,
+            stacklevel=user_stacklevel(),
         )
     return _resolved_targets(scores, chosen, outputs, target, batch)
 

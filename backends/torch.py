@@ -47,6 +47,7 @@ from anycam._errors import (
     TargetError,
     TrainingModeWarning,
     closest,
+    user_stacklevel,
 )
 from anycam._inputs import Key, ModelInputs, looks_spatial, structure_inputs
 from anycam._layers import LayerRecord, choose_layer, is_auto, parse_layer
@@ -396,7 +397,7 @@ class TorchBackend(Backend):
             "then mixes the samples of a batch and Dropout is random, so maps depend on the batch (running "
             "statistics are left unchanged); call model.eval() first",
             TrainingModeWarning,
-            stacklevel=4,
+            stacklevel=user_stacklevel(),
         )
 
     def _choose(self, structure: ModelInputs, target: TargetSpec) -> None:
@@ -924,7 +925,7 @@ class TorchBackend(Backend):
                 f"{type(self.model).__name__} calls no ReLU, so guided backpropagation equals the plain "
                 "input gradient here",
                 AnycamWarning,
-                stacklevel=3,
+                stacklevel=user_stacklevel(),
             )
         return _to_numpy(grads), _to_numpy(scores), indices
 

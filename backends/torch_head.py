@@ -35,7 +35,7 @@ import torch
 import torch.fx
 import torch.nn.functional as F
 
-from anycam._errors import AnycamWarning
+from anycam._errors import AnycamWarning, user_stacklevel
 
 Scores = Callable[[Any], torch.Tensor]
 
@@ -210,7 +210,7 @@ def batched(function: Callable[[torch.Tensor], torch.Tensor], replacements: torc
             f"the network after the layer cannot be vectorised over the ablated copies ({exc}); "
             "falling back to one pass per copy, which is slower",
             AnycamWarning,
-            stacklevel=3,
+            stacklevel=user_stacklevel(),
         )
         return torch.stack([function(r) for r in replacements])
 

@@ -41,8 +41,9 @@ def test_a_submodule_in_training_mode_warns_and_buffers_are_not_updated() -> Non
     model.bn.train()
     mean, var, tracked = model.bn.running_mean.clone(), model.bn.running_var.clone(), int(model.bn.num_batches_tracked)
     explainer = anycam.Explainer(model, "conv")
-    with pytest.warns(anycam.TrainingModeWarning, match=r"bn \(BatchNorm2d\)"):
+    with pytest.warns(anycam.TrainingModeWarning, match=r"bn \(BatchNorm2d\)") as record:
         explainer(X)
+    assert [w.filename for w in record] == [__file__]
     with warnings.catch_warnings():
         warnings.simplefilter("error", anycam.TrainingModeWarning)
         explainer(X)  # once per Explainer
