@@ -1881,10 +1881,14 @@ class JaxBackend(Backend):
         shape = tuple(inputs.shape)
         spatial_shape(shape, self.input_layout)
         check_batch(shape)
-        finite = np.isfinite(inputs) if isinstance(inputs, np.ndarray) else jnp.isfinite(inputs)
-        if not bool(finite.all()):
-            nan = np.isnan(inputs).any() if isinstance(inputs, np.ndarray) else jnp.isnan(inputs).any()
-            raise non_finite_input("input", bool(nan), int((~finite).sum()))
+        # A NaN or inf anywhere makes the sum NaN or inf: a finite sum (one pass) proves the input
+        # finite; otherwise (a bad element, or an overflowing sum) it is checked element-wise.
+        xp: Any = np if isinstance(inputs, np.ndarray) else jnp
+        wide = np.float64 if inputs.dtype == np.float64 else np.float32
+        if not bool(xp.isfinite(xp.sum(inputs, dtype=wide))):
+            finite = xp.isfinite(inputs)
+            if not bool(finite.all()):
+                raise non_finite_input("input", bool(xp.isnan(inputs).any()), int((~finite).sum()))
         return jnp.asarray(inputs)
 
     def _run(self, call: Callable[[], Any], x: jax.Array) -> Any:

@@ -602,6 +602,11 @@ def _check_spatial(inputs: tf.Tensor, what: str) -> None:
     Conv+BiasAdd+ReLU can turn a NaN input into a finite map.
     """
     check_batch(tuple(inputs.shape), what)
+    # A NaN or inf anywhere makes the sum NaN or inf: a finite sum (one pass) proves the input
+    # finite; otherwise (a bad element, or an overflowing sum) it is checked element-wise.
+    wide = tf.float64 if inputs.dtype == tf.float64 else tf.float32
+    if bool(tf.math.is_finite(tf.reduce_sum(tf.cast(inputs, wide)))):
+        return
     finite = tf.math.is_finite(inputs)
     if not bool(tf.reduce_all(finite)):
         bad = int(tf.reduce_sum(tf.cast(~finite, tf.int64)))

@@ -123,7 +123,15 @@ def _binds(function: Any, inputs: ModelInputs) -> bool:
 
 
 def _check_finite(value: torch.Tensor, what: str) -> None:
-    """Raises NonFiniteError for NaN/inf in an input: one reduction, one sync per call."""
+    """Raises NonFiniteError for NaN/inf in an input: one reduction, one sync per call.
+
+    A NaN or inf anywhere makes the sum NaN or inf, so a finite sum (accumulated in at least
+    float32, one pass, nothing allocated) proves every element finite; only a sum that is not
+    finite (a bad element, or finite values that overflow when added) is looked at element-wise.
+    """
+    accumulate = torch.float64 if value.dtype == torch.float64 else torch.float32
+    if bool(torch.isfinite(value.sum(dtype=accumulate))):
+        return
     if not bool(torch.isfinite(value).all()):
         bad = ~torch.isfinite(value)
         raise non_finite_input(what, bool(torch.isnan(value).any()), int(bad.sum()))
