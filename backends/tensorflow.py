@@ -426,7 +426,7 @@ class _Program:
             output, _ = self.forward(inputs, None)
             selected = select_output(output, self.selector)
             scores, chosen, outputs = self._scores(target, param, selected, indices)
-        relus = sum(op.type == "Relu" for op in graph.get_operations()[before:])
+        relus = _relu_counts(graph, graph.get_operations()[before:])
         count = scores.shape[1]
         if count is None:
             raise TargetError("a callable target must return a fixed number K of scores per sample")
@@ -451,7 +451,7 @@ class _Program:
             if count is None:
                 raise TargetError("a callable target must return a fixed number K of scores per sample")
             totals = tf.reduce_sum(scores, axis=0)
-        relus = sum(op.type == "Relu" for op in graph.get_operations()[before:])
+        relus = _relu_counts(graph, graph.get_operations()[before:])
         # One forward pass, two rules: the tape looks gradients up by op type (the ordinary ReLU
         # gradient: Grad-CAM's layer gradients), tf.gradients honours the graph's override (the
         # guided input gradients).
@@ -1129,8 +1129,9 @@ class TensorFlowBackend(Backend):
         ``activation="relu"``, ``keras.activations.relu``, ``keras.ops.relu`` and ``tf.nn.relu``
         all create it. The override belongs to that one graph, so the model and every other
         function are untouched, also when the call fails. Not caught: ReLUs inside a nested
-        ``tf.function`` of the model (traced in their own graph) and ReLU variants that are
-        other ops (``relu6``, leaky ReLU, ``tf.maximum(x, 0)``).
+        ``tf.function`` or a ``tf.cond``/``tf.while_loop`` body of the model (functions of their
+        own: they are counted, and a warning says the result is only partly guided) and ReLU
+        variants that are other ops (``relu6``, leaky ReLU, ``tf.maximum(x, 0)``).
 
         Raises:
             anycam.TargetError: for targets that do not fit the output.
@@ -1219,11 +1220,59 @@ def _resolved_targets(
     return scores_np, indices
 
 
+_CALLS = ("PartitionedCall", "StatefulPartitionedCall")
+
+
+def _relu_counts(graph: Any, ops: Sequence[Any]) -> tuple[int, int]:
+    """Returns (Relu ops in ``ops``, Relu ops inside the functions they call).
+
+    The guided override belongs to the traced graph; a nested ``tf.function`` (or a
+    ``tf.cond``/``tf.while_loop`` body) is a function of its own, whose ReLUs keep the ordinary
+    gradient. Those are counted through every level of calls so that a partly guided result is
+    never returned without a word.
+    """
+    seen: set[str] = set()
+
+    def body(name: str) -> int:
+        if name in seen:
+            return 0
+        seen.add(name)
+        # The graph's function library (a private lookup: if it ever goes, nothing is counted).
+        function = getattr(graph, "_get_function", lambda _: None)(name)
+        if function is None:
+            return 0
+        count = 0
+        for node in function.definition.node_def:
+            count += node.op == "Relu"
+            count += body(node.op)  # a call written as the function's own op type
+            for value in node.attr.values():
+                if value.HasField("func"):
+                    count += body(value.func.name)
+        return count
+
+    direct = nested = 0
+    for op in ops:
+        direct += op.type == "Relu"
+        for attr in op.node_def.attr.values():
+            if attr.HasField("func"):
+                nested += body(attr.func.name)
+    return direct, nested
+
+
 def _guided_results(
     relus: Any, scores: Any, chosen: Any, outputs: Any, target: TargetSpec, batch: int
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """:func:`_resolved_targets` of a guided pass; warns when the pass met no ReLU."""
-    if int(relus) == 0:
+    """:func:`_resolved_targets` of a guided pass; warns when the guided rule missed ReLUs."""
+    direct, nested = (int(n) for n in np.asarray(relus).reshape(2))
+    if nested:
+        warnings.warn(
+            f"guided backpropagation: {nested} ReLU op(s) run inside a nested tf.function (or a "
+            "tf.cond / tf.while_loop body) of the model and keep the ordinary ReLU gradient, so the "
+            "result is only partly guided; remove the inner @tf.function to guide them too",
+            UserWarning,
+            stacklevel=user_stacklevel(),
+        )
+    elif direct == 0:
         warnings.warn(
             "guided backpropagation found no ReLU op in the model (ReLU layers, "
             "activation='relu', keras.activations.relu, tf.nn.relu), so its result equals "

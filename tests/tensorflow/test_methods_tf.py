@@ -4,6 +4,7 @@ no retrace, and a model left as it was, also after a failed call."""
 from __future__ import annotations
 
 import functools
+import warnings
 
 import keras
 import numpy as np
@@ -198,3 +199,46 @@ def test_guided_gradients_compile_once() -> None:
     explainer(batch(5, 3, 6, seed=2), target=[0, 1, 2, 3, 0])
     # One class for all, or one per sample, is the same (N, 1) indices argument; N is open.
     assert explainer.backend.trace_count == traced
+
+
+@tf.function
+def _inner_relu(x: tf.Tensor) -> tf.Tensor:
+    return tf.nn.relu(x)
+
+
+class _HiddenRelu(keras.layers.Layer):
+    """A ReLU where the guided override cannot reach it: a nested tf.function or a tf.cond body."""
+
+    def __init__(self, how: str, **kwargs: object) -> None:
+        super().__init__(**kwargs)
+        self.how = how
+
+    def call(self, x: tf.Tensor) -> tf.Tensor:
+        if self.how == "cond":
+            return tf.cond(tf.reduce_sum(x) > -1e30, lambda: tf.nn.relu(x), lambda: x)
+        return _inner_relu(x) if self.how == "function" else tf.nn.relu(x)
+
+
+def _hidden_relu_model(how: str) -> keras.Model:
+    keras.utils.set_random_seed(3)
+    image = keras.Input((8, 8, 3))
+    h = keras.layers.Conv2D(4, 3, padding="same", name="conv")(image)
+    h = _HiddenRelu(how)(h)
+    h = keras.layers.Conv2D(4, 3, padding="same", activation="relu", name="conv2")(h)
+    return keras.Model(image, keras.layers.Dense(CLASSES)(keras.layers.GlobalAveragePooling2D()(h)))
+
+
+@pytest.mark.parametrize("how", ["function", "cond"])
+def test_relus_the_guided_rule_cannot_reach_are_reported_not_hidden(how: str) -> None:
+    # The same weights with the ReLU in the traced graph itself: fully guided, no warning.
+    x = np.random.default_rng(0).standard_normal((2, 8, 8, 3)).astype(np.float32)
+    flat = anycam.Explainer(_hidden_relu_model("plain"), "conv2", method="guided-backprop")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        guided = flat.explain(x, target=1).attribution
+    hidden = anycam.Explainer(_hidden_relu_model(how), "conv2", method="guided-backprop")
+    with pytest.warns(UserWarning, match=r"1 ReLU op\(s\) run inside a nested tf.function.*partly guided") as record:
+        partial = hidden.explain(x, target=1).attribution
+    assert [w.filename for w in record if "partly guided" in str(w.message)] == [__file__]
+    # What the warning says is so: that ReLU kept the ordinary gradient, and the result differs.
+    assert np.abs(partial - guided).max() > 1e-3 * np.abs(guided).max()
