@@ -62,3 +62,48 @@ class Case:
     guided: Callable[[np.ndarray], np.ndarray] | None = None
     head_reference: Callable[[np.ndarray], np.ndarray] | None = None
     has_relu: bool = True
+
+
+def offered_head(explainer: Any, inputs: Any, target: Any = None) -> tuple[Any, Any]:
+    """Returns (the ``AblationHead`` the explainer's backend offers for ``inputs``, or None; the capture)."""
+    from anycam import core
+
+    spec = core.parse_target(target)
+    capture = explainer.backend.capture(inputs, spec, gradients=False)
+    layout = explainer._read_layouts(capture)[1][0].layout
+    axis = 1 if layout == "channels_first" else -1
+    return explainer.backend.ablation_head(inputs, spec, capture.target, capture.activations[0], axis), capture
+
+
+def explain_through_head(explainer: Any, inputs: Any, target: Any, monkeypatch: Any) -> tuple[Any, Any]:
+    """Explains with Ablation-CAM's suffix-on-every-copy path forbidden; returns (result, the head offered).
+
+    Fails unless the backend offered exactly one ``AblationHead`` and the Explainer used it
+    without a warning; the backend is restored afterwards.
+    """
+    import warnings
+
+    import anycam
+
+    backend = explainer.backend
+    offered = backend.ablation_head
+    heads: list[Any] = []
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        heads.append(offered(*args, **kwargs))
+        return heads[-1]
+
+    def suffix(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("the network after the layer ran on ablated copies")
+
+    monkeypatch.setattr(backend, "ablation_head", spy)
+    monkeypatch.setattr(backend, "ablation_scorer", suffix)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", anycam.AnycamWarning)
+            warnings.simplefilter("ignore", anycam.ZeroMapWarning)
+            result = explainer.explain(inputs, target=target)
+    finally:
+        monkeypatch.undo()
+    assert len(heads) == 1 and isinstance(heads[0], anycam.AblationHead)
+    return result, heads[0]

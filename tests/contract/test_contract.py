@@ -15,7 +15,7 @@ import pytest
 import anycam
 from anycam import core
 
-from .kit import KINDS
+from .kit import KINDS, explain_through_head, offered_head
 
 TARGETS = ("argmax", "int", "per_sample", "k_per_sample", "top_k", "callable")
 
@@ -173,28 +173,10 @@ def test_ablationcam_of_a_pooled_head_takes_the_closed_form_and_equals_zeroing(k
     weights = (y[..., None] - drops) / y[..., None]
     cam = np.maximum(np.einsum("nkc,nc...->nk...", weights, acts), 0)
     explainer = anycam.Explainer(case.model, case.layer, method="ablationcam", layout=case.layout, **case.options)
-    backend = explainer.backend
-    heads: list[object] = []
-    offered = backend.ablation_head
-
-    def spy(*args, **kwargs):  # type: ignore[no-untyped-def]
-        heads.append(offered(*args, **kwargs))
-        return heads[-1]
-
-    def suffix(*args, **kwargs):  # type: ignore[no-untyped-def]
-        raise AssertionError("the network after the layer ran on ablated copies")
-
-    monkeypatch.setattr(backend, "ablation_head", spy)
-    monkeypatch.setattr(backend, "ablation_scorer", suffix)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", anycam.AnycamWarning)
-        warnings.simplefilter("ignore", anycam.ZeroMapWarning)
-        result = explainer.explain(case.inputs, target=target)
-    assert len(heads) == 1 and isinstance(heads[0], anycam.AblationHead)
+    result, _ = explain_through_head(explainer, case.inputs, target, monkeypatch)
     _check(result, form, cam, weights, case)
     # The suffix on every copy (no head offered) gives the same weights.
-    monkeypatch.undo()
-    monkeypatch.setattr(backend, "ablation_head", lambda *a, **k: None)
+    monkeypatch.setattr(explainer.backend, "ablation_head", lambda *a, **k: None)
     honest = explainer.explain(case.inputs, target=target)
     np.testing.assert_allclose(result.weights, honest.weights, rtol=1e-4, atol=1e-5)
 
@@ -204,12 +186,7 @@ def test_no_ablation_head_when_the_layer_is_not_read_by_a_pooling_alone(kit, kin
     # Every KINDS network runs a convolution (or a token block) on the layer before pooling.
     case = kit.case(kind)
     explainer = anycam.Explainer(case.model, case.layer, method="ablationcam", layout=case.layout, **case.options)
-    capture = explainer.backend.capture(case.inputs, core.parse_target(None), gradients=False)
-    reading = explainer._read_layouts(capture)[1][0]
-    axis = 1 if reading.layout == "channels_first" else -1
-    spec, acts = core.parse_target(None), capture.activations[0]
-    head = explainer.backend.ablation_head(case.inputs, spec, capture.target, acts, axis)
-    assert head is None
+    assert offered_head(explainer, case.inputs)[0] is None
 
 
 @pytest.mark.parametrize("kind", KINDS)

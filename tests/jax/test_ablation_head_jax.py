@@ -18,7 +18,7 @@ import pytest
 from flax import nnx
 
 import anycam
-from anycam import core
+from tests.contract.kit import explain_through_head, offered_head
 from tests.contract.kit_jax import numpy_init
 
 pytestmark = pytest.mark.jax
@@ -82,13 +82,6 @@ def linen(head: str) -> tuple[Net, dict]:
     return model, numpy_init(model, X, np.random.default_rng(0))
 
 
-def _head(explainer: anycam.Explainer, x: jax.Array, target=None):  # type: ignore[no-untyped-def]
-    spec = core.parse_target(target)
-    capture = explainer.backend.capture(x, spec, gradients=False)
-    axis = 1 if explainer.backend.layer_layout == "channels_first" else -1
-    return explainer.backend.ablation_head(x, spec, capture.target, capture.activations[0], axis), capture
-
-
 def _expected_weights(scores_of, x: jax.Array, classes: np.ndarray) -> np.ndarray:  # type: ignore[no-untyped-def]
     """(N, C) (y − y_k) / y with y_k the model's score with channel k zeroed (Desai & Ramaswamy 2020, eq. 3)."""
     rows = np.arange(x.shape[0])
@@ -106,7 +99,7 @@ def test_linen_heads_take_the_closed_form_and_equal_zeroing(head: str, monkeypat
     model, variables = linen(head)
     output = "logits" if head == "dict" else None
     explainer = anycam.Explainer((model, variables), "features", method="ablationcam", output=output)
-    found, capture = _head(explainer, X)
+    found, capture = offered_head(explainer, X)
     assert isinstance(found, anycam.AblationHead)
     acts = capture.activations[0]
     if head == "shifted":
@@ -117,12 +110,8 @@ def test_linen_heads_take_the_closed_form_and_equal_zeroing(head: str, monkeypat
         pooled = acts.sum((1, 2)) * 0.5 if head == "scaled_sum" else acts.max((1, 2))
         np.testing.assert_allclose(found.pooled, pooled, rtol=1e-6, atol=1e-6)
 
-    def no_suffix(*args, **kwargs):  # type: ignore[no-untyped-def]
-        raise AssertionError("the network after the layer ran on ablated copies")
-
-    monkeypatch.setattr(explainer.backend, "ablation_scorer", no_suffix)
     classes = np.array([0, 3, 1])
-    result = explainer.explain(X, target=classes)
+    result, _ = explain_through_head(explainer, X, classes, monkeypatch)
 
     def scores_of(keep: np.ndarray) -> jax.Array:
         out = model.apply(variables, X, jnp.asarray(keep))
@@ -135,7 +124,7 @@ def test_linen_heads_take_the_closed_form_and_equal_zeroing(head: str, monkeypat
 def test_no_head_when_the_layer_is_not_read_by_one_global_pooling_alone(head: str) -> None:
     model, variables = linen(head)
     explainer = anycam.Explainer((model, variables), "features", method="ablationcam")
-    found, _ = _head(explainer, X)
+    found, _ = offered_head(explainer, X)
     assert found is None
     classes = np.array([2, 0, 4])
     result = explainer.explain(X, target=classes)  # the suffix on every copy, still exact
@@ -149,9 +138,9 @@ def test_no_head_when_the_layer_is_not_read_by_one_global_pooling_alone(head: st
 def test_no_head_for_a_layer_input_or_several_layers() -> None:
     model, variables = linen("gap_module")
     # The same tensor as the output of "features": only the output port is read this way.
-    assert _head(anycam.Explainer((model, variables), "features"), X)[0] is not None
-    assert _head(anycam.Explainer((model, variables), "gap:input"), X)[0] is None
-    assert _head(anycam.Explainer((model, variables), ["features", "features/Conv_0"]), X)[0] is None
+    assert offered_head(anycam.Explainer((model, variables), "features"), X)[0] is not None
+    assert offered_head(anycam.Explainer((model, variables), "gap:input"), X)[0] is None
+    assert offered_head(anycam.Explainer((model, variables), ["features", "features/Conv_0"]), X)[0] is None
 
 
 def test_the_head_is_traced_and_compiled_once_per_shapes() -> None:
@@ -232,7 +221,7 @@ def _family(name: str):  # type: ignore[no-untyped-def]
 def test_every_model_family_gives_the_dense_kernel_and_zeroing_weights(name: str) -> None:
     model, layer, x, features, head, kernel = _family(name)
     explainer = anycam.Explainer(model, layer, method="ablationcam", backend="jax")
-    found, _ = _head(explainer, x)
+    found, _ = offered_head(explainer, x)
     assert isinstance(found, anycam.AblationHead)
     np.testing.assert_allclose(found.weight, np.asarray(kernel), rtol=1e-6)
     classes = np.array([1, 4, 0])

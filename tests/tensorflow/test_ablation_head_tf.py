@@ -14,8 +14,8 @@ import tensorflow as tf
 from anycam.backends import _keras
 
 import anycam
-from anycam import core
 
+from ..contract.kit import explain_through_head, offered_head
 from ..contract.kit_tensorflow import ChannelsFirstConv2D
 
 pytestmark = pytest.mark.tensorflow
@@ -117,13 +117,6 @@ def _explainer(structure: Structure, **options: Any) -> anycam.Explainer:
     )
 
 
-def _head(explainer: anycam.Explainer, x: Any) -> anycam.AblationHead | None:
-    target = core.parse_target(None)
-    capture = explainer.backend.capture(x, target, gradients=False)
-    axis = 1 if explainer._read_layouts(capture)[1][0].layout == "channels_first" else -1
-    return explainer.backend.ablation_head(x, target, capture.target, capture.activations[0], axis)
-
-
 def _centred_first_class(output: tf.Tensor) -> tf.Tensor:
     # Reads every sample of the (N, classes) output it is given: right only if applied per copy.
     return output[:, 0] - tf.reduce_mean(output[:, 0]) + 2.0
@@ -150,15 +143,8 @@ def test_a_recognised_head_gives_the_closed_form_equal_to_zeroing(name: str, for
     drops = np.stack([score(structure.outputs(x, k)) for k in range(count)], axis=-1)
     expected = (y[..., None] - drops) / y[..., None]
     explainer = _explainer(structure)  # every copy in one tail call: B > 1 rows per sample
-    backend = explainer.backend
-
-    def suffix(*args: Any, **kwargs: Any) -> Any:
-        raise AssertionError("the network after the layer ran on ablated copies")
-
-    monkeypatch.setattr(backend, "ablation_scorer", suffix)
-    result = explainer.explain(x, target=target)
+    result, _ = explain_through_head(explainer, x, target, monkeypatch)
     np.testing.assert_allclose(result.weights, expected[:, 0], rtol=1e-4, atol=1e-5)
-    assert isinstance(_head(explainer, x), anycam.AblationHead)
 
 
 def test_the_tail_compiles_once_per_target_form_and_shapes() -> None:
@@ -252,7 +238,7 @@ REFUSED = (
 def test_no_head_for_anything_but_a_pooling_alone_then_a_chain(name: str) -> None:
     model, layer, options = _refused(name)
     explainer = anycam.Explainer(model, layer, method="ablationcam", layout="channels_last", **options)
-    assert _head(explainer, batch(2, 6, 8, 3)) is None
+    assert offered_head(explainer, batch(2, 6, 8, 3))[0] is None
 
 
 def test_no_head_for_a_layer_that_runs_twice() -> None:
@@ -268,5 +254,5 @@ def test_no_head_for_a_layer_that_runs_twice() -> None:
 def test_no_head_for_several_layers() -> None:
     structure = _build("sequential: mean → dropout → dense(relu) → dense → softmax")
     x = batch(2, *structure.shape)
-    assert _head(anycam.Explainer(structure.model, "last"), x) is not None
-    assert _head(anycam.Explainer(structure.model, ["last", structure.before[0].name]), x) is None
+    assert offered_head(anycam.Explainer(structure.model, "last"), x)[0] is not None
+    assert offered_head(anycam.Explainer(structure.model, ["last", structure.before[0].name]), x)[0] is None

@@ -3,7 +3,6 @@ closed form equals really zeroing each channel in a hooked full forward (issue 9
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 
 import numpy as np
@@ -13,7 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import anycam
-from anycam import core
+
+from ..contract.kit import explain_through_head, offered_head
 
 CLASSES = 4
 
@@ -110,30 +110,6 @@ def _oracle(model: nn.Module, layer: nn.Module, x: torch.Tensor, score: Callable
     return np.stack(weights, axis=-1)
 
 
-def _explain_through_head(explainer: anycam.Explainer, x: torch.Tensor, target: object, monkeypatch) -> tuple:  # type: ignore[no-untyped-def, type-arg]
-    """Explains with the slow path forbidden; returns (result, the head offered)."""
-    backend = explainer.backend
-    offered = backend.ablation_head
-    heads: list[object] = []
-
-    def spy(*args, **kwargs):  # type: ignore[no-untyped-def]
-        heads.append(offered(*args, **kwargs))
-        return heads[-1]
-
-    def suffix(*args, **kwargs):  # type: ignore[no-untyped-def]
-        raise AssertionError("the network after the layer ran on ablated copies")
-
-    monkeypatch.setattr(backend, "ablation_head", spy)
-    monkeypatch.setattr(backend, "ablation_scorer", suffix)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", anycam.AnycamWarning)
-        warnings.simplefilter("ignore", anycam.ZeroMapWarning)
-        result = explainer.explain(x, target=target)
-    monkeypatch.undo()
-    assert len(heads) == 1 and isinstance(heads[0], anycam.AblationHead)
-    return result, heads[0]
-
-
 def _gather(classes: np.ndarray) -> Callable[[object], torch.Tensor]:
     return lambda output: output.gather(1, torch.as_tensor(classes))  # type: ignore[attr-defined]
 
@@ -146,16 +122,10 @@ def test_pooled_heads_take_the_closed_form_and_equal_zeroing(name: str, monkeypa
     x = _spatial_input(spatial)
     classes = np.array([[0, 2], [1, 3], [3, 1]])
     explainer = anycam.Explainer(model, "features", method="ablationcam", batch_size=4)
-    result, offered = _explain_through_head(explainer, x, classes, monkeypatch)
+    result, offered = explain_through_head(explainer, x, classes, monkeypatch)
     assert (offered.weight is not None) == folds
     expected = _oracle(model, model.features, x, _gather(classes))
     np.testing.assert_allclose(result.weights, expected, rtol=1e-4, atol=1e-5)
-
-
-def _head_of(explainer: anycam.Explainer, x: torch.Tensor) -> anycam.AblationHead | None:
-    spec = core.parse_target(None)
-    capture = explainer.backend.capture(x, spec, gradients=False)
-    return explainer.backend.ablation_head(x, spec, capture.target, capture.activations[0], 1)
 
 
 @pytest.mark.parametrize("name", list(REFUSED))
@@ -164,7 +134,7 @@ def test_no_head_unless_the_layer_is_read_by_one_global_pooling_alone(name: str)
     model = Net(REFUSED[name]).eval()
     x = _spatial_input(2)
     explainer = anycam.Explainer(model, "features", method="ablationcam")
-    assert _head_of(explainer, x) is None
+    assert offered_head(explainer, x)[0] is None
     # The slow path stays exact.
     result = explainer.explain(x, target=1)
     expected = _oracle(model, model.features, x, _gather(np.ones((3, 1), dtype=np.int64)))[:, 0]
@@ -175,18 +145,18 @@ def test_no_head_for_a_float64_model_an_input_port_or_several_layers() -> None:
     torch.manual_seed(0)
     recognised = RECOGNISED["mean method, softmax"][0]
     model, x = Net(recognised).eval(), _spatial_input(2)
-    assert _head_of(anycam.Explainer(model, "features", method="ablationcam"), x) is not None
-    assert _head_of(anycam.Explainer(model.double(), "features", method="ablationcam"), x.double()) is None
+    assert offered_head(anycam.Explainer(model, "features", method="ablationcam"), x)[0] is not None
+    assert offered_head(anycam.Explainer(model.double(), "features", method="ablationcam"), x.double())[0] is None
     model.float()
-    assert _head_of(anycam.Explainer(model, "features.1:input", method="ablationcam"), x) is None
-    assert _head_of(anycam.Explainer(model, ["features", "stem"], method="gradcam"), x) is None
+    assert offered_head(anycam.Explainer(model, "features.1:input", method="ablationcam"), x)[0] is None
+    assert offered_head(anycam.Explainer(model, ["features", "stem"], method="gradcam"), x)[0] is None
 
 
 def test_a_dropout_in_training_mode_is_not_folded_into_the_dense_layer() -> None:
     torch.manual_seed(0)
     model = Net(lambda m, f, s: m.fc(m.drop(f.mean((2, 3))))).eval()
     model.drop.train()
-    head = _head_of(anycam.Explainer(model, "features", method="ablationcam"), _spatial_input(2))
+    head = offered_head(anycam.Explainer(model, "features", method="ablationcam"), _spatial_input(2))[0]
     assert head is not None and head.weight is None
 
 
@@ -206,7 +176,7 @@ def test_the_tail_applies_the_output_selection_and_a_callable_target_per_copy(mo
         return torch.tanh(logits) @ mix + logits.mean(0)[:2]  # a mean over one copy's N rows
 
     explainer = anycam.Explainer(model, "features", method="ablationcam", output="logits", batch_size=4)
-    result, offered = _explain_through_head(explainer, x, target, monkeypatch)
+    result, offered = explain_through_head(explainer, x, target, monkeypatch)
     assert offered.weight is not None
     assert set(seen) == {(3, CLASSES)}  # every call (vmapped or not) saw one copy's (N, classes) logits
     expected = _oracle(model, model.features, x, lambda out: target(out["logits"]))  # type: ignore[index]
@@ -218,7 +188,7 @@ def test_a_tail_that_mixes_the_batch_runs_each_copy_apart(monkeypatch) -> None: 
     model = Net(lambda m, f, s: m.fc(f.mean((2, 3))).softmax(0)).eval()  # a softmax over the samples
     x = _spatial_input(2)
     explainer = anycam.Explainer(model, "features", method="ablationcam", batch_size=12)
-    result, offered = _explain_through_head(explainer, x, 2, monkeypatch)
+    result, offered = explain_through_head(explainer, x, 2, monkeypatch)
     assert offered.weight is not None
     # A softmax over B·N rows would differ: only copies run apart reproduce the oracle.
     expected = _oracle(model, model.features, x, _gather(np.full((3, 1), 2)))[:, 0]
