@@ -1,4 +1,8 @@
-"""Framework adapters, one module per framework; installed as ``anycam.backends``.
+"""Framework adapters, one package per framework; installed as ``anycam.backends``.
+
+``torch/``, ``tensorflow/`` and ``jax/`` hold the same module names (see each package's
+docstring); ``_keras/`` is the Keras 3 structure the three Keras adapters share. Each package
+exports ``backend_for(model)``, the adapter class for a model of that framework.
 
 This module imports no framework. It finds the backend for a model from the model's type, and
 only among frameworks the user has already imported (present in ``sys.modules``): a library
@@ -11,7 +15,7 @@ import importlib
 import sys
 from typing import Any
 
-from anycam._backend import Backend
+from anycam.protocol.backend import Backend
 from anycam._errors import BackendError
 
 NAMES = ("torch", "tensorflow", "jax")
@@ -29,6 +33,11 @@ def _isinstance(obj: Any, module: str, *attrs: str) -> bool:
     for attr in attrs:
         found = getattr(found, attr, None)
     return isinstance(found, type) and isinstance(obj, found)
+
+
+def is_keras(model: Any) -> bool:
+    """True if ``model`` is a Keras 3 layer or model (without importing Keras)."""
+    return _isinstance(model, "keras", "Layer")
 
 
 def _keras_backend(model: Any) -> str | None:
@@ -89,23 +98,19 @@ def detect(model: Any) -> str:
 def load(name: str, model: Any = None) -> type[Backend]:
     """Returns the adapter class of backend ``name`` for ``model``, importing its framework.
 
-    A Keras model on JAX or PyTorch gets that framework's Keras adapter (``keras_jax``,
-    ``keras_torch``); a Keras model on TensorFlow is the ``tensorflow`` adapter's own.
+    The framework package's ``backend_for(model)`` picks the class: a Keras model on JAX or
+    PyTorch gets that framework's Keras adapter (``jax/keras.py``, ``torch/keras.py``).
 
     Raises:
         BackendError: for an unknown name or a framework that cannot be imported.
     """
     if name not in NAMES:
         raise BackendError(f"unknown backend {name!r}; choose one of {', '.join(NAMES)}")
-    module_name = name
-    if name != "tensorflow" and model is not None and _keras_backend(model) is not None:
-        module_name = f"keras_{name}"
     try:
-        module = importlib.import_module(f"{__name__}.{module_name}")
+        package = importlib.import_module(f"{__name__}.{name}")
+        return package.backend_for(model)  # type: ignore[no-any-return]
     except ImportError as exc:
         framework, extra = _INSTALL[name]
         raise BackendError(
             f'backend {name!r} needs {framework}, which failed to import ({exc}); pip install "anycam[{extra}]"'
         ) from exc
-    backend: type[Backend] = module.BACKEND
-    return backend

@@ -1,4 +1,4 @@
-"""Trains the demo CNN once on CPU and writes src/anycam/data/demo.npz.
+"""Trains the demo CNN once on CPU and writes src/anycam/demo/demo.npz.
 
     python scripts/train_demo.py            # a few minutes on 2 cores
 
@@ -18,16 +18,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from anycam.backends.demo_torch import build_demo_model
+from anycam.backends.torch.demo import build_demo_model
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from torch.nn import functional
 
-from anycam.demo_data import NUM_CLASSES, make_canvas_dataset
+from anycam.demo.data import NUM_CLASSES, make_canvas_dataset
 
 SEED = 0
 HELD_OUT = 48
-OUTPUT = Path(__file__).resolve().parents[1] / "src" / "anycam" / "data" / "demo.npz"
+OUTPUT = Path(__file__).resolve().parents[1] / "src" / "anycam" / "demo" / "demo.npz"
 
 
 def held_out_digits(

@@ -10,7 +10,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 import anycam
 import anycam.metrics
-from anycam.demo_data import (
+from anycam.demo.data import (
     BN_EPS,
     DEMO_ARCHITECTURE,
     EXPLAIN_LAYERS,
@@ -212,7 +212,7 @@ def test_no_framework_imported():
     import sys
 
     code = (
-        "import sys, anycam.demo_data, anycam.viz; "
+        "import sys, anycam.demo.data, anycam.viz; "
         "bad = {'torch', 'tensorflow', 'jax', 'sklearn', 'matplotlib', 'PIL'} & set(sys.modules); "
         "assert not bad, bad"
     )

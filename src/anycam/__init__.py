@@ -7,7 +7,7 @@ use. See ``anycam.Explainer``; ``anycam.metrics`` and ``anycam.sanity`` evaluate
 from __future__ import annotations
 
 from . import core, metrics
-from ._backend import AblationHead, Backend, Capture
+from .protocol.backend import AblationHead, Backend, Capture
 from ._errors import (
     AnycamError,
     AnycamWarning,

@@ -62,7 +62,7 @@ class DemoRun:
     """The demo model loaded in several frameworks, explained with several methods."""
 
     def __init__(self, backends: Sequence[str], layer: str) -> None:
-        from .demo_data import load_demo
+        from .demo.data import load_demo
 
         self.demo = load_demo()
         self.layer = layer

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from . import core
-from ._backend import Backend, Capture, as_list
+from .protocol.backend import Backend, Capture, as_list
 from ._errors import AnycamError, ConfigError, ConfigTypeError, ZeroMapWarning, user_stacklevel
 
 

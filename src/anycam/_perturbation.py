@@ -16,10 +16,10 @@ import numpy as np
 
 from . import core
 from ._errors import AnycamWarning, MissingExtraError, TargetError, user_stacklevel
-from ._inputs import looks_spatial, structure_inputs
+from .protocol.inputs import looks_spatial, structure_inputs
 
 if TYPE_CHECKING:
-    from ._backend import AblationHead
+    from .protocol.backend import AblationHead
     from ._explainer import Explainer, Explanation
 
 # Default chunk sizes (float32 values per chunk): about 16 MB of masked inputs for Score-CAM
@@ -84,7 +84,7 @@ def numpy_input(inputs: Any) -> np.ndarray:
 class _MaskedInputs:
     """Score-CAM's view of the inputs: the spatial one is masked, the others follow its rows.
 
-    A model with several inputs (a tuple, list or dict, see ``anycam._inputs``) gets masked
+    A model with several inputs (a tuple, list or dict, see ``anycam.protocol.inputs``) gets masked
     copies of its spatial input together with the matching rows of every other batched input;
     unbatched values (flags, None) pass unchanged.
     """
@@ -190,7 +190,7 @@ def ablationcam(explainer: Explainer, inputs: Any, spec: core.TargetSpec) -> Exp
     channel_axis = 1 if layout == "channels_first" else -1
     batch, channels = activations.shape[0], activations.shape[channel_axis]
     count = capture.scores.shape[1]
-    from ._backend import Backend
+    from .protocol.backend import Backend
 
     # A backend that keeps the part before the layer between chunks (it overrides head_scorer or
     # ablation_scorer) loses nothing by small chunks, and cache-sized ones are faster.
@@ -268,7 +268,7 @@ def guided(explainer: Explainer, inputs: Any, spec: core.TargetSpec) -> Explanat
     (``cam``, ``weights``), upsampled with ``upsample`` (linear if None), times the guided
     gradients of the same targets.
     """
-    from ._backend import Capture
+    from .protocol.backend import Capture
 
     backend = explainer.backend
     input_layout = getattr(backend, "input_layout", "channels_first")

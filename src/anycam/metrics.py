@@ -533,7 +533,7 @@ class _Run:
 
 def _predictor(predict: Any, input_layout: str | None) -> tuple[Predict, str]:
     """Returns the NumPy predict function and the input layout for what the user passed."""
-    from ._backend import Backend
+    from .protocol.backend import Backend
     from ._explainer import Explainer
 
     # An Explainer is itself callable (it returns heatmaps), so it must be recognised first.

@@ -33,16 +33,16 @@ BATCH = 128
 def demo_factory():  # type: ignore[no-untyped-def]
     """The demo CNN, one intra-op thread (module-level so Ray actors can import it)."""
     import torch
-    from anycam.backends.demo_torch import build_demo_model
+    from anycam.backends.torch.demo import build_demo_model
 
-    from anycam.demo_data import load_demo
+    from anycam.demo.data import load_demo
 
     torch.set_num_threads(1)
     return build_demo_model(load_demo()["weights"])
 
 
 def _images(count: int) -> np.ndarray:
-    from anycam.demo_data import load_demo
+    from anycam.demo.data import load_demo
 
     images = load_demo()["images"]
     return np.ascontiguousarray(np.resize(images, (count, *images.shape[1:])))

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 import anycam
-from anycam._inputs import ModelInputs, looks_spatial, structure_inputs
-from anycam._layers import LayerRecord, choose_layer, is_auto, parse_layer
+from anycam.protocol.inputs import ModelInputs, looks_spatial, structure_inputs
+from anycam.protocol.layers import LayerRecord, choose_layer, is_auto, parse_layer
 
 
 def _spatial(value: object) -> bool:

@@ -12,7 +12,7 @@ import pytest
 
 import anycam
 from anycam import backends
-from anycam._backend import Backend
+from anycam.protocol.backend import Backend
 from anycam.metrics import (
     average_drop_increase,
     blur,

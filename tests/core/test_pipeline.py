@@ -243,7 +243,7 @@ def test_core_configuration_errors_are_anycam_errors(call) -> None:
 
 def test_a_missing_output_key_lists_the_keys_and_the_closest():
     """Issue 10, item 15: output='logit' for a dict output names what is there."""
-    from anycam._backend import select_output
+    from anycam.protocol.backend import select_output
 
     with pytest.raises(anycam.TargetError, match=r"its keys are 'logits', 'hidden_states'; closest: 'logits'"):
         select_output({"logits": 1, "hidden_states": 2}, "logit")

@@ -6,11 +6,11 @@ import flax.linen as nn
 import jax
 import numpy as np
 import pytest
-from anycam.backends.demo_jax import INPUT_LAYOUT, build_demo_model
+from anycam.backends.jax.demo import INPUT_LAYOUT, build_demo_model
 
 import anycam
-from anycam.demo_data import BN_EPS, EXPLAIN_LAYERS, load_demo
-from anycam.demo_weights import random_demo_weights
+from anycam.demo.data import BN_EPS, EXPLAIN_LAYERS, load_demo
+from anycam.demo.weights import random_demo_weights
 
 pytestmark = pytest.mark.jax
 

@@ -185,7 +185,7 @@ def test_auto_with_no_map_names_the_modules_considered() -> None:
 def test_auto_on_the_parity_net_picks_stage3() -> None:
     from anycam.backends import demo_jax
 
-    from anycam.demo_data import load_demo
+    from anycam.demo.data import load_demo
 
     data = load_demo()
     module, variables = demo_jax.build_demo_model(data["weights"])

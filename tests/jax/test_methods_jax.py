@@ -87,7 +87,7 @@ def test_the_prefix_runs_once_under_vmap() -> None:
     explainer = anycam.Explainer((model, variables), "mid", method="ablationcam")
     program, params = explainer.backend._model.snapshot()
     x = batch(2, 8, 8, 3)
-    trace = anycam.backends.jax._head_scores.trace
+    trace = anycam.backends.jax.backend._head_scores.trace
     given = jnp.zeros((2, 1), jnp.int32)
     for copies in (1, 16):
         jaxpr = trace(program, ("given",), params, x, jnp.zeros((copies, 2, 8, 8, 4)), given).jaxpr

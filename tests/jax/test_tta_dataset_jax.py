@@ -5,10 +5,10 @@ from __future__ import annotations
 import jax  # noqa: F401  (a broken install fails here, never skips)
 import numpy as np
 import pytest
-from anycam.backends.demo_jax import build_demo_model
+from anycam.backends.jax.demo import build_demo_model
 
 import anycam
-from anycam.demo_data import load_demo
+from anycam.demo.data import load_demo
 
 pytestmark = pytest.mark.jax
 

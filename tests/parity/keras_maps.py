@@ -15,7 +15,7 @@ import sys
 
 import keras
 import numpy as np
-from anycam.backends.demo_keras import build_demo_model
+from anycam.backends._keras.demo import build_demo_model
 
 import anycam
 from anycam import core

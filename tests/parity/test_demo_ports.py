@@ -16,8 +16,8 @@ import pytest
 import torch
 from anycam.backends import demo_jax, demo_tensorflow, demo_torch
 
-from anycam.demo_data import EXPLAIN_LAYERS, load_demo
-from anycam.demo_weights import random_demo_weights
+from anycam.demo.data import EXPLAIN_LAYERS, load_demo
+from anycam.demo.weights import random_demo_weights
 
 pytestmark = pytest.mark.parity
 

@@ -23,8 +23,8 @@ import torch
 from anycam.backends import demo_torch
 
 import anycam
-from anycam.demo_data import load_demo
-from anycam.demo_weights import random_demo_weights
+from anycam.demo.data import load_demo
+from anycam.demo.weights import random_demo_weights
 from tests.parity import keras_maps
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -19,8 +19,8 @@ import torch
 
 import anycam
 from anycam import core
-from anycam.demo_data import load_demo
-from anycam.demo_weights import random_demo_weights
+from anycam.demo.data import load_demo
+from anycam.demo.weights import random_demo_weights
 
 BACKENDS = ("torch", "tensorflow", "jax")
 TARGETS = ("int", "per_sample", "k_per_sample", "top_k", "callable")

@@ -5,11 +5,11 @@ from __future__ import annotations
 import keras
 import numpy as np
 import pytest
-from anycam.backends.demo_tensorflow import INPUT_LAYOUT, build_demo_model
+from anycam.backends.tensorflow.demo import INPUT_LAYOUT, build_demo_model
 
 import anycam
-from anycam.demo_data import BN_EPS, EXPLAIN_LAYERS, load_demo
-from anycam.demo_weights import demo_weight_shapes, random_demo_weights
+from anycam.demo.data import BN_EPS, EXPLAIN_LAYERS, load_demo
+from anycam.demo.weights import demo_weight_shapes, random_demo_weights
 
 pytestmark = pytest.mark.tensorflow
 

@@ -6,10 +6,10 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from anycam.backends.demo_tensorflow import build_demo_model
+from anycam.backends.tensorflow.demo import build_demo_model
 
 import anycam
-from anycam.demo_data import load_demo
+from anycam.demo.data import load_demo
 
 pytestmark = pytest.mark.tensorflow
 

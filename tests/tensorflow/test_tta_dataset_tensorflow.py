@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import tensorflow  # noqa: F401  (a broken install fails here, never skips)
-from anycam.backends.demo_tensorflow import build_demo_model
+from anycam.backends.tensorflow.demo import build_demo_model
 
 import anycam
-from anycam.demo_data import load_demo
+from anycam.demo.data import load_demo
 
 pytestmark = pytest.mark.tensorflow
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from anycam.backends.demo_torch import build_demo_model
+from anycam.backends.torch.demo import build_demo_model
 from torch import nn
 
 import anycam

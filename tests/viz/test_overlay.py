@@ -111,7 +111,7 @@ def test_save_round_trips_png(tmp_path, image, heat):
 
 
 def test_demo_picture_end_to_end(tmp_path):
-    from anycam.demo_data import load_demo
+    from anycam.demo.data import load_demo
 
     demo = load_demo()
     image = demo["images"][0, 0]

@@ -1,7 +1,7 @@
 """The shipped demo: cluttered-digit canvases, a small trained CNN's weights, and the pointing game.
 
 Pure NumPy, so the demo data, the weights and the metric are usable from any framework (or none):
-``load_demo()`` reads ``anycam/data/demo.npz``; ``backends/demo_torch.py`` builds the network in
+``load_demo()`` reads ``anycam/demo/demo.npz``; ``backends/torch/demo.py`` builds the network in
 PyTorch, and the Keras and Flax ports follow ``DEMO_ARCHITECTURE`` below. The npz is written by
 ``scripts/train_demo.py`` (scikit-learn's 8×8 digits; nothing is downloaded). ``pointing_game`` is
 ``anycam.metrics.pointing_game``, re-exported: score a batch of heatmaps against ``boxes``.
@@ -21,8 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from ._errors import InputError
-from .metrics import pointing_game
+from .._errors import InputError
+from ..metrics import pointing_game
 
 __all__ = [
     "BN_EPS",
@@ -207,7 +207,7 @@ def load_demo() -> dict[str, Any]:
         an oracle for ports), ``"accuracy"`` (float, its accuracy on these images) and
         ``"test_accuracy"`` (its accuracy on 1080 canvases of all 360 held-out test digits).
     """
-    resource = importlib.resources.files("anycam") / "data" / "demo.npz"
+    resource = importlib.resources.files("anycam.demo") / "demo.npz"
     with resource.open("rb") as handle, np.load(handle, allow_pickle=False) as archive:
         arrays = {name: archive[name] for name in archive.files}
     weights = {name.removeprefix("weights/"): array for name, array in arrays.items() if name.startswith("weights/")}

@@ -26,14 +26,14 @@ from typing import Any
 
 import torch
 
-from anycam._backend import Capture, check_options
+from anycam.protocol.backend import Capture, check_options
 from anycam._errors import AnycamError, InputError, LayerError
-from anycam._inputs import Key, ModelInputs
-from anycam._layers import choose_layer, is_auto
+from anycam.protocol.inputs import Key, ModelInputs
+from anycam.protocol.layers import choose_layer, is_auto
 from anycam.core import TargetSpec, spatial_shape
 
-from . import _keras
-from .torch import TorchBackend
+from .. import _keras
+from .backend import TorchBackend
 
 
 def _is_feature(value: Any) -> bool:

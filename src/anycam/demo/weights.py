@@ -19,8 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from ._errors import InputError
-from .demo_data import NUM_CLASSES
+from .._errors import InputError
+from .data import NUM_CLASSES
 
 __all__ = ["SPATIAL_DIMS", "check_demo_weights", "demo_weight_shapes", "random_demo_weights"]
 

@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from ._errors import InputError
+from .._errors import InputError
 
 Key = int | str
 """An input's name: its position among the positional args, or its keyword."""

@@ -1,4 +1,4 @@
-"""The demo CNN of ``anycam.demo_data.DEMO_ARCHITECTURE`` in Keras 3, on any Keras backend, 1-D, 2-D or 3-D.
+"""The demo CNN of ``anycam.demo.data.DEMO_ARCHITECTURE`` in Keras 3, on any Keras backend, 1-D, 2-D or 3-D.
 
 Keras-only code (no framework import): the same definition is the TensorFlow port
 (``demo_tensorflow``) and, under ``KERAS_BACKEND=jax`` or ``torch``, the model with which the
@@ -21,8 +21,8 @@ from collections.abc import Mapping
 import keras
 import numpy as np
 
-from anycam.demo_data import BN_EPS, NUM_CLASSES
-from anycam.demo_weights import check_demo_weights, demo_weight_shapes
+from anycam.demo.data import BN_EPS, NUM_CLASSES
+from anycam.demo.weights import check_demo_weights, demo_weight_shapes
 
 INPUT_LAYOUT = "channels_last"
 """The port takes ``(N, 64, 64, 1)`` batches: ``load_demo()["images"].transpose(0, 2, 3, 1)`` (``(N, *S, C)``)."""

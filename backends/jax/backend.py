@@ -52,7 +52,7 @@ import numpy as np
 from jax.experimental import checkify
 from jax.extend import core as jax_core
 
-from anycam._backend import AblationHead, Backend, Capture, check_options, select_output
+from anycam.protocol.backend import AblationHead, Backend, Capture, check_options, select_output
 from anycam._errors import (
     AnycamError,
     BackendError,
@@ -63,8 +63,8 @@ from anycam._errors import (
     closest,
     user_stacklevel,
 )
-from anycam._inputs import structure_inputs
-from anycam._layers import LayerRecord, choose_layer, is_auto, parse_layer
+from anycam.protocol.inputs import structure_inputs
+from anycam.protocol.layers import LayerRecord, choose_layer, is_auto, parse_layer
 from anycam.core import (
     TargetSpec,
     check_batch,
@@ -1771,6 +1771,7 @@ class JaxBackend(Backend):
     """
 
     name = "jax"
+    capabilities = frozenset({"input_scores", "head_scores", "ablation_head", "guided_gradients", "randomize"})
 
     def __init__(
         self,
@@ -2332,6 +2333,3 @@ class JaxBackend(Backend):
         program, params = self._model.snapshot()
         output, _ = self._run(lambda: _forward(program, params, x), x)
         return _to_numpy(jax.device_get(output))
-
-
-BACKEND = JaxBackend

@@ -1,4 +1,4 @@
-"""The demo CNN of ``anycam.demo_data.DEMO_ARCHITECTURE`` in Flax linen, 1-D, 2-D or 3-D.
+"""The demo CNN of ``anycam.demo.data.DEMO_ARCHITECTURE`` in Flax linen, 1-D, 2-D or 3-D.
 
 The modules nest as torch's do, so a Flax module path is the torch path with "." → "/"
 (``stage3/block/conv1``) and each stage is its own submodule whose ``__call__`` returns the
@@ -7,7 +7,7 @@ output. Every conv pads ``((1, 1),) * d`` explicitly: Flax's ``"SAME"`` pads str
 on the far side and would shift the pixel grid against torch's. The BatchNorms always use their
 running statistics, so ``module.apply(variables, x)`` is inference with no ``mutable`` or flags.
 
->>> from anycam.demo_data import load_demo
+>>> from anycam.demo.data import load_demo
 >>> demo = load_demo()
 >>> module, variables = build_demo_model(demo["weights"])
 >>> module.apply(variables, demo["images"][:2].transpose(0, 2, 3, 1)).shape
@@ -24,8 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from anycam.demo_data import BN_EPS, NUM_CLASSES
-from anycam.demo_weights import check_demo_weights, random_demo_weights
+from anycam.demo.data import BN_EPS, NUM_CLASSES
+from anycam.demo.weights import check_demo_weights, random_demo_weights
 
 INPUT_LAYOUT = "channels_last"
 """The port takes ``(N, 64, 64, 1)`` batches: ``load_demo()["images"].transpose(0, 2, 3, 1)`` (``(N, *S, C)``)."""

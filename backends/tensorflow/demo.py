@@ -1,4 +1,4 @@
-"""The demo CNN of ``anycam.demo_data.DEMO_ARCHITECTURE`` in Keras 3 (on TensorFlow), 1-D, 2-D or 3-D.
+"""The demo CNN of ``anycam.demo.data.DEMO_ARCHITECTURE`` in Keras 3 (on TensorFlow), 1-D, 2-D or 3-D.
 
 A Functional ``keras.Model``, so every layer has an ``.output`` to explain. Layer names are the
 torch module paths with "." → "_" (``stage3_block_conv1``), except that each stage's final ReLU
@@ -9,7 +9,7 @@ pixel grid against torch's. The BatchNorms are frozen (``trainable=False``), whi
 as "always inference mode", so ``model(x)``, ``model(x, training=True)`` and ``fit`` all use the
 running statistics, as torch's ``eval()`` does.
 
->>> from anycam.demo_data import load_demo
+>>> from anycam.demo.data import load_demo
 >>> demo = load_demo()
 >>> model = build_demo_model(demo["weights"])
 >>> model(demo["images"][:2].transpose(0, 2, 3, 1)).shape
@@ -28,7 +28,7 @@ import tensorflow as tf  # noqa: F401  # Keras' TensorFlow backend; fails early 
 
 from anycam._errors import BackendError
 
-from . import demo_keras
+from .._keras import demo as demo_keras
 
 INPUT_LAYOUT = demo_keras.INPUT_LAYOUT
 """The port takes ``(N, 64, 64, 1)`` batches: ``load_demo()["images"].transpose(0, 2, 3, 1)`` (``(N, *S, C)``)."""
@@ -49,6 +49,6 @@ def build_demo_model(
         raise BackendError(
             f"Keras is running on its {active!r} backend, but this is the demo's TensorFlow port: set "
             "KERAS_BACKEND=tensorflow before the first `import keras`, or build the same model on any "
-            "Keras backend with anycam.backends.demo_keras.build_demo_model"
+            "Keras backend with anycam.backends._keras.demo.build_demo_model"
         )
     return demo_keras.build_demo_model(weights, spatial_dims=spatial_dims, in_channels=in_channels)

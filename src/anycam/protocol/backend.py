@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from .core.targets import TargetSpec
+from ..core.targets import TargetSpec
 
 
 @dataclass(frozen=True)
@@ -81,8 +81,25 @@ class AblationHead:
     bias: np.ndarray | None = None
 
 
+CAPABILITIES: Mapping[str, tuple[str, ...]] = {
+    "input_scores": ("input_scores",),
+    "head_scores": ("head_scores", "head_scorer", "ablation_scorer"),
+    "ablation_head": ("ablation_head",),
+    "guided_gradients": ("guided_gradients",),
+    "randomize": ("parameter_layers", "randomized"),
+}
+"""The optional capabilities an adapter may declare, each with the verbs that implement it.
+
+``capture`` and ``predict`` are required of every adapter. ``input_scores`` serves Score-CAM
+and the metrics, ``head_scores`` Ablation-CAM's copies (any one of its three verbs will do: the
+others have defaults built on it), ``ablation_head`` Ablation-CAM's closed form (optional: the
+copies are the fallback), ``guided_gradients`` the guided methods, ``randomize`` the sanity check
+(both verbs).
+"""
+
+
 class Backend(abc.ABC):
-    """One framework's adapter. Subclasses live in ``backends/<name>.py`` as ``BACKEND``.
+    """One framework's adapter: ``backends/<name>/backend.py``, found by ``<name>.backend_for(model)``.
 
     Args (of every subclass's constructor):
         model: the framework model.
@@ -92,13 +109,21 @@ class Backend(abc.ABC):
         input_layout: the input's layout, or None for the framework's convention.
         **options: backend-specific options; unknown ones raise ``anycam.ConfigTypeError`` (a
             ``TypeError``). Backends that take several inputs accept ``spatial_input=`` and ``model_kwargs=`` (see
-            ``anycam._inputs.structure_inputs``, which turns each call's inputs into one form).
+            ``anycam.protocol.inputs.structure_inputs``, which turns each call's inputs into one form).
 
-    A layer is a name (``"name:input"`` for the layer's input, see ``anycam._layers``), a layer
-    object, or None / ``"auto"`` for the automatic choice (``anycam._layers.choose_layer``).
+    A layer is a name (``"name:input"`` for the layer's input, see ``anycam.protocol.layers``), a layer
+    object, or None / ``"auto"`` for the automatic choice (``anycam.protocol.layers.choose_layer``).
     """
 
     name: ClassVar[str]
+
+    capabilities: ClassVar[frozenset[str]] = frozenset()
+    """The optional capabilities (keys of :data:`CAPABILITIES`) this adapter implements. The
+    Explainer refuses a method whose capability is missing before any work; a subclass that
+    declares one without overriding its verbs fails when the class is defined."""
+
+    input_layout: str = "channels_first"
+    """The layout of the (spatial) input, ``"channels_first"`` or ``"channels_last"``."""
 
     layer_names: tuple[str, ...]
     """The resolved names; empty until the first call when the layer is chosen automatically
@@ -106,6 +131,24 @@ class Backend(abc.ABC):
 
     auto_layer: bool = False
     """Whether the layer was chosen (or is to be chosen) by the automatic rule."""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        unknown = sorted(set(cls.capabilities) - set(CAPABILITIES))
+        if unknown:
+            raise TypeError(f"{cls.__qualname__} declares unknown capabilities {unknown}; known: {sorted(CAPABILITIES)}")
+        for capability in cls.capabilities:
+            verbs = CAPABILITIES[capability]
+            overridden = [verb for verb in verbs if getattr(cls, verb) is not getattr(Backend, verb)]
+            complete = bool(overridden) if capability == "head_scores" else len(overridden) == len(verbs)
+            if not complete:
+                raise TypeError(
+                    f"{cls.__qualname__} declares {capability!r} but does not implement {', '.join(verbs)}"
+                )
+
+    def can(self, capability: str) -> bool:
+        """Whether this adapter declares ``capability`` (a key of :data:`CAPABILITIES`)."""
+        return capability in self.capabilities
 
     @abc.abstractmethod
     def __init__(
@@ -188,7 +231,7 @@ class Backend(abc.ABC):
         output are built in NumPy and moved into the framework (at a late layer that is most of
         the cost: the suffix itself is small).
         """
-        from .core.perturbation import ablated_copies
+        from ..core.perturbation import ablated_copies
 
         scorer = self.head_scorer(inputs, target, indices)
         # One buffer for every chunk of this explanation: no fresh allocation (and page faults)
@@ -304,7 +347,7 @@ def select_output(output: Any, selector: Any) -> Any:
         anycam.TargetError: if the output is a container and no selector was given, or the
             selector does not fit it.
     """
-    from ._errors import TargetError
+    from .._errors import TargetError
 
     if selector is None:
         if isinstance(output, (tuple, list, dict)):
@@ -329,7 +372,7 @@ def select_output(output: Any, selector: Any) -> Any:
 
 def _parts(output: Any, selector: Any) -> str:
     """Lists what a container output offers, and the closest name to ``selector``."""
-    from ._errors import closest
+    from .._errors import closest
 
     if isinstance(output, Mapping):
         names = [str(key) for key in output]
@@ -357,7 +400,7 @@ def as_list(layer: Any) -> list[Any]:
     Raises:
         anycam.LayerError: for an empty list.
     """
-    from ._errors import LayerError
+    from .._errors import LayerError
 
     if isinstance(layer, list):
         if not layer:
@@ -368,7 +411,7 @@ def as_list(layer: Any) -> list[Any]:
 
 def check_options(backend: str, options: dict[str, Any], known: Sequence[str]) -> None:
     """Raises ``anycam.ConfigTypeError`` (a TypeError) for unknown options, listing the known ones."""
-    from ._errors import ConfigTypeError
+    from .._errors import ConfigTypeError
 
     unknown = sorted(set(options) - set(known))
     if unknown:

@@ -16,7 +16,7 @@ How a capture runs:
 * ``"name:input"`` explains what flows *into* a module: a forward *pre*-hook captures its first
   positional argument the same way (the input of ``avgpool`` is the post-activation map even
   when the activation module is shared and runs several times).
-* Inputs are one structure (``anycam._inputs``): a tensor, a tuple/list (positional), a dict
+* Inputs are one structure (``anycam.protocol.inputs``): a tensor, a tuple/list (positional), a dict
   (keywords) and constant ``model_kwargs``; every tensor is converted and checked on its own.
 * ``nn.DataParallel``, ``DistributedDataParallel`` and ``torch.compile`` wrappers are unwrapped:
   the original module runs eagerly on its own device (hooks on a compiled graph would recompile
@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from anycam._backend import AblationHead, Backend, Capture, check_options, select_output
+from anycam.protocol.backend import AblationHead, Backend, Capture, check_options, select_output
 from anycam._errors import (
     AnycamError,
     AnycamWarning,
@@ -49,8 +49,8 @@ from anycam._errors import (
     closest,
     user_stacklevel,
 )
-from anycam._inputs import Key, ModelInputs, looks_spatial, structure_inputs
-from anycam._layers import LayerRecord, choose_layer, is_auto, parse_layer
+from anycam.protocol.inputs import Key, ModelInputs, looks_spatial, structure_inputs
+from anycam.protocol.layers import LayerRecord, choose_layer, is_auto, parse_layer
 from anycam.core import (
     TargetSpec,
     check_batch,
@@ -61,8 +61,8 @@ from anycam.core import (
     spatial_shape,
 )
 
-from .torch_guided import GuidedMode
-from .torch_head import GraphSplit, batched, copies_scorer, graph_split, pooled_head, to_scores
+from .guided import GuidedMode
+from .head import GraphSplit, batched, copies_scorer, graph_split, pooled_head, to_scores
 
 
 def _to_numpy(tensor: torch.Tensor) -> np.ndarray:
@@ -204,6 +204,7 @@ class TorchBackend(Backend):
     """
 
     name = "torch"
+    capabilities = frozenset({"input_scores", "head_scores", "ablation_head", "guided_gradients", "randomize"})
 
     def __init__(
         self,
@@ -957,6 +958,3 @@ class TorchBackend(Backend):
         structure = self._structure(inputs)
         with torch.inference_mode(False), torch.no_grad():
             return _to_numpy(select_output(self._call(structure), self.output))
-
-
-BACKEND = TorchBackend

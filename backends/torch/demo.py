@@ -1,11 +1,11 @@
-"""The demo CNN of ``anycam.demo_data.DEMO_ARCHITECTURE`` in PyTorch, as a 1-D, 2-D or 3-D network.
+"""The demo CNN of ``anycam.demo.data.DEMO_ARCHITECTURE`` in PyTorch, as a 1-D, 2-D or 3-D network.
 
 ``spatial_dims=2`` is the shipped image model; 1 and 3 swap every ``Conv2d``/``BatchNorm2d``
 for its 1-D/3-D sibling and average over every spatial axis, keeping the module names, so one
-weight dict (``anycam.demo_weights.random_demo_weights``) fits the PyTorch, Keras and Flax ports.
+weight dict (``anycam.demo.weights.random_demo_weights``) fits the PyTorch, Keras and Flax ports.
 
->>> from anycam.demo_data import load_demo
->>> from anycam.backends.demo_torch import build_demo_model
+>>> from anycam.demo.data import load_demo
+>>> from anycam.backends.torch.demo import build_demo_model
 >>> demo = load_demo()
 >>> model = build_demo_model(demo["weights"])
 >>> model(torch.from_numpy(demo["images"][:2])).shape
@@ -23,8 +23,8 @@ import torch
 from torch import nn
 
 from anycam._errors import InputError
-from anycam.demo_data import BN_EPS, NUM_CLASSES
-from anycam.demo_weights import demo_weight_shapes
+from anycam.demo.data import BN_EPS, NUM_CLASSES
+from anycam.demo.weights import demo_weight_shapes
 
 INPUT_LAYOUT = "channels_first"
 """The demo model takes ``(N, 1, 64, 64)`` batches, as ``load_demo()["images"]`` (``(N, C, *S)`` in general)."""

@@ -367,10 +367,10 @@ def layer_records(
     subclassed model inherit their parent's answer.
 
     Returns:
-        ``(records, layers)``: ``anycam._layers.LayerRecord`` per layer that ran, and the layer
+        ``(records, layers)``: ``anycam.protocol.layers.LayerRecord`` per layer that ran, and the layer
         object of every path.
     """
-    from anycam._layers import LayerRecord
+    from anycam.protocol.layers import LayerRecord
 
     paths = layer_paths(model)
     names: dict[int, str] = {}
@@ -696,7 +696,7 @@ def resolve_spec(model: Any, layer: Any) -> tuple[str, Any, str]:
     Raises:
         anycam.LayerError: the layer is not in the model, or ``"auto"`` is part of a list.
     """
-    from anycam._layers import is_auto, parse_layer
+    from anycam.protocol.layers import is_auto, parse_layer
 
     if is_auto(layer):
         raise LayerError("layer='auto' (or None) chooses one layer; it cannot be part of a list")

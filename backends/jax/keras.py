@@ -28,13 +28,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from anycam._backend import Capture, check_options
+from anycam.protocol.backend import Capture, check_options
 from anycam._errors import BackendError, ConfigTypeError
-from anycam._layers import choose_layer, is_auto
+from anycam.protocol.layers import choose_layer, is_auto
 from anycam.core import TargetSpec, spatial_shape
 
-from . import _keras
-from .jax import JaxBackend, _Inputs, _Model, _Program, _Taps
+from .. import _keras
+from .backend import JaxBackend, _Inputs, _Model, _Program, _Taps
 
 
 class _KerasProgram(_Program):
@@ -183,6 +183,3 @@ class KerasJaxBackend(JaxBackend):
         clone._model = _keras_model(duplicate, clone.layers, self.layer_names, self.ports, self._kwargs, self.output)
         clone._traced = {}
         return clone
-
-
-BACKEND = KerasJaxBackend

@@ -60,7 +60,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from anycam._backend import AblationHead, Backend, Capture, check_options, select_output
+from anycam.protocol.backend import AblationHead, Backend, Capture, check_options, select_output
 from anycam._errors import (
     AnycamError,
     BackendError,
@@ -70,8 +70,8 @@ from anycam._errors import (
     TargetError,
     user_stacklevel,
 )
-from anycam._inputs import Key, ModelInputs, structure_inputs
-from anycam._layers import choose_layer, is_auto
+from anycam.protocol.inputs import Key, ModelInputs, structure_inputs
+from anycam.protocol.layers import choose_layer, is_auto
 from anycam.core import (
     TargetSpec,
     check_batch,
@@ -81,7 +81,7 @@ from anycam.core import (
     spatial_shape,
 )
 
-from . import _keras
+from .. import _keras
 
 _CALLABLE_TRACES = 8  # compiled captures kept per program for callable targets (LRU)
 _PROGRAMS_PER_MODEL = 16  # (layers, output selector) combinations kept per model (LRU)
@@ -631,6 +631,7 @@ class TensorFlowBackend(Backend):
     """
 
     name = "tensorflow"
+    capabilities = frozenset({"input_scores", "head_scores", "ablation_head", "guided_gradients", "randomize"})
 
     def __init__(
         self,
@@ -1281,6 +1282,3 @@ def _guided_results(
             stacklevel=user_stacklevel(),
         )
     return _resolved_targets(scores, chosen, outputs, target, batch)
-
-
-BACKEND = TensorFlowBackend

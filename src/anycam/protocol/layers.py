@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ._errors import LayerError
+from .._errors import LayerError
 
 AUTO = "auto"
 PORTS = ("output", "input")
