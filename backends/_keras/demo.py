@@ -1,7 +1,7 @@
 """The demo CNN of ``anycam.demo.data.DEMO_ARCHITECTURE`` in Keras 3, on any Keras backend, 1-D, 2-D or 3-D.
 
 Keras-only code (no framework import): the same definition is the TensorFlow port
-(``demo_tensorflow``) and, under ``KERAS_BACKEND=jax`` or ``torch``, the model with which the
+(``tensorflow.demo``) and, under ``KERAS_BACKEND=jax`` or ``torch``, the model with which the
 parity tests check that Keras on JAX and PyTorch gives TensorFlow's maps.
 
 A Functional ``keras.Model``, so every layer has an ``.output`` to explain. Layer names are the

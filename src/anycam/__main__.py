@@ -50,7 +50,7 @@ def _choose_backends(requested: str) -> list[str]:
 def _load_model(backend: str, weights: dict[str, np.ndarray]) -> tuple[Any, str]:
     """Returns the demo model in ``backend`` and the input layout it expects."""
     with quiet_native_logs():  # importing TensorFlow writes C++ log lines
-        module = importlib.import_module(f"anycam.backends.demo_{backend}")
+        module = importlib.import_module(f"anycam.backends.{backend}.demo")
         return module.build_demo_model(weights), module.INPUT_LAYOUT
 
 

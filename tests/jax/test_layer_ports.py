@@ -183,7 +183,7 @@ def test_auto_with_no_map_names_the_modules_considered() -> None:
 
 
 def test_auto_on_the_parity_net_picks_stage3() -> None:
-    from anycam.backends import demo_jax
+    from anycam.backends.jax import demo as demo_jax
 
     from anycam.demo.data import load_demo
 

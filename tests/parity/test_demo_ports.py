@@ -14,7 +14,9 @@ import keras
 import numpy as np
 import pytest
 import torch
-from anycam.backends import demo_jax, demo_tensorflow, demo_torch
+from anycam.backends.jax import demo as demo_jax
+from anycam.backends.tensorflow import demo as demo_tensorflow
+from anycam.backends.torch import demo as demo_torch
 
 from anycam.demo.data import EXPLAIN_LAYERS, load_demo
 from anycam.demo.weights import random_demo_weights

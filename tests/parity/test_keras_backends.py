@@ -5,7 +5,7 @@ Keras fixes its backend when it is first imported, so each backend runs in its o
 once). Each builds the demo net from one ``.npz`` of weights that this test writes, explains it
 with ``anycam.Explainer(model, layer, method=...)`` for every target form, method and layer spec,
 and returns the maps. The TensorFlow maps are in turn compared with the PyTorch port of the same
-net (``demo_torch``) explained in this process: three frameworks' autodiff, one answer.
+net (``torch.demo``) explained in this process: three frameworks' autodiff, one answer.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import keras
 import numpy as np
 import pytest
 import torch
-from anycam.backends import demo_torch
+from anycam.backends.torch import demo as demo_torch
 
 import anycam
 from anycam.demo.data import load_demo
@@ -145,7 +145,7 @@ def test_keras_maps_equal_the_pytorch_port(runs: dict[str, dict[str, np.ndarray]
 
 @pytest.mark.parametrize("backend", ["jax", "torch"])
 def test_a_keras_model_on_tensorflow_is_not_taken_for_another_framework(backend: str) -> None:
-    from anycam.backends import demo_tensorflow
+    from anycam.backends.tensorflow import demo as demo_tensorflow
 
     model = demo_tensorflow.build_demo_model()
     assert anycam.Explainer(model, "stage3").backend.name == "tensorflow"

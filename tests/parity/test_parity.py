@@ -48,7 +48,7 @@ class Family:
     def __init__(self, weights: dict[str, np.ndarray], spatial_dims: int = 2, in_channels: int = 1) -> None:
         self.models = {}
         for backend in BACKENDS:
-            module = importlib.import_module(f"anycam.backends.demo_{backend}")
+            module = importlib.import_module(f"anycam.backends.{backend}.demo")
             model = module.build_demo_model(weights, spatial_dims=spatial_dims, in_channels=in_channels)
             self.models[backend] = (model, module.INPUT_LAYOUT)
 
