@@ -5,7 +5,9 @@ One spelling everywhere: backend name = pip extra = module in backends/ = sessio
 
 from __future__ import annotations
 
+import ast
 import os
+from pathlib import Path
 
 import nox
 
@@ -20,7 +22,18 @@ GROUPS = PROJECT["dependency-groups"]  # test-<backend>: what only that backend'
 DOCS = nox.project.dependency_groups(PROJECT, "docs")
 PICTURES = nox.project.dependency_groups(PROJECT, "pictures")
 BENCH_PEERS = nox.project.dependency_groups(PROJECT, "bench-peers")
-BACKENDS = ("torch", "tensorflow", "jax")
+
+
+def _backend_names() -> tuple[str, ...]:
+    """``anycam.backends.NAMES``, read from the source: the one list of backends (nox cannot import anycam)."""
+    tree = ast.parse(Path(__file__).with_name("backends").joinpath("__init__.py").read_text())
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "NAMES" for t in node.targets):
+            return tuple(ast.literal_eval(node.value))
+    raise RuntimeError("backends/__init__.py defines no NAMES")
+
+
+BACKENDS = _backend_names()
 QUIET = {"TF_CPP_MIN_LOG_LEVEL": "2"}
 # Every install goes through one constraints file: it pins the torch the sessions test against
 # (this machine's CPU build) without pinning it in the package metadata. ANYCAM_CONSTRAINTS
@@ -92,10 +105,11 @@ def dataset(session: nox.Session) -> None:
 
 @nox.session
 def lint(session: nox.Session) -> None:
-    """ruff and mypy."""
-    session.install(*CONSTRAINTS, "-e", ".", *LINT)
+    """ruff, mypy over src/ and backends/ (against the frameworks' own types), the architecture test."""
+    session.install(*CONSTRAINTS, "-e", ".[all]", *LINT, *TEST)
     session.run("ruff", "check", "src", "backends", "tests", "noxfile.py")
     session.run("mypy")
+    session.run("pytest", "tests/core/test_architecture.py", *session.posargs)
 
 
 @nox.session
