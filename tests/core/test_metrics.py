@@ -12,7 +12,6 @@ import pytest
 
 import anycam
 from anycam import backends
-from anycam.protocol.backend import Backend
 from anycam.metrics import (
     average_drop_increase,
     blur,
@@ -21,6 +20,7 @@ from anycam.metrics import (
     insertion,
     pointing_game,
 )
+from anycam.protocol.backend import Backend
 
 
 @pytest.fixture

@@ -32,10 +32,10 @@ from typing import Any
 
 import numpy as np
 
-from ._errors import AnycamError, InputError, require
-from ._explainer import Explainer
-from .dataset import _check_fields, _Keys, _parse, _Runner
-from .tta import TTAExplainer
+from .._errors import AnycamError, InputError, require
+from ..explain.explainer import Explainer
+from ..explain.tta import TTAExplainer
+from .runner import Keys, Runner, check_fields, parse_batch
 
 # Importing anycam.ray is the user's statement that Ray is wanted: fail here, clearly.
 ray = require("ray", "ray", "anycam.ray")
@@ -94,8 +94,8 @@ class BatchExplainer:
         if scales is not None or flip:
             explainer = TTAExplainer(explainer, scales if scales is not None else (1.0,), flip=flip, combine=combine)
         self.explainer = explainer
-        self._keys = _Keys(input_key, id_key, target_key, "regions")
-        self._runner = _Runner(explainer, target, _check_fields(fields), heatmap_dtype, None, self._keys)
+        self._keys = Keys(input_key, id_key, target_key, "regions")
+        self._runner = Runner(explainer, target, check_fields(fields), heatmap_dtype, None, self._keys)
 
     def __call__(self, batch: Mapping[str, Any]) -> dict[str, np.ndarray]:
         """Returns ``{"id": (B,), field: (B, ...)}`` for one batch of rows."""
@@ -109,7 +109,7 @@ class BatchExplainer:
                 f"the batch has no id column {self._keys.id!r} (columns: {sorted(batch)}); give each row an id, "
                 "e.g. id_key='path' with read_images(include_paths=True)"
             )
-        parsed = _parse(batch, self._keys, 0)
+        parsed = parse_batch(batch, self._keys, 0)
         inputs = np.asarray(parsed.inputs)
         if inputs.dtype == object:
             raise InputError(
