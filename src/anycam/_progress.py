@@ -10,6 +10,7 @@ is not installed. tqdm is optional: ``pip install tqdm`` (it comes with ``anycam
 from __future__ import annotations
 
 import contextlib
+import importlib
 from collections.abc import Iterator
 from typing import Any, Protocol
 
@@ -48,6 +49,8 @@ def progress_bar(progress: bool | None, total: int | None, desc: str, unit: str,
     bar: Any = None
     if progress is not False:
         try:
+            # The package first: its absence must show even where tqdm.auto was imported before.
+            importlib.import_module("tqdm")
             from tqdm.auto import tqdm
         except ImportError:
             if progress:
