@@ -53,11 +53,9 @@ def core(session: nox.Session) -> None:
         "tests/docs",
         "--doctest-modules",
         "src/anycam/core",
-        "src/anycam/metrics.py",
-        "src/anycam/streaming.py",
-        "src/anycam/sanity.py",
-        "src/anycam/demo_weights.py",
-        "src/anycam/_layers.py",
+        "src/anycam/metrics",
+        "src/anycam/demo/weights.py",
+        "src/anycam/protocol/layers.py",
         *session.posargs,
     )
 

@@ -1,13 +1,12 @@
 """anycam: Grad-CAM for PyTorch, TensorFlow/Keras and JAX from one pure-NumPy core.
 
 ``import anycam`` imports no framework; the adapter for a model's framework is loaded on first
-use. See ``anycam.Explainer``; ``anycam.metrics`` and ``anycam.sanity`` evaluate explanations.
+use. See ``anycam.Explainer``; ``anycam.metrics`` and ``anycam.sanity_check`` evaluate explanations.
 """
 
 from __future__ import annotations
 
 from . import core, metrics
-from .protocol.backend import AblationHead, Backend, Capture
 from ._errors import (
     AnycamError,
     AnycamWarning,
@@ -22,14 +21,13 @@ from ._errors import (
     TrainingModeWarning,
     ZeroMapWarning,
 )
-from ._explainer import Explainer, Explanation
 from .core.targets import top_k
 from .dataset import ExplanationStore, StoreMismatchError, StoreWriteError, explain_dataset
-from .plotting import plot
-from .sanity import SanityResult, sanity_check
-from .streaming import StreamingMetrics
-from .tta import TTAExplainer
-from .viz import overlay, save
+from .explain import Explainer, Explanation, TTAExplainer
+from .metrics.sanity import SanityResult, sanity_check
+from .metrics.streaming import StreamingMetrics
+from .protocol.backend import AblationHead, Backend, Capture
+from .viz import overlay, plot, save
 
 __version__ = "0.1.0"
 

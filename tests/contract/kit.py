@@ -67,10 +67,11 @@ class Case:
 def offered_head(explainer: Any, inputs: Any, target: Any = None) -> tuple[Any, Any]:
     """Returns (the ``AblationHead`` the explainer's backend offers for ``inputs``, or None; the capture)."""
     from anycam import core
+    from anycam.explain.assembly import read_layouts
 
     spec = core.parse_target(target)
     capture = explainer.backend.capture(inputs, spec, gradients=False)
-    layout = explainer._read_layouts(capture)[1][0].layout
+    layout = read_layouts(explainer, capture)[1][0].layout
     axis = 1 if layout == "channels_first" else -1
     return explainer.backend.ablation_head(inputs, spec, capture.target, capture.activations[0], axis), capture
 

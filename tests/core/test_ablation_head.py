@@ -66,6 +66,7 @@ class PooledHeadBackend(Backend):
     """The 'framework' is NumPy: the layer output is ACTS, the head is pooling → dense → softmax."""
 
     name = "numpy"
+    capabilities = frozenset({"head_scores", "ablation_head"})
     broken_tail = False
     offers_head = True
 

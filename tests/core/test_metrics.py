@@ -12,7 +12,6 @@ import pytest
 
 import anycam
 from anycam import backends
-from anycam.protocol.backend import Backend
 from anycam.metrics import (
     average_drop_increase,
     blur,
@@ -21,6 +20,7 @@ from anycam.metrics import (
     insertion,
     pointing_game,
 )
+from anycam.protocol.backend import Backend
 
 
 @pytest.fixture
@@ -455,6 +455,7 @@ class RecordingBar:
 
     def __init__(self, total, desc, **options):
         self.total, self.desc, self.count, self.closed = total, desc, 0, False
+        self.delay = options.get("delay", 0)
         RecordingBar.made.append(self)
 
     def update(self, count):
@@ -465,21 +466,24 @@ class RecordingBar:
 
 
 def test_progress_bar_counts_every_image(rng, monkeypatch):
+    # The one rule of anycam._progress: True always, False never, None a bar that tqdm shows
+    # only after 2 s (its delay). (Before, metrics showed one for None only beyond 20 passes.)
     fake = types.ModuleType("tqdm.auto")
     fake.tqdm = RecordingBar  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "tqdm.auto", fake)
     monkeypatch.setattr(RecordingBar, "made", [])
     inputs, maps = rng.normal(size=(2, 1, 4, 4)), rng.random((2, 4, 4))
     plain = deletion(sum_model, inputs, maps, target=0, steps=8, progress=False)
+    assert RecordingBar.made == []
     auto_few = deletion(sum_model, inputs, maps, target=0, steps=8)  # 2 forward passes
-    assert RecordingBar.made == []
     at_limit = deletion(sum_model, inputs, maps, target=0, steps=9, batch_size=1)  # 2 + 18
-    assert RecordingBar.made == []
     deletion(sum_model, inputs, maps, target=0, steps=10, batch_size=1)  # 2 + 20 passes
     shown = insertion(sum_model, inputs, maps, target=0, steps=8, batch_size=3, progress=True)
-    first, second = RecordingBar.made
-    assert (first.desc, first.total, first.count, first.closed) == ("deletion", 22, 22, True)
-    assert (second.desc, second.total, second.count, second.closed) == ("insertion", 18, 18, True)
+    few, limit, first, second = RecordingBar.made
+    assert (few.total, few.count, few.closed, few.delay) == (18, 18, True, 2.0)
+    assert (limit.total, limit.count, limit.closed, limit.delay) == (20, 20, True, 2.0)
+    assert (first.desc, first.total, first.count, first.closed, first.delay) == ("deletion", 22, 22, True, 2.0)
+    assert (second.desc, second.total, second.count, second.closed, second.delay) == ("insertion", 18, 18, True, 0)
     np.testing.assert_array_equal(plain.curves, auto_few.curves)
     np.testing.assert_array_equal(at_limit.curves[:, [0, 9]], plain.curves[:, [0, 8]])
     assert shown.kind == "insertion"
@@ -492,13 +496,17 @@ def test_progress_bar_counts_every_image(rng, monkeypatch):
     assert RecordingBar.made[-1].closed
 
 
-def test_no_tqdm_means_no_bar_and_no_error(rng, monkeypatch, capsys):
+def test_no_tqdm_means_no_bar_for_none_and_an_error_for_true(rng, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "tqdm.auto", None)  # as if tqdm were not installed
     inputs, maps = rng.normal(size=(2, 1, 4, 4)), rng.random((2, 4, 4))
-    missing = deletion(sum_model, inputs, maps, target=0, steps=8, progress=True)
+    missing = deletion(sum_model, inputs, maps, target=0, steps=8)
     plain = deletion(sum_model, inputs, maps, target=0, steps=8, progress=False)
     np.testing.assert_array_equal(plain.curves, missing.curves)
     assert capsys.readouterr().err == ""
+    # progress=True asks for a bar: without tqdm that is an error naming the install (it was
+    # silently none before the one progress rule).
+    with pytest.raises(anycam.MissingExtraError, match="pip install tqdm"):
+        deletion(sum_model, inputs, maps, target=0, steps=8, progress=True)
 
 
 # --------------------------------------------------------------------------------------------

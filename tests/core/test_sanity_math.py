@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import anycam
-from anycam.sanity import rank, spearman, ssim
+from anycam.metrics.sanity import rank, spearman, ssim
 
 
 def test_rank_averages_ties() -> None:

@@ -11,9 +11,9 @@ import pytest
 
 import anycam
 from anycam import InputError
-from anycam._explainer import Explanation
-from anycam.plotting import plot_sanity, to_png
-from anycam.sanity import SanityResult
+from anycam.explain import Explanation
+from anycam.metrics.sanity import SanityResult
+from anycam.viz import plot_sanity, to_png
 
 RNG = np.random.default_rng(0)
 

@@ -8,6 +8,10 @@ because ``A·G`` overflowed float32); callers cast results back to float32.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+
 import numpy as np
 
 from .._errors import ConfigError
@@ -273,18 +277,106 @@ def class_activation_map(activations: np.ndarray, class_weights: np.ndarray, cha
     return _weighted_sum(activations, np.asarray(class_weights, _F), channel_axis)
 
 
-GRADIENT_METHODS = ("gradcam", "gradcam++", "xgradcam", "hirescam", "layercam", "eigengradcam", "gradcam-elementwise")
+def _gradcam(activations: np.ndarray, gradients: np.ndarray, channel_axis: int) -> np.ndarray:
+    return gradcam_weights(gradients, channel_axis)
+
+
+def _with_weights(
+    weigh: Callable[[np.ndarray, np.ndarray, int], np.ndarray],
+) -> Callable[..., tuple[np.ndarray, np.ndarray | None]]:
+    """Returns a method function Σ_k α_k A_k from a function of the weights α (Grad-CAM's form)."""
+
+    def cam(
+        activations: np.ndarray, gradients: np.ndarray, channel_axis: int, rectify: bool, seed: int
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        weights = weigh(activations, gradients, channel_axis)
+        return weighted_cam(activations, weights, channel_axis, rectify=rectify), weights
+
+    return cam
+
+
+def _no_weights(map_of: Callable[..., np.ndarray], gradients: bool) -> Callable[..., tuple[np.ndarray, None]]:
+    """Returns a method function for a map without channel weights (HiResCAM, Eigen-CAM …)."""
+
+    def cam(
+        activations: np.ndarray, grads: np.ndarray | None, channel_axis: int, rectify: bool, seed: int
+    ) -> tuple[np.ndarray, None]:
+        if gradients:
+            return map_of(activations, grads, channel_axis, rectify=rectify), None
+        return map_of(activations, channel_axis, rectify=rectify), None
+
+    return cam
+
+
+def _randomcam(
+    activations: np.ndarray, gradients: np.ndarray | None, channel_axis: int, rectify: bool, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    acts = np.asarray(activations)
+    lead = acts.shape[: channel_axis % acts.ndim + 1]
+    weights = np.broadcast_to(random_weights(acts.shape[channel_axis], seed), lead)
+    return weighted_cam(acts, weights, channel_axis, rectify=rectify), np.array(weights, _F)
+
+
+@dataclass(frozen=True)
+class Method:
+    """One entry of :data:`METHODS`: how a method runs and what it needs of a backend.
+
+    Attributes:
+        kind: how the Explainer drives it: ``"gradient"`` (one capture with gradients),
+            ``"activation"`` (one capture, activations only), ``"masking"`` (Score-CAM: scores of
+            masked inputs), ``"ablation"`` (Ablation-CAM: scores with channels zeroed) or
+            ``"guided"`` (guided backpropagation to the input).
+        needs: the backend capability it needs (a key of ``anycam.protocol.backend.CAPABILITIES``),
+            or None when ``capture`` is enough.
+        function: ``f(activations, gradients, channel_axis, rectify, seed) -> (cam, weights)``
+            for the one-capture kinds (see :func:`compute_cam`); None for the others, whose
+            drivers live in ``anycam.explain``.
+    """
+
+    kind: str
+    needs: str | None
+    function: Callable[..., tuple[np.ndarray, np.ndarray | None]] | None
+
+
+METHODS: Mapping[str, Method] = MappingProxyType(
+    {
+        # Gradient methods first: the order is the CLI's and the docs' order.
+        "gradcam": Method("gradient", None, _with_weights(_gradcam)),
+        "gradcam++": Method("gradient", None, _with_weights(gradcampp_weights)),
+        "xgradcam": Method("gradient", None, _with_weights(xgradcam_weights)),
+        "hirescam": Method("gradient", None, _no_weights(hirescam, gradients=True)),
+        "layercam": Method("gradient", None, _no_weights(layercam, gradients=True)),
+        "eigengradcam": Method("gradient", None, _no_weights(eigengradcam, gradients=True)),
+        "gradcam-elementwise": Method("gradient", None, _no_weights(gradcam_elementwise, gradients=True)),
+        "eigencam": Method("activation", None, _no_weights(eigencam, gradients=False)),
+        "kpcacam": Method("activation", None, _no_weights(kpcacam, gradients=False)),
+        "randomcam": Method("activation", None, _randomcam),
+        "scorecam": Method("masking", "input_scores", None),
+        "ablationcam": Method("ablation", "head_scores", None),
+        "guided-backprop": Method("guided", "guided_gradients", None),
+        "guided-gradcam": Method("guided", "guided_gradients", None),
+    }
+)
+"""Every ``method=`` string the Explainer accepts, in order, with its :class:`Method` (kind,
+needed capability, function). ``name in METHODS`` and ``list(METHODS)`` read it as the list of
+names; the tuples below are views of it by kind."""
+
+
+def _of_kind(*kinds: str) -> tuple[str, ...]:
+    return tuple(name for name, method in METHODS.items() if method.kind in kinds)
+
+
+GRADIENT_METHODS = _of_kind("gradient")
 """Methods computed from one capture's activations and gradients."""
-CAPTURE_METHODS = (*GRADIENT_METHODS, "eigencam", "kpcacam", "randomcam")
+CAPTURE_METHODS = _of_kind("gradient", "activation")
 """Methods computed from one capture (``compute_cam``); the others need more model runs."""
-SCORE_METHODS = ("scorecam", "ablationcam")
+SCORE_METHODS = _of_kind("masking", "ablation")
 """Gradient-free methods that score perturbed copies (``Backend.input_scores`` / ``head_scores``)."""
-GUIDED_METHODS = ("guided-backprop", "guided-gradcam")
+GUIDED_METHODS = _of_kind("guided")
 """Input-resolution methods built on guided backpropagation (``Backend.guided_gradients``)."""
-METHODS = (*CAPTURE_METHODS, *SCORE_METHODS, *GUIDED_METHODS)
-"""Every ``method=`` string the Explainer accepts."""
-TARGET_FREE_METHODS = ("eigencam", "kpcacam", "randomcam")
-"""Capture methods whose map does not depend on the target (one map repeated for K targets)."""
+TARGET_FREE_METHODS = _of_kind("activation")
+"""Capture methods whose map does not depend on the target (one map repeated for K targets):
+those of one capture without gradients."""
 
 
 def compute_cam(
@@ -308,33 +400,11 @@ def compute_cam(
         ValueError: for an unknown method (or one that needs more than a capture), or a
             gradient method without gradients.
     """
-    if method == "eigencam":
-        return eigencam(activations, channel_axis, rectify=rectify), None
-    if method == "kpcacam":
-        return kpcacam(activations, channel_axis, rectify=rectify), None
-    if method == "randomcam":
-        acts = np.asarray(activations)
-        lead = acts.shape[: channel_axis % acts.ndim + 1]
-        weights = np.broadcast_to(random_weights(acts.shape[channel_axis], seed), lead)
-        return weighted_cam(acts, weights, channel_axis, rectify=rectify), np.array(weights, _F)
-    if method not in GRADIENT_METHODS:
-        if method in METHODS:
-            raise ConfigError(f"method {method!r} needs more than one capture; run it through anycam.Explainer")
+    entry = METHODS.get(method)
+    if entry is None:
         raise ConfigError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    if gradients is None:
+    if entry.function is None:
+        raise ConfigError(f"method {method!r} needs more than one capture; run it through anycam.Explainer")
+    if entry.kind == "gradient" and gradients is None:
         raise ConfigError(f"method {method!r} needs gradients")
-    if method == "hirescam":
-        return hirescam(activations, gradients, channel_axis, rectify=rectify), None
-    if method == "layercam":
-        return layercam(activations, gradients, channel_axis, rectify=rectify), None
-    if method == "gradcam-elementwise":
-        return gradcam_elementwise(activations, gradients, channel_axis, rectify=rectify), None
-    if method == "eigengradcam":
-        return eigengradcam(activations, gradients, channel_axis, rectify=rectify), None
-    if method == "gradcam":
-        weights = gradcam_weights(gradients, channel_axis)
-    elif method == "gradcam++":
-        weights = gradcampp_weights(activations, gradients, channel_axis)
-    else:
-        weights = xgradcam_weights(activations, gradients, channel_axis)
-    return weighted_cam(activations, weights, channel_axis, rectify=rectify), weights
+    return entry.function(activations, gradients, channel_axis, rectify, seed)

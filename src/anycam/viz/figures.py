@@ -13,8 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from ._errors import InputError
-from .viz import MissingExtraError, _as_rgb_float, _colormap, overlay
+from .._errors import InputError, MissingExtraError
+from .overlay import as_rgb_float, lookup_colormap, overlay
 
 _EXTRA = 'pip install "anycam[viz]"'
 # A figure wider than this no longer fits a notebook cell or a README column.
@@ -87,7 +87,7 @@ def _display_images(images: Any, count: int) -> np.ndarray | None:
                 # Model inputs are often standardised; show them min-max scaled rather than refuse.
                 image = (image - low) / (high - low) if high > low else np.zeros_like(image)
         try:
-            shown.append(_as_rgb_float(image))
+            shown.append(as_rgb_float(image))
         except InputError as exc:
             raise InputError(f"image {index}: {exc}") from None
     return np.stack(shown)
@@ -157,7 +157,7 @@ def plot(
             raise InputError(f"boxes must be (N, 4) = ({count}, 4) (row0, col0, row1, col1), got {box_array.shape}")
     if isinstance(max_columns, bool) or not isinstance(max_columns, int) or max_columns < 1:
         raise InputError(f"max_columns must be a positive integer, got {max_columns!r}")
-    cmap = _colormap(colormap)
+    cmap = lookup_colormap(colormap)
     figure_class = _figure_class()
 
     cells = sum(heat.shape[1] for _, heat, _ in columns) + (shown is not None)

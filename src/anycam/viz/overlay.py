@@ -12,8 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from ._errors import InputError, MissingExtraError, closest
-from .core.resize import resize
+from .._errors import InputError, MissingExtraError, closest
+from ..core.resize import resize
 
 _EXTRA = 'pip install "anycam[viz]"'
 
@@ -43,14 +43,14 @@ def overlay(image: np.ndarray, heatmap: np.ndarray, colormap: str | Any = "jet",
             unknown colormap.
         MissingExtraError: if matplotlib cannot be imported.
     """
-    rgb = _as_rgb_float(image)
+    rgb = as_rgb_float(image)
     height, width = rgb.shape[:2]
     heat = _as_heatmap(heatmap, (height, width))
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float, np.integer, np.floating)):
         raise InputError(f"alpha must be a number in [0, 1], got {alpha!r}")
     if not 0.0 <= float(alpha) <= 1.0:
         raise InputError(f"alpha must lie in [0, 1] (0: only the image, 1: only colour), got {alpha}")
-    colors = _colormap(colormap)(heat)[..., :3]
+    colors = lookup_colormap(colormap)(heat)[..., :3]
     blended = (1.0 - float(alpha)) * rgb + float(alpha) * colors
     out: np.ndarray = np.clip(np.rint(blended * 255.0), 0, 255).astype(np.uint8)
     return out
@@ -167,7 +167,7 @@ def draw_box(
     return out
 
 
-def _as_rgb_float(image: np.ndarray) -> np.ndarray:
+def as_rgb_float(image: np.ndarray) -> np.ndarray:
     """Returns ``image`` as ``(H, W, 3)`` float64 in [0, 1], from any layout ``overlay`` accepts."""
     array = np.asarray(image)
     if array.ndim == 3 and array.shape[-1] not in (1, 3, 4) and array.shape[0] in (1, 3):
@@ -240,7 +240,7 @@ def _as_rgb_uint8(image: np.ndarray, what: str) -> np.ndarray:
     return np.broadcast_to(array, (*array.shape[:2], 3))
 
 
-def _colormap(colormap: str | Any) -> Any:
+def lookup_colormap(colormap: str | Any) -> Any:
     """Returns the matplotlib ``Colormap`` for a name, or ``colormap`` itself if it is one."""
     try:
         import matplotlib

@@ -16,9 +16,9 @@ from typing import Any
 
 import numpy as np
 
-from . import core
-from ._errors import InputError, require
-from ._explainer import Explainer
+from .. import core
+from .._errors import BackendError, InputError, require
+from ..explain.explainer import Explainer
 
 
 def rank(values: np.ndarray) -> np.ndarray:
@@ -126,10 +126,10 @@ class SanityResult:
     def plot(self, path: str | None = None) -> Any:
         """Plots the similarity curves (the Adebayo et al. figure); saves to ``path`` if given.
 
-        Needs matplotlib (``pip install "anycam[viz]"``); see ``anycam.plotting.plot_sanity``,
+        Needs matplotlib (``pip install "anycam[viz]"``); see ``anycam.viz.plot_sanity``,
         which also draws several results (methods, frameworks) side by side. Returns the figure.
         """
-        from .plotting import plot_sanity
+        from ..viz.figures import plot_sanity
 
         return plot_sanity(self, path)
 
@@ -162,11 +162,16 @@ def sanity_check(
 
     Raises:
         ValueError: for an unknown mode.
-        NotImplementedError: if the backend cannot copy and randomise its model.
+        anycam.BackendError: the backend does not declare the ``randomize`` capability (it cannot
+            copy and randomise its model); raised before any work.
     """
     if mode not in ("cascading", "independent", "full"):
         raise ValueError(f"unknown mode {mode!r}; choose 'cascading', 'independent' or 'full'")
     backend = explainer.backend
+    if "randomize" not in backend.capabilities:
+        raise BackendError(
+            f"the {backend.name} backend cannot run the sanity check: it does not declare the randomize capability"
+        )
     # Guided methods compare their input-resolution attribution, already signed (Adebayo et al.
     # compare Guided Backprop's and Guided Grad-CAM's maps the same way): nothing to switch off.
     guided = explainer.method in core.GUIDED_METHODS

@@ -23,8 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from . import metrics as _metrics
-from ._errors import InputError
+from .._errors import InputError
+from . import faithfulness, localisation
 
 #: The metrics :class:`StreamingMetrics` can accumulate, and the summary key of each.
 METRICS = {
@@ -120,7 +120,7 @@ class StreamingMetrics:
         values: dict[str, np.ndarray] = {}
         for name in self.names:
             if name in ("deletion", "insertion"):
-                function = _metrics.deletion if name == "deletion" else _metrics.insertion
+                function = faithfulness.deletion if name == "deletion" else faithfulness.insertion
                 baseline = self.deletion_baseline if name == "deletion" else self.insertion_baseline
                 result = function(self.predict, images, maps, target, baseline=baseline, progress=False, **self.options)
                 values[METRICS[name]] = np.asarray(result.auc, dtype=np.float64)
@@ -131,10 +131,11 @@ class StreamingMetrics:
                         "'regions' column"
                     )
                 if name == "pointing_game":
-                    hits = _metrics.pointing_game(maps, regions, tolerance=self.tolerance)
+                    hits = localisation.pointing_game(maps, regions, tolerance=self.tolerance)
                     values[METRICS[name]] = np.asarray(hits, dtype=np.float64)
                 else:
-                    values[METRICS[name]] = np.asarray(_metrics.energy_pointing_game(maps, regions), dtype=np.float64)
+                    energy = localisation.energy_pointing_game(maps, regions)
+                    values[METRICS[name]] = np.asarray(energy, dtype=np.float64)
         self.add(values)
         return values
 

@@ -1,80 +1,35 @@
-"""The public entry point: ``Explainer`` and the ``Explanation`` it returns."""
+"""The public entry point: ``Explainer``, its options, the choice of backend and of driver.
+
+A method's kind (``anycam.core.METHODS``) picks its driver from :data:`DRIVERS`: one capture
+(``assembly.capture``), Score-CAM's masked inputs and Ablation-CAM's zeroed channels
+(``perturbation``), or guided backpropagation (``guided``). Before any work, the Explainer
+refuses a method whose backend capability the adapter does not declare.
+"""
 
 from __future__ import annotations
 
 import importlib
-import warnings
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
 
-from . import core
-from .protocol.backend import Backend, Capture, as_list
-from ._errors import AnycamError, ConfigError, ConfigTypeError, ZeroMapWarning, user_stacklevel
+from .. import core
+from .._errors import BackendError, ConfigError, ConfigTypeError
+from ..protocol.backend import Backend, as_list
+from . import assembly, guided, perturbation
+from .explanation import Explanation
 
+Driver = Callable[["Explainer", Any, core.TargetSpec], Explanation]
 
-@dataclass(frozen=True)
-class Explanation:
-    """Everything one call computed.
-
-    Attributes:
-        heatmap: ``(N, *input_spatial)`` or ``(N, K, *input_spatial)`` float32 in [0, 1].
-        cam: the raw map of the (first) layer, ReLU(Σ_k α_k A^k) at layer resolution, not
-            normalised, float32; ``(N, *S)`` or ``(N, K, *S)``. For ``guided-backprop``, which
-            has no layer map, Σ_c |attribution_c| at the input's resolution; for
-            ``guided-gradcam`` the Grad-CAM factor.
-        cams: ``cam`` for every layer, in the order given.
-        weights: channel weights α ``(N, C)`` or ``(N, K, C)`` of the (first) layer, or None for
-            methods without them (HiResCAM, LayerCAM, Eigen-CAM, Eigen-Grad-CAM, Grad-CAM element-wise,
-            KPCA-CAM, Guided Backprop). Score-CAM's are its α, Ablation-CAM's (y − y_k)/y,
-            Guided Grad-CAM's those of its Grad-CAM factor.
-        scores: the explained model outputs, ``(N,)`` or ``(N, K)``.
-        target: resolved class indices ``(N,)`` or ``(N, K)``, or None for callable targets.
-        layer: the layer name, or a tuple of names for several layers.
-        method: the method used.
-        attribution: for the input-resolution methods (``guided-backprop``, ``guided-gradcam``)
-            the signed attribution ``(N, C_in, *input_spatial)`` or ``(N, K, C_in, *input_spatial)``,
-            channels first in every framework (Captum's ``GuidedBackprop`` / ``GuidedGradCam``
-            layout); their ``heatmap`` is Σ_c |attribution_c| normalised. None for the others.
-    """
-
-    heatmap: np.ndarray
-    cam: np.ndarray
-    cams: tuple[np.ndarray, ...]
-    weights: np.ndarray | None
-    scores: np.ndarray
-    target: np.ndarray | None
-    layer: str | tuple[str, ...]
-    method: str
-    attribution: np.ndarray | None = None
-
-    def __repr__(self) -> str:
-        """A summary: method, layer, shapes and targets; never the arrays themselves."""
-        if self.target is None:
-            targets = "callable"
-        else:
-            flat = np.asarray(self.target).reshape(-1)
-            targets = ", ".join(str(int(t)) for t in flat[:8]) + (", …" if flat.size > 8 else "")
-            targets = f"[{targets}]"
-        return (
-            f"Explanation(method={self.method!r}, layer={self.layer!r}, heatmap={tuple(self.heatmap.shape)}, "
-            f"cam={tuple(self.cam.shape)}, target={targets})"
-        )
-
-    def _repr_png_(self) -> bytes | None:
-        """Notebook display: the first eight 2-D heatmaps as a PNG (None without matplotlib)."""
-        from .plotting import plot, to_png
-        from .viz import MissingExtraError
-
-        if self.heatmap.ndim not in (3, 4):
-            return None
-        shown = {f"{self.method} @ {self.layer}": self.heatmap[:8]}
-        try:
-            return to_png(plot(None, shown, colorbar=True), dpi=72)
-        except MissingExtraError:
-            return None
+DRIVERS: Mapping[str, Driver] = {
+    "gradient": assembly.capture,
+    "activation": assembly.capture,
+    "masking": perturbation.scorecam,
+    "ablation": perturbation.ablationcam,
+    "guided": guided.guided,
+}
+"""The driver of each method kind (``anycam.core.Method.kind``): ``f(explainer, inputs, spec)``."""
 
 
 class Explainer:
@@ -133,7 +88,8 @@ class Explainer:
         **options: backend-specific options (see each backend's docs).
 
     Raises:
-        anycam.BackendError: no backend fits, or its framework is not installed.
+        anycam.BackendError: no backend fits, its framework is not installed, or its adapter
+            does not declare the capability the method needs (``anycam.core.METHODS``).
         anycam.LayerError: a layer cannot be found (the message lists the closest names).
         anycam.ConfigError: an unknown method (the message lists them), normalisation,
             upsampling, aggregation, layout or Score-CAM variant; a ``batch_size`` or
@@ -181,7 +137,7 @@ class Explainer:
         self.layout = None if layout is None else core.canonical_layout(layout)
         if input_layout is not None:
             input_layout = core.canonical_layout(input_layout)
-        self._input_layout_given = input_layout is not None
+        self.input_layout_given = input_layout is not None
         self.method = method
         self.token_grid = None if token_grid is None else tuple(int(g) for g in token_grid)
         self.normalize = normalize
@@ -201,6 +157,11 @@ class Explainer:
             )
         name = backend if backend is not None else backends.detect(model)
         adapter: type[Backend] = backends.load(name, model)
+        needs = core.METHODS[method].needs
+        if needs is not None and needs not in adapter.capabilities:
+            raise BackendError(
+                f"the {adapter.name} backend cannot run {method}: it does not declare the {needs} capability"
+            )
         self.spatial_input = spatial_input
         # Passed only when given, so a backend that does not take them yet says so by name.
         if spatial_input is not None:
@@ -217,8 +178,10 @@ class Explainer:
         if model_kwargs:
             options["model_kwargs"] = dict(model_kwargs)
         self.backend: Backend = adapter(model, as_list(layer), output=output, input_layout=input_layout, **options)
-        self._single_layer = not isinstance(layer, list)
-        self._warned_zero = False
+        self.single_layer = not isinstance(layer, list)
+        """Whether one layer was given (not a list): ``Explanation.layer`` is then its name, not a tuple."""
+        self.warned_zero = False
+        """Whether this Explainer already warned of an all-zero map (``anycam.ZeroMapWarning``, once)."""
 
     @property
     def layer_names(self) -> tuple[str, ...]:
@@ -265,146 +228,7 @@ class Explainer:
             anycam.NonFiniteError: NaN or inf in the input, activations or gradients.
         """
         spec = core.parse_target(target)
-        if self.method in core.SCORE_METHODS:
-            from ._perturbation import ablationcam, scorecam
-
-            return (scorecam if self.method == "scorecam" else ablationcam)(self, inputs, spec)
-        if self.method in core.GUIDED_METHODS:
-            from ._perturbation import guided
-
-            return guided(self, inputs, spec)
-        needs_gradients = self.method in core.GRADIENT_METHODS
-        capture = self.backend.capture(inputs, spec, gradients=needs_gradients)
-        return self._explanation(capture, spec)
-
-    def _explanation(self, capture: Capture, spec: core.TargetSpec) -> Explanation:
-        results = self._layer_results(capture)
-        return self._assemble(results, capture, spec)
-
-    def _read_layouts(self, capture: Capture) -> tuple[tuple[int, ...], tuple[core.LayerReading, ...]]:
-        """Returns the input's spatial shape and each layer's checked layout (core.read_layouts).
-
-        Layouts are checked, not guessed: the backend's guess is kept when the shapes fit it,
-        replaced by the one reading that fits when they do not, and a user's ``layout=`` is
-        refused when it contradicts them; the input's layout is changed only when no layer fits
-        the backend's reading of it and the user did not give ``input_layout=``.
-        """
-        inputs = [(capture.input_layout or "channels_first", tuple(capture.input_spatial))]
-        if capture.input_shape is not None and capture.input_layout in ("channels_first", "channels_last"):
-            other = "channels_last" if capture.input_layout == "channels_first" else "channels_first"
-            if not self._input_layout_given:
-                inputs.append((other, core.spatial_shape(capture.input_shape, other)))
-        _, spatial, readings = core.read_layouts(
-            [a.shape for a in capture.activations],
-            capture.layouts,
-            inputs,
-            given=self.layout,
-            grid=self.token_grid,
-            names=self.layer_names,
-            follow=capture.layouts_follow_input,
-            input_shape=capture.input_shape,
-        )
-        return spatial, readings
-
-    def _layer_results(self, capture: Capture, method: str | None = None) -> list[core.LayerResult]:
-        """Returns each layer's raw map from one capture (``method`` defaults to the Explainer's)."""
-        count = capture.scores.shape[1]
-        _, readings = self._read_layouts(capture)
-        results = []
-        for index, name in enumerate(self.layer_names):
-            activations = capture.activations[index]
-            core.check_finite(activations, "activations", name)
-            gradients = None
-            if capture.gradients is not None:
-                gradients = capture.gradients[index]
-                core.check_finite(gradients, "gradients", name)
-            try:
-                results.append(
-                    core.layer_cam(
-                        method or self.method,
-                        activations,
-                        gradients,
-                        readings[index].layout,
-                        count=count,
-                        grid=readings[index].grid,
-                        rectify=self.relu,
-                        seed=self.seed,
-                    )
-                )
-            except AnycamError as exc:
-                raise type(exc)(f"layer {name!r}: {exc}") from exc
-            self._warn_zero(results[-1].cam, gradients, name)
-        return results
-
-    def _warn_zero(self, cam: np.ndarray, gradients: np.ndarray | None, name: str) -> None:
-        """Warns once per Explainer when a map ``(N, K, *S)`` is flat (its heatmap all zeros)."""
-        if self._warned_zero:
-            return
-        flat = cam.reshape(*cam.shape[:2], -1)
-        dead = flat.max(axis=-1) <= flat.min(axis=-1)
-        if not dead.any():
-            return
-        self._warned_zero = True
-        sample, target = (int(i) for i in np.argwhere(dead)[0])
-        if gradients is not None and not np.any(gradients[sample, target]):
-            cause = (
-                "its gradient is zero: the explained output does not depend on it there (e.g. the last "
-                "ViT block after the class token was read, or a head that ignores the patch tokens); explain "
-                "an earlier layer"
-            )
-        else:
-            cause = (
-                "the weighted sum of its channels is ≤ 0 everywhere and the final ReLU removes it (e.g. a "
-                "pre-activation layer: explain the layer after the activation, or pass relu=False)"
-            )
-        warnings.warn(
-            f"layer {name!r} gives an all-zero map for {int(dead.sum())} of {dead.size} (sample, target) pairs "
-            f"(first: sample {sample}, target {target}); {cause}. The heatmaps are returned as zeros. "
-            "(This warning is shown once per Explainer.)",
-            ZeroMapWarning,
-            stacklevel=user_stacklevel(),
-        )
-
-    def _assemble(
-        self,
-        results: list[core.LayerResult],
-        capture: Capture,
-        spec: core.TargetSpec,
-        *,
-        heatmap: np.ndarray | None = None,
-        attribution: np.ndarray | None = None,
-    ) -> Explanation:
-        """Returns the Explanation of per-layer maps ``(N, K, *S)``; ``heatmap`` overrides the usual one."""
-        count = capture.scores.shape[1]
-        if heatmap is None:
-            input_spatial, readings = self._read_layouts(capture)
-            heatmap = core.heatmaps(
-                [r.cam for r in results],
-                None if self.upsample is None else input_spatial,
-                normalization=self.normalize,
-                resize_mode=self.upsample,
-                aggregate=self.aggregate,
-                aligned=[r.aligned for r in readings],
-            )
-        squeeze = spec.squeeze and count == 1
-
-        def shaped(array: np.ndarray | None) -> np.ndarray | None:
-            return array[:, 0] if squeeze and array is not None else array
-
-        cams = tuple(shaped(r.cam) for r in results)
-        target = capture.target
-        layer: str | tuple[str, ...] = self.layer_names[0] if self._single_layer else self.layer_names
-        return Explanation(
-            heatmap=shaped(heatmap),  # type: ignore[arg-type]
-            cam=cams[0],  # type: ignore[arg-type]
-            cams=cams,  # type: ignore[arg-type]
-            weights=shaped(results[0].weights),
-            scores=shaped(capture.scores),  # type: ignore[arg-type]
-            target=shaped(target),
-            layer=layer,
-            method=self.method,
-            attribution=shaped(attribution),
-        )
+        return DRIVERS[core.METHODS[self.method].kind](self, inputs, spec)
 
 
 def _positive(name: str, value: int | None) -> int | None:

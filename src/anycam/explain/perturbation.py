@@ -1,26 +1,28 @@
-"""The Explainer's side of the methods beyond one capture: Score-CAM, Ablation-CAM, guided ones.
+"""The drivers of the perturbation methods: Score-CAM (masked inputs) and Ablation-CAM (zeroed channels).
 
-Each function drives a backend capability (``input_scores``, ``head_scorer``,
-``guided_gradients``) in chunks and leaves every formula to the NumPy core; no framework is
-imported here.
+Each drives a backend capability (``input_scores``; ``head_scorer`` / ``ablation_scorer`` /
+``ablation_head``) in chunks, with the one progress rule of ``anycam._progress``, and leaves
+every formula to the NumPy core; no framework is imported here.
 """
 
 from __future__ import annotations
 
-import contextlib
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from . import core
-from ._errors import AnycamWarning, MissingExtraError, TargetError, user_stacklevel
-from .protocol.inputs import looks_spatial, structure_inputs
+from .. import core
+from .._errors import AnycamWarning, TargetError, user_stacklevel
+from .._progress import progress_bar
+from ..protocol.backend import AblationHead, Backend
+from ..protocol.inputs import looks_spatial, structure_inputs
+from .assembly import assemble, float32, read_layouts
+from .explanation import Explanation
 
 if TYPE_CHECKING:
-    from .protocol.backend import AblationHead
-    from ._explainer import Explainer, Explanation
+    from .explainer import Explainer
 
 # Default chunk sizes (float32 values per chunk): about 16 MB of masked inputs for Score-CAM
 # (the network's activations for those rows come on top), 256 MB of ablated layer outputs for
@@ -38,34 +40,6 @@ def _rows(explainer: Explainer, values_per_row: int, budget: int) -> int:
     if explainer.batch_size is not None:
         return explainer.batch_size
     return int(max(1, min(MAX_ROWS, budget // max(1, values_per_row))))
-
-
-@contextlib.contextmanager
-def _progress(explainer: Explainer, total: int, what: str) -> Iterator[Any]:
-    """Yields an object with ``update(n)``: a tqdm bar, or a no-op without one."""
-    bar: Any = None
-    if explainer.progress is not False:
-        try:
-            from tqdm import tqdm
-        except ImportError:
-            if explainer.progress:
-                raise MissingExtraError(
-                    'progress=True needs tqdm: pip install tqdm (or "anycam[metrics]"); progress=None shows '
-                    "a bar only where tqdm is installed"
-                ) from None
-        else:
-            # progress=None: shown only if the run is still going after 2 s.
-            bar = tqdm(total=total, desc=f"anycam {what}", unit="row", delay=0 if explainer.progress else 2.0)
-    try:
-        yield bar if bar is not None else _NoBar()
-    finally:
-        if bar is not None:
-            bar.close()
-
-
-class _NoBar:
-    def update(self, n: int = 1) -> None:
-        """Does nothing."""
 
 
 def _numpy(value: Any) -> np.ndarray:
@@ -138,14 +112,14 @@ def scorecam(explainer: Explainer, inputs: Any, spec: core.TargetSpec) -> Explan
         ) from exc
     given = _MaskedInputs(inputs, explainer.spatial_input)
     x = given.x
-    input_layout = getattr(backend, "input_layout", "channels_first")
+    input_layout = backend.input_layout
     size = capture.input_spatial
     probabilities = explainer.scorecam == "probability" and spec.kind != "callable"
     corners = explainer.scorecam == "pytorch-grad-cam"
     rows = _rows(explainer, x[0].size, SCORECAM_VALUES)
     count = capture.scores.shape[1]
     results = []
-    _, readings = explainer._read_layouts(capture)
+    _, readings = read_layouts(explainer, capture)
     for index, name in enumerate(explainer.layer_names):
         activations = capture.activations[index]
         core.check_finite(activations, "activations", name)
@@ -161,7 +135,7 @@ def scorecam(explainer: Explainer, inputs: Any, spec: core.TargetSpec) -> Explan
         scores = np.zeros((batch, count, channels), dtype=np.float64)
         scored = np.zeros((batch, 1, channels), dtype=bool)
         scored[samples, 0, picked] = True
-        with _progress(explainer, samples.size, f"scorecam {name}") as bar:
+        with progress_bar(explainer.progress, samples.size, f"anycam scorecam {name}", "row") as bar:
             for start in range(0, samples.size, rows):
                 n, k = samples[start : start + rows], picked[start : start + rows]
                 masks = core.scorecam_masks(acts[n, k], size, align_corners=corners)
@@ -174,8 +148,8 @@ def scorecam(explainer: Explainer, inputs: Any, spec: core.TargetSpec) -> Explan
         core.check_finite(scores, "masked-input scores", name)
         weights = core.scorecam_weights(scores, explainer.scorecam, mask=scored)
         cam = core.weighted_cam(acts[:, None], weights, channel_axis=2, rectify=explainer.relu)
-        results.append(core.LayerResult(_float32(cam), _float32(weights)))
-    return explainer._assemble(results, capture, spec)
+        results.append(core.LayerResult(float32(cam), float32(weights)))
+    return assemble(explainer, results, capture, spec)
 
 
 def ablationcam(explainer: Explainer, inputs: Any, spec: core.TargetSpec) -> Explanation:
@@ -185,13 +159,11 @@ def ablationcam(explainer: Explainer, inputs: Any, spec: core.TargetSpec) -> Exp
     name = explainer.layer_names[0]
     activations = capture.activations[0]
     core.check_finite(activations, "activations", name)
-    reading = explainer._read_layouts(capture)[1][0]
+    reading = read_layouts(explainer, capture)[1][0]
     layout = reading.layout
     channel_axis = 1 if layout == "channels_first" else -1
     batch, channels = activations.shape[0], activations.shape[channel_axis]
     count = capture.scores.shape[1]
-    from .protocol.backend import Backend
-
     # A backend that keeps the part before the layer between chunks (it overrides head_scorer or
     # ablation_scorer) loses nothing by small chunks, and cache-sized ones are faster.
     keeps_prefix = (
@@ -209,7 +181,7 @@ def ablationcam(explainer: Explainer, inputs: Any, spec: core.TargetSpec) -> Exp
     if scorer is None:
         scorer = backend.ablation_scorer(inputs, spec, capture.target, activations, channel_axis)
     ablated = np.zeros((batch, count, channels), dtype=np.float64)
-    with _progress(explainer, channels * batch, f"ablationcam {name}") as bar:
+    with progress_bar(explainer.progress, channels * batch, f"anycam ablationcam {name}", "row") as bar:
         for start in range(0, channels, per_copy):
             chunk = np.arange(start, min(channels, start + per_copy))
             out = np.asarray(scorer(chunk)).reshape(len(chunk), batch, count)
@@ -219,8 +191,8 @@ def ablationcam(explainer: Explainer, inputs: Any, spec: core.TargetSpec) -> Exp
     weights = core.ablation_weights(capture.scores, ablated)
     acts = core.to_channels_first(activations, layout, lead=1, grid=reading.grid)
     cam = core.weighted_cam(acts[:, None], weights, channel_axis=2, rectify=explainer.relu)
-    result = core.LayerResult(_float32(cam), _float32(weights))
-    return explainer._assemble([result], capture, spec)
+    result = core.LayerResult(float32(cam), float32(weights))
+    return assemble(explainer, [result], capture, spec)
 
 
 def _head_scorer(head: AblationHead) -> Callable[[np.ndarray], np.ndarray]:
@@ -258,49 +230,3 @@ def _head_agrees(head: AblationHead, scores: np.ndarray, name: str) -> bool:
         stacklevel=user_stacklevel(),
     )
     return False
-
-
-def guided(explainer: Explainer, inputs: Any, spec: core.TargetSpec) -> Explanation:
-    """Guided Backpropagation and Guided Grad-CAM: input-resolution attributions.
-
-    ``guided-backprop``: attribution = guided gradients; ``cam`` is Σ_c |attribution_c| at the
-    input's resolution (there is no layer map). ``guided-gradcam``: the capture's Grad-CAM map
-    (``cam``, ``weights``), upsampled with ``upsample`` (linear if None), times the guided
-    gradients of the same targets.
-    """
-    from .protocol.backend import Capture
-
-    backend = explainer.backend
-    input_layout = getattr(backend, "input_layout", "channels_first")
-    capture: Capture | None = None
-    if explainer.method == "guided-gradcam":
-        capture, grads = backend.guided_capture(inputs, spec)
-        scores, target = capture.scores, capture.target
-    else:
-        grads, scores, target = backend.guided_gradients(inputs, spec)
-    grads = np.asarray(grads, dtype=np.float64)
-    core.check_finite(grads, "guided gradients", "input")
-    # (N, K, *input) in the input's layout → (N, K, C_in, *S).
-    attribution = grads if input_layout == "channels_first" else np.moveaxis(grads, -1, 2)
-    size = tuple(attribution.shape[3:])
-    if capture is not None:
-        results = explainer._layer_results(capture, "gradcam")
-        upsampled = core.resize(results[0].cam, size, explainer.upsample or "linear")
-        attribution = core.guided_gradcam(attribution, upsampled, channel_axis=2)
-    else:
-        capture = Capture(
-            activations=(),
-            gradients=None,
-            scores=np.asarray(scores, np.float32),
-            target=target,
-            input_spatial=size,
-            layouts=(),
-        )
-        results = [core.LayerResult(_float32(core.attribution_map(attribution, channel_axis=2)), None)]
-    heat = core.normalize(core.attribution_map(attribution, channel_axis=2), explainer.normalize, len(size))
-    return explainer._assemble(results, capture, spec, heatmap=_float32(heat), attribution=_float32(attribution))
-
-
-def _float32(array: np.ndarray) -> np.ndarray:
-    limit = np.finfo(np.float32).max
-    return np.ascontiguousarray(np.clip(array, -limit, limit), dtype=np.float32)

@@ -16,9 +16,10 @@ from typing import Any
 
 import numpy as np
 
-from . import core
-from ._errors import InputError
-from ._explainer import Explainer, Explanation
+from .. import core
+from .._errors import InputError
+from .explainer import Explainer
+from .explanation import Explanation
 
 COMBINES = ("mean", "max")
 
@@ -100,7 +101,7 @@ class TTAExplainer(Explainer):
             anycam.InputError: inputs that are not one array (TTA needs the image grid).
         """
         images = _as_array(inputs)
-        layout = getattr(self.backend, "input_layout", None) or "channels_first"
+        layout = self.backend.input_layout or "channels_first"
         if layout not in ("channels_first", "channels_last"):
             raise InputError(f"TTAExplainer needs image inputs, got input layout {layout!r}")
         spatial = core.spatial_shape(images.shape, layout)

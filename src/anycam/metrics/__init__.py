@@ -1,0 +1,38 @@
+"""Is the explanation any good? Faithfulness and localisation metrics, in pure NumPy.
+
+``faithfulness`` (deletion, insertion, Average Drop, the blur baseline) runs the model on
+modified images through ``scoring``'s runner; ``localisation`` holds the pointing games;
+``streaming`` accumulates them over a dataset; ``sanity`` is the model-randomisation check
+(``anycam.sanity_check``). Nothing here imports a framework.
+"""
+
+from __future__ import annotations
+
+from .faithfulness import (
+    BASELINES,
+    BLUR_SIGMA,
+    SCORES,
+    ConfidenceResult,
+    CurveResult,
+    average_drop_increase,
+    blur,
+    deletion,
+    insertion,
+)
+from .localisation import energy_pointing_game, pointing_game
+from .scoring import Predict
+
+__all__ = [
+    "BASELINES",
+    "BLUR_SIGMA",
+    "SCORES",
+    "ConfidenceResult",
+    "CurveResult",
+    "Predict",
+    "average_drop_increase",
+    "blur",
+    "deletion",
+    "energy_pointing_game",
+    "insertion",
+    "pointing_game",
+]
