@@ -92,8 +92,8 @@ def demo(out: Path) -> None:
 
 
 def sanity(out: Path, count: int = 16) -> None:
-    from anycam.__main__ import DemoRun, _inputs, installed_backends
-    from anycam.plotting import plot_sanity
+    from anycam.cli.demo import DemoRun, _inputs, installed_backends
+    from anycam.viz import plot_sanity
 
     methods = [m for m in ("gradcam", "guided-gradcam", "guided-backprop") if m in anycam.core.METHODS]
     run = DemoRun(installed_backends(), "stage3")

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import anycam
+from anycam.explain.assembly import explanation
 
 from .timing import DeviceUnavailable, interleaved, memory_row, peak_in_subprocess, peak_of, phase_rows, row
 
@@ -153,7 +154,7 @@ def run(quick: bool = False, device: str = "cpu") -> list[dict]:
     times = interleaved(cases, repeats)
     spec = anycam.core.parse_target(None)
     capture = explainer.backend.capture(x, spec)
-    core_time = interleaved({"core": lambda: explainer._explanation(capture, spec)}, repeats)["core"]
+    core_time = interleaved({"core": lambda: explanation(explainer, capture, spec)}, repeats)["core"]
     base, label = times["forward"], "jitted forward"
     rows = [
         row("jax", name, "Grad-CAM last stage (layer4)", batch, times["layer4"], label, base),

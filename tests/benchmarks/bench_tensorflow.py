@@ -17,6 +17,7 @@ import numpy as np
 import tensorflow as tf
 
 import anycam
+from anycam.explain.assembly import explanation
 
 from .timing import DeviceUnavailable, interleaved, memory_row, peak_in_subprocess, peak_of, phase_rows, row
 
@@ -177,7 +178,7 @@ def _run(quick: bool, device: str) -> list[dict]:
     times = interleaved(cases, repeats)
     spec = anycam.core.parse_target(None)
     capture = explainer.backend.capture(x, spec)
-    core_time = interleaved({"core": lambda: explainer._explanation(capture, spec)}, repeats)["core"]
+    core_time = interleaved({"core": lambda: explanation(explainer, capture, spec)}, repeats)["core"]
 
     base, label = times["forward"], "tf.function forward"
     rows = [

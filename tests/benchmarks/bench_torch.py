@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import anycam
+from anycam.explain.assembly import explanation
 
 from .timing import DeviceUnavailable, interleaved, memory_row, peak_in_subprocess, peak_of, phase_rows, row
 
@@ -270,7 +271,7 @@ def run(quick: bool = False, device: str = "cpu") -> list[dict]:
     times = interleaved(cases, repeats)
     spec = anycam.core.parse_target(None)
     capture = explainers["layer4"].backend.capture(x, spec)
-    core_time = interleaved({"core": lambda: explainers["layer4"]._explanation(capture, spec)}, repeats)["core"]
+    core_time = interleaved({"core": lambda: explanation(explainers["layer4"], capture, spec)}, repeats)["core"]
     base = times["forward"]
     label = "plain inference_mode forward"
     rows = [

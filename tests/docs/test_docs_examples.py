@@ -104,7 +104,7 @@ def all_subclasses(base: type) -> set[type]:
 
 def test_troubleshooting_covers_every_error_and_warning() -> None:
     # Every module that defines errors, imported, so that every subclass is known.
-    for module in ("anycam", "anycam.cli", "anycam.dataset", "anycam.metrics", "anycam.sanity", "anycam.viz"):
+    for module in ("anycam", "anycam.cli", "anycam.dataset", "anycam.metrics", "anycam.metrics.sanity", "anycam.viz"):
         importlib.import_module(module)
     classes = {anycam.AnycamError, anycam.AnycamWarning}
     classes |= all_subclasses(anycam.AnycamError) | all_subclasses(anycam.AnycamWarning)

@@ -19,6 +19,7 @@ from anycam.backends._keras.demo import build_demo_model
 
 import anycam
 from anycam import core
+from anycam.explain.assembly import explanation
 
 LAYERS = {"stage1": "stage1", "stage3": "stage3", "two": ["stage2", "stage3"]}
 
@@ -115,7 +116,7 @@ def main(cases: str, out: str) -> None:
     results["parameter_layers"] = np.array(explainer.backend.parameter_layers())
     copy = explainer.backend.randomized(["fc", "stage3_block_conv2"], seed=1)
     argmax = core.parse_target(None)
-    results["randomized/cam"] = explainer._explanation(copy.capture(x, argmax), argmax).cam
+    results["randomized/cam"] = explanation(explainer, copy.capture(x, argmax), argmax).cam
     results["randomized/unchanged"] = explainer.explain(x).cam
     info = {
         "keras_backend": keras.config.backend(),
