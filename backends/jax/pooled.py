@@ -183,6 +183,7 @@ def _plan_head(closed: Any, leading: int, early_count: int, channel_axis: int) -
     rep, arguments = flat.invars[0], flat.invars[1:]
     down, early = {rep}, set(arguments[leading : leading + early_count])
     readers: dict[int, list[_Op]] = {}
+    op: _Op | None  # each op here; below, the only reader of a value, if there is one
     for op in flat.ops:
         reads = op.reads()
         for key in reads:
