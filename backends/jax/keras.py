@@ -1,8 +1,8 @@
 """Keras 3 on its JAX backend: ``stateless_call`` makes the model a pure function of its weights.
 
-A Keras model on JAX is explained exactly like a Flax model (``backends/jax.py``): one program
+A Keras model on JAX is explained exactly like a Flax model (``backends/jax/``): one program
 runs ``model.stateless_call(trainable, non_trainable, x, training=False)`` with the explained
-layers' ``call`` intercepted while it traces (``backends/_keras.py``), and a zero ``delta`` added
+layers' ``call`` intercepted while it traces (``backends/_keras/``), and a zero ``delta`` added
 to each explained output, so ``jax.vjp`` with respect to the deltas gives ∂output/∂layer and
 nothing before the layer is differentiated. The weights are arguments of the one jitted capture
 (never constants), so a capture compiles once per (model, layers, target kind, shapes) and a
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import copy
 import operator
-import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -28,13 +27,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from anycam.protocol.backend import Capture, check_options
 from anycam._errors import BackendError, ConfigTypeError
-from anycam.protocol.layers import choose_layer, is_auto
 from anycam.core import TargetSpec, spatial_shape
+from anycam.protocol.backend import Capture, check_options
+from anycam.protocol.layers import choose_layer, is_auto
 
 from .. import _keras
-from .backend import JaxBackend, _Inputs, _Model, _Program, _Taps
+from .backend import JaxBackend
+from .inputs import _Inputs
+from .layers import _Taps
+from .models import _Model, _Program
 
 
 class _KerasProgram(_Program):
@@ -119,14 +121,9 @@ class KerasJaxBackend(JaxBackend):
         if not isinstance(kwargs, Mapping):
             raise ConfigTypeError(f"model_kwargs must be a dict of keyword arguments, got {type(kwargs).__name__}")
         self.model = model
-        self.output = output
+        self._init_state(output, options)
         self._kwargs = dict(kwargs)
         self.input_layout = input_layout or _keras.input_layout(model)
-        self._traced: dict[Any, tuple[int, tuple[int, ...]]] = {}
-        self._checked: dict[Any, Any] = {}
-        self._options = dict(options)
-        self._example: tuple[tuple[int, ...], Any] | None = None
-        self._choose_lock = threading.Lock()
         self.auto_layer = len(layers) == 1 and is_auto(layers[0])
         self.layer_names = ()
         self.layers: list[Any] = []

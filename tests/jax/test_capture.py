@@ -113,10 +113,10 @@ def test_k_targets_share_one_forward_pass() -> None:
     x = inputs(4, 8, 8, 3)
     explainer = anycam.Explainer((model, variables), "conv1")
     program, params = explainer.backend._model.snapshot()
-    capture = anycam.backends.jax.backend._capture
+    capture = anycam.backends.jax.capture._capture
     one = capture.trace(program, ("given",), params, x, jnp.zeros((4, 1), jnp.int32)).jaxpr.jaxpr
     ten = capture.trace(program, ("given",), params, x, jnp.zeros((4, 10), jnp.int32)).jaxpr.jaxpr
-    forward_only = anycam.backends.jax.backend._forward.trace(program, params, x).jaxpr.jaxpr
+    forward_only = anycam.backends.jax.capture._forward.trace(program, params, x).jaxpr.jaxpr
     # conv1 (explained) and conv2 forward, plus conv2's input gradient: no weight gradients,
     # nothing below the layer differentiated, and the same count for ten targets as for one.
     assert _count_convs(ten) == _count_convs(one) == _count_convs(forward_only) + 1 == 3

@@ -111,9 +111,9 @@ def test_linen_randomised_copy_changes_exactly_the_chosen_layers() -> None:
     np.testing.assert_array_equal(backend.randomized(["fc"], seed=3)._model.source[1]["params"]["fc"]["kernel"], kernel)
     assert not np.array_equal(backend.randomized(["fc"], seed=4)._model.source[1]["params"]["fc"]["kernel"], kernel)
     # The copy explains the same layer with the compiled capture of the original, new weights.
-    compiled = anycam.backends.jax.backend._capture._cache_size()
+    compiled = anycam.backends.jax.capture._capture._cache_size()
     again = replace_explainer(explainer, backend=copy).explain(X, target=1)
-    assert anycam.backends.jax.backend._capture._cache_size() == compiled
+    assert anycam.backends.jax.capture._capture._cache_size() == compiled
     assert copy.layer_names == backend.layer_names and not np.allclose(again.scores, original.scores)
     with pytest.raises(anycam.LayerError, match="not found"):
         backend.randomized(["nope"])

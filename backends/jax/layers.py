@@ -1,0 +1,224 @@
+"""Layers of a JAX model as taps: the explained outputs (or inputs) collected while a program runs.
+
+``_Taps`` adds a zero delta to each explained layer output (what Flax's ``Module.perturb``
+does), so ``jax.vjp`` with respect to the deltas is ∂output/∂layer and nothing before the layer is
+differentiated. Here too: how a layer name, path or module object is matched (``_pick``), and the
+automatic choice of ``layer="auto"`` from abstract passes (shapes only, no compute).
+"""
+
+from __future__ import annotations
+
+import contextvars
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import jax
+import jax.numpy as jnp
+from jax.extend import core as jax_core
+
+from anycam._errors import InputError, LayerError, closest
+from anycam.core import spatial_shape
+from anycam.protocol.layers import LayerRecord, choose_layer
+
+if TYPE_CHECKING:
+    from .backend import JaxBackend
+
+
+class _Record:
+    """What ``layer="auto"`` reads from one abstract pass with every module tapped: order, calls, shapes."""
+
+    def __init__(self) -> None:
+        self.order: list[int] = []
+        self.calls: dict[int, int] = {}
+        self.shapes: dict[int, tuple[int, ...] | None] = {}
+
+    def note(self, index: int, value: Any) -> Any:
+        self.calls[index] = self.calls.get(index, 0) + 1
+        if self.calls[index] == 1:
+            self.order.append(index)
+            floating = isinstance(value, jax.Array) and jnp.issubdtype(value.dtype, jnp.floating)
+            self.shapes[index] = tuple(value.shape) if floating else None
+        return value
+
+
+# Set while ``layer="auto"`` records a pass: every _Taps of that trace only notes what it sees.
+_RECORDING: contextvars.ContextVar[_Record | None] = contextvars.ContextVar("anycam_jax_record", default=None)
+
+
+def _reaching(jaxpr: Any, count: int) -> list[bool]:
+    """Returns, for each of the first ``count`` inputs of ``jaxpr``, whether an output depends on it."""
+    deps: dict[Any, frozenset[int]] = {v: frozenset([i]) for i, v in enumerate(jaxpr.invars[:count])}
+    empty: frozenset[int] = frozenset()
+    for eqn in jaxpr.eqns:
+        found = empty.union(*(deps.get(v, empty) for v in eqn.invars if isinstance(v, jax_core.Var)))
+        if found:
+            for out in eqn.outvars:
+                deps[out] = found
+    reached = empty.union(*(deps.get(v, empty) for v in jaxpr.outvars if isinstance(v, jax_core.Var)))
+    return [i in reached for i in range(count)]
+
+
+class _Taps:
+    """The explained layers' outputs, collected during one traced model call.
+
+    Adds each layer's zero delta to its output, so the vjp of the model output with respect to
+    the deltas is its gradient with respect to the layer outputs. ``deltas`` given as
+    ``{"replace": array}`` instead makes the first layer return that array (``head_scores``):
+    under ``jax.vmap`` over the replacements everything before the layer stays unbatched, so it
+    is computed once, and a skip connection around the layer sees the original tensor.
+    """
+
+    def __init__(self, names: tuple[str, ...], deltas: Any) -> None:
+        self.names = names
+        self.deltas = deltas
+        self.found: dict[int, jax.Array] = {}
+        self.record = _RECORDING.get()
+
+    def __call__(self, index: int, value: Any) -> Any:
+        if self.record is not None:
+            return self.record.note(index, value)
+        name = self.names[index]
+        if not isinstance(value, jax.Array) or not jnp.issubdtype(value.dtype, jnp.floating):
+            kind = f"an array of {value.dtype}" if isinstance(value, jax.Array) else type(value).__name__
+            raise LayerError(
+                f"layer {name!r} returns {kind}, not a floating-point array; "
+                "explain a layer whose output is a feature map"
+            )
+        if index in self.found:
+            raise LayerError(
+                f"layer {name!r} runs more than once per forward pass (a shared module); "
+                "explain a module that runs once"
+            )
+        self.found[index] = value
+        if isinstance(self.deltas, dict):
+            if index:
+                return value
+            replacement = self.deltas["replace"]
+            if replacement.shape != value.shape:
+                raise InputError(
+                    f"a replacement for layer {name!r} has shape {tuple(replacement.shape)}, but the layer "
+                    f"outputs {tuple(value.shape)} per call; pass (B, N, *layer_shape) replacements"
+                )
+            return replacement.astype(value.dtype)
+        return value if self.deltas is None else value + self.deltas[index]
+
+    def activations(self) -> tuple[jax.Array, ...]:
+        if self.record is not None:
+            return ()
+        missing = [name for i, name in enumerate(self.names) if i not in self.found]
+        if missing:
+            raise LayerError(
+                f"layer(s) {', '.join(map(repr, missing))} did not run during the forward pass; "
+                "explain a layer on the path from the input to the output"
+            )
+        return tuple(self.found[i] for i in range(len(self.names)))
+
+
+def _first_input(name: str, args: Sequence[Any]) -> Any:
+    if not args:
+        raise LayerError(
+            f"layer {name!r}: the module is called with no positional input to capture; explain the "
+            "output of the module before it"
+        )
+    return args[0]
+
+
+def _listing(names: Sequence[str], limit: int = 25) -> str:
+    shown = ", ".join(repr(n) for n in names[:limit])
+    more = len(names) - limit
+    return shown + (f" and {more} more" if more > 0 else "")
+
+
+def _pick(layer: Any, paths: dict[str, tuple[Any, ...]], objects: dict[int, str], family: str, sep: str) -> str:
+    """Returns the name in ``paths`` that ``layer`` (a path string/tuple or module) means."""
+    canonical = [p for p in paths if not p.isdigit()]
+    if layer is None:
+        raise LayerError(
+            f"name the layer to explain (layer=None fits only a (features, head) pair); the {family} "
+            f"model's module paths: {_listing(canonical)}"
+        )
+    if isinstance(layer, str):
+        for candidate in (layer, layer.replace("/", sep).replace(".", sep)):
+            if candidate in paths:
+                return candidate
+        name = layer
+    elif isinstance(layer, tuple) and layer and all(isinstance(p, (str, int)) for p in layer):
+        name = sep.join(str(p) for p in layer)
+        if name in paths:
+            return name
+    elif isinstance(layer, int) and not isinstance(layer, bool):
+        name = str(layer)
+        if name in paths:
+            return name
+    elif id(layer) in objects:
+        return objects[id(layer)]
+    elif objects:
+        raise LayerError(
+            f"the {type(layer).__name__} given as layer is not a module of the {family} model; "
+            f"pass a module of it or its path, e.g. {next(iter(paths), 'layer')!r}"
+        )
+    else:
+        raise LayerError(
+            f"a {family} layer is a module path such as 'backbone{sep}layer4' or a tuple of names, "
+            f"got {type(layer).__name__}"
+        )
+    raise LayerError(
+        f"layer {name!r} not found in the {family} model{closest(name, canonical)}; module paths: {_listing(canonical)}"
+    )
+
+
+def _labels(names: Sequence[str], common: Mapping[str, Any]) -> tuple[str, ...]:
+    """Returns the reported names: ``"name:input"`` where the layer's input is explained."""
+    ports = common.get("ports") or ("output",) * len(names)
+    return tuple(name if port == "output" else f"{name}:input" for name, port in zip(names, ports, strict=True))
+
+
+def choose(backend: JaxBackend, x: Any) -> None:
+    """Chooses the layer for ``layer="auto"`` from abstract passes (shapes only, no compute), once.
+
+    One pass with every module tapped gives the call order, the call counts and the output
+    shapes; the layers that run once with a floating output are then tapped with zero
+    deltas, and the traced program says which deltas the model output depends on.
+    """
+    # models builds its programs from this module's taps, so it is imported here, not above.
+    from .models import _resolve
+
+    with backend._choose_lock:
+        if backend.layer_names:
+            return
+        program, params = backend._model.snapshot()
+        record = _Record()
+        token = _RECORDING.set(record)
+        try:
+            jax.eval_shape(lambda p, xs: program.run(p, xs, None)[0], params, x)
+        finally:
+            _RECORDING.reset(token)
+        batch = x.shape[0]
+        shapes = {
+            i: None if shape is None else ((batch, *shape) if program.vmap else shape)
+            for i, shape in record.shapes.items()
+        }
+        once = [i for i in record.order if record.calls[i] == 1 and shapes[i] is not None]
+        reaches: dict[int, bool] = {}
+        if once:
+            tapped = [backend._candidates[i] for i in once]
+            sub, sub_params = _resolve(backend._model.source, tapped, backend._options, backend.output).snapshot()
+            found = jax.eval_shape(lambda p, xs: sub.run(p, xs, None)[1], sub_params, x)
+            deltas = tuple(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in found)
+            traced = jax.make_jaxpr(lambda d, p, xs: jax.tree_util.tree_leaves(sub.run(p, xs, d)[0]))(
+                deltas, sub_params, x
+            )
+            reaches = dict(zip(once, _reaching(traced.jaxpr, len(deltas)), strict=True))
+        records = [
+            LayerRecord(
+                backend._candidates[i],
+                shapes[i],
+                layout=backend.layer_layout,
+                calls=record.calls[i],
+                reaches_output=reaches.get(i, True),
+            )
+            for i in record.order
+        ]
+        chosen = choose_layer(records, spatial_shape(tuple(x.shape), backend.input_layout))
+        backend._model = _resolve(backend._model.source, [chosen], backend._options, backend.output)
+        backend.layer_names = backend._model.names
