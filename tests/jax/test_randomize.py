@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 import anycam
-from anycam.sanity import replace_explainer, sanity_check, spearman
+from anycam.metrics.sanity import replace_explainer, sanity_check, spearman
 from tests.contract.kit_jax import numpy_fill, numpy_init
 
 pytestmark = pytest.mark.jax
