@@ -5,15 +5,28 @@ Peers (Captum, pytorch-grad-cam) replace or hook ``nn.ReLU`` modules and so miss
 one forward pass: every ReLU call, whichever spelling, is routed through :class:`GuidedReLU`, an
 ``autograd.Function`` whose forward is the ReLU and whose backward is the guided rule. Leaving
 the ``with`` block (also by an exception) removes it; the model itself is never modified.
+:func:`guided_gradients` runs one such forward and warns when the model calls no ReLU at all.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import warnings
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
+
+from anycam._errors import AnycamWarning, TargetError, user_stacklevel
+from anycam.core import TargetSpec
+from anycam.protocol.backend import select_output
+
+from .capture import scores as target_scores
+from .inputs import batch_of, structure, to_numpy
+
+if TYPE_CHECKING:
+    from .backend import TorchBackend
 
 _OUT_OF_PLACE = frozenset({F.relu, torch.relu, torch.Tensor.relu})
 # F.relu_ dispatches as torch.relu_.
@@ -90,3 +103,48 @@ class GuidedMode(TorchFunctionMode):
                     return GuidedReLUInplace.apply(x)
                 return GuidedReLU.apply(x)
         return func(*args, **kwargs)
+
+
+def guided_gradients(
+    backend: TorchBackend, inputs: Any, target: TargetSpec
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Guided Backpropagation through every ReLU call: (N, K, *input) gradients, (N, K) scores, indices."""
+    with torch.inference_mode(False):
+        given = structure(backend, inputs)
+        backend._warn_training()
+        batch = batch_of(given)
+        leaf = given.spatial_value.detach().requires_grad_()
+        replaced = given.map(lambda key, value: leaf if key == given.spatial else value)
+        mode = GuidedMode()
+        with torch.enable_grad():
+            # Only the model's forward is guided; a callable target's own ReLUs are not.
+            with mode:
+                output = backend._call(replaced)
+            scores, indices = target_scores(select_output(output, backend.output), target, batch)
+            if not scores.requires_grad:
+                raise TargetError("the explained output does not depend on the input")
+            (grads,) = input_gradients(scores, leaf)
+    if mode.calls == 0:
+        warnings.warn(
+            f"{type(backend.model).__name__} calls no ReLU, so guided backpropagation equals the plain "
+            "input gradient here",
+            AnycamWarning,
+            stacklevel=user_stacklevel(),
+        )
+    return to_numpy(grads), to_numpy(scores), indices
+
+
+def input_gradients(scores: torch.Tensor, leaf: torch.Tensor) -> tuple[torch.Tensor]:
+    """Returns ∂scores/∂leaf as (N, K, ...) for (N, K) scores, K targets in one batched pass."""
+    count = scores.shape[1]
+    if count == 1:
+        return (torch.autograd.grad(scores.sum(), leaf)[0].unsqueeze(1),)
+    eye = torch.eye(count, dtype=scores.dtype, device=scores.device)
+    cotangents = eye[:, None, :].expand(count, scores.shape[0], count)
+    try:
+        grads = torch.autograd.grad(scores, leaf, grad_outputs=cotangents, is_grads_batched=True, retain_graph=True)
+        return (grads[0].transpose(0, 1),)
+    except RuntimeError:
+        # An operator without a batching rule: one backward per target.
+        columns = [torch.autograd.grad(scores[:, k].sum(), leaf, retain_graph=True)[0] for k in range(count)]
+        return (torch.stack(columns, dim=1),)

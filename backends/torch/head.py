@@ -16,7 +16,7 @@ How it is done (in order of preference):
 3. **A loop** over the copies with the substituting hook, when an operator of the suffix has no
    vmap batching rule. Correct, and as slow as the peers.
 
-Before all of these, Ablation-CAM asks for a **pooled head** (``pooled_head``): when the layer
+Before all of these, Ablation-CAM asks for a **pooled head** (``pooled.py``): when the layer
 is read by nothing but a global per-channel pooling, zeroing a channel zeroes one pooled entry,
 the core folds a following ``nn.Linear`` in closed form, and only the nodes after it run
 (``GraphSplit.tail_output``), on B·N feature rows instead of B·N layer outputs.
@@ -25,17 +25,24 @@ the core folds a following ``nn.Linear`` in closed form, and only the nodes afte
 from __future__ import annotations
 
 import inspect
+import threading
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
 import torch.fx
-import torch.nn.functional as F
 
-from anycam._errors import AnycamWarning, user_stacklevel
+from anycam._errors import AnycamWarning, LayerError, user_stacklevel
+from anycam.core import TargetSpec
+from anycam.protocol.backend import select_output
+from anycam.protocol.inputs import ModelInputs
+
+from .inputs import batch_of, call_frozen, device_dtype, structure, to_numpy
+
+if TYPE_CHECKING:
+    from .backend import TorchBackend
 
 Scores = Callable[[Any], torch.Tensor]
 
@@ -159,7 +166,7 @@ class GraphSplit:
         if self.port == "output":
             env[self.layer] = replacement
         for node in self.suffix:
-            if node is before:
+            if before is not None and node is before:
                 return torch.fx.node.map_arg(node.args[0], lambda n: env[n])
             if node.op == "output":
                 return torch.fx.node.map_arg(node.args[0], lambda n: env[n])
@@ -190,7 +197,7 @@ class GraphSplit:
         env: dict[torch.fx.Node, Any] = {self.layer: value}
         for node in nodes:
             env[node] = self._run(node, env)
-        return env[nodes[-1]]  # type: ignore[no-any-return]
+        return env[nodes[-1]]
 
 
 def graph_split(model: torch.nn.Module, module: torch.nn.Module, port: str) -> GraphSplit | None:
@@ -254,122 +261,102 @@ def to_scores(output: Any, indices: np.ndarray | None, fn: Scores | None, batch:
     return output.gather(1, index)
 
 
-# -- Ablation-CAM's pooled head: layer → global pooling → [shape-only steps → nn.Linear] → tail --
-
-_ADAPTIVE_MODULES: dict[type[torch.nn.Module], int] = {
-    torch.nn.AdaptiveAvgPool1d: 1,
-    torch.nn.AdaptiveAvgPool2d: 2,
-    torch.nn.AdaptiveAvgPool3d: 3,
-    torch.nn.AdaptiveMaxPool1d: 1,
-    torch.nn.AdaptiveMaxPool2d: 2,
-    torch.nn.AdaptiveMaxPool3d: 3,
-}
-_ADAPTIVE_FUNCTIONS: dict[Any, int] = {
-    F.adaptive_avg_pool1d: 1,
-    F.adaptive_avg_pool2d: 2,
-    F.adaptive_avg_pool3d: 3,
-    F.adaptive_max_pool1d: 1,
-    F.adaptive_max_pool2d: 2,
-    F.adaptive_max_pool3d: 3,
-}
-# Reductions r with r(0) = 0 per channel: zeroing a channel zeroes its pooled entry.
-_REDUCTION_FUNCTIONS = (torch.mean, torch.amax, torch.sum)
-_REDUCTION_METHODS = ("mean", "amax", "sum")
-_RESHAPE_FUNCTIONS = (torch.flatten, torch.reshape, torch.squeeze)
-_RESHAPE_METHODS = ("flatten", "view", "reshape", "squeeze")
+def rows_scores(output: Any, count: int, batch: int, indices: np.ndarray | None, fn: Any) -> torch.Tensor | None:
+    """Returns ``(count, batch, K)`` scores of an output computed on count·batch rows, or None
+    when that output is not a tensor with those rows (the copies then run one at a time)."""
+    if not isinstance(output, torch.Tensor) or output.ndim == 0 or output.shape[0] != count * batch:
+        return None
+    per_copy = output.unflatten(0, (count, batch))
+    if fn is None:
+        index = torch.as_tensor(indices, device=output.device).expand(count, -1, -1)
+        return per_copy.gather(2, index)
+    # A callable target sees each copy's (N, ...) output, as in an ordinary call.
+    return batched(lambda out: fn(out).reshape(batch, -1), per_copy)
 
 
-@dataclass(frozen=True)
-class PooledHead:
-    """Where a split's suffix starts with a global pooling: the pooling node, the ``nn.Linear``
-    node reached from it through shape-only steps (or None), and the node the tail starts at."""
-
-    pool: torch.fx.Node
-    steps: tuple[torch.fx.Node, ...]
-    linear: torch.fx.Node | None
-
-    @property
-    def start(self) -> torch.fx.Node:
-        return self.pool if self.linear is None else self.linear
+def split(backend: TorchBackend) -> GraphSplit | None:
+    """Returns the adapter's graph split at its first layer, traced once per (module, port)."""
+    module, port = backend.modules[0], backend.ports[0]
+    key = (id(module), port)
+    with backend._splits_lock:
+        if key not in backend._splits:
+            backend._splits[key] = graph_split(backend.model, module, port)
+        return backend._splits[key]
 
 
-def _is_one(size: Any) -> bool:
-    sizes = size if isinstance(size, (tuple, list)) else (size,)
-    return all(isinstance(s, int) and s == 1 for s in sizes)
+def replaced_forward(backend: TorchBackend, structure: ModelInputs, replacement: torch.Tensor) -> Any:
+    """Runs the whole model with the first layer's output (or input) replaced by a forward hook."""
+    owner = threading.get_ident()
+    module = backend.modules[0]
+
+    def hook(module: torch.nn.Module, args: Any, out: Any) -> Any:
+        return replacement if threading.get_ident() == owner else None
+
+    def pre_hook(module: torch.nn.Module, args: Any) -> Any:
+        return (replacement, *args[1:]) if threading.get_ident() == owner else None
+
+    if backend.ports[0] == "input":
+        handle = module.register_forward_pre_hook(pre_hook)
+    else:
+        handle = module.register_forward_hook(hook)
+    try:
+        # Unwrapped: under vmap a RuntimeError sends ``batched`` to its per-copy fallback.
+        return call_frozen(backend.model, structure)
+    finally:
+        handle.remove()
 
 
-def _global_pooling(split: GraphSplit, node: torch.fx.Node, ndim: int, channel_axis: int) -> bool:
-    """Whether ``node`` reduces the layer output over every axis but the batch and channel axes."""
-    if node.all_input_nodes != [split.layer] or not node.args or node.args[0] is not split.layer:
-        return False
-    spatial = set(range(ndim)) - {0, channel_axis % ndim}
-    if node.op == "call_module":
-        module = split.model.get_submodule(str(node.target))
-        rank = _ADAPTIVE_MODULES.get(type(module))
-        if rank is None or getattr(module, "return_indices", False):
-            return False
-        return spatial == set(range(ndim - rank, ndim)) and _is_one(module.output_size)  # type: ignore[arg-type]
-    if node.op == "call_function" and node.target in _ADAPTIVE_FUNCTIONS:
-        rank = _ADAPTIVE_FUNCTIONS[node.target]
-        kwargs = dict(node.kwargs)
-        if kwargs.pop("return_indices", False):
-            return False
-        size = node.args[1] if len(node.args) > 1 else kwargs.pop("output_size", None)
-        return not kwargs and len(node.args) <= 2 and spatial == set(range(ndim - rank, ndim)) and _is_one(size)
-    if (node.op == "call_function" and node.target in _REDUCTION_FUNCTIONS) or (
-        node.op == "call_method" and node.target in _REDUCTION_METHODS
-    ):
-        kwargs = dict(node.kwargs)
-        dim = node.args[1] if len(node.args) > 1 else kwargs.pop("dim", None)
-        if len(node.args) > 2:
-            kwargs.setdefault("keepdim", node.args[2])
-        if len(node.args) > 3 or set(kwargs) - {"keepdim"} or not isinstance(kwargs.get("keepdim", False), bool):
-            return False
-        dims = dim if isinstance(dim, (tuple, list)) else (dim,)
-        if not all(isinstance(d, int) and -ndim <= d < ndim for d in dims):
-            return False  # None (every axis, the batch included) or a dimension name
-        return len(dims) == len(spatial) and {d % ndim for d in dims} == spatial
-    return False
+def head_scorer(
+    backend: TorchBackend, inputs: Any, target: TargetSpec, indices: np.ndarray | None
+) -> Callable[[np.ndarray], np.ndarray]:
+    """Returns f(replacements (B, N, *layer)) -> (B, N, K), the prefix computed once here.
 
-
-def _shape_only(split: GraphSplit, node: torch.fx.Node, previous: torch.fx.Node) -> bool:
-    """Whether ``node`` only reshapes ``previous`` (or is dropout/identity at inference)."""
-    if node.all_input_nodes != [previous] or not node.args or node.args[0] is not previous:
-        return False
-    if node.op == "call_module":
-        module = split.model.get_submodule(str(node.target))
-        if isinstance(module, torch.nn.Flatten | torch.nn.Identity):
-            return True
-        return isinstance(module, torch.nn.Dropout) and not module.training
-    if node.op == "call_function":
-        if node.target is F.dropout:
-            return node.kwargs.get("training", True) is False and len(node.args) == 1
-        return node.target in _RESHAPE_FUNCTIONS
-    return node.op == "call_method" and node.target in _RESHAPE_METHODS
-
-
-def pooled_head(split: GraphSplit, ndim: int, channel_axis: int) -> PooledHead | None:
-    """Returns where the suffix is a global pooling of the layer output (then, optionally, a dense
-    layer), or None when the network after the layer has any other structure.
-
-    The layer (port "output") must be read by one node only, a global per-channel pooling, and
-    the suffix must read nothing computed before the layer (no residual over it).
+    A traced graph split runs the prefix once and only the suffix on each chunk (vmapped over
+    the copies); an untraceable model falls back to vmap over the whole model with a
+    substituting hook (prefix once per chunk).
     """
-    if split.port != "output" or split.needed or len(split.layer.users) != 1:
-        return None
-    (pool,) = split.layer.users
-    if not _global_pooling(split, pool, ndim, channel_axis):
-        return None
-    steps: list[torch.fx.Node] = []
-    node = pool
-    while len(node.users) == 1:
-        (user,) = node.users
-        if user.op == "call_module" and isinstance(split.model.get_submodule(str(user.target)), torch.nn.Linear):
-            if user.all_input_nodes == [node] and len(user.args) == 1 and not user.kwargs:
-                return PooledHead(pool, tuple(steps), user)
-            break
-        if not _shape_only(split, user, node):
-            break
-        steps.append(user)
-        node = user
-    return PooledHead(pool, (), None)
+    if backend.auto_layer and not backend.layer_names:
+        raise LayerError("the layer is chosen at the first capture; call capture() first")
+    with torch.inference_mode(False):
+        given = structure(backend, inputs)
+    batch = batch_of(given)
+    fn = target.fn if target.kind == "callable" else None
+    device, dtype = device_dtype(backend.model)
+    graph = backend._split()
+    prefix: dict[Any, Any] | None = None
+    if graph is not None:
+        with torch.inference_mode(False), torch.no_grad():
+            prefix = graph.prefix_values(given.args, {**given.kwargs, **given.constants})
+
+    def one(replacement: torch.Tensor) -> torch.Tensor:
+        if graph is not None and prefix is not None:
+            output = graph.suffix_output(prefix, replacement)
+        else:
+            output = backend._replaced_forward(given, replacement)
+        return to_scores(select_output(output, backend.output), indices, fn, batch)
+
+    # When the rest of the network reads nothing but the layer output, the B copies can run as
+    # one batch of B·N rows (``copies_scorer`` checks that the rows stay independent).
+    def flat(copies: torch.Tensor) -> torch.Tensor | None:
+        count = copies.shape[0]
+        assert graph is not None
+        linear = graph.head_linear
+        if fn is None and backend.output is None and linear is not None:
+            features = graph.suffix_output({}, copies.flatten(0, 1), before=linear)
+            if isinstance(features, torch.Tensor) and features.ndim == 2 and features.shape[0] == count * batch:
+                module = cast(torch.nn.Linear, backend.model.get_submodule(str(linear.target)))
+                index = torch.as_tensor(indices, device=features.device)
+                rows = module.weight[index]  # (N, K, F): only the target classes
+                scores = torch.einsum("bnf,nkf->bnk", features.unflatten(0, (count, batch)), rows)
+                return scores if module.bias is None else scores + module.bias[index]
+        output = select_output(graph.suffix_output({}, copies.flatten(0, 1)), backend.output)
+        return rows_scores(output, count, batch, indices, fn)
+
+    run = copies_scorer(one, flat if graph is not None and graph.flattenable else None)
+
+    def scores(replacements: np.ndarray) -> np.ndarray:
+        copies = torch.as_tensor(np.asarray(replacements), dtype=dtype, device=device)
+        with torch.inference_mode(False), torch.no_grad():
+            return to_numpy(run(copies))
+
+    return scores

@@ -2,7 +2,7 @@
 
 A Keras layer on the torch backend is a ``torch.nn.Module``, but Keras runs it through its own
 ``__call__``, so torch's forward hooks never fire. The explained layers' ``call`` is intercepted
-instead (``backends/_keras.py``, the mechanism of the TensorFlow adapter), and the tap does
+instead (``backends/_keras/``, the mechanism of the TensorFlow adapter), and the tap does
 what the torch adapter's hook does: the forward runs under ``no_grad``, the tap switches grad
 mode on and keeps the layer's output as a leaf that requires grad, and hands the rest of the
 model a clone. Autograd then records only the part of the model after the layer; no parameter
@@ -17,23 +17,22 @@ runs with ``training=False``, Keras's inference mode, whatever torch's ``.traini
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import operator
-import threading
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
-from anycam.protocol.backend import Capture, check_options
 from anycam._errors import AnycamError, InputError, LayerError
-from anycam.protocol.inputs import Key, ModelInputs
-from anycam.protocol.layers import choose_layer, is_auto
 from anycam.core import TargetSpec, spatial_shape
+from anycam.protocol.backend import Capture, check_options
+from anycam.protocol.inputs import ModelInputs
+from anycam.protocol.layers import choose_layer
 
 from .. import _keras
-from .backend import TorchBackend
+from .backend import OPTIONS, TorchBackend
+from .randomize import over_copy
 
 
 def _is_feature(value: Any) -> bool:
@@ -62,25 +61,14 @@ class KerasTorchBackend(TorchBackend):
         input_layout: str | None = None,
         **options: Any,
     ) -> None:
-        check_options(self.name, options, ("model_kwargs", "spatial_input"))
+        check_options(self.name, options, OPTIONS)
         _keras.require_backend(model, "torch")
-        self.model = model
-        self._prefixes = ()
-        self.output = output
-        self.input_layout = input_layout or _keras.input_layout(model)
-        self.spatial_input: Key | None = options.get("spatial_input")
-        self.model_kwargs: dict[str, Any] = dict(options.get("model_kwargs") or {})
-        self.modules = []
-        self.ports = []
-        self.layer_names = ()
         self.layouts: tuple[str, ...] = ()
-        self._choose_lock = threading.Lock()
-        self.auto_layer = len(layers) == 1 and is_auto(layers[0])
-        if not self.auto_layer:
-            self._set_layers([_keras.resolve_spec(model, layer) for layer in layers])
-        self._warned_training = False
-        self._splits = {}
-        self._splits_lock = threading.Lock()
+        layout = input_layout or _keras.input_layout(model)
+        self._init_state(model, layers, output=output, input_layout=layout, options=options)
+
+    def _resolve_layers(self, layers: Sequence[Any]) -> list[tuple[str, Any, str]]:
+        return [_keras.resolve_spec(self.model, layer) for layer in layers]
 
     def _set_layers(self, resolved: Sequence[tuple[str, Any, str]]) -> None:
         super()._set_layers(resolved)
@@ -161,12 +149,7 @@ class KerasTorchBackend(TorchBackend):
         exactly as the TensorFlow backend does; the model itself is only read.
         """
         duplicate, twins = _keras.randomized_copy(self.model, layers, operator.index(seed))
-        clone = copy.copy(self)
-        clone.model = duplicate
-        clone.modules = [twins[id(layer)] for layer in self.modules]
-        clone._splits = {}
-        clone._splits_lock = threading.Lock()
-        return clone
+        return over_copy(self, duplicate, twins)
 
 
 BACKEND = KerasTorchBackend

@@ -1,4 +1,5 @@
-"""``anycam explain`` with a tiny PyTorch model from a factory, against torch's own autograd.
+"""``anycam explain`` with a tiny PyTorch model from a factory, against torch's own autograd, and
+``python -m anycam demo`` with torch alone (no cross-framework column; a picture, or a note).
 
 The factory files are written into the test's folder, as a user would write ``my_models.py``.
 """
@@ -275,3 +276,22 @@ def test_explain_grayscale_and_custom_preprocessing(workdir: Path, capsys: pytes
     expected = anycam.overlay(original, reference_heatmap(model, x, best).astype(np.float32))
     written = np.asarray(Image.open(workdir / "custom" / "a_gradcam.png"))
     assert np.abs(written.astype(int) - expected.astype(int)).max() <= 1
+
+
+def test_one_framework_prints_no_difference_column(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["demo", "--backend", "torch", "--method", "gradcam", "--rows", "2", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "difference" not in out and "agree across frameworks" not in out
+    assert re.search(r"^\| gradcam \| \d+\.\d% \|$", out, re.MULTILINE)
+    assert (tmp_path / "demo.png").stat().st_size > 10_000
+
+
+def test_without_matplotlib_the_demo_still_exits_0_after_its_table(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    assert main(["demo", "--backend", "torch", "--method", "gradcam", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "| gradcam |" in out
+    assert "no picture" in out and "anycam[viz]" in out
+    assert not (tmp_path / "demo.png").exists()

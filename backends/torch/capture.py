@@ -1,0 +1,302 @@
+"""Activations and gradients of a torch model: a cloning forward hook and ``torch.autograd.grad``.
+
+The forward runs under ``no_grad``; the hook on the (first) explained layer switches grad mode on
+and keeps the layer output as a leaf that requires grad, handing the rest of the network a *clone*
+(in-place operations downstream then modify the clone, not the captured activations). Gradients of
+K targets come from one batched ``autograd.grad`` where autograd can vmap the graph, else one call
+per target. ``"name:input"`` captures a module's first positional argument with a *pre*-hook. Also
+here: the model's predictions and the scores of its inputs (Score-CAM, the metrics).
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from anycam._errors import LayerError, TargetError
+from anycam.core import TargetSpec, check_scores_shape, resolve_indices, spatial_shape
+from anycam.protocol.backend import Capture, select_output
+from anycam.protocol.inputs import ModelInputs
+
+from .inputs import batch_of, inference_error, structure, to_numpy
+
+if TYPE_CHECKING:
+    from .backend import TorchBackend
+
+
+class _RunsTwice(LayerError):
+    """Raised inside the forward pass when an explained module runs a second time."""
+
+    def __init__(self, index: int) -> None:
+        super().__init__(f"layer {index} runs more than once")
+        self.index = index
+
+
+def forward(backend: TorchBackend, structure: ModelInputs, differentiable: bool) -> tuple[Any, list[torch.Tensor]]:
+    """Runs the model; returns its output and the captured layer outputs (or inputs)."""
+    owner = threading.get_ident()
+    captured: dict[int, torch.Tensor] = {}
+
+    def keep(index: int, value: Any) -> torch.Tensor | None:
+        """Captures ``value`` for layer ``index``; returns what the network continues with."""
+        what = "input" if backend.ports[index] == "input" else "output"
+        if not isinstance(value, torch.Tensor):
+            raise LayerError(
+                f"layer {backend.layer_names[index]!r}: the module's {what} is a {type(value).__name__}, "
+                "not a tensor; explain a layer whose output is a feature map"
+            )
+        if index in captured:
+            raise _RunsTwice(index)
+        if not differentiable:
+            captured[index] = value.detach()
+            return None
+        torch.set_grad_enabled(True)
+        leaf = value if value.requires_grad else value.detach().requires_grad_()
+        captured[index] = leaf
+        return leaf.clone()
+
+    def make_hook(index: int) -> Any:
+        def hook(module: torch.nn.Module, args: Any, out: Any) -> Any:
+            if threading.get_ident() != owner:
+                return None
+            return keep(index, out)
+
+        return hook
+
+    def make_pre_hook(index: int) -> Any:
+        def pre_hook(module: torch.nn.Module, args: Any) -> Any:
+            if threading.get_ident() != owner:
+                return None
+            if not args:
+                raise LayerError(
+                    f"layer {backend.layer_names[index]!r}: the module is called with no positional input "
+                    "to capture; explain the output of the module before it"
+                )
+            replacement = keep(index, args[0])
+            return None if replacement is None else (replacement, *args[1:])
+
+        return pre_hook
+
+    handles = [
+        module.register_forward_pre_hook(make_pre_hook(i))
+        if port == "input"
+        else module.register_forward_hook(make_hook(i))
+        for i, (module, port) in enumerate(zip(backend.modules, backend.ports, strict=True))
+    ]
+    try:
+        # no_grad() keeps everything before the layer graph-free.
+        with torch.no_grad():
+            output = backend._call(structure)
+    except _RunsTwice as exc:
+        for handle in handles:  # before the diagnosing pass below (removing twice is harmless)
+            handle.remove()
+        index = exc.index
+        hint = "a module that runs once"
+        if backend.ports[index] == "output":
+            after = _runs_after(backend.model, structure, backend.modules[index])
+            if after:
+                hint += f", or '{after}:input' (the input of the module that runs after its last call)"
+            else:
+                hint += ", or the input of the module after it ('<name>:input', e.g. 'avgpool:input')"
+        raise LayerError(
+            f"layer {backend.layer_names[index]!r} runs more than once per forward pass (a shared module, "
+            f"e.g. one activation used by several blocks); explain {hint}"
+        ) from None
+    finally:
+        for handle in handles:
+            handle.remove()
+    missing = [backend.layer_names[i] for i in range(len(backend.modules)) if i not in captured]
+    if missing:
+        raise LayerError(
+            f"layer(s) {', '.join(map(repr, missing))} did not run during the forward pass; "
+            "explain a layer on the path from the input to the output"
+        )
+    return output, [captured[i] for i in range(len(backend.modules))]
+
+
+def _runs_after(model: torch.nn.Module, structure: ModelInputs, shared: torch.nn.Module) -> str | None:
+    """Returns the name of the first module that starts after ``shared``'s last call, or None.
+
+    Only for the error message: one more forward pass, with hooks that record the order.
+    """
+    owner = threading.get_ident()
+    inside = {id(m) for m in shared.modules()}
+    events: list[str | None] = []
+
+    def ended(module: torch.nn.Module, args: Any, out: Any) -> None:
+        if threading.get_ident() == owner:
+            events.append(None)
+
+    def started(name: str) -> Any:
+        def hook(module: torch.nn.Module, args: Any) -> None:
+            if threading.get_ident() == owner:
+                events.append(name)
+
+        return hook
+
+    handles = [shared.register_forward_hook(ended)]
+    handles += [
+        module.register_forward_pre_hook(started(name))
+        for name, module in model.named_modules()
+        if name and id(module) not in inside
+    ]
+    try:
+        with torch.no_grad():
+            structure.call(model)
+    except Exception:  # a diagnosis must not hide the error it explains
+        return None
+    finally:
+        for handle in handles:
+            handle.remove()
+    last = max((i for i, event in enumerate(events) if event is None), default=None)
+    following = [event for event in events[last + 1 :] if event is not None] if last is not None else []
+    return following[0] if following else None
+
+
+def scores(output: Any, target: TargetSpec, batch: int) -> tuple[torch.Tensor, np.ndarray | None]:
+    """Returns (N, K) scores and the (N, K) class indices (None for callables)."""
+    if target.kind == "callable":
+        assert target.fn is not None
+        values = target.fn(output)
+        if not isinstance(values, torch.Tensor):
+            raise TargetError(
+                f"a callable target must return a tensor of shape (N,) or (N, K) with N={batch}, "
+                f"got {type(values).__name__}"
+            )
+        check_scores_shape(tuple(values.shape), batch)
+        return values.reshape(batch, -1), None
+    if not isinstance(output, torch.Tensor):
+        raise TargetError(f"the selected model output is a {type(output).__name__}, not a tensor; use output=...")
+    if output.ndim != 2 or output.shape[0] != batch:
+        raise TargetError(
+            f"class-index targets need a model output of shape (N, classes), got {tuple(output.shape)}; "
+            "pass a callable target that maps the output to (N,) scores"
+        )
+    indices = resolve_indices(target, to_numpy(output))
+    values = output.gather(1, torch.as_tensor(indices, device=output.device))
+    return values, indices
+
+
+def gradients(layer_names: tuple[str, ...], scores: torch.Tensor, leaves: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Returns per layer ∂scores/∂leaf as (N, K, ...) tensors."""
+    if not scores.requires_grad:
+        raise LayerError(
+            f"the explained output does not depend on layer(s) {', '.join(map(repr, layer_names))}; "
+            "explain a layer on the path to the output"
+        )
+    count = scores.shape[1]
+    grads: tuple[torch.Tensor | None, ...]
+    per_layer: list[torch.Tensor | None]
+    if count == 1:
+        grads = torch.autograd.grad(scores.sum(), leaves, allow_unused=True)
+        per_layer = [None if g is None else g.unsqueeze(1) for g in grads]
+    else:
+        try:
+            eye = torch.eye(count, dtype=scores.dtype, device=scores.device)
+            cotangents = eye[:, None, :].expand(count, scores.shape[0], count)
+            grads = torch.autograd.grad(
+                scores,
+                leaves,
+                grad_outputs=cotangents,
+                is_grads_batched=True,
+                retain_graph=True,
+                allow_unused=True,
+            )
+        except RuntimeError:
+            # Some operators have no batching rule; fall back to one backward per target.
+            columns = [
+                torch.autograd.grad(scores[:, k].sum(), leaves, retain_graph=True, allow_unused=True)
+                for k in range(count)
+            ]
+            grads = tuple(
+                None if column[0] is None else torch.stack(list(column), dim=0) for column in zip(*columns, strict=True)
+            )
+        per_layer = [None if g is None else g.transpose(0, 1) for g in grads]
+    for name, grad in zip(layer_names, per_layer, strict=False):
+        if grad is None:
+            raise LayerError(f"layer {name!r} does not reach the explained output (its gradient is None)")
+    return per_layer  # type: ignore[return-value]
+
+
+def capture(backend: TorchBackend, inputs: Any, target: TargetSpec, gradients: bool) -> Capture:
+    """Runs the model once with the layers hooked: activations, gradients of K targets, scores."""
+    # inference_mode(False) lets a call made inside the user's inference_mode() build the
+    # small graph it needs.
+    with torch.inference_mode(False):
+        try:
+            return _capture(backend, inputs, target, gradients)
+        except RuntimeError as exc:
+            if "Inference tensors" in str(exc):
+                raise inference_error(exc) from exc
+            raise
+
+
+def _capture(backend: TorchBackend, inputs: Any, target: TargetSpec, with_gradients: bool) -> Capture:
+    given = structure(backend, inputs)
+    backend._warn_training()
+    # The batch size travels as an argument: one adapter serves every thread that shares the
+    # Explainer, so nothing of a call may live on the adapter.
+    batch = batch_of(given)
+    if backend.auto_layer and not backend.layer_names:
+        backend._choose(given, target)
+    output, leaves = backend._forward(given, differentiable=with_gradients)
+    selected = select_output(output, backend.output)
+    if with_gradients:
+        with torch.enable_grad():
+            values, indices = scores(selected, target, batch)
+            grads = gradients(backend.layer_names, values, leaves)
+        grads_np: tuple[np.ndarray, ...] | None = tuple(to_numpy(g) for g in grads)
+    else:
+        with torch.no_grad():
+            values, indices = scores(selected, target, batch)
+        grads_np = None
+    return Capture(
+        activations=tuple(to_numpy(a) for a in leaves),
+        gradients=grads_np,
+        scores=to_numpy(values),
+        target=indices,
+        input_spatial=spatial_shape(tuple(given.spatial_value.shape), backend.input_layout),
+        layouts=("channels_first",) * len(leaves),
+        input_shape=tuple(given.spatial_value.shape),
+        input_layout=backend.input_layout,
+    )
+
+
+def predict(backend: TorchBackend, inputs: Any) -> np.ndarray:
+    """Returns the selected model output as float32 NumPy, no graph."""
+    given = structure(backend, inputs)
+    with torch.inference_mode(False), torch.no_grad():
+        return to_numpy(select_output(backend._call(given), backend.output))
+
+
+def input_scores(
+    backend: TorchBackend, inputs: Any, target: TargetSpec, indices: np.ndarray | None, probabilities: bool
+) -> np.ndarray:
+    """Returns the (N, K) scores of the model on ``inputs`` (softmax probabilities if asked), no graph."""
+    if probabilities and target.kind == "callable":
+        raise TargetError(
+            "probabilities=True needs class scores; with a callable target Score-CAM weights by what "
+            "the callable returns, so return the score to weight by (e.g. a softmax probability)"
+        )
+    with torch.inference_mode(False), torch.no_grad():
+        given = structure(backend, inputs)
+        batch = batch_of(given)
+        output = select_output(backend._call(given), backend.output)
+        if target.kind == "callable":
+            values, _ = scores(output, target, batch)
+        else:
+            if not isinstance(output, torch.Tensor) or output.ndim != 2:
+                shape = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
+                raise TargetError(
+                    f"class-index targets need a model output of shape (N, classes), got {shape}; "
+                    "pass a callable target that maps the output to (N,) scores"
+                )
+            # The same checks as every other target path: count and class range, as TargetError.
+            resolve_indices(TargetSpec("indices", squeeze=False, indices=np.asarray(indices)), to_numpy(output))
+            if probabilities:
+                output = torch.softmax(output.float(), dim=1)
+            values = output.gather(1, torch.as_tensor(indices, device=output.device))
+    return to_numpy(values)

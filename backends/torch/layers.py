@@ -1,0 +1,118 @@
+"""Layers of a torch model: module names, module objects and ``"name:input"`` → modules and ports.
+
+A layer is a module name as in ``model.named_modules()`` (with or without the ``module.`` /
+``_orig_mod.`` prefix of a DataParallel, DistributedDataParallel or ``torch.compile`` wrapper,
+which :func:`unwrap` removes), a module object, or None / ``"auto"``: :func:`choose` then picks
+one from a forward (and backward) pass in the modules' forward order.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import TYPE_CHECKING, Any, cast
+
+import torch
+
+from anycam._errors import LayerError, closest
+from anycam.core import TargetSpec, spatial_shape
+from anycam.protocol.backend import select_output
+from anycam.protocol.inputs import ModelInputs
+from anycam.protocol.layers import LayerRecord, choose_layer, is_auto, parse_layer
+
+from .capture import scores as target_scores
+from .inputs import batch_of
+
+if TYPE_CHECKING:
+    from .backend import TorchBackend
+
+
+def unwrap(model: torch.nn.Module) -> tuple[torch.nn.Module, tuple[str, ...]]:
+    """Returns the module inside DataParallel/DDP/``torch.compile`` wrappers and their name prefixes."""
+    prefixes: list[str] = []
+    nn = torch.nn.Module
+    while True:
+        if isinstance(model, (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)):
+            prefixes.append("module.")
+            model = model.module
+        elif type(model).__name__ == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None), nn):
+            # torch.compile's wrapper; the original module computes the same function eagerly.
+            prefixes.append("_orig_mod.")
+            model = cast(torch.nn.Module, model._orig_mod)
+        else:
+            return model, tuple(prefixes)
+
+
+def resolve(
+    layer: Any, named: dict[str, torch.nn.Module], prefixes: tuple[str, ...]
+) -> tuple[str, torch.nn.Module, str]:
+    """Returns (reported name, module, port) for one layer spec."""
+    if is_auto(layer):
+        raise LayerError("layer='auto' (or None) chooses one layer; it cannot be part of a list")
+    spec = parse_layer(layer)
+    target = spec.layer
+    if isinstance(target, str):
+        name = target
+        # Names copied from the wrapped model (state_dict keys) carry the wrappers' prefixes.
+        while name not in named and any(name.startswith(p) for p in prefixes):
+            name = next(name[len(p) :] for p in prefixes if name.startswith(p))
+        if name in named and name:
+            return spec.label(name), named[name], spec.port
+        raise LayerError(f"layer {target!r} not found in the model{closest(target, [n for n in named if n])}")
+    if isinstance(target, torch.nn.Module):
+        for name, module in named.items():
+            if module is target:
+                return spec.label(name or type(target).__name__), module, spec.port
+        raise LayerError(f"the {type(target).__name__} module given as layer is not part of the model")
+    raise LayerError(f"a torch layer is a module name or a module object, got {type(target).__name__}")
+
+
+def choose(backend: TorchBackend, structure: ModelInputs, target: TargetSpec) -> None:
+    """Chooses the layer for ``layer="auto"`` from one forward (and backward) pass, once."""
+    with backend._choose_lock:
+        if backend.layer_names:
+            return
+        owner = threading.get_ident()
+        order: list[str] = []
+        shapes: dict[str, tuple[int, ...] | None] = {}
+        calls: dict[str, int] = {}
+        kept: dict[str, torch.Tensor] = {}
+
+        def make_hook(name: str) -> Any:
+            def hook(module: torch.nn.Module, args: Any, out: Any) -> Any:
+                if threading.get_ident() != owner:
+                    return None
+                calls[name] = calls.get(name, 0) + 1
+                if calls[name] > 1:
+                    return None
+                order.append(name)
+                if not isinstance(out, torch.Tensor) or not out.is_floating_point():
+                    shapes[name] = None
+                    return None
+                shapes[name] = tuple(out.shape)
+                # Every module output joins one graph, so reachability of the output is
+                # one autograd query; the clone keeps in-place ops off the kept tensor.
+                kept[name] = out if out.requires_grad else out.detach().requires_grad_()
+                return kept[name].clone()
+
+            return hook
+
+        named = [(name, module) for name, module in backend.model.named_modules() if name]
+        handles = [module.register_forward_hook(make_hook(name)) for name, module in named]
+        try:
+            with torch.enable_grad():
+                output = backend._call(structure)
+                scores, _ = target_scores(select_output(output, backend.output), target, batch_of(structure))
+        finally:
+            for handle in handles:
+                handle.remove()
+        names = list(kept)
+        reaches = dict.fromkeys(names, True)
+        if scores.requires_grad and names:
+            grads = torch.autograd.grad(scores.sum(), [kept[n] for n in names], allow_unused=True)
+            reaches = {n: g is not None for n, g in zip(names, grads, strict=True)}
+        records = [
+            LayerRecord(name, shapes[name], calls=calls[name], reaches_output=reaches.get(name, True)) for name in order
+        ]
+        input_spatial = spatial_shape(tuple(structure.spatial_value.shape), backend.input_layout)
+        chosen = choose_layer(records, input_spatial)
+        backend._set_layers([(chosen, dict(named)[chosen], "output")])
