@@ -108,9 +108,10 @@ def load(name: str, model: Any = None) -> type[Backend]:
         raise BackendError(f"unknown backend {name!r}; choose one of {', '.join(NAMES)}")
     try:
         package = importlib.import_module(f"{__name__}.{name}")
-        return package.backend_for(model)  # type: ignore[no-any-return]
+        adapter: type[Backend] = package.backend_for(model)
     except ImportError as exc:
         framework, extra = _INSTALL[name]
         raise BackendError(
             f'backend {name!r} needs {framework}, which failed to import ({exc}); pip install "anycam[{extra}]"'
         ) from exc
+    return adapter

@@ -132,7 +132,7 @@ def test_a_model_without_relu_warns_that_guided_equals_the_gradient() -> None:
 
 
 def test_sanity_check_compares_guided_attributions_at_input_resolution(functional) -> None:  # type: ignore[no-untyped-def]
-    from anycam.sanity import replace_explainer, sanity_check, spearman
+    from anycam.metrics.sanity import replace_explainer, sanity_check, spearman
 
     model, x = functional
     explainer = anycam.Explainer(model, "conv3", method="guided-backprop")

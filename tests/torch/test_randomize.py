@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import anycam
-from anycam.sanity import sanity_check
+from anycam.metrics.sanity import sanity_check
 
 
 def _model() -> nn.Module:
@@ -51,7 +51,7 @@ def test_sanity_check_steps_and_oracle() -> None:
     (grads,) = torch.autograd.grad(copy[6](copy[5](copy[4](leaf)))[:, 1].sum(), leaf)
     signed = torch.einsum("nc,nchw->nhw", grads.mean((2, 3)), leaf.detach()).numpy()
     reference = anycam.Explainer(model, "3", relu=False, normalize=None).explain(x, target=1).cam
-    from anycam.sanity import spearman
+    from anycam.metrics.sanity import spearman
 
     np.testing.assert_allclose(cascading.spearman[0], spearman(reference, signed), atol=1e-6)
     assert cascading.ssim is not None and cascading.ssim.shape == (3, 4)
@@ -62,7 +62,7 @@ def test_sanity_check_steps_and_oracle() -> None:
     # SSIM oracle for the last step: the rectified heatmap of the randomised copy, computed anew.
     copy_explainer = anycam.Explainer(model, "3")
     copy_explainer.backend = explainer.backend.randomized(["6", "2", "0"], seed=2)
-    from anycam.sanity import ssim
+    from anycam.metrics.sanity import ssim
 
     expected = ssim(explainer(x, target=1), copy_explainer(x, target=1))
     np.testing.assert_allclose(cascading.ssim[-1], expected, atol=1e-6)
