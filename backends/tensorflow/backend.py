@@ -41,6 +41,7 @@ the weights over, and draws the chosen layers' weights anew from their own initi
 Layouts: a layer's output layout is its ``data_format``, or that of the nearest layer upstream
 that has one, else ``keras.config.image_data_format()``. The input layout likewise defaults to
 the ``data_format`` of the model's first layer that has one.
+
 Where each part lives (one module per idea, the same names in the torch and jax packages):
 ``inputs`` (structures → tensors, the boundary checks), ``layers`` (taps on a layer's ``call``,
 the automatic choice), ``capture`` (compiled captures, predict, input scores), ``head``
@@ -70,6 +71,7 @@ from .layers import PairForward
 
 
 def _keras_backend_check() -> None:
+    """Raises anycam.BackendError unless Keras runs on TensorFlow."""
     active = _keras.backend()
     if active != "tensorflow":
         raise BackendError(

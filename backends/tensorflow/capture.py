@@ -258,6 +258,7 @@ def _signature_key(inputs: Any) -> tuple[Any, ...]:
 
 
 def as_numpy(tensor: Any) -> np.ndarray:
+    """Returns ``tensor`` as a float32 NumPy array."""
     # np.asarray views the tensor's buffer (read-only); .numpy() copies it, which for K maps'
     # gradients is tens of megabytes per call.
     return np.asarray(np.asarray(tensor), dtype=np.float32)
@@ -281,6 +282,7 @@ def resolved_targets(
 
 
 def keras_program(backend: TensorFlowBackend, names: Sequence[str] | None = None) -> Program:
+    """Returns the cached Program of the backend's model, layers, ports, output selector and model_kwargs."""
     names = backend.layer_names if names is None else names
     forward = KerasForward(backend.model, backend.layers, names, backend.ports, backend.model_kwargs)
     try:
@@ -305,6 +307,7 @@ def keras_program(backend: TensorFlowBackend, names: Sequence[str] | None = None
 
 
 def given_indices(target: TargetSpec, batch: int) -> np.ndarray:
+    """Returns the ``(N, K)`` int64 class indices of an ``index`` or ``indices`` target."""
     assert target.indices is not None
     indices = target.indices
     if target.kind == "index":
@@ -330,6 +333,7 @@ def resolved(target: TargetSpec, indices: np.ndarray | None, batch: int) -> tupl
 
 
 def capture(backend: TensorFlowBackend, inputs: Any, target: TargetSpec, *, gradients: bool = True) -> Capture:
+    """Runs the model once: the layers' activations and, per target, their gradients."""
     structure = structured(backend, inputs)
     with naming_inputs(structure):
         return _capture(backend, structure, target, gradients)
@@ -364,6 +368,7 @@ def _capture(backend: TensorFlowBackend, structure: ModelInputs, target: TargetS
 
 
 def predict(backend: TensorFlowBackend, inputs: Any) -> np.ndarray:
+    """Returns the (selected) model output as float32 NumPy, from one compiled forward."""
     structure = structured(backend, inputs)
     with naming_inputs(structure):
         x = ready(backend, structure)
