@@ -119,27 +119,3 @@ def test_predict_returns_the_selected_output() -> None:
     x = images(2, 10, 8, 3)
     explainer = anycam.Explainer(model, "conv")
     np.testing.assert_allclose(explainer.backend.predict(x), model(x, training=False).numpy(), rtol=1e-6)
-
-
-def test_k_targets_come_from_one_forward_and_match_single_targets() -> None:
-    model = batchnorm_model()
-    x = images(2, 10, 8, 3)
-    explainer = anycam.Explainer(model, "relu")
-    top = explainer.explain(x, target=anycam.top_k(3))
-    assert top.heatmap.shape == (2, 3, 10, 8)
-    logits = model(x, training=False).numpy()
-    np.testing.assert_array_equal(top.target, np.argsort(-logits, axis=1)[:, :3])
-    for k in range(3):
-        single = explainer.explain(x, target=top.target[:, k])
-        np.testing.assert_allclose(single.heatmap, top.heatmap[:, k], atol=1e-5)
-        np.testing.assert_allclose(single.scores, top.scores[:, k], rtol=1e-6)
-
-
-def test_several_layers_in_one_pass() -> None:
-    model = batchnorm_model()
-    x = images(2, 10, 8, 3)
-    both = anycam.Explainer(model, ["conv", "relu"]).explain(x, target=1)
-    conv = anycam.Explainer(model, "conv").explain(x, target=1)
-    relu = anycam.Explainer(model, "relu").explain(x, target=1)
-    np.testing.assert_allclose(both.cams[0], conv.cam, rtol=1e-5, atol=1e-7)
-    np.testing.assert_allclose(both.cams[1], relu.cam, rtol=1e-5, atol=1e-7)
