@@ -10,7 +10,7 @@ import pytest
 import tensorflow as tf
 
 import anycam
-from anycam.sanity import sanity_check, spearman
+from anycam.metrics.sanity import sanity_check, spearman
 
 pytestmark = pytest.mark.tensorflow
 
