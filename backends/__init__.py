@@ -15,8 +15,8 @@ import importlib
 import sys
 from typing import Any
 
-from anycam.protocol.backend import Backend
 from anycam._errors import BackendError
+from anycam.protocol.backend import Backend
 
 NAMES = ("torch", "tensorflow", "jax")
 

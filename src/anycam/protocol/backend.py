@@ -136,7 +136,8 @@ class Backend(abc.ABC):
         super().__init_subclass__(**kwargs)
         unknown = sorted(set(cls.capabilities) - set(CAPABILITIES))
         if unknown:
-            raise TypeError(f"{cls.__qualname__} declares unknown capabilities {unknown}; known: {sorted(CAPABILITIES)}")
+            known = sorted(CAPABILITIES)
+            raise TypeError(f"{cls.__qualname__} declares unknown capabilities {unknown}; known: {known}")
         for capability in cls.capabilities:
             verbs = CAPABILITIES[capability]
             overridden = [verb for verb in verbs if getattr(cls, verb) is not getattr(Backend, verb)]
