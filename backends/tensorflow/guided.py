@@ -181,9 +181,6 @@ def guided_capture(backend: TensorFlowBackend, inputs: Any, target: TargetSpec) 
     return capture, as_numpy(attributions)
 
 
-_CALLS = ("PartitionedCall", "StatefulPartitionedCall")
-
-
 def _relu_counts(graph: Any, ops: Sequence[Any]) -> tuple[int, int]:
     """Returns (Relu ops in ``ops``, Relu ops inside the functions they call).
 

@@ -183,11 +183,6 @@ def _to_model(model: torch.nn.Module, value: torch.Tensor, what: str) -> torch.T
         ) from exc
 
 
-def as_input(backend: TorchBackend, inputs: Any) -> torch.Tensor:
-    """Returns the spatial input of ``inputs`` as a checked tensor."""
-    return structure(backend, inputs).spatial_value
-
-
 def batch_of(structure: ModelInputs) -> int:
     return int(structure.spatial_value.shape[0])
 
