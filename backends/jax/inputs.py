@@ -148,4 +148,7 @@ def run(backend: JaxBackend, call: Callable[[], Any], x: jax.Array) -> Any:
                 f"the model does not accept the inputs given ({x.describe()}): {type(exc).__name__}: {exc}; "
                 "pass a dict with the keywords it takes, or a tuple in the order of its positional arguments"
             ) from exc
-        raise forward_error(exc, tuple(x.shape), backend.input_layout) from exc
+        error = forward_error(exc, tuple(x.shape), backend.input_layout)
+        if error is None:  # the model's own exception: its type, with a note
+            raise
+        raise error from exc

@@ -141,7 +141,10 @@ def run(backend: TensorFlowBackend, call: Callable[[], Any], structure: ModelInp
     except (ValueError, TypeError, IndexError, tf.errors.InvalidArgumentError) as exc:
         if structure.kind != "single":
             raise
-        raise forward_error(exc, tuple(structure.spatial_value.shape), backend.input_layout) from exc
+        error = forward_error(exc, tuple(structure.spatial_value.shape), backend.input_layout)
+        if error is None:  # the model's own exception: its type, with a note
+            raise
+        raise error from exc
 
 
 def ready(backend: TensorFlowBackend, structure: ModelInputs) -> Any:

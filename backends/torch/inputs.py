@@ -198,7 +198,10 @@ def call(backend: TorchBackend, structure: ModelInputs) -> Any:
         unknown = _unknown_keys(model.forward, structure)
         if _binds(model.forward, structure) and not unknown:
             # The signature fits: the forward itself failed on these inputs (item 8).
-            raise failed(backend, exc, structure) from exc
+            error = failed(backend, exc, structure)
+            if error is None:  # the model's own exception: its type, with a note
+                raise
+            raise error from exc
         given = []
         if structure.args:
             given.append(f"{len(structure.args)} positional")
@@ -222,8 +225,8 @@ def call(backend: TorchBackend, structure: ModelInputs) -> Any:
         ) from exc
 
 
-def failed(backend: TorchBackend, exc: BaseException, structure: ModelInputs) -> AnycamError:
-    """The error for a forward pass that raised ``exc``: inference tensors, or the input."""
+def failed(backend: TorchBackend, exc: BaseException, structure: ModelInputs) -> AnycamError | None:
+    """The error for a forward pass that raised ``exc``: inference tensors, the input, or None (the model's own)."""
     if "Inference tensors" in str(exc):
         return inference_error(exc)
     what = "input" if structure.kind == "single" else f"input {structure.spatial!r}"

@@ -15,6 +15,16 @@ from typing import Any
 import numpy as np
 
 KINDS = ("conv2d", "conv1d", "conv3d", "channels_last", "tokens")
+# Layer positions in a residual network (two blocks, each ``relu(bn2(conv2(relu(bn1(conv1 x)))) + x)``,
+# then global mean pooling and a dense layer), each a ``kit.case(kind)`` whose ``ablated_outputs``
+# zeroes the channel and reruns the whole model:
+#   skip_inplace: a block's ``bn2``, whose output the identity is added to (in place where the
+#                 framework can, torch ``out += identity``) before the ReLU — ResNet's ``layerN.1.bn2``;
+#   inside_block: a block's first ReLU output, read only by ``conv2`` inside the block;
+#   after_add:    the first block's output (after the add and its ReLU), which the second block's
+#                 branch and skip both read;
+#   before_pool:  the last block's output, read only by the global pooling.
+POSITIONS = ("skip_inplace", "inside_block", "after_add", "before_pool")
 
 
 @dataclass

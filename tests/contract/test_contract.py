@@ -15,7 +15,7 @@ import pytest
 import anycam
 from anycam import core
 
-from .kit import KINDS, explain_through_head, offered_head
+from .kit import KINDS, POSITIONS, explain_through_head, offered_head
 
 TARGETS = ("argmax", "int", "per_sample", "k_per_sample", "top_k", "callable")
 
@@ -102,6 +102,21 @@ def test_unknown_layer_lists_close_names(kit) -> None:
         anycam.Explainer(case.model, "featurez")
 
 
+@pytest.mark.parametrize("kind", POSITIONS)
+@pytest.mark.parametrize("method", ("gradcam", "layercam"))
+def test_gradient_methods_at_every_layer_position(kit, kind: str, method: str) -> None:
+    """Where a residual block reads the layer (in place, inside, after the add, before pooling)."""
+    case = kit.case(kind)
+    _, _, outputs = case.reference(None)
+    target, cotangents, _ = _target("k_per_sample", outputs, case)
+    activations, gradients, _ = case.reference(cotangents)
+    explainer = anycam.Explainer(case.model, case.layer, method=method, layout=case.layout, **case.options)
+    result = explainer.explain(case.inputs, target=target)
+    expected = core.layer_cam(method, activations, gradients, case.true_layout, count=cotangents.shape[0])
+    scale = max(float(np.abs(expected.cam).max()), 1e-12)
+    np.testing.assert_allclose(result.cam / scale, expected.cam / scale, rtol=1e-4, atol=1e-5)
+
+
 # -- the methods beyond one capture (issue 9): each against a computation written here -------
 
 BEYOND_TARGETS = ("argmax", "k_per_sample", "callable")
@@ -136,7 +151,7 @@ def _check(result, form: str, cam: np.ndarray, weights: np.ndarray | None, case)
     np.testing.assert_allclose(heat, core.heatmaps([cam.astype(np.float32)], case.input_spatial), atol=1e-4)
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", KINDS + POSITIONS)
 @pytest.mark.parametrize("form", BEYOND_TARGETS)
 def test_ablationcam_equals_zeroing_each_channel_in_the_whole_model(kit, kind: str, form: str) -> None:
     case = kit.case(kind)

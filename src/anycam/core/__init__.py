@@ -10,7 +10,7 @@
 ((1, 224, 224), 0.0, 1.0)
 """
 
-from .checks import check_batch, check_scores_shape, forward_error, non_finite_input
+from .checks import check_batch, check_scores_shape, forward_error, is_input_failure, non_finite_input
 from .guided import attribution_map, guided_gradcam
 from .layout import (
     LAYOUTS,
@@ -90,6 +90,7 @@ __all__ = [
     "eigencam",
     "eigengradcam",
     "forward_error",
+    "is_input_failure",
     "gradcam_elementwise",
     "gradcam_weights",
     "gradcampp_weights",

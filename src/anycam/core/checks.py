@@ -7,6 +7,8 @@ error that wraps a failed forward pass.
 
 from __future__ import annotations
 
+import re
+
 from .._errors import InputError, NonFiniteError, TargetError
 
 _LAYOUT_FORMS = {"channels_first": "(N, C, *spatial)", "channels_last": "(N, *spatial, C)"}
@@ -52,15 +54,48 @@ def check_scores_shape(shape: tuple[int, ...], batch: int) -> None:
         )
 
 
-def forward_error(exc: BaseException, shape: tuple[int, ...], layout: str, what: str = "input") -> InputError:
-    """Returns an InputError for a forward pass that failed on an input of ``shape``.
+# Words a framework's message uses when an input's shape or layout does not fit a layer. A failure
+# without them (a model's own RuntimeError, an assertion, out of memory) is the model's, not the input's.
+_SHAPE_WORDS = re.compile(
+    r"shape|size|dimension|\bdims?\b|channel|rank|broadcast|incompatible|mismatch|expected input|"
+    r"cannot be multiplied|contracting",
+    re.IGNORECASE,
+)
+_OUT_OF_MEMORY = re.compile(r"out of memory|RESOURCE_EXHAUSTED|OOM when allocating", re.IGNORECASE)
 
-    The framework's message stays in the text and as the cause (raise it ``from exc``).
+
+def is_input_failure(exc: BaseException) -> bool:
+    """Whether a failed forward pass is explained by the input's shape or layout.
+
+    Out-of-memory errors (which callers catch to halve a batch) and a model's own exceptions
+    are not: those propagate with their own type.
+
+    >>> is_input_failure(RuntimeError("mat1 and mat2 shapes cannot be multiplied (2x48 and 12x5)"))
+    True
+    >>> is_input_failure(RuntimeError("boom"))
+    False
+    >>> is_input_failure(RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB (size mismatch)"))
+    False
     """
+    if isinstance(exc, MemoryError) or _OUT_OF_MEMORY.search(str(exc)) or type(exc).__name__.endswith("OutOfMemoryError"):
+        return False
+    return bool(_SHAPE_WORDS.search(str(exc)))
+
+
+def forward_error(exc: BaseException, shape: tuple[int, ...], layout: str, what: str = "input") -> InputError | None:
+    """Returns an InputError for a forward pass that failed on an input of ``shape``, or None.
+
+    None when the failure is not the input's (:func:`is_input_failure`): the caller re-raises
+    ``exc`` unchanged, with a note added here naming the input's shape and layout. Otherwise the
+    framework's message stays in the InputError's text and as its cause (raise it ``from exc``).
+    """
+    form = _LAYOUT_FORMS.get(layout, layout)
+    if not is_input_failure(exc):
+        exc.add_note(f"anycam: raised by the model on the {what} of shape {tuple(shape)}, read as {layout} {form}")
+        return None
     message = " ".join(str(exc).split())
     if len(message) > 400:
         message = message[:400] + " …"
-    form = _LAYOUT_FORMS.get(layout, layout)
     return InputError(
         f"the model failed on the {what} of shape {tuple(shape)}, read as {layout} {form}: "
         f"{type(exc).__name__}: {message}. Check the input's rank and channel placement against what the "
