@@ -77,7 +77,8 @@ def is_input_failure(exc: BaseException) -> bool:
     >>> is_input_failure(RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB (size mismatch)"))
     False
     """
-    if isinstance(exc, MemoryError) or _OUT_OF_MEMORY.search(str(exc)) or type(exc).__name__.endswith("OutOfMemoryError"):
+    memory = isinstance(exc, MemoryError) or type(exc).__name__.endswith("OutOfMemoryError")
+    if memory or _OUT_OF_MEMORY.search(str(exc)):
         return False
     return bool(_SHAPE_WORDS.search(str(exc)))
 
