@@ -35,16 +35,17 @@ def _backend_names() -> tuple[str, ...]:
 
 BACKENDS = _backend_names()
 QUIET = {"TF_CPP_MIN_LOG_LEVEL": "2"}
-# Every install goes through one constraints file: it pins the torch the sessions test against
-# (this machine's CPU build) without pinning it in the package metadata. ANYCAM_CONSTRAINTS
-# names another file to test against another torch.
+# Every install goes through one constraints file: it pins every package the sessions install
+# (the tested set, reproducible on a fresh machine; torch is this machine's CPU build) without
+# pinning anything in the package metadata. ANYCAM_CONSTRAINTS names another file; `nox -s newest`
+# tests against the newest releases instead.
 CONSTRAINTS = ("-c", os.environ.get("ANYCAM_CONSTRAINTS", "tests/constraints.txt"))
 
 
 @nox.session
 def core(session: nox.Session) -> None:
     """NumPy-only core: oracles, properties, doctests, visualisation; no framework installed."""
-    session.install(*CONSTRAINTS, "-e", ".[viz,metrics]", *TEST)
+    session.install(*CONSTRAINTS, "-e", ".[viz,metrics]", *TEST, *nox.project.dependency_groups(PROJECT, "test-viz"))
     session.run(
         "pytest",
         "tests/core",
@@ -65,7 +66,9 @@ def _backend_session(backend: str) -> None:
     def tests(session: nox.Session) -> None:
         group = f"test-{backend}"
         extra = nox.project.dependency_groups(PROJECT, group) if group in GROUPS else ()
-        session.install(*CONSTRAINTS, "-e", f".[{backend},viz,metrics]", *TEST, *extra)
+        # The torch session also carries the dataset tests (they run on torch): one torch install, not two.
+        extras = f"{backend},viz,metrics" + (",dataset,ray" if backend == "torch" else "")
+        session.install(*CONSTRAINTS, "-e", f".[{extras}]", *TEST, *extra)
         if backend == "torch":
             # pytorch-grad-cam (a peer the tests compare with) requires torchvision, which has no
             # build beside this torch; its other dependencies come from the test-torch group.
@@ -79,35 +82,64 @@ def _backend_session(backend: str) -> None:
             *session.posargs,
             env=QUIET,
         )
+        if backend == "torch":
+            _dataset_tests(session)
 
-    tests.__doc__ = f"The {backend} backend: the shared contract suite and {backend}-specific tests."
+    tests.__doc__ = f"The {backend} backend: the shared contract suite and {backend}-specific tests." + (
+        " Then the dataset tests (as `nox -s dataset`) in the same environment." if backend == "torch" else ""
+    )
 
 
 for _name in BACKENDS:
     _backend_session(_name)
 
 
+def _lint(session: nox.Session, *pytest_args: str) -> None:
+    session.run("ruff", "check", "src", "backends", "tests", "noxfile.py")
+    session.run("mypy")
+    session.run("pytest", "tests/core/test_architecture.py", *pytest_args)
+
+
+def _dataset_tests(session: nox.Session, *pytest_args: str) -> None:
+    session.run("pytest", "tests/dataset", "tests/ray", "--durations=10", *pytest_args, env=QUIET)
+
+
 @nox.session
 def parity(session: nox.Session) -> None:
-    """All three frameworks in one environment: same weights, same maps; the demo end to end."""
-    session.install(*CONSTRAINTS, "-e", ".[all]", *TEST)
+    """All three frameworks in one environment: lint (as `nox -s lint`), then same weights, same maps; the demo."""
+    session.install(*CONSTRAINTS, "-e", ".[all]", *TEST, *LINT)
+    _lint(session)
     session.run("pytest", "tests/parity", "tests/docs", "--backends=torch,tensorflow,jax", *session.posargs, env=QUIET)
 
 
-@nox.session
+@nox.session(default=False)
 def dataset(session: nox.Session) -> None:
-    """explain_dataset, its resumable store, TTA, streaming metrics and anycam.ray on a local Ray (torch)."""
+    """explain_dataset, its store, TTA, streaming metrics and anycam.ray on a local Ray (in the default run: tests-torch)."""
     session.install(*CONSTRAINTS, "-e", ".[torch,dataset,ray,metrics]", *TEST)
-    session.run("pytest", "tests/dataset", "tests/ray", "--durations=10", *session.posargs, env=QUIET)
+    _dataset_tests(session, *session.posargs)
 
 
-@nox.session
+@nox.session(default=False)
 def lint(session: nox.Session) -> None:
-    """ruff, mypy over src/ and backends/ (against the frameworks' own types), the architecture test."""
+    """ruff, mypy over src/ and backends/, the architecture test (in the default run: parity)."""
     session.install(*CONSTRAINTS, "-e", ".[all]", *LINT, *TEST)
-    session.run("ruff", "check", "src", "backends", "tests", "noxfile.py")
-    session.run("mypy")
-    session.run("pytest", "tests/core/test_architecture.py", *session.posargs)
+    _lint(session, *session.posargs)
+
+
+@nox.session(default=False)
+def newest(session: nox.Session) -> None:
+    """Every dependency at its newest release (no pins but torch): what users installing today get."""
+    session.install("-c", "tests/constraints-newest.txt", "--upgrade", "-e", ".[all,dataset,ray]", *TEST)
+    session.run(
+        "pytest",
+        "tests/core",
+        "tests/contract",
+        "tests/parity",
+        "tests/dataset",
+        "--backends=torch,tensorflow,jax",
+        *session.posargs,
+        env=QUIET,
+    )
 
 
 @nox.session
@@ -116,6 +148,8 @@ def docs(session: nox.Session) -> None:
     session.install(*CONSTRAINTS, *DOCS)
     # mkdocstrings reads the sources statically: no framework, not even anycam, is installed.
     session.run("mkdocs", "build", "--strict", *session.posargs, env={"NO_MKDOCS_2_WARNING": "1"})
+    if not session.posargs:  # the site opens from disk: every local link names a file
+        session.run("python", "scripts/check_site_links.py", "site")
 
 
 @nox.session(default=False)
