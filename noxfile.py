@@ -114,7 +114,7 @@ def parity(session: nox.Session) -> None:
 
 @nox.session(default=False)
 def dataset(session: nox.Session) -> None:
-    """explain_dataset, its store, TTA, streaming metrics and anycam.ray on a local Ray (in the default run: tests-torch)."""
+    """explain_dataset, its store, TTA, streaming metrics, anycam.ray on a local Ray (default run: in tests-torch)."""
     session.install(*CONSTRAINTS, "-e", ".[torch,dataset,ray,metrics]", *TEST)
     _dataset_tests(session, *session.posargs)
 
