@@ -1,5 +1,8 @@
 """Every ```python block of docs/*.md runs, in page order, in the session of the frameworks it needs.
 
+The README's blocks marked ``<!-- runs in the torch session -->`` run too, as a page of their own
+(its other blocks are fragments: ``model`` stands for yours).
+
 A page names the frameworks its code imports in a comment, ``<!-- docs: needs torch -->``; a
 page without one runs in the NumPy-only core session. A block whose first line is
 ``# raises: anycam.SomeError`` must raise that error (the troubleshooting page shows each
@@ -40,7 +43,21 @@ def read_page(path: Path) -> Page:
     return Page(path, needs, tuple(BLOCK.findall(text)))
 
 
-PAGES = [read_page(path) for path in sorted(DOCS.glob("*.md"))]
+README = DOCS.parent / "README.md"
+RUNS = re.compile(r"^<!-- runs in the (\w+) session -->\n```python[^\n]*\n(.*?)^```\s*$", re.M | re.S)
+
+
+def read_readme() -> list[Page]:
+    """The README's runnable blocks, one page per framework that runs them."""
+    found = RUNS.findall(README.read_text())
+    frameworks = sorted({framework for framework, _ in found})
+    return [
+        Page(README, frozenset({framework}), tuple(code for name, code in found if name == framework))
+        for framework in frameworks
+    ]
+
+
+PAGES = [read_page(path) for path in sorted(DOCS.glob("*.md"))] + read_readme()
 
 
 def runs_here(needs: frozenset[str], requested: frozenset[str]) -> bool:
@@ -81,6 +98,11 @@ def test_every_page_with_code_names_known_frameworks() -> None:
     assert any(page.blocks for page in PAGES)
 
 
+def test_the_readme_has_a_runnable_example() -> None:
+    # The front page's "your own model" block runs as written, not as a fragment.
+    assert any(page.path == README and page.blocks for page in PAGES)
+
+
 def test_examples_do_not_hide_in_other_fences() -> None:
     # A ```py or ```python3 fence would render as code but never run.
     for page in PAGES:
@@ -91,6 +113,8 @@ def test_examples_do_not_hide_in_other_fences() -> None:
 def test_mkdocs_nav_lists_every_page() -> None:
     config = (DOCS.parent / "mkdocs.yml").read_text()
     for page in PAGES:
+        if page.path == README:
+            continue
         assert re.search(rf":\s*{re.escape(page.path.name)}\s*$", config, re.M), f"{page.path.name} is not in the nav"
     assert os.path.isfile(DOCS / "index.md")
 
