@@ -79,7 +79,7 @@ def weights_digest(explainer: Any) -> str | None:
         flat = np.ascontiguousarray(array).reshape(-1)
         if not whole and flat.size > SAMPLE:
             flat = np.ascontiguousarray(flat[:: -(-flat.size // SAMPLE)])
-        digest.update(memoryview(flat.view(np.uint8)))
+        digest.update(flat.view(np.uint8).data)
     return f"sha256:{digest.hexdigest()[:32]}" + ("" if whole else " (shapes and a sample)")
 
 
@@ -107,5 +107,5 @@ def inputs_digest(inputs: Any) -> str | None:
         if array is None:
             return None
         digest.update(f"{name}:{array.dtype}{array.shape}".encode())
-        digest.update(memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8)))  # no copy
+        digest.update(np.ascontiguousarray(array).reshape(-1).view(np.uint8).data)  # no copy
     return digest.hexdigest()[:32]
