@@ -89,18 +89,34 @@ def test_a_part_replaced_by_another_is_refused_by_get_and_verify(explainer, tmp_
     shutil.copyfile(out / "part-000002.parquet", out / "part-000001.parquet")
     with pytest.raises(StoreCorruptError, match=r"part-000001\.parquet .* has \d+ bytes where \d+ were written"):
         ExplanationStore(out)  # the cheap check on opening: the sizes differ
-    # Where the sizes agree (here: the manifest edited to match), get() still checks the row's id.
+    # Where the sizes agree (here: the manifest edited to match), the bytes do not.
     manifest = json.loads((out / MANIFEST).read_text())
     manifest["parts"][1]["bytes"] = (out / "part-000001.parquet").stat().st_size
     (out / MANIFEST).write_text(json.dumps(manifest))
     store = ExplanationStore(out)
-    with pytest.raises(StoreCorruptError, match=r"part-000001\.parquet .* does not hold id 'img-0002'"):
+    with pytest.raises(StoreCorruptError, match=r"part-000001\.parquet .* does not match the checksum"):
         store.get("img-0002")
     np.testing.assert_array_equal(store.get("img-0004")["heatmap"], explainer(images(10)[4:6])[0])
     with pytest.raises(StoreCorruptError, match=r"part-000001\.parquet .* does not match the checksum"):
         store.verify()
     with pytest.raises(StoreCorruptError, match=r"part-000001\.parquet .* does not match the checksum"):
         _write(explainer, out)
+
+
+def test_an_index_out_of_step_with_its_parts_never_gives_another_images_row(explainer, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    out = tmp_path / "s"
+    _write(explainer, out)
+    index = pq.read_table(out / "index.parquet").to_pydict()
+    index["id"][2], index["id"][4] = index["id"][4], index["id"][2]  # img-0002 now points at img-0004's row
+    pq.write_table(pa.table(index), out / "index.parquet")
+    store = ExplanationStore(out)
+    with pytest.raises(StoreCorruptError, match=r"part-000002\.parquet .* does not hold id 'img-0002'"):
+        store.get("img-0002")
+    with pytest.raises(StoreCorruptError, match=r"index\.parquet .* does not place id 'img-0002' at row 0"):
+        store.verify()
 
 
 def test_a_truncated_part_is_named_not_a_raw_pyarrow_error(explainer, tmp_path):
@@ -270,6 +286,23 @@ def test_a_stale_lock_is_taken_over_on_its_host_and_a_foreign_one_is_not(explain
     with pytest.raises(StoreLockedError, match="on host 'elsewhere' .*taken on another host.*delete the lock file"):
         _write(explainer, out)
     assert (out / LOCK).exists()  # never broken automatically
+
+
+def test_a_folder_the_run_cannot_write_is_a_store_write_error(explainer, tmp_path, monkeypatch):
+    real_open = os.open
+
+    def read_only(path, flags, *args):
+        if str(path).endswith(LOCK):
+            raise PermissionError(13, "Permission denied")
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(os, "open", read_only)
+    with pytest.raises(anycam.StoreWriteError, match=r"cannot create the store's lock .*: Permission denied"):
+        _write(explainer, tmp_path / "s")
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(anycam.StoreWriteError, match="cannot create the store's folder"):
+        _write(explainer, blocker / "s")
 
 
 # --------------------------------------------------------------------------------------------

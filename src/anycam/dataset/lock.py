@@ -18,7 +18,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from .errors import StoreLockedError
+from .errors import StoreLockedError, StoreWriteError
 
 LOCK = ".anycam-store.lock"
 
@@ -57,6 +57,7 @@ class StoreLock:
     Raises:
         StoreLockedError: another live writer holds the lock, or the lock's holder cannot be
             checked (another host, an unreadable lock file).
+        StoreWriteError: the lock file cannot be created (a read-only folder, a full disk).
     """
 
     def __init__(self, root: Path) -> None:
@@ -71,8 +72,18 @@ class StoreLock:
             except FileExistsError:
                 self._break_if_stale(mine)
                 continue
-            with os.fdopen(fd, "w") as handle:
-                json.dump(mine, handle)
+            except OSError as exc:
+                raise StoreWriteError(
+                    exc.errno, f"cannot create the store's lock {str(self.path)!r}: {exc.strerror or exc}"
+                ) from exc
+            try:
+                with os.fdopen(fd, "w") as handle:
+                    json.dump(mine, handle)
+            except OSError as exc:
+                self.path.unlink(missing_ok=True)
+                raise StoreWriteError(
+                    exc.errno, f"cannot write the store's lock {str(self.path)!r}: {exc.strerror or exc}"
+                ) from exc
             with _HELD_GUARD:
                 _HELD.add(str(self.path))
             self.held = True

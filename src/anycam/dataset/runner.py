@@ -24,7 +24,7 @@ import numpy as np
 from .._errors import ConfigError, InputError, TargetError
 from .._progress import Bar, progress_bar
 from ..core.targets import TopK
-from .errors import StoreMismatchError
+from .errors import StoreMismatchError, StoreWriteError
 from .fingerprint import inputs_digest, weights_digest
 from .lock import StoreLock
 from .store import (
@@ -380,7 +380,12 @@ def _write(
     pyarrow_modules()  # before any work: a missing extra should not surface after the first part's batches
     if root.exists() and not root.is_dir():
         raise StoreMismatchError(f"out={str(root)!r} is a file; pass a folder for the store")
-    root.mkdir(parents=True, exist_ok=True)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StoreWriteError(
+            exc.errno, f"cannot create the store's folder {str(root)!r}: {exc.strerror or exc}"
+        ) from exc
     with StoreLock(root):
         parts, complete = open_store(root, config, overwrite)
         if runner.metrics is not None:  # the stored parts' per-sample values count towards summary()

@@ -386,8 +386,9 @@ class ExplanationStore:
     Only committed parts (those the manifest lists) are ever read, so a store being written (or
     left by a killed run) shows exactly the batches that were committed; ``complete`` says whether
     the run finished. Opening checks the manifest and that every listed part is there with its
-    size; :meth:`verify` checks every byte against the checksums; :meth:`get` checks that the row
-    it returns carries the id asked for.
+    size; each part's bytes are checked against its sha256 when it is first read, and
+    :meth:`verify` checks them all at once; :meth:`get` checks that the row it returns carries
+    the id asked for.
 
     Args:
         path: the store's folder.
@@ -406,7 +407,15 @@ class ExplanationStore:
         self.fields: tuple[str, ...] = tuple(self.config["fields"])
         self._entries: list[dict[str, Any]] = manifest["parts"]
         self._files = [check_part_file(self.path, e, checksum=False) for e in self._entries]
+        self._checked: set[int] = set()  # parts whose bytes matched their sha256 once
         self._index: dict[Any, tuple[int, int]] | None = None
+
+    def _read(self, number: int, columns: Sequence[str] | None) -> dict[str, np.ndarray]:
+        """Reads a part; its bytes are checked against the manifest's sha256 on its first read."""
+        if number not in self._checked:
+            check_part_file(self.path, self._entries[number], checksum=True)
+            self._checked.add(number)
+        return read_part(self._files[number], columns)
 
     def __repr__(self) -> str:
         state = "complete" if self.complete else "incomplete"
@@ -429,11 +438,13 @@ class ExplanationStore:
                     raise _corrupt(self.path / INDEX, f"lacks a column ({exc})") from exc
                 for key, part, row in zip(*columns, strict=True):
                     index[key] = (part, row)
-                if len(index) != rows or any(not 0 <= r < self._entries[p]["rows"] for p, r in index.values()):
+                if len(index) != rows or any(
+                    not (0 <= p < len(self._entries) and 0 <= r < self._entries[p]["rows"]) for p, r in index.values()
+                ):
                     raise _corrupt(self.path / INDEX, f"does not index the {rows} images the manifest lists")
             else:
-                for number, path in enumerate(self._files):
-                    for row, key in enumerate(read_part(path, ["id"])["id"].tolist()):
+                for number in range(len(self._files)):
+                    for row, key in enumerate(self._read(number, ["id"])["id"].tolist()):
                         index[key] = (number, row)
             self._index = index
         return self._index
@@ -460,8 +471,8 @@ class ExplanationStore:
 
     def parts(self, columns: Sequence[str] | None = None) -> Iterator[dict[str, np.ndarray]]:
         """Yields each part as ``{"id": (n,), field: (n, ...)}`` NumPy columns, in order."""
-        for path in self._files:
-            yield read_part(path, columns)
+        for number in range(len(self._files)):
+            yield self._read(number, columns)
 
     def read(self, name: str) -> np.ndarray:
         """Returns one column of every stored image, ``(N, ...)``.
@@ -494,7 +505,7 @@ class ExplanationStore:
         if key not in self.index:
             raise StoreKeyError(f"id {key!r} is not in the store ({len(self)} images)")
         number, row = self.index[key]
-        part = read_part(self._files[number], None)
+        part = self._read(number, None)
         if row >= len(part["id"]) or part["id"][row].tolist() != key:
             raise _corrupt(self._files[number], f"does not hold id {key!r} where the index places it (row {row})")
         return {name: values[row] for name, values in part.items()}
