@@ -288,6 +288,28 @@ def test_a_stale_lock_is_taken_over_on_its_host_and_a_foreign_one_is_not(explain
     assert (out / LOCK).exists()  # never broken automatically
 
 
+def test_of_two_runs_breaking_one_stale_lock_the_slower_is_refused(explainer, tmp_path, monkeypatch):
+    out = tmp_path / "s"
+    out.mkdir()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    host = socket.gethostname()
+    (out / LOCK).write_text(json.dumps({"pid": int(dead.stdout), "host": host, "start": None}))
+    fresh = {"pid": os.getppid(), "host": host, "start": None}  # a live process
+    real_rename = os.rename
+
+    def faster_run_first(source, target):
+        # Between our reading the stale lock and moving it aside, another run broke it and took the store.
+        if str(source).endswith(LOCK):
+            Path(source).write_text(json.dumps(fresh))
+        real_rename(source, target)
+
+    monkeypatch.setattr(os, "rename", faster_run_first)
+    with pytest.raises(StoreLockedError, match=f"pid {fresh['pid']} on host .*it took the store just now"):
+        _write(explainer, out)
+    assert json.loads((out / LOCK).read_text()) == fresh  # the other run's lock is back in place
+    assert sorted(p.name for p in out.iterdir()) == [LOCK]
+
+
 def test_a_folder_the_run_cannot_write_is_a_store_write_error(explainer, tmp_path, monkeypatch):
     real_open = os.open
 

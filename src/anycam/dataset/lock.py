@@ -23,9 +23,10 @@ from .errors import StoreLockedError, StoreWriteError
 LOCK = ".anycam-store.lock"
 
 # Locks this process holds, so a stale lock left by an earlier process with our pid (a container
-# restart) is told apart from one held by another thread of this process.
+# restart) is told apart from one held by another thread of this process. The guard is held for a
+# whole acquisition, so a thread never sees another's lock file before it is recorded here.
 _HELD: set[str] = set()
-_HELD_GUARD = threading.Lock()
+_HELD_GUARD = threading.RLock()
 
 
 def _process_start(pid: int) -> str | None:
@@ -66,6 +67,10 @@ class StoreLock:
 
     def __enter__(self) -> StoreLock:
         mine = {"pid": os.getpid(), "host": socket.gethostname(), "start": _process_start(os.getpid())}
+        with _HELD_GUARD:
+            return self._acquire(mine)
+
+    def _acquire(self, mine: dict[str, Any]) -> StoreLock:
         for _ in range(2):  # a second try after removing a stale lock
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -84,8 +89,7 @@ class StoreLock:
                 raise StoreWriteError(
                     exc.errno, f"cannot write the store's lock {str(self.path)!r}: {exc.strerror or exc}"
                 ) from exc
-            with _HELD_GUARD:
-                _HELD.add(str(self.path))
+            _HELD.add(str(self.path))
             self.held = True
             return self
         raise self._locked(self._holder(), "")
@@ -116,16 +120,30 @@ class StoreLock:
         if host != mine["host"] or not isinstance(pid, int):
             raise self._locked(holder, "it was taken on another host, whose processes cannot be checked from here")
         if pid == mine["pid"]:
-            with _HELD_GUARD:
-                ours = str(self.path) in _HELD
-            if ours:
+            if str(self.path) in _HELD:
                 raise self._locked(holder, "another explain_dataset call of this process is writing the store")
         elif _alive(pid, holder.get("start")):
             raise self._locked(holder, "that process is running")
-        try:  # stale: its writer died without removing it (SIGKILL, power loss)
-            self.path.unlink()
+        # Stale: its writer died without removing it (SIGKILL, power loss). Moved aside atomically
+        # and compared, so that of two processes breaking it at once, the slower one cannot remove
+        # the lock the faster one has just taken: it puts that one back and is refused.
+        aside = self.path.with_name(f"{LOCK}.stale-{mine['pid']}")
+        try:
+            os.rename(self.path, aside)
         except FileNotFoundError:
-            pass
+            return
+        try:
+            taken = json.loads(aside.read_text())
+        except (OSError, ValueError):
+            taken = None
+        if taken != holder:
+            try:
+                os.link(aside, self.path)  # back, unless yet another writer holds it now
+            except OSError:
+                pass
+            aside.unlink(missing_ok=True)
+            raise self._locked(taken if isinstance(taken, dict) else None, "it took the store just now")
+        aside.unlink(missing_ok=True)
 
     def _locked(self, holder: dict[str, Any] | None, why: str) -> StoreLockedError:
         who = "an unknown writer" if holder is None else f"pid {holder.get('pid')} on host {holder.get('host')!r}"
