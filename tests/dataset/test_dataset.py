@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import anycam
-from anycam.dataset import MANIFEST, ExplanationStore
+from anycam.dataset import LOCK, MANIFEST, ExplanationStore
 from tests.dataset.models import batches, images, tiny_model
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -154,9 +154,11 @@ def test_a_killed_run_resumes_to_a_store_identical_to_an_uninterrupted_one(tmp_p
         env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
     assert run.returncode == -9, run.stderr
-    # What the killed run left: two committed parts (batches 0–3), the third one's temporary file.
+    # What the killed run left: two committed parts (batches 0–3), the third one's temporary file,
+    # and its writer's lock, which names a process that no longer exists (taken over below).
     leftovers = sorted(p.name for p in killed.iterdir())
-    assert leftovers[0].startswith(".part-000002.parquet.tmp-"), leftovers
+    assert leftovers[0] == LOCK and leftovers[1].startswith(".part-000002.parquet.tmp-"), leftovers
+    assert json.loads((killed / LOCK).read_text())["pid"] not in (os.getpid(), None)
     half = ExplanationStore(killed)
     assert not half.complete and len(half) == 8
     assert half.ids.tolist() == [f"img-{i:04d}" for i in range(8)]
@@ -205,7 +207,9 @@ def test_resume_refuses_batches_that_come_back_different(explainer, tmp_path):
     with pytest.raises(RuntimeError, match="stop"):
         anycam.explain_dataset(explainer, _stopping(batches(data, 2), after=2), out=out, part_size=2, progress=False)
     shuffled = batches(data, 2)[::-1]
-    with pytest.raises(anycam.StoreMismatchError, match="batch 0 has ids"):
+    with pytest.raises(
+        anycam.StoreMismatchError, match="batch 0 has id 'img-0006' at position 0 where the store holds 'img-0000'"
+    ):
         anycam.explain_dataset(explainer, shuffled, out=out, part_size=2, progress=False)
     with pytest.raises(anycam.StoreMismatchError, match="the batches ended after 1, but the store already holds 2"):
         anycam.explain_dataset(explainer, batches(data, 2)[:1], out=out, part_size=2, progress=False)
@@ -226,7 +230,7 @@ def test_a_write_error_leaves_a_consistent_store_and_says_what_was_written(expla
 
     def full_disk(fd):
         calls["n"] += 1
-        if calls["n"] == 3:  # the manifest, part 0, then part 1 fails after its bytes were written
+        if calls["n"] == 4:  # the manifest, part 0, its manifest, then part 1 fails after its bytes were written
             raise OSError(errno.ENOSPC, "No space left on device")
         real_fsync(fd)
 

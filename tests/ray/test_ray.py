@@ -103,8 +103,11 @@ def test_batch_explainer_errors_are_clear():
         explain(batch)
     result = BatchExplainer(tiny_model, "features", id_key="name", heatmap_dtype="float16")(batch)
     assert result["heatmap"].dtype == np.float16 and result["id"].tolist() == ["a", "b"]
-    with pytest.raises(TypeError, match="not the model itself"):
+    with pytest.raises(anycam.ConfigTypeError, match="not the model itself") as caught:
         BatchExplainer(tiny_model(), "features")
+    assert isinstance(caught.value, TypeError)  # an AnycamError, and still the builtin it refines
+    with pytest.raises(anycam.ConfigError, match="unknown heatmap_dtype"):
+        BatchExplainer(tiny_model, "features", heatmap_dtype="int8")
 
 
 def test_batch_explainer_options_reach_the_explainer():

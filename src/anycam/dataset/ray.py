@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from .._errors import AnycamError, InputError, require
+from .._errors import AnycamError, ConfigTypeError, InputError, require
 from ..explain.explainer import Explainer
 from ..explain.tta import TTAExplainer
 from .runner import Keys, Runner, check_fields, parse_batch
@@ -64,7 +64,9 @@ class BatchExplainer:
         **explainer_options: further ``anycam.Explainer`` keywords (``normalize=``, ``layout=``…).
 
     Raises:
-        anycam.InputError: a batch without the input or id column.
+        anycam.ConfigTypeError: ``model_factory`` is not a factory (a model itself, say).
+        anycam.ConfigError: an unknown ``heatmap_dtype``.
+        anycam.InputError: an unknown field; a batch without the input or id column.
     """
 
     def __init__(
@@ -86,7 +88,7 @@ class BatchExplainer:
         **explainer_options: Any,
     ) -> None:
         if not _takes_no_arguments(model_factory):
-            raise TypeError(
+            raise ConfigTypeError(
                 f"model_factory must be a callable returning the model, got {type(model_factory).__name__}; "
                 "pass a function (building the model in each actor), not the model itself"
             )

@@ -21,17 +21,19 @@ from typing import Any
 
 import numpy as np
 
-from .._errors import InputError, TargetError
+from .._errors import ConfigError, InputError, TargetError
 from .._progress import Bar, progress_bar
 from ..core.targets import TopK
+from .errors import StoreMismatchError, StoreWriteError
+from .fingerprint import inputs_digest, weights_digest
+from .lock import StoreLock
 from .store import (
     FIELDS,
-    FORMAT_VERSION,
     HEATMAP_DTYPES,
-    PART_NAME,
     ExplanationStore,
-    StoreMismatchError,
+    Part,
     Writer,
+    manifest_document,
     open_store,
     pyarrow_modules,
     read_part,
@@ -57,6 +59,7 @@ def explain_dataset(
     target_key: str = "target",
     regions_key: str = "regions",
     metadata: Mapping[str, Any] | None = None,
+    overwrite: bool = False,
 ) -> Iterator[dict[str, np.ndarray]] | ExplanationStore:
     """Explains every batch of ``batches``; yields the results in order, or writes them to ``out``.
 
@@ -70,9 +73,12 @@ def explain_dataset(
     With ``out=``, results go to a Parquet store (see the module docstring for why Parquet),
     one file per ``part_size`` images, each written whole under a temporary name and renamed,
     then an index of ids; the function returns an :class:`ExplanationStore`. Run it again with
-    the same ``out=`` after a crash and it checks the configuration, skips every batch a complete
-    part holds (they are still drawn from ``batches``, not explained) and writes the rest: the
-    store ends byte-identical to an uninterrupted run's.
+    the same ``out=`` after a crash and it checks the configuration and the model's weights,
+    skips every batch a complete part holds (they are still drawn from ``batches``, not
+    explained, and must come back with the same sizes, ids and input values) and writes the
+    rest: the store ends byte-identical to an uninterrupted run's. Run on a complete store, it
+    draws every batch the same way to check it, and returns the store. One run at a time writes
+    a store: a second one is refused while the first holds the lock (``.anycam-store.lock``).
 
     Args:
         explainer: an ``anycam.Explainer`` (or ``anycam.TTAExplainer``).
@@ -86,36 +92,42 @@ def explain_dataset(
             ~3 significant digits, an absolute error below 2.5e-4).
         metrics: an ``anycam.StreamingMetrics``, updated with every batch's float32 heatmaps;
             its per-sample values are stored too, so a resumed run's ``summary()`` covers all.
-        progress: a tqdm bar counting images (with images/s): True always (``pip install tqdm``
-            or ``"anycam[dataset]"``), False never, None (default) only once the run has taken
-            over 2 s, and none without tqdm (the rule of every anycam progress bar).
+        progress: a tqdm bar counting images (with images/s): True always, False never, None
+            (default) only once the run has taken over 2 s (the rule of every anycam progress
+            bar; skipped batches of a resumed run count too).
         total: the number of images, for the bar's ETA.
         part_size: images per Parquet file (a batch is never split; a new shape starts a part).
         input_key, id_key, target_key, regions_key: the keys of mapping batches.
         metadata: JSON-serialisable facts the configuration cannot see (a model checkpoint's
             name, a data split); stored, and compared on resume.
+        overwrite: delete the store at ``out`` (its manifest, index and parts; nothing else)
+            and write it anew, instead of resuming or checking it.
 
     Returns:
         An iterator of ``{"id": (N,), field: (N, ...)}`` dicts, or, with ``out=``, the store.
 
     Raises:
-        StoreMismatchError: ``out`` holds a store of another configuration (the message names
-            each setting that differs) or of other data (ids that differ from the stored ones).
+        StoreMismatchError: ``out`` holds a store of another configuration or model (the
+            message names each setting that differs) or of other data (batches of other sizes,
+            ids or input values than the stored ones).
+        StoreLockedError: another run is writing ``out``.
+        StoreCorruptError: a part or the manifest of ``out`` is missing or damaged (named).
+        StoreFormatError: ``out`` holds a store of another format version.
         StoreWriteError: a part could not be written; the message says what the store holds.
-        anycam.InputError: a malformed batch, an unknown field, repeated ids.
+        anycam.InputError: a malformed batch, an unknown field, repeated ids, or ids on some
+            batches but not on others (each batch is checked before it is explained).
+        anycam.ConfigError: an invalid ``heatmap_dtype`` or ``part_size``.
     """
     fields = check_fields(fields)
-    if heatmap_dtype not in HEATMAP_DTYPES:
-        raise ValueError(f"unknown heatmap_dtype {heatmap_dtype!r}; choose 'float32' or 'float16'")
     if isinstance(part_size, bool) or not isinstance(part_size, numbers.Integral) or part_size < 1:
-        raise ValueError(f"part_size must be a positive integer, got {part_size!r}")
+        raise ConfigError(f"part_size must be a positive integer, got {part_size!r}")
     keys = Keys(input_key, id_key, target_key, regions_key)
     runner = Runner(explainer, target, fields, heatmap_dtype, metrics, keys)
     if out is None:
         return _stream(runner, batches, progress, total)
     config = {
-        "format": FORMAT_VERSION,
         **explainer_config(explainer),
+        "weights": weights_digest(explainer),
         "fields": list(fields),
         "heatmap_dtype": heatmap_dtype,
         "target": describe_target(target),
@@ -123,7 +135,7 @@ def explain_dataset(
         "part_size": int(part_size),
         "metadata": _jsonable(dict(metadata or {}), "metadata"),
     }
-    return _write(runner, batches, Path(out), config, int(part_size), progress, total)
+    return _write(runner, batches, Path(out), config, int(part_size), progress, total, bool(overwrite))
 
 
 # --------------------------------------------------------------------------------------------
@@ -259,15 +271,40 @@ class Runner:
         self.explainer = explainer
         self.target = target
         self.fields = fields
+        if heatmap_dtype not in HEATMAP_DTYPES:
+            raise ConfigError(f"unknown heatmap_dtype {heatmap_dtype!r}; choose 'float32' or 'float16'")
         self.heatmap_dtype = np.dtype(heatmap_dtype)
         self.metrics = metrics
         self.keys = keys
         self.next_id = 0
+        self.with_ids: bool | None = None  # whether the batches carry ids (decided by the first)
+        self.id_kind: str | None = None  # "integer" or "string", decided by the first non-empty batch
 
-    def ids(self, batch: Batch) -> np.ndarray:
-        if batch.ids is not None:
-            return batch.ids
-        return np.arange(self.next_id, self.next_id + batch.size, dtype=np.int64)
+    def ids(self, batch: Batch, index: int) -> np.ndarray:
+        """Returns the batch's ids (its own, or running indices), consistent with the earlier batches'.
+
+        Checked before the batch is explained, so a mix fails at its first batch, not after the work.
+        """
+        given = batch.ids is not None
+        if self.with_ids is None:
+            self.with_ids = given
+        elif given != self.with_ids:
+            raise InputError(
+                f"batch {index} {'carries' if given else 'has no'} ids (key {self.keys.id!r}) but the batches "
+                f"before it {'had none' if given else 'had them'}: give every batch ids, or none (running "
+                "indices 0, 1, 2, … then stand in, and would collide with given ones)"
+            )
+        ids = batch.ids if batch.ids is not None else np.arange(self.next_id, self.next_id + batch.size, dtype=np.int64)
+        if batch.size:
+            kind = "string" if ids.dtype.kind in "US" else "integer"
+            if self.id_kind is None:
+                self.id_kind = kind
+            elif kind != self.id_kind:
+                raise InputError(
+                    f"batch {index} has {kind} ids ({ids.tolist()[:3]}…) where the batches before it had "
+                    f"{self.id_kind} ids; one column of ids holds one kind: convert them (e.g. str(id))"
+                )
+        return ids
 
     def explain(self, batch: Batch, index: int) -> dict[str, np.ndarray]:
         if batch.target is not None and self.target is not None:
@@ -313,7 +350,7 @@ def _stream(runner: Runner, batches: Iterable[Any], progress: bool | None, total
     with _bar(progress, total) as bar:
         for index, raw in enumerate(batches):
             batch = parse_batch(raw, runner.keys, index)
-            ids = runner.ids(batch)
+            ids = runner.ids(batch, index)
             _check_unique(ids, seen, index)
             runner.next_id += batch.size
             result = {"id": ids, **runner.explain(batch, index)} if batch.size else {"id": ids}
@@ -338,61 +375,97 @@ def _write(
     part_size: int,
     progress: bool | None,
     total: int | None,
+    overwrite: bool,
 ) -> ExplanationStore:
     pyarrow_modules()  # before any work: a missing extra should not surface after the first part's batches
-    parts, complete = open_store(root, config)
-    if runner.metrics is not None:  # the stored parts' per-sample values count towards summary()
-        for part in parts:
-            columns = read_part(root / PART_NAME.format(part.number), None)
-            runner.metrics.add({n[len("metric.") :]: v for n, v in columns.items() if n.startswith("metric.")})
-    if complete:
-        return ExplanationStore(root)
-    done_batches = sum(len(p.batch_sizes) for p in parts)
-    # Stored ids of every skipped batch, to check the batches come back in the same order.
-    stored_ids: list[list[Any]] = []
-    for part in parts:
+    if root.exists() and not root.is_dir():
+        raise StoreMismatchError(f"out={str(root)!r} is a file; pass a folder for the store")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StoreWriteError(
+            exc.errno, f"cannot create the store's folder {str(root)!r}: {exc.strerror or exc}"
+        ) from exc
+    with StoreLock(root):
+        parts, complete = open_store(root, config, overwrite)
+        if runner.metrics is not None:  # the stored parts' per-sample values count towards summary()
+            for part in parts:
+                columns = read_part(root / part.name, None)
+                runner.metrics.add({n[len("metric.") :]: v for n, v in columns.items() if n.startswith("metric.")})
+        writer = Writer(root, parts, part_size, config)
+        _run(runner, batches, writer, list(parts), complete, progress, total)
+        if not complete:
+            write_index(root, writer.parts)
+            write_manifest(root, manifest_document(config, writer.parts, complete=True))
+    return ExplanationStore(root)
+
+
+def _run(
+    runner: Runner,
+    batches: Iterable[Any],
+    writer: Writer,
+    stored: list[Part],
+    complete: bool,
+    progress: bool | None,
+    total: int | None,
+) -> None:
+    """Draws every batch: checks those the store holds, explains and writes the others."""
+    # (size, ids, input digest) of every stored batch, to check the batches come back the same.
+    done: list[tuple[int, list[Any], str | None]] = []
+    for part in stored:
         start = 0
-        for size in part.batch_sizes:
-            stored_ids.append(part.ids[start : start + size])
+        for size, digest in zip(part.batch_sizes, part.inputs, strict=True):
+            done.append((size, part.ids[start : start + size], digest))
             start += size
-    seen: set[Any] = {v for p in parts for v in p.ids}
-    writer = Writer(root, parts, part_size)
+    seen: set[Any] = {v for p in stored for v in p.ids}
     drawn = 0
     with _bar(progress, total) as bar:
         for index, raw in enumerate(batches):
             drawn = index + 1
             batch = parse_batch(raw, runner.keys, index)
-            ids = runner.ids(batch)
+            ids = runner.ids(batch, index)
             runner.next_id += batch.size
-            if index < done_batches:
-                if ids.tolist() != stored_ids[index]:
-                    raise StoreMismatchError(
-                        f"batch {index} has ids {ids.tolist()[:4]}… but the store holds {stored_ids[index][:4]}… "
-                        "for it: the batches come in another order or from other data; resuming needs the "
-                        "same batches in the same order"
-                    )
+            digest = inputs_digest(batch.inputs)
+            if index < len(done):
+                _check_stored_batch(index, batch.size, ids.tolist(), digest, done[index])
                 bar.update(batch.size)
                 continue
+            if complete:
+                raise StoreMismatchError(
+                    f"the batches go on past the {len(done)} the complete store at {str(writer.root)!r} holds: it was "
+                    "written from other data; pass another out=, or overwrite=True to write it anew"
+                )
             _check_unique(ids, seen, index)
             columns = {"id": ids, **runner.explain(batch, index)} if batch.size else {"id": ids}
-            writer.add(index, columns, batch.size)
+            writer.add(index, columns, batch.size, digest)
             bar.update(batch.size)
         writer.flush()
-        if drawn < done_batches:
-            raise StoreMismatchError(
-                f"the batches ended after {drawn}, but the store already holds {done_batches}: resuming needs "
-                "the same batches as the run that wrote it"
-            )
-    write_index(root, writer.parts)
-    rows = sum(len(p.ids) for p in writer.parts)
-    write_manifest(
-        root,
-        {
-            "config": config,
-            "complete": True,
-            "rows": rows,
-            "parts": len(writer.parts),
-            "batches": sum(len(p.batch_sizes) for p in writer.parts),
-        },
-    )
-    return ExplanationStore(root)
+    if drawn < len(done):
+        raise StoreMismatchError(
+            f"the batches ended after {drawn}, but the store already holds {len(done)}: resuming or reusing it "
+            "needs the same batches as the run that wrote it"
+        )
+
+
+def _check_stored_batch(
+    index: int, size: int, ids: list[Any], digest: str | None, stored: tuple[int, list[Any], str | None]
+) -> None:
+    """Refuses a drawn batch that differs from the stored one, naming the first difference."""
+    stored_size, stored_ids, stored_digest = stored
+    advice = "resuming or reusing a store needs the same batches, in the same order, as the run that wrote it"
+    if size != stored_size:
+        raise StoreMismatchError(
+            f"batch {index} has {size} samples but the store's batch {index} had {stored_size}: the batch size "
+            f"changed (or the batches come from other data); {advice} — batch size {stored_size} here"
+        )
+    if ids != stored_ids:
+        at = next(i for i, (a, b) in enumerate(zip(ids, stored_ids, strict=True)) if a != b)
+        raise StoreMismatchError(
+            f"batch {index} has id {ids[at]!r} at position {at} where the store holds {stored_ids[at]!r}: the "
+            f"batches come in another order or from other data; {advice}"
+        )
+    if digest != stored_digest:
+        raise StoreMismatchError(
+            f"batch {index} has the stored ids but other input values than the store was written from (the "
+            f"data or its preprocessing changed); {advice}, or pass overwrite=True to write it anew"
+        )
