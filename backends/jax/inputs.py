@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from anycam._errors import AnycamError, InputError
-from anycam.core import check_batch, forward_error, non_finite_input, spatial_shape
+from anycam.core import check_batch, forward_error, is_input_failure, non_finite_input, spatial_shape
 from anycam.protocol.inputs import structure_inputs
 
 if TYPE_CHECKING:
@@ -144,6 +144,11 @@ def run(backend: JaxBackend, call: Callable[[], Any], x: jax.Array) -> Any:
         raise
     except Exception as exc:  # flax, equinox and jax raise many kinds for a misfit input
         if isinstance(x, _Inputs):
+            # A signature mismatch (TypeError from the call itself) or a shape failure is the
+            # inputs'; anything else is the model's own exception and keeps its type.
+            if not (isinstance(exc, TypeError) and "argument" in str(exc)) and not is_input_failure(exc):
+                exc.add_note(f"anycam: raised by the model on the inputs {x.describe()}")
+                raise
             raise InputError(
                 f"the model does not accept the inputs given ({x.describe()}): {type(exc).__name__}: {exc}; "
                 "pass a dict with the keywords it takes, or a tuple in the order of its positional arguments"

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -216,17 +217,44 @@ def _equinox_tap() -> type:
     import equinox as eqx
 
     class Tap(eqx.Module):
-        inner: Any
-        index: int = eqx.field(static=True)
-        taps: Any = eqx.field(static=True)
-        port: str = eqx.field(static=True, default="output")
+        """Stands in for an explained Equinox module: reports its ``__call__`` output (or input).
+
+        Every other attribute reads through to the module: its fields and arrays as they are,
+        its methods and properties bound to the tap, so a model that calls
+        ``self.block.logits(x)`` runs the block's own method, and a method that calls
+        ``self(x)`` is seen by the tap. The fields have anycam's prefix so that they shadow
+        none of the module's own names.
+        """
+
+        _anycam_inner: Any
+        _anycam_index: int = eqx.field(static=True)
+        _anycam_taps: Any = eqx.field(static=True)
+        _anycam_port: str = eqx.field(static=True, default="output")
 
         def __call__(self, x: Any, *args: Any, **kwargs: Any) -> Any:
-            if self.port == "input":
-                return self.inner(self.taps(self.index, x), *args, **kwargs)
-            return self.taps(self.index, self.inner(x, *args, **kwargs))
+            if self._anycam_port == "input":
+                return self._anycam_inner(self._anycam_taps(self._anycam_index, x), *args, **kwargs)
+            return self._anycam_taps(self._anycam_index, self._anycam_inner(x, *args, **kwargs))
+
+        def __getattr__(self, name: str) -> Any:
+            # Only called for what the tap itself lacks. Dunders stay the tap's own: copying,
+            # pickling and dataclass machinery must not see through it.
+            if name.startswith("__") and name.endswith("__") or name.startswith("_anycam_"):
+                raise AttributeError(name)
+            inner = object.__getattribute__(self, "_anycam_inner")
+            if name in getattr(inner, "__dict__", {}):
+                return getattr(inner, name)
+            found = inspect.getattr_static(type(inner), name, _MISSING)
+            if found is _MISSING:
+                return getattr(inner, name)  # the module's own __getattr__, or its AttributeError
+            if hasattr(found, "__get__"):
+                return found.__get__(self, type(inner))
+            return found
 
     return Tap
+
+
+_MISSING = object()
 
 
 class _EquinoxProgram(_Program):
