@@ -92,9 +92,7 @@ def _shape_key(x: Any) -> Any:
 
 def _is_spatial(value: Any) -> bool:
     """A floating input with spatial axes: the default carrier of the heatmap's grid."""
-    return (
-        isinstance(value, (np.ndarray, jax.Array)) and jnp.issubdtype(value.dtype, jnp.floating) and value.ndim >= 3
-    )
+    return isinstance(value, (np.ndarray, jax.Array)) and jnp.issubdtype(value.dtype, jnp.floating) and value.ndim >= 3
 
 
 def structured(backend: JaxBackend, inputs: Any) -> Any:
@@ -119,9 +117,7 @@ def as_array(backend: JaxBackend, inputs: Any, what: str = "input") -> jax.Array
     if not isinstance(inputs, (np.ndarray, jax.Array)):
         raise InputError(f"{what} must be a jax.Array or a NumPy array, got {type(inputs).__name__}")
     if not jnp.issubdtype(inputs.dtype, jnp.floating):
-        raise InputError(
-            f"{what} must be floating point, got dtype {inputs.dtype}; e.g. x.astype(jnp.float32) / 255"
-        )
+        raise InputError(f"{what} must be floating point, got dtype {inputs.dtype}; e.g. x.astype(jnp.float32) / 255")
     shape = tuple(inputs.shape)
     spatial_shape(shape, backend.input_layout)
     check_batch(shape)

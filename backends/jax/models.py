@@ -239,7 +239,7 @@ def _equinox_tap() -> type:
         def __getattr__(self, name: str) -> Any:
             # Only called for what the tap itself lacks. Dunders stay the tap's own: copying,
             # pickling and dataclass machinery must not see through it.
-            if name.startswith("__") and name.endswith("__") or name.startswith("_anycam_"):
+            if (name.startswith("__") and name.endswith("__")) or name.startswith("_anycam_"):
                 raise AttributeError(name)
             inner = object.__getattribute__(self, "_anycam_inner")
             if name in getattr(inner, "__dict__", {}):

@@ -211,4 +211,3 @@ def test_a_missing_method_on_an_explained_module_is_the_models_attribute_error()
         anycam.Explainer(model, "block")(images(), target=0)
     assert not isinstance(info.value, anycam.AnycamError)
     assert "Tap" not in str(info.value)
-
