@@ -373,6 +373,14 @@ def _linen(module: Any, variables: Any, layers: Sequence[Any], common: dict[str,
             f"'batch_stats': ...}}; got one with keys {list(variables)[:5]}. If these are the "
             "parameters, pass (module, {'params': params})"
         )
+    if common["kwargs"].get("mutable"):
+        # apply(..., mutable=...) would return (output, updated variables): BatchNorm in training
+        # mode, whose batch statistics mix the samples (and the masked or ablated copies) of a batch.
+        raise ConfigTypeError(
+            f"model_kwargs={{'mutable': {common['kwargs']['mutable']!r}}} asks Flax to update the model's "
+            "variables; anycam runs the model in inference mode and never changes its variables. Drop "
+            "'mutable' and pass the model's inference argument, e.g. model_kwargs={'train': False}"
+        )
     paths = _linen_paths(variables)
     for path in _linen_setup_paths(module, variables):
         paths.setdefault("/".join(path), path)
