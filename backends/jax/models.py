@@ -305,6 +305,11 @@ class _Model:
     snapshot: Callable[[], tuple[_Program, Any]]
     family: str = ""
     source: Any = None
+    # Whether the family's convention decides ``layout``: Flax works on the last axis; an Equinox
+    # convolution or pooling takes ``(C, *spatial)``. A model of neither (an Equinox sequence model
+    # of Linear layers, a pair of functions) only has a default, which must not pick silently
+    # between two readings the shapes both allow.
+    decided: bool = True
 
 
 def _linen_paths(variables: Mapping[str, Any]) -> dict[str, tuple[str, ...]]:
@@ -451,7 +456,9 @@ def _equinox(model: Any, layers: Sequence[Any], common: dict[str, Any]) -> _Mode
     key = _hashable((treedef, tuple(leaves)))
     sliced = sequential and len(chosen) == 1 and len(chosen[0]) == 2
     program = (_SequentialProgram if sliced else _EquinoxProgram)(static, chosen, names, key=key, **common)
-    return _Model(names, "channels_first", lambda: (program, params), "equinox", model)
+    channels_first = (eqx.nn.Conv, eqx.nn.ConvTranspose, eqx.nn.Pool, eqx.nn.AdaptivePool)
+    decided = isinstance(model, channels_first) or any(isinstance(m, channels_first) for _, m in modules)
+    return _Model(names, "channels_first", lambda: (program, params), "equinox", model, decided)
 
 
 def _functions(model: Sequence[Any], layers: Sequence[Any], common: dict[str, Any]) -> _Model:
@@ -464,7 +471,7 @@ def _functions(model: Sequence[Any], layers: Sequence[Any], common: dict[str, An
         )
     program = _FunctionsProgram((features, head, bool(rest)), ((),), ("features",), **common)
     params = rest[0] if rest else None
-    return _Model(("features",), "channels_first", lambda: (program, params), "functions", tuple(model))
+    return _Model(("features",), "channels_first", lambda: (program, params), "functions", tuple(model), False)
 
 
 def _all_layers(model: Any) -> list[str] | None:
