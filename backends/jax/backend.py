@@ -83,6 +83,7 @@ class JaxBackend(Backend):
         # With layer="auto", a program tapping every module until the first batch chooses one.
         self._model = _resolve(model, candidates or list(layers), options, output)
         self.layer_names = () if self.auto_layer else self._model.names
+        self.input_layout_given = input_layout is not None
         self.input_layout = input_layout or self._model.layout
         self.layer_layout = input_layout or self._model.layout
 

@@ -1,8 +1,10 @@
 """Guided backpropagation in JAX: the ReLUs of the traced program rewritten with the guided rule.
 
 The model is traced to a jaxpr once and evaluated again with every ReLU (``jax.nn.relu``,
-``max(x, 0)``) replaced by ``_guided_relu``, inside ``jit``, ``scan``, ``cond`` and ``while``
-bodies too; nothing is patched, and the count of ReLUs replaced is the coverage report.
+``max(x, 0)``, ``jnp.clip(x, 0)``, ``jnp.where(x > 0, x, 0)``, ``x * (x > 0)``) replaced by
+``_guided_relu``, inside ``jit``, ``jax.checkpoint``, ``scan``, ``cond`` and ``while`` bodies too;
+nothing is patched. The count of ReLUs replaced, and the bodies that could not be rewritten,
+are the coverage report.
 """
 
 from __future__ import annotations
@@ -17,10 +19,18 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend import core as jax_core
 
-from anycam._errors import user_stacklevel
+from anycam._errors import AnycamWarning, user_stacklevel
 from anycam.core import TargetSpec, resolve_indices
 
-from .capture import _callable_scores, _class_outputs, _indices, _to_numpy, check_callable, target_mode
+from .capture import (
+    _TRACE_INFO_LIMIT,
+    _callable_scores,
+    _class_outputs,
+    _indices,
+    _to_numpy,
+    check_callable,
+    target_mode,
+)
 from .inputs import _one_input
 from .models import _Program
 
@@ -46,17 +56,25 @@ _guided_relu.defvjp(_guided_relu_forward, _guided_relu_backward)
 
 # Call-like primitives whose body is evaluated inline when it holds a ReLU (their jit boundary
 # or custom rule does not survive; custom rules of functions *without* ReLUs are kept).
+# ``remat2`` is ``jax.checkpoint``: inlined, its ReLUs are guided and only its memory saving is lost.
 _INLINE = {
     "jit": "jaxpr",
     "pjit": "jaxpr",
     "closed_call": "call_jaxpr",
     "core_call": "call_jaxpr",
     "remat": "jaxpr",
+    "remat2": "jaxpr",
     "checkpoint": "jaxpr",
     "custom_jvp_call": "call_jaxpr",
     "custom_vjp_call": "call_jaxpr",
     "custom_vjp_call_jaxpr": "fun_jaxpr",
 }
+# Of those, the ones that only draw a boundary: always inlined, so a ReLU written across the
+# boundary (``jnp.where(x > 0, x, 0)`` puts ``x > 0`` outside and the select inside) is seen whole.
+_BOUNDARIES = ("jit", "pjit", "closed_call", "core_call", "remat", "remat2", "checkpoint")
+# Primitives a ReLU spelling may be made of: a body with none of them holds no ReLU.
+_RELU_PARTS = ("max", "select_n", "mul")
+_COMPARISONS = {"gt": "pos", "ge": "pos", "lt": "neg", "le": "neg"}
 
 
 def _is_zero(atom: Any) -> bool:
@@ -97,6 +115,7 @@ def _is_relu(eqn: Any) -> bool:
 
 
 def _holds_relu(jaxpr: Any) -> bool:
+    """Whether ``jaxpr`` calls ``jax.nn.relu`` or ``max(x, 0)`` literally: what opens a custom rule."""
     jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
     return any(
         _is_relu(eqn) or any(_holds_relu(inner) for inner in jax_core.jaxprs_in_params(eqn.params))
@@ -104,14 +123,98 @@ def _holds_relu(jaxpr: Any) -> bool:
     )
 
 
-def _evaluate_guided(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any], replaced: list[int]) -> list[Any]:
+def _may_hold_relu(jaxpr: Any) -> bool:
+    """Whether ``jaxpr`` has a primitive some ReLU spelling is made of (a loop or branch body to rewrite)."""
+    jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
+    return any(
+        eqn.primitive.name in _RELU_PARTS
+        or _is_relu(eqn)
+        or any(_may_hold_relu(inner) for inner in jax_core.jaxprs_in_params(eqn.params))
+        for eqn in jaxpr.eqns
+    )
+
+
+class _Guide:
+    """What one guided evaluation knows: ReLUs replaced, bodies it could not reach, facts of values.
+
+    Facts are keyed by the identity of the traced values (kept alive here), so they follow a
+    value into an inlined body: ``"zero"`` for a constant zero (a literal, converted or
+    broadcast), ``("pos", x)`` / ``("neg", x)`` for the mask ``x > 0`` / ``x < 0``, and
+    ``("step", x)`` for that mask converted to a number.
+    """
+
+    def __init__(self) -> None:
+        self.replaced = 0
+        self.missed: list[str] = []
+        self._facts: dict[int, tuple[Any, Any]] = {}
+
+    def fact(self, value: Any) -> Any:
+        if isinstance(value, (int, float, np.number, np.ndarray)) and not isinstance(value, bool):
+            return "zero" if np.size(value) and not np.any(value) else None
+        found = self._facts.get(id(value))
+        return found[1] if found is not None and found[0] is value else None
+
+    def note(self, value: Any, fact: Any) -> None:
+        if fact is not None:
+            self._facts[id(value)] = (value, fact)
+
+    def relu(self, x: Any) -> Any:
+        self.replaced += 1
+        return _guided_relu(x)
+
+
+def _relu_input(name: str, inputs: list[Any], guide: _Guide) -> Any:
+    """Returns ``x`` where an equation computes ``relu(x)`` by one of its spellings, else None.
+
+    ``max(x, 0)`` with any constant zero (``jnp.clip(x, 0)``, ``jnp.maximum``),
+    ``select_n(x > 0, 0, x)`` and ``select_n(x < 0, x, 0)`` (``jnp.where``), ``x * (x > 0)``.
+    """
+    facts = [guide.fact(value) for value in inputs]
+    if name == "max" and len(inputs) == 2:
+        shape = np.broadcast_shapes(np.shape(inputs[0]), np.shape(inputs[1]))
+        for operand in (0, 1):
+            other = inputs[1 - operand]
+            if facts[operand] == "zero" and facts[1 - operand] != "zero" and isinstance(other, jax.Array):
+                return other if np.shape(other) == shape else None
+    if name == "select_n" and len(inputs) == 3 and isinstance(facts[0], tuple):
+        sign, x = facts[0]
+        kept, dropped = (2, 1) if sign == "pos" else (1, 2)
+        if inputs[kept] is x and facts[dropped] == "zero" and np.shape(inputs[dropped]) == np.shape(x):
+            return x
+    if name == "mul" and len(inputs) == 2:
+        for operand in (0, 1):
+            fact = facts[1 - operand]
+            if isinstance(fact, tuple) and fact[0] == "step" and fact[1] is inputs[operand]:
+                return inputs[operand]
+    return None
+
+
+def _facts_of(eqn: Any, inputs: list[Any], outputs: list[Any], guide: _Guide) -> None:
+    """Notes what the outputs of an ordinary equation are, for a ReLU spelled over several."""
+    name = eqn.primitive.name
+    if len(outputs) != 1:
+        return
+    facts = [guide.fact(value) for value in inputs]
+    if name in ("convert_element_type", "broadcast_in_dim", "reshape", "copy", "copy_p") and facts[0] == "zero":
+        guide.note(outputs[0], "zero")
+    elif name in _COMPARISONS and len(inputs) == 2:
+        sign = _COMPARISONS[name]
+        if facts[1] == "zero" and facts[0] != "zero":
+            guide.note(outputs[0], (sign, inputs[0]))
+        elif facts[0] == "zero" and facts[1] != "zero":  # 0 < x is x > 0
+            guide.note(outputs[0], ("neg" if sign == "pos" else "pos", inputs[1]))
+    elif name == "convert_element_type" and isinstance(facts[0], tuple) and facts[0][0] == "pos":
+        guide.note(outputs[0], ("step", facts[0][1]))
+
+
+def _evaluate_guided(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any], guide: _Guide) -> list[Any]:
     """Evaluates ``jaxpr`` like ``jax.core.eval_jaxpr``, with each ReLU replaced by ``_guided_relu``.
 
-    A ReLU is a ``max`` with a literal zero operand, or a ``custom_jvp_call`` whose body is one
-    (``jax.nn.relu``, which Flax's ``nn.relu`` and Equinox's default activations are). Bodies of
-    call-like primitives that hold a ReLU are evaluated inline; loops and conditionals
-    (``scan``, ``while``, ``cond``) get their bodies rewritten the same way. ``replaced[0]``
-    counts the ReLUs replaced.
+    A ReLU is ``jax.nn.relu`` (Flax's ``nn.relu``, Equinox's default activations), ``max`` with
+    a constant zero (``jnp.maximum(x, 0)``, ``jnp.clip(x, 0, None)``), ``jnp.where(x > 0, x, 0)``
+    or ``x * (x > 0)``. Call boundaries (``jit``, ``jax.checkpoint``) are evaluated inline,
+    custom-rule bodies that call ``jax.nn.relu`` or ``max(x, 0)`` too; loops and conditionals
+    (``scan``, ``while``, ``cond``) get their bodies rewritten the same way.
     """
     env: dict[Any, Any] = {}
 
@@ -128,45 +231,64 @@ def _evaluate_guided(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any], rep
         write(var, value)
     for eqn in jaxpr.eqns:
         inputs = [read(atom) for atom in eqn.invars]
-        for var, value in zip(eqn.outvars, _apply_guided(eqn, inputs, replaced), strict=True):
+        for var, value in zip(eqn.outvars, _apply_guided(eqn, inputs, guide), strict=True):
             write(var, value)
     return [read(atom) for atom in jaxpr.outvars]
 
 
-def _apply_guided(eqn: Any, inputs: list[Any], replaced: list[int]) -> list[Any]:
-    operand = _relu_operand(eqn)
-    if operand is not None:
-        replaced[0] += 1
-        return [_guided_relu(inputs[operand])]
+def _apply_guided(eqn: Any, inputs: list[Any], guide: _Guide) -> list[Any]:
     name = eqn.primitive.name
     if name == "custom_jvp_call" and _is_relu_body(eqn.params["call_jaxpr"]):
-        replaced[0] += 1
-        return [_guided_relu(inputs[-1])]
+        return [guide.relu(inputs[-1])]
+    x = _relu_input(name, inputs, guide)
+    if x is not None:
+        return [guide.relu(x)]
     params = eqn.params
-    if any(_holds_relu(inner) for inner in jax_core.jaxprs_in_params(params)):
-        key = _INLINE.get(name)
-        if key is not None and isinstance(params.get(key), jax_core.ClosedJaxpr):
-            body = params[key]
-            return _evaluate_guided(body.jaxpr, body.consts, inputs, replaced)
-        params = {key: _rewritten(value, replaced) for key, value in params.items()}
+    key = _INLINE.get(name)
+    body = params.get(key) if key is not None else None
+    if body is not None and (name in _BOUNDARIES or _holds_relu(body)):
+        closed = isinstance(body, jax_core.ClosedJaxpr)
+        inner, consts = (body.jaxpr, body.consts) if closed else (body, ())
+        if len(inner.invars) == len(inputs):
+            return _evaluate_guided(inner, consts, inputs, guide)
+    if name not in _INLINE and any(_may_hold_relu(inner) for inner in jax_core.jaxprs_in_params(params)):
+        params = {key: _rewritten(name, value, guide) for key, value in params.items()}
     bind_params = eqn.primitive.get_bind_params(params)
     if isinstance(bind_params, tuple):  # older JAX: (subfuns, params)
         subfuns, bind_params = bind_params
         inputs = [*subfuns, *inputs]
     with eqn.ctx.manager:
         out = eqn.primitive.bind(*inputs, **bind_params)
-    return list(out) if eqn.primitive.multiple_results else [out]
+    outputs = list(out) if eqn.primitive.multiple_results else [out]
+    _facts_of(eqn, inputs, outputs, guide)
+    return outputs
 
 
-def _rewritten(value: Any, replaced: list[int]) -> Any:
-    """Returns a primitive's parameter with the ReLUs in its closed jaxprs made guided."""
-    if isinstance(value, jax_core.ClosedJaxpr):
-        if not _holds_relu(value):
+def _rewritten(name: str, value: Any, guide: _Guide) -> Any:
+    """Returns a primitive's parameter with the ReLUs in its jaxprs made guided.
+
+    A body that cannot be rewritten (an open jaxpr with constants) is noted in ``guide.missed``
+    when it holds a ReLU, so the warning can say what was not reached.
+    """
+    if isinstance(value, (jax_core.ClosedJaxpr, jax_core.Jaxpr)):
+        if not _may_hold_relu(value):
             return value
-        avals = [var.aval for var in value.jaxpr.invars]
-        return jax.make_jaxpr(lambda *args: _evaluate_guided(value.jaxpr, value.consts, args, replaced))(*avals)
-    if isinstance(value, (tuple, list)) and any(isinstance(item, jax_core.ClosedJaxpr) for item in value):
-        return type(value)(_rewritten(item, replaced) for item in value)
+        jaxpr, consts = (value.jaxpr, value.consts) if isinstance(value, jax_core.ClosedJaxpr) else (value, ())
+        before = guide.replaced
+        avals = [var.aval for var in jaxpr.invars]
+        rewritten = jax.make_jaxpr(lambda *args: _evaluate_guided(jaxpr, consts, args, guide))(*avals)
+        if isinstance(value, jax_core.ClosedJaxpr):
+            return rewritten
+        if not rewritten.consts:
+            return rewritten.jaxpr
+        guide.replaced = before
+        if _holds_relu(value):
+            guide.missed.append(name)
+        return value
+    if isinstance(value, (tuple, list)) and any(
+        isinstance(item, (jax_core.ClosedJaxpr, jax_core.Jaxpr)) for item in value
+    ):
+        return type(value)(_rewritten(name, item, guide) for item in value)
     return value
 
 
@@ -189,10 +311,10 @@ def _guided(program: _Program, mode: tuple[Any, ...], params: Any, x: jax.Array,
 
     closed = jax.make_jaxpr(outputs_of)(params, x)
     leaves = jax.tree_util.tree_leaves(params)
-    replaced = [0]
+    guide = _Guide()
 
     def guided(x: jax.Array) -> jax.Array:
-        return _evaluate_guided(closed.jaxpr, closed.consts, [*leaves, x], replaced)[0]
+        return _evaluate_guided(closed.jaxpr, closed.consts, [*leaves, x], guide)[0]
 
     outputs, vjp_fn = jax.vjp(guided, x)
     indices = _indices(outputs, mode, None if given is None else jnp.clip(given, 0, outputs.shape[1] - 1))
@@ -202,7 +324,15 @@ def _guided(program: _Program, mode: tuple[Any, ...], params: Any, x: jax.Array,
     else:
         gradients = jnp.moveaxis(jax.vmap(vjp_fn)(cotangents)[0], 0, 1)
     scores = jnp.take_along_axis(outputs, indices, axis=1)
-    return gradients, scores, indices, outputs, jnp.asarray(replaced[0], jnp.int32)
+    if len(_MISSED) >= _TRACE_INFO_LIMIT:
+        _MISSED.pop(next(iter(_MISSED), None), None)
+    _MISSED[(program, mode)] = tuple(dict.fromkeys(guide.missed))
+    return gradients, scores, indices, outputs, jnp.asarray(guide.replaced, jnp.int32)
+
+
+# (program, target mode) → the primitives whose ReLUs the guided trace could not reach: written
+# while ``_guided`` traces, read after each call (the names cannot leave the compiled function).
+_MISSED: dict[Any, tuple[str, ...]] = {}
 
 
 def guided_gradients(
@@ -221,7 +351,8 @@ def guided_gradients(
     Raises:
         anycam.TargetError: for targets that do not fit the output.
     Warns:
-        UserWarning: the model has no ReLU, so the result equals plain input gradients.
+        anycam.AnycamWarning: the model has no ReLU, so the result equals plain input gradients;
+            or some ReLUs sit in a body that cannot be rewritten (named in the warning).
     """
     x = backend._as_input(inputs)
     _one_input(x, "guided backpropagation in JAX")
@@ -236,11 +367,19 @@ def guided_gradients(
     if mode[0] == "callable":
         check_callable(backend, program, params, x, mode[1])
     gradients, scores, found, outputs, replaced = jax.device_get(_guided(program, mode, params, x, given))
-    if int(replaced) == 0:
+    missed = _MISSED.get((program, mode), ())
+    if missed:
         warnings.warn(
-            "guided backpropagation found no ReLU in the model (jax.nn.relu or jnp.maximum(x, 0)), "
-            "so its result equals plain input gradients",
-            UserWarning,
+            f"guided backpropagation could not reach the ReLUs inside {', '.join(missed)} (a body anycam "
+            f"cannot rewrite); {int(replaced)} ReLU(s) elsewhere were guided, those inside pass plain gradients",
+            AnycamWarning,
+            stacklevel=user_stacklevel(),
+        )
+    elif int(replaced) == 0:
+        warnings.warn(
+            "guided backpropagation found no ReLU in the model (jax.nn.relu, jnp.maximum(x, 0), "
+            "jnp.clip(x, 0), jnp.where(x > 0, x, 0) or x * (x > 0)), so its result equals plain input gradients",
+            AnycamWarning,
             stacklevel=user_stacklevel(),
         )
     indices: np.ndarray | None = None

@@ -97,9 +97,7 @@ def head_scores(
     mode, given = given_mode(target, indices, batch)
     copies = jnp.asarray(replacements, dtype=jnp.float32)
     if copies.ndim < 2 or copies.shape[1] != batch:
-        raise InputError(
-            f"replacements must be (B, N, *layer_shape) with N={batch}, got shape {tuple(copies.shape)}"
-        )
+        raise InputError(f"replacements must be (B, N, *layer_shape) with N={batch}, got shape {tuple(copies.shape)}")
     program, params = backend._model.snapshot()
     return _to_numpy(jax.device_get(_head_scores(program, mode, params, x, copies, given)))
 
@@ -121,9 +119,7 @@ def ablation_scorer(
     mode, given = given_mode(target, indices, x.shape[0])
     values = jnp.asarray(activations, dtype=jnp.float32)
     if values.ndim < 2 or values.shape[0] != x.shape[0]:
-        raise InputError(
-            f"activations must be (N, ...) with N={x.shape[0]}, got shape {tuple(values.shape)}"
-        )
+        raise InputError(f"activations must be (N, ...) with N={x.shape[0]}, got shape {tuple(values.shape)}")
     program, params = backend._model.snapshot()
     axis = int(channel_axis) % values.ndim
 

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from anycam._errors import AnycamError, InputError
-from anycam.core import check_batch, forward_error, non_finite_input, spatial_shape
+from anycam.core import check_batch, forward_error, is_input_failure, non_finite_input, spatial_shape
 from anycam.protocol.inputs import structure_inputs
 
 if TYPE_CHECKING:
@@ -92,9 +92,7 @@ def _shape_key(x: Any) -> Any:
 
 def _is_spatial(value: Any) -> bool:
     """A floating input with spatial axes: the default carrier of the heatmap's grid."""
-    return (
-        isinstance(value, (np.ndarray, jax.Array)) and jnp.issubdtype(value.dtype, jnp.floating) and value.ndim >= 3
-    )
+    return isinstance(value, (np.ndarray, jax.Array)) and jnp.issubdtype(value.dtype, jnp.floating) and value.ndim >= 3
 
 
 def structured(backend: JaxBackend, inputs: Any) -> Any:
@@ -119,9 +117,7 @@ def as_array(backend: JaxBackend, inputs: Any, what: str = "input") -> jax.Array
     if not isinstance(inputs, (np.ndarray, jax.Array)):
         raise InputError(f"{what} must be a jax.Array or a NumPy array, got {type(inputs).__name__}")
     if not jnp.issubdtype(inputs.dtype, jnp.floating):
-        raise InputError(
-            f"{what} must be floating point, got dtype {inputs.dtype}; e.g. x.astype(jnp.float32) / 255"
-        )
+        raise InputError(f"{what} must be floating point, got dtype {inputs.dtype}; e.g. x.astype(jnp.float32) / 255")
     shape = tuple(inputs.shape)
     spatial_shape(shape, backend.input_layout)
     check_batch(shape)
@@ -144,6 +140,11 @@ def run(backend: JaxBackend, call: Callable[[], Any], x: jax.Array) -> Any:
         raise
     except Exception as exc:  # flax, equinox and jax raise many kinds for a misfit input
         if isinstance(x, _Inputs):
+            # A signature mismatch (TypeError from the call itself) or a shape failure is the
+            # inputs'; anything else is the model's own exception and keeps its type.
+            if not (isinstance(exc, TypeError) and "argument" in str(exc)) and not is_input_failure(exc):
+                exc.add_note(f"anycam: raised by the model on the inputs {x.describe()}")
+                raise
             raise InputError(
                 f"the model does not accept the inputs given ({x.describe()}): {type(exc).__name__}: {exc}; "
                 "pass a dict with the keywords it takes, or a tuple in the order of its positional arguments"

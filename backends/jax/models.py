@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -216,17 +217,44 @@ def _equinox_tap() -> type:
     import equinox as eqx
 
     class Tap(eqx.Module):
-        inner: Any
-        index: int = eqx.field(static=True)
-        taps: Any = eqx.field(static=True)
-        port: str = eqx.field(static=True, default="output")
+        """Stands in for an explained Equinox module: reports its ``__call__`` output (or input).
+
+        Every other attribute reads through to the module: its fields and arrays as they are,
+        its methods and properties bound to the tap, so a model that calls
+        ``self.block.logits(x)`` runs the block's own method, and a method that calls
+        ``self(x)`` is seen by the tap. The fields have anycam's prefix so that they shadow
+        none of the module's own names.
+        """
+
+        _anycam_inner: Any
+        _anycam_index: int = eqx.field(static=True)
+        _anycam_taps: Any = eqx.field(static=True)
+        _anycam_port: str = eqx.field(static=True, default="output")
 
         def __call__(self, x: Any, *args: Any, **kwargs: Any) -> Any:
-            if self.port == "input":
-                return self.inner(self.taps(self.index, x), *args, **kwargs)
-            return self.taps(self.index, self.inner(x, *args, **kwargs))
+            if self._anycam_port == "input":
+                return self._anycam_inner(self._anycam_taps(self._anycam_index, x), *args, **kwargs)
+            return self._anycam_taps(self._anycam_index, self._anycam_inner(x, *args, **kwargs))
+
+        def __getattr__(self, name: str) -> Any:
+            # Only called for what the tap itself lacks. Dunders stay the tap's own: copying,
+            # pickling and dataclass machinery must not see through it.
+            if (name.startswith("__") and name.endswith("__")) or name.startswith("_anycam_"):
+                raise AttributeError(name)
+            inner = object.__getattribute__(self, "_anycam_inner")
+            if name in getattr(inner, "__dict__", {}):
+                return getattr(inner, name)
+            found = inspect.getattr_static(type(inner), name, _MISSING)
+            if found is _MISSING:
+                return getattr(inner, name)  # the module's own __getattr__, or its AttributeError
+            if hasattr(found, "__get__"):
+                return found.__get__(self, type(inner))
+            return found
 
     return Tap
+
+
+_MISSING = object()
 
 
 class _EquinoxProgram(_Program):
@@ -277,6 +305,11 @@ class _Model:
     snapshot: Callable[[], tuple[_Program, Any]]
     family: str = ""
     source: Any = None
+    # Whether the family's convention decides ``layout``: Flax works on the last axis; an Equinox
+    # convolution or pooling takes ``(C, *spatial)``. A model of neither (an Equinox sequence model
+    # of Linear layers, a pair of functions) only has a default, which must not pick silently
+    # between two readings the shapes both allow.
+    decided: bool = True
 
 
 def _linen_paths(variables: Mapping[str, Any]) -> dict[str, tuple[str, ...]]:
@@ -344,6 +377,14 @@ def _linen(module: Any, variables: Any, layers: Sequence[Any], common: dict[str,
             "the variables of a Flax linen model are a dict of collections, {'params': ..., "
             f"'batch_stats': ...}}; got one with keys {list(variables)[:5]}. If these are the "
             "parameters, pass (module, {'params': params})"
+        )
+    if common["kwargs"].get("mutable"):
+        # apply(..., mutable=...) would return (output, updated variables): BatchNorm in training
+        # mode, whose batch statistics mix the samples (and the masked or ablated copies) of a batch.
+        raise ConfigTypeError(
+            f"model_kwargs={{'mutable': {common['kwargs']['mutable']!r}}} asks Flax to update the model's "
+            "variables; anycam runs the model in inference mode and never changes its variables. Drop "
+            "'mutable' and pass the model's inference argument, e.g. model_kwargs={'train': False}"
         )
     paths = _linen_paths(variables)
     for path in _linen_setup_paths(module, variables):
@@ -415,7 +456,9 @@ def _equinox(model: Any, layers: Sequence[Any], common: dict[str, Any]) -> _Mode
     key = _hashable((treedef, tuple(leaves)))
     sliced = sequential and len(chosen) == 1 and len(chosen[0]) == 2
     program = (_SequentialProgram if sliced else _EquinoxProgram)(static, chosen, names, key=key, **common)
-    return _Model(names, "channels_first", lambda: (program, params), "equinox", model)
+    channels_first = (eqx.nn.Conv, eqx.nn.ConvTranspose, eqx.nn.Pool, eqx.nn.AdaptivePool)
+    decided = isinstance(model, channels_first) or any(isinstance(m, channels_first) for _, m in modules)
+    return _Model(names, "channels_first", lambda: (program, params), "equinox", model, decided)
 
 
 def _functions(model: Sequence[Any], layers: Sequence[Any], common: dict[str, Any]) -> _Model:
@@ -428,7 +471,7 @@ def _functions(model: Sequence[Any], layers: Sequence[Any], common: dict[str, An
         )
     program = _FunctionsProgram((features, head, bool(rest)), ((),), ("features",), **common)
     params = rest[0] if rest else None
-    return _Model(("features",), "channels_first", lambda: (program, params), "functions", tuple(model))
+    return _Model(("features",), "channels_first", lambda: (program, params), "functions", tuple(model), False)
 
 
 def _all_layers(model: Any) -> list[str] | None:

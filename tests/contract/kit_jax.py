@@ -256,6 +256,115 @@ def _odd(kind: str):  # type: ignore[no-untyped-def]
     return model, variables, inputs, reference_features, head_vjp
 
 
+# -- residual positions (kit.POSITIONS): a two-block ResNet whose forward can edit one value ----
+
+
+class Relu(nn.Module):
+    """``nn.relu`` as a module, so a block's first ReLU output has a path to explain."""
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return nn.relu(x)
+
+
+def _edited(edits: dict | None, name: str, value: jax.Array) -> jax.Array:
+    """Returns ``edits[name](value)`` where the caller edits that value, else ``value``."""
+    return edits[name](value) if edits and name in edits else value
+
+
+class ResBlock(nn.Module):
+    """``relu(bn2(conv2(act1(bn1(conv1 x)))) + x)``; ``edits`` (oracle only) rewrites a named value."""
+
+    channels: int = 8
+
+    def setup(self) -> None:
+        self.conv1 = nn.Conv(self.channels, (3, 3), padding="SAME", use_bias=False)
+        self.bn1 = nn.BatchNorm(use_running_average=True)
+        self.act1 = Relu()
+        self.conv2 = nn.Conv(self.channels, (3, 3), padding="SAME", use_bias=False)
+        self.bn2 = nn.BatchNorm(use_running_average=True)
+
+    def __call__(self, x: jax.Array, edits: dict | None = None) -> jax.Array:
+        y = _edited(edits, "act1", self.act1(self.bn1(self.conv1(x))))
+        y = _edited(edits, "bn2", self.bn2(self.conv2(y)))
+        return _edited(edits, "out", nn.relu(y + x))
+
+
+class ResNet(nn.Module):
+    """Stem → block1 → block2 → global mean pooling → dense; ``edits`` as in ``ResBlock``."""
+
+    def setup(self) -> None:
+        self.stem = nn.Conv(8, (3, 3), padding="SAME")
+        self.block1 = ResBlock()
+        self.block2 = ResBlock()
+        self.fc = nn.Dense(CLASSES)
+
+    def __call__(self, x: jax.Array, edits: dict | None = None) -> jax.Array:
+        edits = edits or {}
+        h = nn.relu(self.stem(x))
+        h = self.block1(h, edits.get("block1"))
+        h = self.block2(h, edits.get("block2"))
+        return self.fc(h.mean(axis=(1, 2)))
+
+
+# position → (the layer's path for anycam, (block, value) edited by the oracle's forward)
+_POSITION_LAYERS = {
+    "skip_inplace": ("block1/bn2", ("block1", "bn2")),
+    "inside_block": ("block1/act1", ("block1", "act1")),
+    "after_add": ("block1", ("block1", "out")),
+    "before_pool": ("block2", ("block2", "out")),
+}
+
+
+@functools.cache
+def _resnet() -> tuple[ResNet, dict, jax.Array]:
+    model = ResNet()
+    rng = np.random.default_rng(2)
+    inputs = jnp.asarray(rng.normal(size=(BATCH, 8, 8, 3)).astype(np.float32))
+    return model, numpy_init(model, inputs, rng), inputs
+
+
+@functools.cache
+def _position_functions(kind: str):  # type: ignore[no-untyped-def]
+    """Returns jitted ``edited(x, fn) -> (outputs, the layer's value)`` with ``fn`` applied to that value.
+
+    ``fn`` is a static Python function of the value; the oracle's gradients are ``jax.vjp``
+    with respect to an added delta, its ablations a multiplied mask, all in the model's own forward.
+    """
+    model, variables, _ = _resnet()
+    block, value = _POSITION_LAYERS[kind][1]
+
+    def edited(x: jax.Array, fn: Callable[[jax.Array], jax.Array]) -> tuple[jax.Array, jax.Array]:
+        seen: list[jax.Array] = []
+
+        def edit(a: jax.Array) -> jax.Array:
+            seen.append(a)
+            return fn(a)
+
+        outputs = model.apply(variables, x, {block: {value: edit}})
+        return outputs, seen[0]
+
+    @jax.jit
+    def activations_and_outputs(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        outputs, activations = edited(x, lambda a: a)
+        return activations, outputs
+
+    @jax.jit
+    def head_vjp(x: jax.Array, cotangent: jax.Array) -> tuple[jax.Array, jax.Array]:
+        shape = jax.eval_shape(lambda x: edited(x, lambda a: a)[1], x)
+        outputs, vjp_fn = jax.vjp(lambda d: edited(x, lambda a: a + d)[0], jnp.zeros(shape.shape, shape.dtype))
+        return outputs, vjp_fn(cotangent)[0]
+
+    @jax.jit
+    def replaced(x: jax.Array, replacement: jax.Array) -> jax.Array:
+        return edited(x, lambda a: replacement)[0]
+
+    @jax.jit
+    def zeroed(x: jax.Array, channel: jax.Array) -> jax.Array:
+        return edited(x, lambda a: a * (jnp.arange(a.shape[-1]) != channel).astype(a.dtype))[0]
+
+    return activations_and_outputs, head_vjp, replaced, zeroed
+
+
 class JaxKit:
     name = "jax"
 
@@ -282,7 +391,45 @@ class JaxKit:
             linear_target=lambda w: None,
         )
 
+    def position_case(self, kind: str) -> Case:
+        """A layer of ``ResNet`` at one of ``kit.POSITIONS``; the oracle edits the model's own forward."""
+        model, variables, inputs = _resnet()
+        forward, head_vjp, replaced, zeroed = _position_functions(kind)
+
+        def reference(cotangents: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+            activations, outputs = forward(inputs)
+            if cotangents is None:
+                return np.asarray(activations), None, np.asarray(outputs)
+            grads = [np.asarray(head_vjp(inputs, jnp.asarray(c))[1]) for c in cotangents]
+            return np.asarray(activations), np.stack(grads, axis=1), np.asarray(outputs)
+
+        def head_reference(replacement: np.ndarray) -> np.ndarray:
+            return np.asarray(replaced(inputs, jnp.asarray(replacement, jnp.float32)))
+
+        def ablated_outputs(channel: int) -> np.ndarray:
+            # The whole model rerun with channel k of the layer's output zeroed (channels last).
+            return np.asarray(zeroed(inputs, jnp.asarray(channel)))
+
+        def linear_target(weights: np.ndarray):  # type: ignore[no-untyped-def]
+            return _linear_target(np.asarray(weights, dtype=np.float32).tobytes())
+
+        return Case(
+            model=(model, variables),
+            layer=_POSITION_LAYERS[kind][0],
+            inputs=inputs,
+            layout=None,
+            true_layout="channels_last",
+            input_spatial=tuple(inputs.shape[1:-1]),
+            reference=reference,
+            linear_target=linear_target,
+            head_reference=head_reference,
+            ablated_outputs=ablated_outputs,
+            upsample=upsample,
+        )
+
     def case(self, kind: str) -> Case:
+        if kind in _POSITION_LAYERS:
+            return self.position_case(kind)
         model, variables, inputs, layout, true_layout, spatial, options = _build(kind)
 
         features, head_vjp = _reference_functions(kind)
