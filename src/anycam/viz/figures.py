@@ -3,6 +3,7 @@
 matplotlib is imported only when a figure is made (``pip install "anycam[viz]"``). Figures are
 built on ``matplotlib.figure.Figure`` directly, not through ``pyplot``: nothing is registered
 globally, so a loop that makes a thousand figures holds none of them, and no display is needed.
+They are ``anycam.viz.notebook.NotebookFigure`` objects, which display in Jupyter as returned.
 """
 
 from __future__ import annotations
@@ -14,20 +15,20 @@ from typing import Any
 import numpy as np
 
 from .._errors import InputError, MissingExtraError
-from .overlay import as_rgb_float, lookup_colormap, overlay
+from .overlay import as_rgb_float, install_hint, lookup_colormap, overlay
 
-_EXTRA = 'pip install "anycam[viz]"'
 # A figure wider than this no longer fits a notebook cell or a README column.
 _MAX_WIDTH_INCHES = 16.0
 _MAX_HEIGHT_INCHES = 30.0
 
 
 def _figure_class() -> Any:
+    """Returns ``NotebookFigure``: a ``Figure`` that displays in a notebook without pyplot."""
     try:
-        from matplotlib.figure import Figure
+        from .notebook import NotebookFigure
     except ImportError as exc:
-        raise MissingExtraError(f"figures need matplotlib ({exc}); {_EXTRA}") from exc
-    return Figure
+        raise MissingExtraError(f"figures need matplotlib ({exc}); {install_hint('viz')}") from exc
+    return NotebookFigure
 
 
 def _column_maps(maps: Any) -> list[tuple[str, np.ndarray, np.ndarray | None]]:
@@ -139,7 +140,8 @@ def plot(
         colorbar: draw the colour scale of the heatmaps (0 to 1).
 
     Returns:
-        ``matplotlib.figure.Figure`` (save with ``fig.savefig(path)``).
+        a ``matplotlib.figure.Figure`` (save with ``fig.savefig(path)``; in a notebook it displays
+        as the cell's value, and ``fig.show()`` displays it too).
 
     Raises:
         InputError: for maps that are not 2-D, mismatched counts, or bad boxes/labels.
