@@ -19,6 +19,7 @@ import numpy as np
 
 from .. import core
 from .._errors import MissingExtraError
+from ..viz.overlay import install_hint
 from .logs import quiet_native_logs
 
 BACKENDS = ("torch", "tensorflow", "jax")
@@ -36,11 +37,12 @@ def _choose_backends(requested: str) -> list[str]:
         if not available:
             raise SystemExit(
                 "anycam demo: no framework is installed; install one, e.g. "
-                'pip install "anycam[torch]" (or [tensorflow], [jax], [all])'
+                'pip install "anycam[torch]" (or [tensorflow], [jax], [all]; from a source checkout: '
+                'pip install ".[torch]")'
             )
         return available
     if requested not in available:
-        raise SystemExit(f'anycam demo: backend {requested!r} is not installed; pip install "anycam[{requested}]"')
+        raise SystemExit(f"anycam demo: backend {requested!r} is not installed; {install_hint(requested)}")
     return [requested]
 
 

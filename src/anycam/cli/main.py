@@ -10,7 +10,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from .. import core
 from .._errors import AnycamError
@@ -57,9 +59,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_explain_parser(commands)
     args = parser.parse_args(argv)
     run = {"demo": demo, "evaluate": evaluate, "explain": explain_command}[args.command]
-    try:
-        return run(args)
-    except AnycamError as exc:
-        print(f"anycam {args.command}: {exc}", file=sys.stderr)
-        return 2
+    with warnings.catch_warnings():
+        warnings.showwarning = _one_line_warnings(f"anycam {args.command}")
+        try:
+            return run(args)
+        except AnycamError as exc:
+            print(f"anycam {args.command}: {exc}", file=sys.stderr)
+            return 2
 
+
+def _one_line_warnings(prefix: str) -> Callable[..., None]:
+    """Returns a ``warnings.showwarning`` that prints ``PREFIX: warning: MESSAGE (Category)`` on one line.
+
+    Python's own format names the file and source line that warned: on a command line that is the
+    console script's ``sys.exit(main())``, which tells the user nothing.
+    """
+
+    def show(message: Warning | str, category: type[Warning], *_: Any, **__: Any) -> None:
+        text = " ".join(str(message).split())
+        print(f"{prefix}: warning: {text} ({category.__name__})", file=sys.stderr)
+
+    return show

@@ -25,6 +25,9 @@ _MAX_HEIGHT_INCHES = 30.0
 def _figure_class() -> Any:
     """Returns ``NotebookFigure``: a ``Figure`` that displays in a notebook without pyplot."""
     try:
+        # Checked on every call: the module below may be imported already while matplotlib is gone.
+        import matplotlib.figure  # noqa: F401
+
         from .notebook import NotebookFigure
     except ImportError as exc:
         raise MissingExtraError(f"figures need matplotlib ({exc}); {install_hint('viz')}") from exc
