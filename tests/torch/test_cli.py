@@ -298,6 +298,8 @@ def test_explain_grayscale_and_custom_preprocessing(workdir: Path, capsys: pytes
 def test_one_framework_prints_no_difference_column(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["demo", "--backend", "torch", "--method", "gradcam", "--rows", "2", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
+    # What the picture shows, truly: two of the 48 canvases.
+    assert "the first 2 of the 48 held-out canvases" in out
     assert "difference" not in out and "agree across frameworks" not in out
     assert re.search(r"^\| gradcam \| \d+\.\d% \|$", out, re.MULTILINE)
     assert (tmp_path / "demo.png").stat().st_size > 10_000
@@ -473,3 +475,14 @@ def test_an_absurd_size_the_factory_did_not_ask_for_is_refused_with_the_fix(
     assert "ModelSpec(model, size=(224, 224)" in error and error.count("\n") == 1
     # The same picture with a size asked for runs.
     assert main(["explain", "huge.png", "--model", "my_models:spec", "--out", "maps"]) == 0
+
+
+def test_demo_bad_options_are_one_line_with_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "a_file").write_text("")
+    for arguments, message in (
+        (["--out", str(tmp_path / "a_file")], "is a file, not a folder"),
+        (["--rows", "0", "--out", str(tmp_path)], "--rows must be a positive integer, got 0"),
+    ):
+        assert main(["demo", "--backend", "torch", "--method", "gradcam", *arguments]) == 2
+        error = capsys.readouterr().err
+        assert error.startswith("anycam demo: ") and error.count("\n") == 1 and message in error

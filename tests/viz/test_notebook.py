@@ -72,6 +72,9 @@ def test_a_figure_renders_itself_as_png_without_pyplot() -> None:
     figure = anycam.plot(rng.random((1, 8, 8, 3)), rng.random((1, 8, 8)))
     assert isinstance(figure, NotebookFigure)
     assert figure.canvas.manager is None  # nothing registered with pyplot
+    import pickle
+
+    assert isinstance(pickle.loads(pickle.dumps(figure)), NotebookFigure)  # the class is importable by name
     png = figure._repr_png_()
     assert png.startswith(PNG_SIGNATURE)
     import io

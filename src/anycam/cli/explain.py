@@ -88,8 +88,13 @@ def _unique_stems(paths: Sequence[str]) -> list[str]:
     return names
 
 
-def _output_folder(text: str) -> Path:
-    """Returns the ``--out`` folder, created; refuses a path that is a file or cannot be created."""
+def output_folder(text: str) -> Path:
+    """Returns the ``--out`` folder, created.
+
+    Raises:
+        InputError: the path is a file, or the folder cannot be created (a file on the way,
+            no permission), in one line.
+    """
     out = Path(text)
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {text!r} is a file, not a folder; name a folder for the overlays")
@@ -136,7 +141,7 @@ def explain_command(args: argparse.Namespace) -> int:
             raise InputError(f"{name} must be a positive integer, got {value}")
     if not 0.0 <= args.alpha <= 1.0:
         raise InputError(f"--alpha must lie in [0, 1], got {args.alpha}")
-    out = _output_folder(args.out)
+    out = output_folder(args.out)
     # The factory usually imports its framework: that is when TensorFlow writes its C++ log.
     with quiet_native_logs():
         factory = load_factory(reference)
@@ -290,4 +295,4 @@ def add_explain_parser(commands: Any) -> None:
     )
 
 
-__all__ = ["add_explain_parser", "explain_command", "parse_target"]
+__all__ = ["add_explain_parser", "explain_command", "output_folder", "parse_target"]

@@ -49,7 +49,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             "--layer", default="stage3", help="layer to explain (default: stage3, the last conv stage)"
         )
         command.add_argument("--out", default="anycam-demo", help="folder for the PNG output (default: ./anycam-demo)")
-    commands.choices["demo"].add_argument("--rows", type=int, default=6, help="canvases in the picture (default: 6)")
+    commands.choices["demo"].add_argument(
+        "--rows", type=int, default=4, help="held-out canvases shown in the picture (default: 4)"
+    )
     commands.choices["evaluate"].add_argument(
         "--count", type=int, default=16, help="canvases to evaluate (default: 16)"
     )

@@ -7,7 +7,8 @@ matplotlib's PNG printer, and ``Figure.show()`` raises. ``NotebookFigure`` gives
 own PNG representation (``_repr_png_``, what IPython's display asks an object for) and a
 ``show()`` that displays it in a notebook, or hands it to pyplot's window elsewhere.
 
-Importing this module imports matplotlib; ``anycam.viz.figures`` imports it only to draw.
+The class is made on first use (``figure_class()``, or ``anycam.viz.notebook.NotebookFigure``), so
+importing this module imports no matplotlib.
 """
 
 from __future__ import annotations
@@ -15,8 +16,6 @@ from __future__ import annotations
 import io
 import sys
 from typing import Any
-
-from matplotlib.figure import Figure
 
 from .._errors import AnycamError
 
@@ -35,39 +34,68 @@ def _in_notebook() -> Any:
     return shell if shell is not None and hasattr(shell, "kernel") else None
 
 
-class NotebookFigure(Figure):
-    """A matplotlib ``Figure`` that displays as a PNG in Jupyter as returned, pyplot or not."""
-
-    def _repr_png_(self) -> bytes:
-        """Returns the figure as PNG bytes: what Jupyter shows for a cell's value or ``display(fig)``."""
-        buffer = io.BytesIO()
-        # The notebook shows the drawn area, as matplotlib's inline backend does.
-        self.savefig(buffer, format="png", bbox_inches="tight")
-        return buffer.getvalue()
-
-    def show(self, warn: bool = True) -> None:
-        """Shows the figure: in a notebook as the cell's output, elsewhere in a pyplot window.
-
-        Raises:
-            FigureShowError: outside a notebook when this matplotlib's pyplot cannot adopt a
-                figure made without it (before matplotlib 3.10); save it with ``fig.savefig``.
-        """
-        if _in_notebook() is not None:
-            from IPython.display import display
-
-            display(self)
-            return
-        if self.canvas.manager is None:
-            import matplotlib.pyplot as plt
-
-            try:
-                plt.figure(self)  # matplotlib >= 3.10 gives an unmanaged figure a window
-            except (TypeError, ValueError) as exc:
-                raise FigureShowError(
-                    "this figure was made without pyplot and this matplotlib cannot give it a window "
-                    f"({exc}); save it with fig.savefig('figure.png'), or display it in a notebook"
-                ) from exc
-        super().show(warn=warn)
+def _repr_png_(self: Any) -> bytes:
+    """Returns the figure as PNG bytes: what Jupyter shows for a cell's value or ``display(fig)``."""
+    buffer = io.BytesIO()
+    # The notebook shows the drawn area, as matplotlib's inline backend does.
+    self.savefig(buffer, format="png", bbox_inches="tight")
+    return buffer.getvalue()
 
 
-__all__ = ["FigureShowError", "NotebookFigure"]
+def _show(self: Any, warn: bool = True) -> None:
+    """Shows the figure: in a notebook as the cell's output, elsewhere in a pyplot window.
+
+    Raises:
+        FigureShowError: outside a notebook when this matplotlib's pyplot cannot adopt a figure
+            made without it (before matplotlib 3.10); save it with ``fig.savefig``.
+    """
+    if _in_notebook() is not None:
+        from IPython.display import display
+
+        display(self)
+        return
+    from matplotlib.figure import Figure
+
+    if self.canvas.manager is None:
+        import matplotlib.pyplot as plt
+
+        try:
+            plt.figure(self)  # matplotlib >= 3.10 gives an unmanaged figure a window
+        except (TypeError, ValueError) as exc:
+            raise FigureShowError(
+                "this figure was made without pyplot and this matplotlib cannot give it a window "
+                f"({exc}); save it with fig.savefig('figure.png'), or display it in a notebook"
+            ) from exc
+    Figure.show(self, warn=warn)
+
+
+_CLASS: type | None = None
+
+
+def figure_class() -> type:
+    """Returns ``NotebookFigure``, a ``matplotlib.figure.Figure`` subclass that displays as PNG in Jupyter."""
+    global _CLASS
+    if _CLASS is None:
+        from matplotlib.figure import Figure
+
+        _CLASS = type(
+            "NotebookFigure",
+            (Figure,),
+            {
+                "__doc__": "A matplotlib ``Figure`` that displays as a PNG in Jupyter as returned, pyplot or not.",
+                "__module__": __name__,
+                "_repr_png_": _repr_png_,
+                "show": _show,
+            },
+        )
+    return _CLASS
+
+
+def __getattr__(name: str) -> Any:
+    # ``anycam.viz.notebook.NotebookFigure`` (also what pickle looks up) makes the class on demand.
+    if name == "NotebookFigure":
+        return figure_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = ["FigureShowError", "figure_class"]
