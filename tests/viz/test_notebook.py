@@ -8,7 +8,10 @@ window or says why it cannot.
 from __future__ import annotations
 
 import base64
+import json
+import os
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -41,6 +44,8 @@ CELLS = {
         "    spearman=rng.random((2, 2)), spearman_abs=rng.random((2, 2)), ssim=None)\n"
         "anycam.viz.plot_sanity(result)"
     ),
+    # Last, as it changes the kernel: with pyplot's inline backend on, still exactly one picture.
+    "after %matplotlib inline": "%matplotlib inline\nanycam.plot(images, maps)",
 }
 
 
@@ -52,11 +57,20 @@ def _png_outputs(cell: object) -> list[bytes]:
     ]
 
 
-def test_figures_display_as_png_in_a_fresh_kernel() -> None:
+def test_figures_display_as_png_in_a_fresh_kernel(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A kernel of this very interpreter importing this very anycam, whatever kernels are installed.
+    spec = tmp_path / "kernels" / "anycam-test"
+    spec.mkdir(parents=True)
+    argv = [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"]
+    (spec / "kernel.json").write_text(json.dumps({"argv": argv, "display_name": "anycam test", "language": "python"}))
+    monkeypatch.setenv("JUPYTER_PATH", str(tmp_path))
+    source = str(Path(anycam.__file__).resolve().parent.parent)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [source, os.environ.get("PYTHONPATH")])))
     notebook = nbformat.v4.new_notebook()
     notebook.cells = [nbformat.v4.new_code_cell(SETUP)] + [nbformat.v4.new_code_cell(code) for code in CELLS.values()]
-    # The native kernel runs this interpreter, so the kernel imports the anycam under test.
-    client = nbclient.NotebookClient(notebook, kernel_name="python3", timeout=240, allow_errors=False)
+    client = nbclient.NotebookClient(
+        notebook, kernel_name="anycam-test", timeout=240, resources={"metadata": {"path": str(tmp_path)}}
+    )
     client.execute()
     for (name, _), cell in zip(CELLS.items(), notebook.cells[1:], strict=True):
         images = _png_outputs(cell)
