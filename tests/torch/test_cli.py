@@ -86,6 +86,10 @@ FACTORY = textwrap.dedent(
         return ModelSpec(tiny(), layer="features", size=(96, 96), labels=LABELS)
 
 
+    def as_is():
+        return ModelSpec(tiny(), layer="features", preprocess=lambda image: image.transpose(2, 0, 1) / 255.0)
+
+
     def full_size():
         return ModelSpec(tiny(), layer="features")
 
@@ -411,6 +415,14 @@ def test_method_all_writes_what_can_run_and_names_what_was_skipped(
     error = capsys.readouterr().err
     assert error.startswith("anycam explain: ") and error.count("\n") == 1 and "8192" in error.replace(",", "")
     assert not list((workdir / "none").iterdir())
+    # A method that fails on some images only: written for the others, and the skipped images named.
+    Image.fromarray(np.random.default_rng(4).integers(0, 256, (100, 100, 3), dtype=np.uint8)).save("wide.png")
+    arguments = ["a.png", "wide.png", "--method", "kpcacam", "--method", "gradcam", "--out", "some"]
+    assert main(["explain", *arguments, "--model", "my_models:as_is"]) == 0
+    captured = capsys.readouterr()
+    written = sorted(path.name for path in (workdir / "some").iterdir())
+    assert written == ["a_gradcam.png", "a_kpcacam.png", "wide_gradcam.png"]
+    assert captured.err.startswith("anycam explain: skipped kpcacam for wide.png: ") and captured.err.count("\n") == 1
 
 
 def test_several_images_print_one_block_each(workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:

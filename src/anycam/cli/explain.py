@@ -157,6 +157,7 @@ def explain_command(args: argparse.Namespace) -> int:
     chosen = args.method or ["gradcam"]
     methods = list(core.METHODS) if "all" in chosen else list(dict.fromkeys(chosen))
     skipped: dict[str, AnycamError] = {}
+    missed: dict[str, list[str]] = {}  # the images a method skipped where it ran on others
     explainers: dict[str, Any] = {}
     for method in methods:
         try:
@@ -194,6 +195,7 @@ def explain_command(args: argparse.Namespace) -> int:
                 explanations[method] = explainer.explain(batch, target)
             except AnycamError as exc:  # one method's limit must not stop the others
                 skipped.setdefault(method, exc)
+                missed.setdefault(method, []).extend(args.images[i] for i in chunk)
                 continue
             layer_used = explanations[method].layer
             if unresolved and layer_used:
@@ -225,7 +227,9 @@ def explain_command(args: argparse.Namespace) -> int:
         raise _nothing_ran(skipped)
     print(f"\nwrote {written} overlay(s) to {out}")
     for method, error in skipped.items():
-        print(f"anycam explain: skipped {method}: {_one_line(error)}", file=sys.stderr)
+        images_missed = missed.get(method, args.images)
+        which = "" if len(images_missed) == len(args.images) else f" for {', '.join(images_missed)}"
+        print(f"anycam explain: skipped {method}{which}: {_one_line(error)}", file=sys.stderr)
     return 0 if written else 2
 
 
