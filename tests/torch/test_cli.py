@@ -80,6 +80,27 @@ FACTORY = textwrap.dedent(
         return ModelSpec(tiny(), layer="features", preprocess=preprocess)
 
     not_callable = 3
+
+
+    def big():
+        return ModelSpec(tiny(), layer="features", size=(96, 96), labels=LABELS)
+
+
+    def as_is():
+        return ModelSpec(tiny(), layer="features", preprocess=lambda image: image.transpose(2, 0, 1) / 255.0)
+
+
+    def full_size():
+        return ModelSpec(tiny(), layer="features")
+
+
+    def training():
+        torch.manual_seed(0)
+        model = Tiny()
+        model.features = torch.nn.Sequential(
+            torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.BatchNorm2d(4), torch.nn.ReLU()
+        )
+        return ModelSpec(model.train(), layer="features")
     """
 )
 
@@ -281,6 +302,8 @@ def test_explain_grayscale_and_custom_preprocessing(workdir: Path, capsys: pytes
 def test_one_framework_prints_no_difference_column(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["demo", "--backend", "torch", "--method", "gradcam", "--rows", "2", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
+    # What the picture shows, truly: two of the 48 canvases.
+    assert "the first 2 of the 48 held-out canvases" in out
     assert "difference" not in out and "agree across frameworks" not in out
     assert re.search(r"^\| gradcam \| \d+\.\d% \|$", out, re.MULTILINE)
     assert (tmp_path / "demo.png").stat().st_size > 10_000
@@ -295,3 +318,183 @@ def test_without_matplotlib_the_demo_still_exits_0_after_its_table(
     assert "| gradcam |" in out
     assert "no picture" in out and "anycam[viz]" in out
     assert not (tmp_path / "demo.png").exists()
+
+
+def _read(path: Path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+def test_16_bit_and_float_images_give_the_overlay_of_their_8_bit_copy(
+    workdir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rng = np.random.default_rng(1)
+    deep = rng.integers(0, 65536, (20, 24), dtype=np.uint16)
+    Image.fromarray(deep).save("deep.png")
+    assert Image.open("deep.png").mode.startswith("I")  # Pillow's 16-bit mode, which convert() clips
+    # The 8-bit copies, by plain NumPy: 65535 / 255 = 257 per step.
+    Image.fromarray(np.rint(deep / 257.0).astype(np.uint8)).save("deep8.png")
+    exact = rng.integers(0, 256, (20, 24), dtype=np.uint8)
+    Image.fromarray(exact.astype(np.uint16) * 257).save("exact.png")
+    Image.fromarray(exact).save("exact8.png")
+    intensities = rng.random((20, 24)).astype(np.float32)
+    Image.fromarray(intensities).save("float.tif")
+    assert Image.open("float.tif").mode == "F"
+    Image.fromarray(np.rint(intensities.astype(np.float64) * 255.0).astype(np.uint8)).save("float8.png")
+    images = ["deep.png", "deep8.png", "exact.png", "exact8.png", "float.tif", "float8.png"]
+    assert main(["explain", *images, "--model", "my_models:spec", "--out", "maps"]) == 0
+    out = capsys.readouterr().out
+    for wide, narrow in (("deep", "deep8"), ("exact", "exact8"), ("float", "float8")):
+        # The model sees the same pixels: the same top classes and the same overlay, exactly.
+        classes = {name: re.search(rf"{name}\.\w+\n  top classes: (.*)\n", out).group(1) for name in (wide, narrow)}
+        assert classes[wide] == classes[narrow]
+        written = _read(workdir / "maps" / f"{wide}_gradcam.png")
+        np.testing.assert_array_equal(written, _read(workdir / "maps" / f"{narrow}_gradcam.png"))
+    assert len(np.unique(_read(workdir / "maps" / "deep_gradcam.png"))) > 100  # not a saturated picture
+
+
+def test_images_that_share_a_file_name_never_overwrite_each_other(
+    workdir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    shapes = {"one/x.png": (20, 24), "two/x.png": (9, 13), "x-1.png": (12, 10), "three/x.jpg": (7, 11)}
+    for name, shape in shapes.items():
+        (workdir / name).parent.mkdir(exist_ok=True)
+        Image.fromarray(np.full((*shape, 3), 128, dtype=np.uint8)).save(workdir / name)
+    assert main(["explain", *shapes, "--model", "my_models:spec", "--out", "maps"]) == 0
+    out = capsys.readouterr().out
+    reported = re.findall(r"gradcam, class [^:]*: (\S+)", out)
+    assert len(reported) == len(set(reported)) == len(shapes)
+    assert len(list((workdir / "maps").iterdir())) == len(shapes)
+    # Each reported overlay is its own image's: the blocks name the image, then its file.
+    for name, shape in shapes.items():
+        path = re.search(rf"{re.escape(name)}\n  top classes: .*\n  gradcam, class [^:]*: (\S+)", out).group(1)
+        assert _read(workdir / path).shape == (*shape, 3)
+
+
+def test_bad_inputs_are_one_line_with_exit_2(
+    workdir: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (workdir / "a_file").write_text("")
+    (workdir / "folder.png").mkdir()
+    Image.fromarray(np.full((4, 4), 3.0, dtype=np.float32)).save(workdir / "hdr.tif")
+    cases = [
+        (["a.png", "--out", "a_file"], "--out 'a_file' is a file, not a folder"),
+        (["a.png", "--out", "a_file/maps"], "--out 'a_file/maps': cannot create the folder"),
+        (["hdr.tif"], "float image with values in [3, 3]"),
+        (["folder.png"], "image 'folder.png' is a folder"),
+    ]
+    for arguments, message in cases:
+        assert main(["explain", *arguments, "--model", "my_models:spec"]) == 2, arguments
+        captured = capsys.readouterr()
+        assert captured.err.startswith("anycam explain: ") and captured.err.count("\n") == 1, captured.err
+        assert message in captured.err
+    import PIL.Image
+
+    # A decompression bomb: more than twice Pillow's pixel limit (lowered here to keep the file small).
+    monkeypatch.setattr(PIL.Image, "MAX_IMAGE_PIXELS", 100)
+    assert main(["explain", "a.png", "--model", "my_models:spec"]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("anycam explain: image 'a.png' is too large for Pillow") and error.count("\n") == 1
+    assert "MAX_IMAGE_PIXELS" in error
+
+
+def test_method_all_writes_what_can_run_and_names_what_was_skipped(
+    workdir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # 96 x 96 positions at `features`: over KPCA-CAM's limit of 8,192; every other method runs.
+    assert 96 * 96 > anycam.core.methods.KPCA_MAX_POSITIONS
+    assert main(["explain", "a.png", "--model", "my_models:big", "--method", "all", "--out", "all"]) == 0
+    captured = capsys.readouterr()
+    others = [method for method in anycam.core.METHODS if method != "kpcacam"]
+    assert sorted(path.name for path in (workdir / "all").iterdir()) == sorted(f"a_{m}.png" for m in others)
+    assert f"wrote {len(others)} overlay(s) to all" in captured.out
+    skipped = [line for line in captured.err.splitlines() if "skipped" in line]
+    assert len(skipped) == 1 and skipped[0].startswith("anycam explain: skipped kpcacam: ")
+    assert "8192" in skipped[0].replace(",", "")
+    # Nothing written: exit 2 and the reason, on one line.
+    assert main(["explain", "a.png", "--model", "my_models:big", "--method", "kpcacam", "--out", "none"]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("anycam explain: ") and error.count("\n") == 1 and "8192" in error.replace(",", "")
+    assert not list((workdir / "none").iterdir())
+    # A method that fails on some images only: written for the others, and the skipped images named.
+    Image.fromarray(np.random.default_rng(4).integers(0, 256, (100, 100, 3), dtype=np.uint8)).save("wide.png")
+    arguments = ["a.png", "wide.png", "--method", "kpcacam", "--method", "gradcam", "--out", "some"]
+    assert main(["explain", *arguments, "--model", "my_models:as_is"]) == 0
+    captured = capsys.readouterr()
+    written = sorted(path.name for path in (workdir / "some").iterdir())
+    assert written == ["a_gradcam.png", "a_kpcacam.png", "wide_gradcam.png"]
+    assert captured.err.startswith("anycam explain: skipped kpcacam for wide.png: ") and captured.err.count("\n") == 1
+
+
+def test_several_images_print_one_block_each(workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    arguments = ["a.png", "b.png", "--method", "gradcam", "--method", "layercam"]
+    assert main(["explain", *arguments, "--model", "my_models:spec", "--out", "maps"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    # Both images go through the model in one batch; the output still reads image by image.
+    start = lines.index("a.png")
+    block_a, block_b = lines[start : start + 5], lines[start + 5 : start + 9]
+    assert block_a[1].startswith("  top classes: ") and block_a[4] == ""
+    assert block_a[2].endswith("maps/a_gradcam.png") and block_a[3].endswith("maps/a_layercam.png")
+    assert block_b[0] == "b.png" and block_b[1].startswith("  top classes: ")
+    assert block_b[2].endswith("maps/b_gradcam.png") and block_b[3].endswith("maps/b_layercam.png")
+
+
+def test_warnings_print_as_one_readable_line(workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["explain", "a.png", "--model", "my_models:training", "--out", "maps"]) == 0
+    error = capsys.readouterr().err
+    warned = [line for line in error.splitlines() if "TrainingModeWarning" in line]
+    assert warned, error
+    for line in warned:
+        assert line.startswith("anycam explain: warning: ") and line.endswith("(TrainingModeWarning)")
+    # Not Python's format: no file:line, no source line of the console script.
+    assert "sys.exit" not in error and ".py:" not in error and "warnings.warn" not in error
+
+
+def test_a_bare_model_says_what_it_assumes_and_shrinks_large_photos(
+    workdir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import my_models
+
+    photo = np.random.default_rng(2).integers(0, 256, (300, 400, 3), dtype=np.uint8)
+    Image.fromarray(photo).save("photo.png")
+    assert main(["explain", "photo.png", "--model", "my_models:tiny", "--out", "maps"]) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert "bare model" in first and "[0, 1]" in first and "224" in first and "ModelSpec(" in first
+    # The model saw the photo shrunk to a short side of 224 (300 x 400 -> 224 x 299), pixels / 255.
+    shrunk = Image.fromarray(photo).resize((round(400 * 224 / 300), 224), Image.Resampling.BILINEAR)
+    x = torch.from_numpy((np.asarray(shrunk, dtype=np.float32) / 255.0).transpose(2, 0, 1)[None].copy())
+    model = my_models.tiny()
+    with torch.no_grad():
+        best = int(model(x)[0].argmax())
+    expected = anycam.overlay(photo, reference_heatmap(model, x, best).astype(np.float32))
+    difference = np.abs(_read(workdir / "maps" / "photo_gradcam.png").astype(int) - expected.astype(int))
+    # Float rounding can move a heat value across one of the colormap's 256 entries: a colour
+    # step of at most alpha * 255 * (largest jump between neighbouring jet entries), rarely.
+    import matplotlib
+
+    table = matplotlib.colormaps["jet"](np.linspace(0.0, 1.0, 256))[:, :3]
+    one_entry = int(np.ceil(0.5 * 255 * np.abs(np.diff(table, axis=0)).max()))
+    assert difference.max() <= one_entry and (difference > 1).mean() < 1e-4
+
+
+def test_an_absurd_size_the_factory_did_not_ask_for_is_refused_with_the_fix(
+    workdir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    side = 2049  # one pixel more than 2048 per side: over the 2048 x 2048 fed unasked
+    Image.fromarray(np.zeros((side, side, 3), dtype=np.uint8)).save("huge.png")
+    assert main(["explain", "huge.png", "--model", "my_models:full_size", "--out", "maps"]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("anycam explain: image 'huge.png' is 2049 x 2049 pixels")
+    assert "ModelSpec(model, size=(224, 224)" in error and error.count("\n") == 1
+    # The same picture with a size asked for runs.
+    assert main(["explain", "huge.png", "--model", "my_models:spec", "--out", "maps"]) == 0
+
+
+def test_demo_bad_options_are_one_line_with_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "a_file").write_text("")
+    for arguments, message in (
+        (["--out", str(tmp_path / "a_file")], "is a file, not a folder"),
+        (["--rows", "0", "--out", str(tmp_path)], "--rows must be a positive integer, got 0"),
+    ):
+        assert main(["demo", "--backend", "torch", "--method", "gradcam", *arguments]) == 2
+        error = capsys.readouterr().err
+        assert error.startswith("anycam demo: ") and error.count("\n") == 1 and message in error

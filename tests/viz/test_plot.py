@@ -191,3 +191,41 @@ def test_sanity_figure_has_one_panel_per_method_and_one_curve_per_framework() ->
 
 def test_to_png_writes_png_bytes() -> None:
     assert to_png(plot_sanity(_sanity(2)))[:4] == b"\x89PNG"
+
+
+def test_the_demo_picture_is_readable_at_a_readme_width() -> None:
+    from anycam.cli.demo import PICTURE_DPI, demo_figure
+
+    rng = np.random.default_rng(3)
+    count = 4
+    demo = {
+        "images": rng.random((count, 1, 64, 64)).astype(np.float32),
+        "labels": np.arange(count),
+        "boxes": np.tile([10, 10, 30, 24], (count, 1)),
+    }
+    maps = {method: rng.random((count, 64, 64)).astype(np.float32) for method in anycam.core.METHODS}
+    figure = demo_figure(demo, maps, count, "torch backend, layer stage3")
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    figure.set_dpi(PICTURE_DPI)  # laid out as savefig lays it out
+    canvas = FigureCanvasAgg(figure)
+    canvas.draw()
+    renderer = canvas.get_renderer()
+    width = figure.get_size_inches()[0] * PICTURE_DPI
+    # The README shows the picture 800 pixels wide: every text at least 10 pixels tall there.
+    shrink = 800.0 / width
+    images = [axis for axis in figure.axes if axis.images]
+    bar = next(axis for axis in figure.axes if not axis.images and axis.get_ylabel() == "heatmap")
+    titles = [axis.title for axis in images if axis.get_title()]
+    texts = [*figure.texts, *titles, bar.yaxis.label, *bar.get_yticklabels(), *figure.legends[0].get_texts()]
+    assert len(titles) == 4 * (len(maps) + 1) and figure.texts  # every cell titled; the figure's title
+    for text in texts:
+        assert text.get_fontsize() * PICTURE_DPI / 72.0 * shrink >= 10.0, text
+    # No two titles overlap (long method names break at their hyphen).
+    boxes = [title.get_window_extent(renderer) for title in titles]
+    for index, first in enumerate(boxes):
+        for second in boxes[index + 1 :]:
+            assert not first.overlaps(second)
+    # The colorbar stands beside the maps: at most 40 README pixels between them.
+    maps_right = max(axis.get_window_extent(renderer).x1 for axis in images)
+    assert 0.0 <= (bar.get_window_extent(renderer).x0 - maps_right) * shrink <= 40.0

@@ -18,7 +18,9 @@ from typing import Any
 import numpy as np
 
 from .. import core
-from .._errors import MissingExtraError
+from .._errors import InputError, MissingExtraError
+from ..viz.overlay import install_hint
+from .explain import output_folder
 from .logs import quiet_native_logs
 
 BACKENDS = ("torch", "tensorflow", "jax")
@@ -36,11 +38,12 @@ def _choose_backends(requested: str) -> list[str]:
         if not available:
             raise SystemExit(
                 "anycam demo: no framework is installed; install one, e.g. "
-                'pip install "anycam[torch]" (or [tensorflow], [jax], [all])'
+                'pip install "anycam[torch]" (or [tensorflow], [jax], [all]; from a source checkout: '
+                'pip install ".[torch]")'
             )
         return available
     if requested not in available:
-        raise SystemExit(f'anycam demo: backend {requested!r} is not installed; pip install "anycam[{requested}]"')
+        raise SystemExit(f"anycam demo: backend {requested!r} is not installed; {install_hint(requested)}")
     return [requested]
 
 
@@ -90,8 +93,9 @@ def demo(args: argparse.Namespace) -> int:
 
     backends = _choose_backends(args.backend)
     methods = list(core.METHODS) if args.method == "all" else [args.method]
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    if args.rows < 1:
+        raise InputError(f"--rows must be a positive integer, got {args.rows}")
+    out = output_folder(args.out)
     print(f"anycam demo: backends {', '.join(backends)}; layer {args.layer!r}; methods {', '.join(methods)}")
     run = DemoRun(backends, args.layer)
     images, labels, boxes = run.demo["images"], run.demo["labels"], run.demo["boxes"]
@@ -125,27 +129,47 @@ def demo(args: argparse.Namespace) -> int:
     source = f"{backends[0]} backend, layer {args.layer}"
     written = _write_picture(out / "demo.png", run.demo, shown, args.rows, source)
     if written is not None:
-        print(f"\nwrote {written}  (a row per held-out canvas: the image, then one overlay per method)")
+        count = min(args.rows, len(images))
+        print(
+            f"\nwrote {written}: the first {count} of the {len(images)} held-out canvases (--rows sets how many), "
+            "each the image, then one overlay per method"
+        )
     return 0
+
+
+# The picture is saved at this resolution; the README shows it about 800 pixels wide.
+PICTURE_DPI = 120
+
+
+def demo_figure(demo: dict[str, Any], maps: dict[str, np.ndarray], rows: int, source: str) -> Any:
+    """Returns the demo's figure: the first ``rows`` canvases, each the image then one overlay per method.
+
+    Raises:
+        anycam.MissingExtraError: matplotlib is not installed.
+    """
+    from ..viz.figures import plot
+
+    count = min(rows, len(demo["images"]))
+    return plot(
+        demo["images"][:count, 0],
+        {method: heat[:count] for method, heat in maps.items()},
+        labels=[f"digit {label}" for label in demo["labels"][:count]],
+        boxes=demo["boxes"][:count],
+        title=f"anycam demo: held-out canvases, true box in green; maps from the {source}",
+        # Eight cells to a row, 1.3 inches and 12-point text each: the picture stays readable
+        # scaled down to a README's width (about 800 pixels), its colorbar beside the maps.
+        max_columns=8,
+        cell_inches=1.3,
+        fontsize=12,
+    )
 
 
 def _write_picture(
     path: Path, demo: dict[str, Any], maps: dict[str, np.ndarray], rows: int, source: str
 ) -> Path | None:
     """Writes the demo figure; without matplotlib says what the picture needs and returns None."""
-    from ..viz.figures import plot
-
-    count = min(rows, len(demo["images"]))
     try:
-        figure = plot(
-            demo["images"][:count, 0],
-            {method: heat[:count] for method, heat in maps.items()},
-            labels=[f"digit {label}" for label in demo["labels"][:count]],
-            boxes=demo["boxes"][:count],
-            title=f"anycam demo: held-out canvases, true box in green; maps from the {source}",
-            max_columns=len(maps) + 1,
-        )
-        figure.savefig(path, dpi=110)
+        demo_figure(demo, maps, rows, source).savefig(path, dpi=PICTURE_DPI)
     except MissingExtraError as exc:
         # exc says which import failed and names the extra to install.
         print(f"\n(no picture: it needs matplotlib and Pillow: {exc})")

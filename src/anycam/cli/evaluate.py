@@ -5,13 +5,13 @@ method on the demo model, per installed framework (needs ``anycam[metrics]``).
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import numpy as np
 
 from .. import core
 from .._errors import require
 from .demo import DemoRun, _choose_backends, _inputs
+from .explain import output_folder
 
 
 def evaluate(args: argparse.Namespace) -> int:
@@ -22,8 +22,7 @@ def evaluate(args: argparse.Namespace) -> int:
     require("scipy", "metrics", "anycam evaluate")  # before minutes of work, not after
     backends = _choose_backends(args.backend)
     methods = list(core.METHODS) if args.method == "all" else [args.method]
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_folder(args.out)
     print(f"anycam evaluate: backends {', '.join(backends)}; layer {args.layer!r}; {args.count} canvases")
     run = DemoRun(backends, args.layer)
     images = run.demo["images"][: args.count]

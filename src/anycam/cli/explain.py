@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -13,9 +14,10 @@ from typing import Any
 import numpy as np
 
 from .. import core
-from .._errors import InputError, TargetError, closest
+from .._errors import AnycamError, InputError, TargetError, closest
+from .images import BARE_SHORT_SIDE, bare_size, check_unasked_size, known_input_size
 from .logs import quiet_native_logs
-from .models import FactoryError, default_preprocess, load_factory, model_spec, read_image
+from .models import FactoryError, ModelSpec, default_preprocess, load_factory, model_spec, read_image
 
 
 def parse_target(text: str | None, labels: Sequence[str] | None, count: int) -> Any:
@@ -62,18 +64,84 @@ def _top_classes(scores: np.ndarray, count: int, labels: Sequence[str] | None) -
     )
 
 
-def _output_names(paths: Sequence[str]) -> list[str]:
-    """Returns one file stem per image, numbered where two images share one."""
+def _unique_stems(paths: Sequence[str]) -> list[str]:
+    """Returns one file stem per image, none equal to another (also ignoring case).
+
+    Images that share a stem (``a/x.png``, ``b/x.png``, ``x.jpg``) are numbered ``x-1``, ``x-2``,
+    … skipping any number another image's own stem already takes, so no overlay overwrites another.
+    """
     stems = [Path(path).stem for path in paths]
-    return [stem if stems.count(stem) == 1 else f"{stem}-{index}" for index, stem in enumerate(stems)]
+    counts: dict[str, int] = {}
+    for stem in stems:
+        counts[stem.casefold()] = counts.get(stem.casefold(), 0) + 1
+    taken = {stem.casefold() for stem in stems if counts[stem.casefold()] == 1}
+    names = []
+    for stem in stems:
+        if counts[stem.casefold()] == 1:
+            names.append(stem)
+            continue
+        number = 1
+        while f"{stem}-{number}".casefold() in taken:
+            number += 1
+        taken.add(f"{stem}-{number}".casefold())
+        names.append(f"{stem}-{number}")
+    return names
+
+
+def output_folder(text: str) -> Path:
+    """Returns the ``--out`` folder, created.
+
+    Raises:
+        InputError: the path is a file, or the folder cannot be created (a file on the way,
+            no permission), in one line.
+    """
+    out = Path(text)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {text!r} is a file, not a folder; name a folder for the overlays")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"--out {text!r}: cannot create the folder ({exc.strerror or exc})") from exc
+    return out
+
+
+def _model_inputs(
+    spec: ModelSpec, bare: bool, images: list[np.ndarray], paths: Sequence[str], layout: str
+) -> tuple[list[np.ndarray], str | None]:
+    """Returns each image as the model's input, and for a bare model the line that says what was assumed."""
+    if spec.preprocess is not None:
+        return [np.asarray(spec.preprocess(image)) for image in images], None
+    if not bare:
+        if spec.size is None:
+            for path, image in zip(paths, images, strict=True):
+                check_unasked_size(path, image.shape)
+        return [default_preprocess(image, spec, layout) for image in images], None
+    known = known_input_size(spec.model, layout)
+    sizes = [bare_size(image.shape, known) for image in images]
+    inputs = [default_preprocess(image, spec, layout, size) for image, size in zip(images, sizes, strict=True)]
+    if known is not None:
+        how = f"resized to {known[0]} x {known[1]}, the model's input size"
+    else:
+        how = f"images with a short side over {BARE_SHORT_SIDE} px shrunk to {BARE_SHORT_SIDE} (aspect kept)"
+    assumed = (
+        f"anycam explain: the factory returned a bare model, so pixels are scaled to [0, 1] with no mean/std and "
+        f"{how}; to change this return anycam.cli.ModelSpec(model, size=(H, W), mean=..., std=...)"
+    )
+    return inputs, assumed
 
 
 def explain_command(args: argparse.Namespace) -> int:
-    """Runs ``anycam explain``; returns the exit status."""
+    """Runs ``anycam explain``; returns the exit status (2 when nothing could be written)."""
     from ..explain.explainer import Explainer
     from ..viz.overlay import overlay, save
 
     reference = args.model
+    for name, value in (("--top", args.top), ("--batch-size", args.batch_size)):
+        if value < 1:
+            raise InputError(f"{name} must be a positive integer, got {value}")
+    if not 0.0 <= args.alpha <= 1.0:
+        raise InputError(f"--alpha must lie in [0, 1], got {args.alpha}")
+    out = output_folder(args.out)
     # The factory usually imports its framework: that is when TensorFlow writes its C++ log.
     with quiet_native_logs():
         factory = load_factory(reference)
@@ -82,33 +150,33 @@ def explain_command(args: argparse.Namespace) -> int:
         except Exception as exc:  # the user's factory may raise anything
             raise FactoryError(f"the factory {reference!r} raised {type(exc).__name__}: {exc}") from exc
     spec = model_spec(built, f"the factory {reference!r}")
+    bare = not isinstance(built, (ModelSpec, dict))
     # Neither --layer nor the spec's layer: None, the Explainer's automatic rule (and the only
     # layer a JAX (features, head) pair accepts: it is already cut at its layer).
     layer = args.layer if args.layer is not None else spec.layer
     chosen = args.method or ["gradcam"]
     methods = list(core.METHODS) if "all" in chosen else list(dict.fromkeys(chosen))
-    for name, value in (("--top", args.top), ("--batch-size", args.batch_size)):
-        if value < 1:
-            raise InputError(f"{name} must be a positive integer, got {value}")
-    if not 0.0 <= args.alpha <= 1.0:
-        raise InputError(f"--alpha must lie in [0, 1], got {args.alpha}")
-    explainers = {
-        method: Explainer(spec.model, layer, method=method, backend=spec.backend, **spec.options) for method in methods
-    }
-    first = explainers[methods[0]]
+    skipped: dict[str, AnycamError] = {}
+    missed: dict[str, list[str]] = {}  # the images a method skipped where it ran on others
+    explainers: dict[str, Any] = {}
+    for method in methods:
+        try:
+            explainers[method] = Explainer(spec.model, layer, method=method, backend=spec.backend, **spec.options)
+        except AnycamError as exc:
+            skipped[method] = exc
+    if not explainers:
+        raise _nothing_ran(skipped)
+    first = next(iter(explainers.values()))
     layout = first.backend.input_layout
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     images = [read_image(path, spec.channels) for path in args.images]
-    inputs = [
-        np.asarray(spec.preprocess(image)) if spec.preprocess is not None else default_preprocess(image, spec, layout)
-        for image in images
-    ]
-    names = _output_names(args.images)
-    # The automatic layer is resolved on the first forward pass; say which it was after that one.
-    unresolved = not first.layer_names
+    inputs, assumed = _model_inputs(spec, bare, images, args.images, layout)
+    if assumed is not None:
+        print(assumed)
+    names = _unique_stems(args.images)
     layer_text = ", ".join(first.layer_names) or "auto"
     print(f"anycam explain: {len(images)} image(s); layer {layer_text}; {', '.join(methods)}")
+    # The automatic layer is resolved on the first forward pass; say which it was after that one.
+    unresolved = not first.layer_names
     written = 0
     # Images of one input shape go through the model together, batch_size at a time.
     groups: dict[tuple[int, ...], list[int]] = {}
@@ -117,36 +185,67 @@ def explain_command(args: argparse.Namespace) -> int:
     chunks = [
         group[i : i + args.batch_size] for group in groups.values() for i in range(0, len(group), args.batch_size)
     ]
-    for chunk in chunks:
+    for chunk in sorted(chunks):
         batch = np.stack([inputs[i] for i in chunk])
         target = parse_target(args.target, spec.labels, len(chunk)) if args.target is not None else spec.target
         outputs = np.asarray(first.backend.predict(batch), dtype=np.float64)
+        explanations = {}
+        for method, explainer in explainers.items():
+            try:
+                explanations[method] = explainer.explain(batch, target)
+            except AnycamError as exc:  # one method's limit must not stop the others
+                skipped.setdefault(method, exc)
+                missed.setdefault(method, []).extend(args.images[i] for i in chunk)
+                continue
+            layer_used = explanations[method].layer
+            if unresolved and layer_used:
+                unresolved = False
+                print(f"layer auto chose {layer_used if isinstance(layer_used, str) else ', '.join(layer_used)}")
+        # One block per image: its top classes, then every overlay written for it.
         for row, index in enumerate(chunk):
             print(f"\n{args.images[index]}")
             if outputs.ndim == 2:
                 print(f"  top classes: {_top_classes(outputs[row], args.top, spec.labels)}")
             else:
                 print(f"  the model's output has shape {outputs.shape[1:]} per image, not (classes,): no top classes")
-        for method in methods:
-            explanation = explainers[method].explain(batch, target)
-            if unresolved:
-                unresolved = False
-                picked = explanation.layer if isinstance(explanation.layer, str) else ", ".join(explanation.layer)
-                print(f"  layer auto chose {picked}")
-            several = explanation.scores.ndim == 2
-            for row, index in enumerate(chunk):
+            for method, explanation in explanations.items():
+                several = explanation.scores.ndim == 2
                 maps = explanation.heatmap[row] if several else explanation.heatmap[row][None]
                 classes = None if explanation.target is None else np.atleast_1d(explanation.target[row])
                 for column, heatmap in enumerate(maps):
                     label = None if classes is None else int(classes[column])
                     suffix = "" if not several else f"_{label if label is not None else column}"
                     path = out / f"{names[index]}_{method}{suffix}.png"
-                    save(path, overlay(images[index], heatmap, alpha=args.alpha))
+                    try:
+                        save(path, overlay(images[index], heatmap, alpha=args.alpha))
+                    except OSError as exc:
+                        raise InputError(f"cannot write {str(path)!r} ({exc.strerror or exc})") from exc
                     written += 1
                     what = "" if label is None else f", class {_class_name(label, spec.labels)}"
                     print(f"  {method}{what}: {path}")
+    if written == 0 and skipped:
+        raise _nothing_ran(skipped)
     print(f"\nwrote {written} overlay(s) to {out}")
-    return 0
+    for method, error in skipped.items():
+        images_missed = missed.get(method, args.images)
+        which = "" if len(images_missed) == len(args.images) else f" for {', '.join(images_missed)}"
+        print(f"anycam explain: skipped {method}{which}: {_one_line(error)}", file=sys.stderr)
+    return 0 if written else 2
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
+
+
+def _nothing_ran(skipped: dict[str, AnycamError]) -> AnycamError:
+    """Returns the error to raise when no method could run: the one error, or all methods' reasons."""
+    if len(skipped) == 1:
+        return next(iter(skipped.values()))
+    by_reason: dict[str, list[str]] = {}
+    for method, exc in skipped.items():
+        by_reason.setdefault(_one_line(exc), []).append(method)
+    reasons = "; ".join(f"{', '.join(methods)}: {reason}" for reason, methods in by_reason.items())
+    return AnycamError(f"no method could run, nothing was written ({reasons})")
 
 
 def add_explain_parser(commands: Any) -> None:
@@ -200,4 +299,4 @@ def add_explain_parser(commands: Any) -> None:
     )
 
 
-__all__ = ["add_explain_parser", "explain_command", "parse_target"]
+__all__ = ["add_explain_parser", "explain_command", "output_folder", "parse_target"]

@@ -10,7 +10,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from .. import core
 from .._errors import AnycamError
@@ -47,7 +49,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             "--layer", default="stage3", help="layer to explain (default: stage3, the last conv stage)"
         )
         command.add_argument("--out", default="anycam-demo", help="folder for the PNG output (default: ./anycam-demo)")
-    commands.choices["demo"].add_argument("--rows", type=int, default=6, help="canvases in the picture (default: 6)")
+    commands.choices["demo"].add_argument(
+        "--rows", type=int, default=4, help="held-out canvases shown in the picture (default: 4)"
+    )
     commands.choices["evaluate"].add_argument(
         "--count", type=int, default=16, help="canvases to evaluate (default: 16)"
     )
@@ -57,9 +61,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_explain_parser(commands)
     args = parser.parse_args(argv)
     run = {"demo": demo, "evaluate": evaluate, "explain": explain_command}[args.command]
-    try:
-        return run(args)
-    except AnycamError as exc:
-        print(f"anycam {args.command}: {exc}", file=sys.stderr)
-        return 2
+    with warnings.catch_warnings():
+        warnings.showwarning = _one_line_warnings(f"anycam {args.command}")
+        try:
+            return run(args)
+        except AnycamError as exc:
+            print(f"anycam {args.command}: {exc}", file=sys.stderr)
+            return 2
 
+
+def _one_line_warnings(prefix: str) -> Callable[..., None]:
+    """Returns a ``warnings.showwarning`` that prints ``PREFIX: warning: MESSAGE (Category)`` on one line.
+
+    Python's own format names the file and source line that warned: on a command line that is the
+    console script's ``sys.exit(main())``, which tells the user nothing.
+    """
+
+    def show(message: Warning | str, category: type[Warning], *_: Any, **__: Any) -> None:
+        text = " ".join(str(message).split())
+        print(f"{prefix}: warning: {text} ({category.__name__})", file=sys.stderr)
+
+    return show

@@ -33,7 +33,8 @@ from typing import Any
 
 import numpy as np
 
-from .._errors import AnycamError, InputError, closest, require
+from .._errors import AnycamError, closest
+from .images import default_preprocess, read_image
 
 
 class FactoryError(AnycamError, ValueError):
@@ -52,7 +53,11 @@ class ModelSpec:
             ``channels=1`` — to one model input without the batch axis (e.g. float32
             ``(3, 224, 224)``). When given, ``size``, ``mean`` and ``std`` are not used.
         size: ``(height, width)`` the default preprocessing resizes every image to (Pillow,
-            bilinear); None keeps each image's size.
+            bilinear); None keeps each image's size, up to 2048 x 2048 pixels (a larger image is
+            refused: give the size your model was trained at). A factory that returns a bare
+            model instead of a ``ModelSpec`` gets a Keras model's declared input size, else
+            images shrunk to a short side of 224, pixels scaled to [0, 1] with no mean/std (the
+            command's first line says so).
         mean, std: per-channel values on the [0, 1] scale; the default preprocessing computes
             ``(pixels / 255 − mean) / std``.
         channels: 3 (RGB) or 1 (grayscale).
@@ -170,48 +175,6 @@ def model_spec(result: Any, reference: str = "the factory") -> ModelSpec:
                 "anycam.cli.ModelSpec(model, backend='jax') for a (features, head) pair of functions"
             ) from exc
     return spec
-
-
-def read_image(path: str | Path, channels: int = 3) -> np.ndarray:
-    """Returns the image at ``path`` as uint8 ``(H, W, 3)`` RGB (``(H, W)`` for ``channels=1``).
-
-    EXIF orientation is applied, as a photo viewer shows it.
-
-    Raises:
-        InputError: a file that is missing or that Pillow cannot read.
-        anycam.MissingExtraError: Pillow is not installed.
-    """
-    image_module = require("PIL.Image", "viz", "reading images")
-    ops = require("PIL.ImageOps", "viz", "reading images")
-    try:
-        with image_module.open(path) as opened:
-            picture = ops.exif_transpose(opened).convert("RGB" if channels == 3 else "L")
-    except FileNotFoundError as exc:
-        raise InputError(f"image {str(path)!r} does not exist") from exc
-    except (OSError, ValueError) as exc:  # Pillow's UnidentifiedImageError is an OSError
-        raise InputError(
-            f"cannot read image {str(path)!r} ({exc}); give a PNG, JPEG or another format Pillow reads"
-        ) from exc
-    return np.asarray(picture, dtype=np.uint8)
-
-
-def default_preprocess(image: np.ndarray, spec: ModelSpec, layout: str) -> np.ndarray:
-    """Returns float32 ``(pixels / 255 − mean) / std`` at ``spec.size``, in ``layout``, no batch axis."""
-    if spec.size is not None:
-        image_module = require("PIL.Image", "viz", "resizing images")
-        height, width = (int(v) for v in spec.size)
-        resized = image_module.fromarray(image).resize((width, height), image_module.Resampling.BILINEAR)
-        image = np.asarray(resized)
-    pixels: np.ndarray = image.astype(np.float32) / 255.0
-    if pixels.ndim == 2:
-        pixels = pixels[..., None]
-    if spec.mean is not None:
-        pixels = pixels - np.asarray(spec.mean, dtype=np.float32)
-    if spec.std is not None:
-        pixels = pixels / np.asarray(spec.std, dtype=np.float32)
-    if layout == "channels_first":
-        pixels = pixels.transpose(2, 0, 1)
-    return np.ascontiguousarray(pixels, dtype=np.float32)
 
 
 __all__ = ["FactoryError", "ModelSpec", "default_preprocess", "load_factory", "model_spec", "read_image"]

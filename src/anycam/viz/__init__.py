@@ -7,6 +7,17 @@ from __future__ import annotations
 
 from .._errors import MissingExtraError
 from .figures import plot, plot_sanity, to_png
+from .notebook import FigureShowError
 from .overlay import draw_box, grid, overlay, save
 
-__all__ = ["MissingExtraError", "draw_box", "grid", "overlay", "plot", "plot_sanity", "save", "to_png"]
+__all__ = [
+    "FigureShowError",
+    "MissingExtraError",
+    "draw_box",
+    "grid",
+    "overlay",
+    "plot",
+    "plot_sanity",
+    "save",
+    "to_png",
+]

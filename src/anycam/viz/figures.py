@@ -3,6 +3,7 @@
 matplotlib is imported only when a figure is made (``pip install "anycam[viz]"``). Figures are
 built on ``matplotlib.figure.Figure`` directly, not through ``pyplot``: nothing is registered
 globally, so a loop that makes a thousand figures holds none of them, and no display is needed.
+They are ``anycam.viz.notebook.NotebookFigure`` objects, which display in Jupyter as returned.
 """
 
 from __future__ import annotations
@@ -14,20 +15,23 @@ from typing import Any
 import numpy as np
 
 from .._errors import InputError, MissingExtraError
-from .overlay import as_rgb_float, lookup_colormap, overlay
+from .overlay import as_rgb_float, install_hint, lookup_colormap, overlay
 
-_EXTRA = 'pip install "anycam[viz]"'
 # A figure wider than this no longer fits a notebook cell or a README column.
 _MAX_WIDTH_INCHES = 16.0
 _MAX_HEIGHT_INCHES = 30.0
 
 
 def _figure_class() -> Any:
+    """Returns ``NotebookFigure``: a ``Figure`` that displays in a notebook without pyplot."""
     try:
-        from matplotlib.figure import Figure
+        # Checked on every call: the module below may be imported already while matplotlib is gone.
+        import matplotlib.figure  # noqa: F401
+
+        from .notebook import figure_class
     except ImportError as exc:
-        raise MissingExtraError(f"figures need matplotlib ({exc}); {_EXTRA}") from exc
-    return Figure
+        raise MissingExtraError(f"figures need matplotlib ({exc}); {install_hint('viz')}") from exc
+    return figure_class()
 
 
 def _column_maps(maps: Any) -> list[tuple[str, np.ndarray, np.ndarray | None]]:
@@ -114,6 +118,8 @@ def plot(
     alpha: float = 0.5,
     max_columns: int = 12,
     colorbar: bool = True,
+    cell_inches: float | None = None,
+    fontsize: float | None = None,
 ) -> Any:
     """Returns a matplotlib ``Figure``: each image, then its heatmaps as overlays, in titled columns.
 
@@ -136,10 +142,15 @@ def plot(
         colormap: matplotlib colormap of the heatmaps.
         alpha: weight of the colour in the overlays (heatmaps alone are drawn fully coloured).
         max_columns: most cells per figure row.
-        colorbar: draw the colour scale of the heatmaps (0 to 1).
+        colorbar: draw the colour scale of the heatmaps (0 to 1), beside the maps.
+        cell_inches: the width of one cell (default: up to 2 inches, less where the figure would
+            grow past 16 inches wide or 30 inches tall).
+        fontsize: the text size in points (default: in proportion to the cell, 5 to 9). Titles
+            wider than their cell break at a hyphen or space.
 
     Returns:
-        ``matplotlib.figure.Figure`` (save with ``fig.savefig(path)``).
+        a ``matplotlib.figure.Figure`` (save with ``fig.savefig(path)``; in a notebook it displays
+        as the cell's value, and ``fig.show()`` displays it too).
 
     Raises:
         InputError: for maps that are not 2-D, mismatched counts, or bad boxes/labels.
@@ -157,6 +168,9 @@ def plot(
             raise InputError(f"boxes must be (N, 4) = ({count}, 4) (row0, col0, row1, col1), got {box_array.shape}")
     if isinstance(max_columns, bool) or not isinstance(max_columns, int) or max_columns < 1:
         raise InputError(f"max_columns must be a positive integer, got {max_columns!r}")
+    for option, value in (("cell_inches", cell_inches), ("fontsize", fontsize)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
+            raise InputError(f"{option} must be a positive number, got {value!r}")
     cmap = lookup_colormap(colormap)
     figure_class = _figure_class()
 
@@ -173,14 +187,19 @@ def plot(
             return sample // per_row, (sample % per_row) * cells + index
         return sample * math.ceil(cells / max_columns) + index // max_columns, index % max_columns
 
-    cell = min(2.0, _MAX_WIDTH_INCHES / grid_cols, _MAX_HEIGHT_INCHES / (1.25 * grid_rows))
+    if cell_inches is None:
+        cell = min(2.0, _MAX_WIDTH_INCHES / grid_cols, _MAX_HEIGHT_INCHES / (1.25 * grid_rows))
+    else:
+        cell = float(cell_inches)
     width = cell * grid_cols + (0.9 if colorbar else 0.2)
     height = 1.25 * cell * grid_rows + (0.5 if title else 0.1) + (0.3 if box_array is not None else 0.0)
-    figure = figure_class(figsize=(width, height), layout="constrained")
+    # "compressed" packs fixed-aspect images without the gaps "constrained" leaves around them,
+    # so the colorbar stands beside the maps rather than at the figure's far edge.
+    figure = figure_class(figsize=(width, height), layout="compressed")
     axes = figure.subplots(grid_rows, grid_cols, squeeze=False)
     for axis in axes.flat:
         axis.set_axis_off()
-    font = max(5.0, min(9.0, 5.0 * cell))
+    font = max(5.0, min(9.0, 5.0 * cell)) if fontsize is None else float(fontsize)
 
     for sample in range(count):
         entries: list[tuple[str, np.ndarray | None, str]] = []
@@ -205,7 +224,7 @@ def plot(
                 _draw_box(axis, box_array[sample])
             # Column titles head the first row; wrapped samples name every cell.
             header = name if (row == 0 or cells > max_columns) and name != "image" else ""
-            text = "\n".join(part for part in (header, caption) if part)
+            text = "\n".join(_fit(part, cell, font) for part in (header, caption) if part)
             if text:
                 axis.set_title(text, fontsize=font)
 
@@ -225,6 +244,19 @@ def plot(
     if title:
         figure.suptitle(title, fontsize=font + 2)
     return figure
+
+
+def _fit(text: str, cell: float, font: float) -> str:
+    """Returns ``text`` broken at hyphens or spaces into lines that fit a cell ``cell`` inches wide."""
+    # An average glyph is about 0.6 em wide; a point is 1/72 inch.
+    per_line = max(4, int(cell * 72.0 / (0.6 * font)))
+    lines: list[str] = []
+    for word in text.replace("-", "-\0").replace(" ", " \0").split("\0"):
+        if lines and len(lines[-1]) + len(word.rstrip()) <= per_line:
+            lines[-1] += word
+        else:
+            lines.append(word)
+    return "\n".join(line.rstrip() for line in lines)
 
 
 def _draw_box(axis: Any, box: np.ndarray) -> None:

@@ -15,7 +15,13 @@ import numpy as np
 from .._errors import InputError, MissingExtraError, closest
 from ..core.resize import resize
 
-_EXTRA = 'pip install "anycam[viz]"'
+
+def install_hint(extra: str) -> str:
+    """Returns how to install an extra: from the package index, and from a source checkout."""
+    return f'pip install "anycam[{extra}]" (from a source checkout: pip install ".[{extra}]")'
+
+
+_EXTRA = install_hint("viz")
 
 
 def overlay(image: np.ndarray, heatmap: np.ndarray, colormap: str | Any = "jet", alpha: float = 0.5) -> np.ndarray:
