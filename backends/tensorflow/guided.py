@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import tensorflow as tf
 
-from anycam._errors import TargetError, user_stacklevel
+from anycam._errors import AnycamWarning, TargetError, user_stacklevel
 from anycam.core import TargetSpec, spatial_shape
 from anycam.protocol.backend import Capture, select_output
 
@@ -119,7 +119,8 @@ def guided_gradients(
     Raises:
         anycam.TargetError: for targets that do not fit the output.
     Warns:
-        UserWarning: no ReLU was found, so the result equals plain input gradients.
+        anycam.AnycamWarning: no ReLU was found, so the result equals plain input gradients, or
+            ReLUs ran where the guided rule cannot reach them.
     """
     x = as_input(backend, inputs)
     build(backend, x)
@@ -148,7 +149,7 @@ def guided_capture(backend: TensorFlowBackend, inputs: Any, target: TargetSpec) 
     the layer gradients by the ordinary rules, ``tf.gradients`` the guided input gradients.
 
     Warns:
-        UserWarning: no ReLU was found, so the guided gradients equal plain input gradients.
+        anycam.AnycamWarning: as :func:`guided_gradients`.
     """
     x = as_input(backend, inputs)
     build(backend, x)
@@ -227,7 +228,7 @@ def _guided_results(
             f"guided backpropagation: {nested} ReLU op(s) run inside a nested tf.function (or a "
             "tf.cond / tf.while_loop body) of the model and keep the ordinary ReLU gradient, so the "
             "result is only partly guided; remove the inner @tf.function to guide them too",
-            UserWarning,
+            AnycamWarning,
             stacklevel=user_stacklevel(),
         )
     elif direct == 0:
@@ -235,7 +236,7 @@ def _guided_results(
             "guided backpropagation found no ReLU op in the model (ReLU layers, "
             "activation='relu', keras.activations.relu, tf.nn.relu), so its result equals "
             "plain input gradients",
-            UserWarning,
+            AnycamWarning,
             stacklevel=user_stacklevel(),
         )
     return resolved_targets(scores, chosen, outputs, target, batch)
