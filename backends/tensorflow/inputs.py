@@ -8,6 +8,7 @@ heatmap's grid. A framework error of the forward pass becomes anycam's InputErro
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -16,7 +17,7 @@ import numpy as np
 import tensorflow as tf
 
 from anycam._errors import AnycamError, InputError
-from anycam.core import check_batch, forward_error, non_finite_input, spatial_shape
+from anycam.core import check_batch, forward_error, is_input_failure, non_finite_input, spatial_shape
 from anycam.protocol.inputs import Key, ModelInputs, structure_inputs
 
 from .layers import choose
@@ -129,10 +130,54 @@ def build(backend: TensorFlowBackend, inputs: Any) -> None:
         backend._built = True
 
 
-def run(backend: TensorFlowBackend, call: Callable[[], Any], structure: ModelInputs) -> Any:
-    """Runs ``call``; a framework error of the forward pass becomes an InputError (its cause).
+# Keras appends the call's arguments to an exception raised inside a layer ("Arguments received
+# by X.call(): x=tf.Tensor(shape=...)"), so every such message names a shape; only the text
+# before that part says what failed.
+_KERAS_ARGUMENTS = re.compile(r"\n\s*Arguments received by ", re.MULTILINE)
+# A tf.debugging assertion (or tf.Assert) of the model failed: its own check, never the input's shape.
+_ASSERTION = re.compile(r"assertion failed|\bAssert(Guard)?\b")
+# The layer whose call raised, as Keras names it.
+_RAISED_IN = re.compile(r"Exception encountered when calling (\w+)\.call\(\)")
+# What Keras says when a multi-input model does not take the structure given.
+_STRUCTURE = re.compile(
+    r"Missing data for input|named input\(s\)|expects \d+ input|input tensors|Input \d+ .* is incompatible|"
+    r"Invalid input shape",
+    re.IGNORECASE,
+)
 
-    Several inputs are left to ``naming_inputs``, which names the inputs given.
+
+def failure_text(exc: BaseException) -> str:
+    """Returns the message of a forward pass's exception without the arguments Keras appends."""
+    return _KERAS_ARGUMENTS.split(str(exc), maxsplit=1)[0]
+
+
+def _own(exc: BaseException) -> bool:
+    """Whether a forward pass's failure is the model's own (a raise in its code, a failed assertion).
+
+    A failed ``tf.debugging`` assertion is the model's; a built-in Keras layer refusing the tensor
+    it was given (Keras names it: "Exception encountered when calling Conv2D.call()") is a shape
+    or layout problem of the input; anything else is judged by its message, without the
+    arguments Keras appends (which always name a shape).
+    """
+    text = failure_text(exc)
+    if isinstance(exc, tf.errors.OpError) and _ASSERTION.search(text):
+        return True
+    raised_in = _RAISED_IN.search(text)
+    if raised_in is not None and isinstance(getattr(keras.layers, raised_in.group(1), None), type):
+        return False
+    return not is_input_failure(RuntimeError(text))
+
+
+def _note(exc: BaseException, structure: ModelInputs) -> None:
+    exc.add_note(f"anycam: raised by the model on the inputs {structure.describe()}")
+
+
+def run(backend: TensorFlowBackend, call: Callable[[], Any], structure: ModelInputs) -> Any:
+    """Runs ``call``; a failure the input's shape explains becomes an InputError (its cause).
+
+    A model's own exception (raised in its code, a failed ``tf.debugging`` assertion) keeps
+    its type, with a note naming the input. Several inputs are left to ``naming_inputs``,
+    which names the inputs given.
     """
     try:
         return call()
@@ -141,8 +186,15 @@ def run(backend: TensorFlowBackend, call: Callable[[], Any], structure: ModelInp
     except (ValueError, TypeError, IndexError, tf.errors.InvalidArgumentError) as exc:
         if structure.kind != "single":
             raise
-        error = forward_error(exc, tuple(structure.spatial_value.shape), backend.input_layout)
-        if error is None:  # the model's own exception: its type, with a note
+        if _own(exc):
+            _note(exc, structure)
+            raise
+        shape = tuple(structure.spatial_value.shape)
+        # The message without Keras's argument dump where that still reads as a shape failure; a
+        # built-in layer's refusal that names no shape word keeps the whole message.
+        error = forward_error(RuntimeError(failure_text(exc)), shape, backend.input_layout)
+        error = error or forward_error(exc, shape, backend.input_layout)
+        if error is None:  # pragma: no cover - Keras's argument dump always names a shape
             raise
         raise error from exc
 
@@ -158,13 +210,21 @@ def ready(backend: TensorFlowBackend, structure: ModelInputs) -> Any:
 
 @contextlib.contextmanager
 def naming_inputs(structure: ModelInputs) -> Iterator[None]:
-    """Wraps the model's refusal of several inputs (a missing or unknown key) with the inputs given."""
+    """Wraps the model's refusal of several inputs (a missing or unknown key, a wrong shape) with the inputs given.
+
+    A model's own exception keeps its type (with a note naming the inputs).
+    """
     try:
         yield
     except (ValueError, TypeError, KeyError) as exc:
         if structure.kind == "single" or isinstance(exc, AnycamError):
             raise
+        refused = isinstance(exc, KeyError) and structure.kind == "keyword"
+        if not refused and not _STRUCTURE.search(failure_text(exc)) and _own(exc):
+            _note(exc, structure)
+            raise
         raise InputError(
             f"the model does not accept the inputs given ({structure.describe()}): {type(exc).__name__}: "
-            f"{exc}; pass a dict with the model's input names, or a list in the order of model.inputs"
+            f"{' '.join(failure_text(exc).split())}; pass a dict with the model's input names, or a list in "
+            "the order of model.inputs"
         ) from exc
