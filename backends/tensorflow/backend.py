@@ -82,6 +82,30 @@ def _keras_backend_check() -> None:
         )
 
 
+def _split_recipe(model: Any) -> str:
+    """Returns why a tf.Module or loaded SavedModel cannot be explained as given, and the pair recipe."""
+    loaded = not isinstance(model, tf.Module)
+    what = "a loaded SavedModel (tf.saved_model.load)" if loaded else f"a {type(model).__name__} (a tf.Module)"
+    # The callable parts it holds (sub-modules, tf.functions): the candidates for the split.
+    parts = []
+    for name, value in sorted(vars(model).items()):
+        if not name.startswith("_") and name != "signatures" and callable(value):
+            parts.append(repr(name))
+    found = f"; its callable attributes are {', '.join(parts)}" if parts else ""
+    keras_hint = (
+        " If it was saved from a Keras model, load that model with keras.models.load_model "
+        "instead (a .keras file): its layers can be named."
+        if loaded
+        else ""
+    )
+    return (
+        f"{what} is not a Keras model: it has no layers anycam can intercept. Split it at the "
+        "explained layer and pass the pair: Explainer((features, head), None, backend='tensorflow'), "
+        "two TF callables with model(x) == head(features(x)); the map explains features(x)"
+        f"{found}.{keras_hint}"
+    )
+
+
 class TensorFlowBackend(Backend):
     """Adapter for Keras 3 models (on Keras's TensorFlow backend) and TF ``(features, head)`` pairs.
 
@@ -149,17 +173,13 @@ class TensorFlowBackend(Backend):
             self.layouts = (guessed or keras.config.image_data_format(),)
             default_layout = keras.config.image_data_format()
             self._program = Program(PairForward(features, head), output)
-        elif isinstance(model, tf.Module):
-            raise ConfigTypeError(
-                f"a {type(model).__name__} (a tf.Module, not a Keras model) has no layers anycam "
-                "can intercept; split it at the explained layer and pass the pair: "
-                "Explainer((features, head), None, backend='tensorflow'), where the model is "
-                "head(features(x))"
-            )
+        elif isinstance(model, tf.__internal__.tracking.AutoTrackable):
+            # A tf.Module, or what tf.saved_model.load returns (an AutoTrackable, not a tf.Module).
+            raise ConfigTypeError(_split_recipe(model))
         else:
             raise ConfigTypeError(
-                "the tensorflow backend needs a Keras 3 model or layer, or a (features, head) "
-                f"pair of TF callables; got {type(model).__name__}"
+                "the tensorflow backend needs a Keras 3 model or layer, or a (features, head) pair "
+                f"of TF callables; got {type(model).__name__}"
             )
         self.input_layout = input_layout or default_layout
 
