@@ -2,7 +2,9 @@
 
 Every check runs eagerly, before a compiled capture: dtype and rank against the model's declared
 input, the layout's spatial axes, an empty batch and NaN/inf in the input that carries the
-heatmap's grid. A framework error of the forward pass becomes anycam's InputError here.
+heatmap's grid. A forward failure the input's shape explains becomes anycam's InputError here; a
+model's own exception keeps its type. Every path (captures, masked or ablated copies, guided
+gradients) enters through :func:`structured`.
 """
 
 from __future__ import annotations
@@ -197,6 +199,26 @@ def run(backend: TensorFlowBackend, call: Callable[[], Any], structure: ModelInp
         if error is None:  # pragma: no cover - Keras's argument dump always names a shape
             raise
         raise error from exc
+
+
+def model_inputs(backend: TensorFlowBackend, inputs: Any) -> tuple[Any, tf.Tensor, Key]:
+    """Returns (the inputs as the model takes them, the input carrying the grid, its key), the model built.
+
+    The one boundary of every path (captures, Score-CAM's masked copies, Ablation-CAM's copies,
+    the guided methods): one tensor or several (a list or dict), each converted and checked
+    by :func:`structured`.
+    """
+    structure = structured(backend, inputs)
+    x = structure.container()
+    build(backend, x)
+    return x, structure.spatial_value, structure.spatial
+
+
+def spatial_of(inputs: Any, key: Key) -> tf.Tensor:
+    """Returns the input that carries the grid from the inputs as the model takes them."""
+    if isinstance(inputs, dict):
+        return inputs[key]
+    return inputs[int(key)] if isinstance(inputs, (list, tuple)) else inputs
 
 
 def ready(backend: TensorFlowBackend, structure: ModelInputs) -> Any:

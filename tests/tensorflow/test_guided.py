@@ -168,7 +168,8 @@ def test_relus_the_guided_rule_cannot_reach_are_reported_not_hidden(how: str) ->
         warnings.simplefilter("error", UserWarning)
         guided = flat.explain(x, target=1).attribution
     hidden = anycam.Explainer(_hidden_relu_model(how), "conv2", method="guided-backprop")
-    with pytest.warns(anycam.AnycamWarning, match=r"1 ReLU op\(s\) run inside a nested tf.function.*partly guided") as record:
+    reported = r"1 ReLU op\(s\) run inside a nested tf.function.*partly guided"
+    with pytest.warns(anycam.AnycamWarning, match=reported) as record:
         partial = hidden.explain(x, target=1).attribution
     assert [w.filename for w in record if "partly guided" in str(w.message)] == [__file__]
     # What the warning says is so: that ReLU kept the ordinary gradient, and the result differs.

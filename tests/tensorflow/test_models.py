@@ -430,7 +430,8 @@ def test_a_loaded_saved_model_is_refused_with_the_pair_recipe_that_works(saved_n
     x = images(3, 8, 6, 3)
     classes = np.array([1, 3, 0])
     explainer = anycam.Explainer((saved_net.encoder, saved_net.classifier), None, backend="tensorflow")
-    assert_cam(explainer.explain(x, target=classes).cam, reference_cam(saved_net.encoder, saved_net.classifier, x, classes))
+    expected = reference_cam(saved_net.encoder, saved_net.classifier, x, classes)
+    assert_cam(explainer.explain(x, target=classes).cam, expected)
     np.testing.assert_allclose(explainer.backend.predict(x), saved_net(tf.constant(x)).numpy(), rtol=1e-5, atol=1e-6)
 
 
