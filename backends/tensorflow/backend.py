@@ -58,7 +58,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from anycam._errors import BackendError, ConfigTypeError, LayerError
+from anycam._errors import BackendError, ConfigError, ConfigTypeError, LayerError
 from anycam.core import TargetSpec
 from anycam.protocol.backend import AblationHead, Backend, Capture, check_options
 from anycam.protocol.inputs import Key
@@ -138,6 +138,14 @@ class TensorFlowBackend(Backend):
         check_options(self.name, options, ("model_kwargs", "spatial_input"))
         self.spatial_input: Key | None = options.get("spatial_input")
         self.model_kwargs: dict[str, Any] = dict(options.get("model_kwargs") or {})
+        if "training" in self.model_kwargs:
+            # Every forward pass runs the model with training=False: in training mode a Keras
+            # model would update BatchNormalization's moving statistics and drop units at random.
+            raise ConfigError(
+                f"model_kwargs={{'training': {self.model_kwargs['training']!r}}}: anycam always runs a Keras "
+                "model in inference mode (training=False), so that nothing it does changes the model "
+                "(BatchNormalization's moving statistics) and Dropout is off; remove 'training'"
+            )
         self.model = model
         self.output = output
         self._input_shape: tuple[Any, ...] | None = None
