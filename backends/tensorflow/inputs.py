@@ -70,6 +70,24 @@ def structured(backend: TensorFlowBackend, inputs: Any) -> ModelInputs:
     return structure.map(lambda key, value: _convert(backend, key, value, key == structure.spatial))
 
 
+def _not_floating(what: str, dtype: str, shape: tuple[Any, ...]) -> InputError:
+    """The refusal of an integer (or bool) input that would carry the heatmap's grid, with the way out that fits it."""
+    if len(shape) == 2:
+        # (N, T) integers are token ids, not pixels: scaling them would feed the model nonsense.
+        advice = (
+            "token ids (N, T) cannot carry the map; embed them first and explain the model from its "
+            "embeddings: Explainer((features, head), None, backend='tensorflow') with features taking "
+            "the (N, T, D) floating-point embeddings, or give the ids beside a floating input and name "
+            "that one with spatial_input="
+        )
+    else:
+        advice = "an integer image is scaled to floats first, e.g. tf.cast(x, tf.float32) / 255"
+    return InputError(
+        f"{what} carries the heatmap's grid, so it must be floating point, got {dtype} of shape "
+        f"{tuple(shape)}; {advice}"
+    )
+
+
 def _convert(backend: TensorFlowBackend, key: Key, value: Any, spatial: bool) -> tf.Tensor:
     what = f"input {key!r}"
     if isinstance(value, np.ndarray):
@@ -81,9 +99,7 @@ def _convert(backend: TensorFlowBackend, key: Key, value: Any, spatial: bool) ->
     value = tf.convert_to_tensor(value)
     if spatial:
         if not value.dtype.is_floating:
-            raise InputError(
-                f"{what} carries the heatmap's grid, so it must be floating point, got {value.dtype.name}"
-            )
+            raise _not_floating(what, value.dtype.name, tuple(value.shape))
         spatial_shape(tuple(value.shape), backend.input_layout)
         _check_spatial(value, what)
     return value
@@ -92,10 +108,7 @@ def _convert(backend: TensorFlowBackend, key: Key, value: Any, spatial: bool) ->
 def as_input(backend: TensorFlowBackend, inputs: Any) -> tf.Tensor:
     if isinstance(inputs, np.ndarray):
         if not np.issubdtype(inputs.dtype, np.floating):
-            raise InputError(
-                f"input must be floating point, got dtype {inputs.dtype}; scale it to "
-                "floats first, e.g. x.astype('float32') / 255"
-            )
+            raise _not_floating("input", str(inputs.dtype), inputs.shape)
         inputs = tf.cast(tf.convert_to_tensor(inputs), backend._input_dtype)
     elif tf.is_tensor(inputs) or isinstance(inputs, tf.Variable):
         inputs = tf.convert_to_tensor(inputs)
@@ -104,10 +117,7 @@ def as_input(backend: TensorFlowBackend, inputs: Any) -> tf.Tensor:
             f"input must be a tf.Tensor or a NumPy array, got {type(inputs).__name__}"
         )
     if not inputs.dtype.is_floating:
-        raise InputError(
-            f"input must be floating point, got {inputs.dtype.name}; e.g. "
-            "tf.cast(x, tf.float32) / 255"
-        )
+        raise _not_floating("input", inputs.dtype.name, tuple(inputs.shape))
     shape = tuple(inputs.shape)
     expected = backend._input_shape
     if expected is not None and (

@@ -230,3 +230,18 @@ def test_a_wrong_rank_or_channel_count_is_still_an_input_error(shape: tuple[int,
     model(tf.zeros((1, 8, 8, 3)))
     with pytest.raises(anycam.InputError, match=rf"shape \({', '.join(map(str, shape))}\)"):
         anycam.Explainer(model, "conv")(np.zeros(shape, np.float32))
+
+
+def test_token_ids_are_not_advised_to_be_scaled_like_pixels() -> None:
+    """Issue 19.14: integer (N, T) ids get the embeddings recipe, an integer image the /255 one."""
+    keras.utils.set_random_seed(2)
+    ids = keras.Input((6,), dtype="int32")
+    hidden = keras.layers.Conv1D(4, 3, name="conv")(keras.layers.Embedding(10, 5)(ids))
+    model = keras.Model(ids, keras.layers.Dense(2)(keras.layers.GlobalAveragePooling1D()(hidden)))
+    with pytest.raises(anycam.InputError, match=r"token ids.*embeddings") as info:
+        anycam.Explainer(model, "conv")(np.zeros((2, 6), np.int32))
+    assert "255" not in str(info.value)
+    image = keras.Input((8, 8, 3))
+    pooled = keras.layers.GlobalAveragePooling2D()(keras.layers.Conv2D(4, 3, name="conv")(image))
+    with pytest.raises(anycam.InputError, match=r"/ 255"):
+        anycam.Explainer(keras.Model(image, pooled), "conv")(np.zeros((2, 8, 8, 3), np.uint8))
