@@ -100,7 +100,18 @@ def _convert(backend: TensorFlowBackend, key: Key, value: Any, spatial: bool) ->
     if spatial:
         if not value.dtype.is_floating:
             raise _not_floating(what, value.dtype.name, tuple(value.shape))
-        spatial_shape(tuple(value.shape), backend.input_layout)
+        try:
+            spatial_shape(tuple(value.shape), backend.input_layout)
+        except InputError as exc:
+            chosen = (
+                f"spatial_input={backend.spatial_input!r} names it"
+                if backend.spatial_input is not None
+                else "it is the first floating input with three or more axes"
+            )
+            raise InputError(
+                f"{what} carries the heatmap's grid ({chosen}), but: {exc}; name the input with spatial "
+                "axes by spatial_input= (an index for a list, a key for a dict)"
+            ) from exc
         _check_spatial(value, what)
     return value
 
