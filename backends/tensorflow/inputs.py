@@ -223,16 +223,15 @@ def run(backend: TensorFlowBackend, call: Callable[[], Any], structure: ModelInp
 
 
 def model_inputs(backend: TensorFlowBackend, inputs: Any) -> tuple[Any, tf.Tensor, Key]:
-    """Returns (the inputs as the model takes them, the input carrying the grid, its key), the model built.
+    """Returns (the inputs as the model takes them, the input carrying the grid, its key), the model ready.
 
     The one boundary of every path (captures, Score-CAM's masked copies, Ablation-CAM's copies,
     the guided methods): one tensor or several (a list or dict), each converted and checked
     by :func:`structured`.
     """
     structure = structured(backend, inputs)
-    x = structure.container()
-    build(backend, x)
-    return x, structure.spatial_value, structure.spatial
+    # ready: a layer=None Explainer whose first call is not a capture (guided-backprop) chooses here.
+    return ready(backend, structure), structure.spatial_value, structure.spatial
 
 
 def spatial_of(inputs: Any, key: Key) -> tf.Tensor:

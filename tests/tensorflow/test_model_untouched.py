@@ -93,3 +93,12 @@ def test_the_model_is_untouched_when_a_method_fails(trained: keras.Model) -> Non
         with pytest.raises(RuntimeError, match="target failed"):
             anycam.Explainer(trained, "features", method=method).explain(x, target=failing)
         assert snapshot(trained) == before and attributes(trained) == layers
+
+
+@pytest.mark.parametrize("method", ["gradcam", "ablationcam", "guided-backprop"])
+def test_the_automatic_layer_choice_leaves_the_model_untouched(trained: keras.Model, method: str) -> None:
+    """layer=None taps every layer's call for one eager pass: each call must be put back."""
+    before, layers = snapshot(trained), attributes(trained)
+    x = np.random.default_rng(4).normal(size=(2, 8, 8, 3)).astype(np.float32)
+    anycam.Explainer(trained, None, method=method).explain(x)
+    assert snapshot(trained) == before and attributes(trained) == layers
