@@ -58,7 +58,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from anycam._errors import BackendError, ConfigTypeError, LayerError
+from anycam._errors import BackendError, ConfigError, ConfigTypeError, LayerError
 from anycam.core import TargetSpec
 from anycam.protocol.backend import AblationHead, Backend, Capture, check_options
 from anycam.protocol.inputs import Key
@@ -80,6 +80,30 @@ def _keras_backend_check() -> None:
             f"backend={active!r} (or backend=None, which detects it), or set the environment "
             "variable KERAS_BACKEND=tensorflow before the first `import keras`"
         )
+
+
+def _split_recipe(model: Any) -> str:
+    """Returns why a tf.Module or loaded SavedModel cannot be explained as given, and the pair recipe."""
+    loaded = not isinstance(model, tf.Module)
+    what = "a loaded SavedModel (tf.saved_model.load)" if loaded else f"a {type(model).__name__} (a tf.Module)"
+    # The callable parts it holds (sub-modules, tf.functions): the candidates for the split.
+    parts = []
+    for name, value in sorted(vars(model).items()):
+        if not name.startswith("_") and name != "signatures" and callable(value):
+            parts.append(repr(name))
+    found = f"; its callable attributes are {', '.join(parts)}" if parts else ""
+    keras_hint = (
+        " If it was saved from a Keras model, load that model with keras.models.load_model "
+        "instead (a .keras file): its layers can be named."
+        if loaded
+        else ""
+    )
+    return (
+        f"{what} is not a Keras model: it has no layers anycam can intercept. Split it at the "
+        "explained layer and pass the pair: Explainer((features, head), None, backend='tensorflow'), "
+        "two TF callables with model(x) == head(features(x)); the map explains features(x)"
+        f"{found}.{keras_hint}"
+    )
 
 
 class TensorFlowBackend(Backend):
@@ -114,6 +138,14 @@ class TensorFlowBackend(Backend):
         check_options(self.name, options, ("model_kwargs", "spatial_input"))
         self.spatial_input: Key | None = options.get("spatial_input")
         self.model_kwargs: dict[str, Any] = dict(options.get("model_kwargs") or {})
+        if "training" in self.model_kwargs:
+            # Every forward pass runs the model with training=False: in training mode a Keras
+            # model would update BatchNormalization's moving statistics and drop units at random.
+            raise ConfigError(
+                f"model_kwargs={{'training': {self.model_kwargs['training']!r}}}: anycam always runs a Keras "
+                "model in inference mode (training=False), so that nothing it does changes the model "
+                "(BatchNormalization's moving statistics) and Dropout is off; remove 'training'"
+            )
         self.model = model
         self.output = output
         self._input_shape: tuple[Any, ...] | None = None
@@ -149,17 +181,13 @@ class TensorFlowBackend(Backend):
             self.layouts = (guessed or keras.config.image_data_format(),)
             default_layout = keras.config.image_data_format()
             self._program = Program(PairForward(features, head), output)
-        elif isinstance(model, tf.Module):
-            raise ConfigTypeError(
-                f"a {type(model).__name__} (a tf.Module, not a Keras model) has no layers anycam "
-                "can intercept; split it at the explained layer and pass the pair: "
-                "Explainer((features, head), None, backend='tensorflow'), where the model is "
-                "head(features(x))"
-            )
+        elif isinstance(model, tf.__internal__.tracking.AutoTrackable):
+            # A tf.Module, or what tf.saved_model.load returns (an AutoTrackable, not a tf.Module).
+            raise ConfigTypeError(_split_recipe(model))
         else:
             raise ConfigTypeError(
-                "the tensorflow backend needs a Keras 3 model or layer, or a (features, head) "
-                f"pair of TF callables; got {type(model).__name__}"
+                "the tensorflow backend needs a Keras 3 model or layer, or a (features, head) pair "
+                f"of TF callables; got {type(model).__name__}"
             )
         self.input_layout = input_layout or default_layout
 

@@ -26,7 +26,7 @@ from anycam.core import TargetSpec, resolve_indices, spatial_shape
 from anycam.protocol.backend import Capture, select_output
 from anycam.protocol.inputs import ModelInputs
 
-from .inputs import as_input, build, naming_inputs, ready, run, structured
+from .inputs import model_inputs, naming_inputs, ready, run, structured
 from .layers import KerasForward
 
 if TYPE_CHECKING:
@@ -73,12 +73,7 @@ class Program:
 
     def function(self, kind: str, param: Any, gradients: bool, inputs: tf.Tensor) -> Any:
         """Returns the compiled capture for a target form and the input's shape and dtype."""
-        token = param
-        try:
-            hash(token)
-        except TypeError:  # an unhashable callable target: the cache holds it, so its id is unique
-            token = ("id", id(param))
-        key = (kind, token, gradients, _signature_key(inputs))
+        key = (kind, _token(param), gradients, _signature_key(inputs))
         table = self._callables if kind == "callable" else self._functions
         with self._lock:
             function = table.get(key)
@@ -104,7 +99,7 @@ class Program:
         return tf.function(body, input_signature=signature, autograph=False)
 
     def method_function(
-        self, body: Callable[..., Any], kind: str, target: str, param: Any, inputs: tf.Tensor, *extra: tf.TensorSpec
+        self, body: Callable[..., Any], kind: str, target: str, param: Any, inputs: Any, *extra: tf.TensorSpec
     ) -> Any:
         """Returns the compiled function of a method capability, one per target form and shapes.
 
@@ -118,18 +113,16 @@ class Program:
         (``param`` the function), ``"indices"`` (``param`` K) or, for guided, ``"topk"``.
         ``extra`` are the signatures of the arguments after the inputs.
         """
-        token = param
-        try:
-            hash(token)
-        except TypeError:
-            token = ("id", id(param))
+        token = _token(param)
         shapes = tuple((tuple(spec.shape), spec.dtype) for spec in extra)
-        key = (kind, target, token, tuple(inputs.shape[1:]), inputs.dtype.name, shapes)
+        key = (kind, target, token, _signature_key(inputs), shapes)
         table = self._callables if target == "callable" else self._functions
         with self._lock:
             function = table.get(key)
             if function is None:
-                signature = [tf.TensorSpec((None, *inputs.shape[1:]), inputs.dtype), *extra]
+                # The batch left open; several inputs are one nested argument, as Keras takes them.
+                opened = tf.nest.map_structure(lambda t: tf.TensorSpec((None, *t.shape[1:]), t.dtype), inputs)
+                signature = [opened, *extra]
                 traced = functools.partial(body, self, kind, target, param)
                 function = table[key] = tf.function(traced, input_signature=signature, autograph=False)
                 if target == "callable" and len(table) > _CALLABLE_TRACES:
@@ -248,6 +241,22 @@ class Program:
                     "is None); explain a layer on the path from the input to the output"
                 )
         return tuple(tf.cast(tf.convert_to_tensor(g), tf.float32) for g in grads)
+
+
+def _token(param: Any) -> Any:
+    """Returns a compiled function's cache key for its parameter: the value, or an id where unhashable.
+
+    A tuple is keyed element by element: an unhashable callable target inside ``(fn, axis)`` is
+    keyed by its own id (the cached function holds it, so the id stays unique), never by the
+    id of a tuple built for this one call.
+    """
+    if isinstance(param, tuple):
+        return tuple(_token(part) for part in param)
+    try:
+        hash(param)
+    except TypeError:
+        return ("id", id(param))
+    return param
 
 
 def _signature_key(inputs: Any) -> tuple[Any, ...]:
@@ -393,15 +402,14 @@ def input_scores(
         anycam.TargetError: ``probabilities=True`` with a callable target, or indices that
             do not fit the batch or the model's classes.
     """
-    x = as_input(backend, inputs)
-    build(backend, x)
+    x, spatial, _ = model_inputs(backend, inputs)
     if probabilities and target.kind == "callable":
         raise TargetError(
             "Score-CAM weights by the softmax of class scores, and a callable target has no "
             "classes to take it over; pass class indices, or a callable that returns what to "
             "weight by and probabilities=False"
         )
-    batch = int(x.shape[0])
+    batch = int(spatial.shape[0])
     form, param, extra = resolved(target, indices, batch)
     specs = [tf.TensorSpec((None, param), tf.int64)] if form == "indices" else []
     kind = "probabilities" if probabilities else "inputs"

@@ -17,12 +17,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import tensorflow as tf
 
-from anycam._errors import TargetError, user_stacklevel
+from anycam._errors import AnycamWarning, TargetError, user_stacklevel
 from anycam.core import TargetSpec, spatial_shape
 from anycam.protocol.backend import Capture, select_output
 
 from .capture import Program, as_numpy, given_indices, resolved_targets
-from .inputs import as_input, build
+from .inputs import model_inputs, spatial_of
 
 if TYPE_CHECKING:
     from .backend import TensorFlowBackend
@@ -39,10 +39,14 @@ def _guided_relu_gradient(op: Any, gradient: tf.Tensor) -> tf.Tensor:
 
 
 def _guided(
-    program: Program, kind: str, target: str, param: Any, inputs: tf.Tensor, indices: Any = None
+    program: Program, kind: str, target: str, param: Any, inputs: Any, indices: Any = None
 ) -> tuple[Any, ...]:
-    """The traced graph of ``guided_gradients``: guided input gradients, scores, targets, ReLU counts."""
+    """The traced graph of ``guided_gradients``: guided input gradients, scores, targets, ReLU counts.
+
+    ``param`` is (the target's parameter, the key of the input the gradients are taken of).
+    """
     program.trace_count += 1
+    param, key = param
     graph = tf.compat.v1.get_default_graph()
     before = len(graph.get_operations())
     # Every Relu op created while the model traces gets the guided gradient, whichever
@@ -58,7 +62,7 @@ def _guided(
     if count is None:
         raise TargetError("a callable target must return a fixed number K of scores per sample")
     # tf.gradients, not a tape: a tape looks gradients up by op type and ignores the override.
-    columns = [tf.gradients(scores[:, k], inputs)[0] for k in range(count)]
+    columns = [tf.gradients(scores[:, k], spatial_of(inputs, key))[0] for k in range(count)]
     if columns and columns[0] is None:
         raise TargetError("the explained scores do not depend on the input (their gradient is None)")
     attributions = tf.stack([tf.cast(column, tf.float32) for column in columns], axis=1)
@@ -66,10 +70,14 @@ def _guided(
 
 
 def _guided_capture(
-    program: Program, kind: str, target: str, param: Any, inputs: tf.Tensor, indices: Any = None
+    program: Program, kind: str, target: str, param: Any, inputs: Any, indices: Any = None
 ) -> tuple[Any, ...]:
-    """The traced graph of ``guided_capture``: the layer capture and the guided input gradients of one forward."""
+    """The traced graph of ``guided_capture``: the layer capture and the guided input gradients of one forward.
+
+    ``param`` is (the target's parameter, the key of the input the gradients are taken of).
+    """
     program.trace_count += 1
+    param, key = param
     graph = tf.compat.v1.get_default_graph()
     before = len(graph.get_operations())
     tape = tf.GradientTape(watch_accessed_variables=False, persistent=True)
@@ -85,7 +93,7 @@ def _guided_capture(
     # gradient: Grad-CAM's layer gradients), tf.gradients honours the graph's override (the
     # guided input gradients).
     layer_gradients = program.layer_gradients(tape, scores, totals, leaves)
-    columns = [tf.gradients(scores[:, k], inputs)[0] for k in range(count)]
+    columns = [tf.gradients(scores[:, k], spatial_of(inputs, key))[0] for k in range(count)]
     if columns and columns[0] is None:
         raise TargetError("the explained scores do not depend on the input (their gradient is None)")
     attributions = tf.stack([tf.cast(column, tf.float32) for column in columns], axis=1)
@@ -119,22 +127,22 @@ def guided_gradients(
     Raises:
         anycam.TargetError: for targets that do not fit the output.
     Warns:
-        UserWarning: no ReLU was found, so the result equals plain input gradients.
+        anycam.AnycamWarning: no ReLU was found, so the result equals plain input gradients, or
+            ReLUs ran where the guided rule cannot reach them.
     """
-    x = as_input(backend, inputs)
-    build(backend, x)
-    batch = int(x.shape[0])
+    x, spatial, key = model_inputs(backend, inputs)
+    batch = int(spatial.shape[0])
     if target.kind == "callable":
-        compiled = backend._program.method_function(_guided, "guided", "callable", target.fn, x)
+        compiled = backend._program.method_function(_guided, "guided", "callable", (target.fn, key), x)
         attributions, scores, chosen, outputs, relus = compiled(x)
     elif target.kind in ("argmax", "topk"):
         k = 1 if target.kind == "argmax" else target.k
-        compiled = backend._program.method_function(_guided, "guided", "topk", k, x)
+        compiled = backend._program.method_function(_guided, "guided", "topk", (k, key), x)
         attributions, scores, chosen, outputs, relus = compiled(x)
     else:
         given = given_indices(target, batch)
         spec = tf.TensorSpec((None, given.shape[1]), tf.int64)
-        compiled = backend._program.method_function(_guided, "guided", "indices", given.shape[1], x, spec)
+        compiled = backend._program.method_function(_guided, "guided", "indices", (given.shape[1], key), x, spec)
         attributions, scores, chosen, outputs, relus = compiled(x, tf.constant(given))
     scores_np, indices = _guided_results(relus, scores, chosen, outputs, target, batch)
     return as_numpy(attributions), scores_np, indices
@@ -148,22 +156,21 @@ def guided_capture(backend: TensorFlowBackend, inputs: Any, target: TargetSpec) 
     the layer gradients by the ordinary rules, ``tf.gradients`` the guided input gradients.
 
     Warns:
-        UserWarning: no ReLU was found, so the guided gradients equal plain input gradients.
+        anycam.AnycamWarning: as :func:`guided_gradients`.
     """
-    x = as_input(backend, inputs)
-    build(backend, x)
-    batch = int(x.shape[0])
+    x, spatial, key = model_inputs(backend, inputs)
+    batch = int(spatial.shape[0])
     if target.kind == "callable":
-        compiled = backend._program.method_function(_guided_capture, "guided_capture", "callable", target.fn, x)
+        compiled = backend._program.method_function(_guided_capture, "guided_capture", "callable", (target.fn, key), x)
         result = compiled(x)
     elif target.kind in ("argmax", "topk"):
         k = 1 if target.kind == "argmax" else target.k
-        result = backend._program.method_function(_guided_capture, "guided_capture", "topk", k, x)(x)
+        result = backend._program.method_function(_guided_capture, "guided_capture", "topk", (k, key), x)(x)
     else:
         given = given_indices(target, batch)
         spec = tf.TensorSpec((None, given.shape[1]), tf.int64)
         compiled = backend._program.method_function(
-            _guided_capture, "guided_capture", "indices", given.shape[1], x, spec
+            _guided_capture, "guided_capture", "indices", (given.shape[1], key), x, spec
         )
         result = compiled(x, tf.constant(given))
     leaves, grads, scores, chosen, outputs, attributions, relus = result
@@ -173,9 +180,9 @@ def guided_capture(backend: TensorFlowBackend, inputs: Any, target: TargetSpec) 
         gradients=tuple(np.moveaxis(as_numpy(g), 0, 1) for g in grads),
         scores=scores_np,
         target=indices,
-        input_spatial=spatial_shape(tuple(x.shape), backend.input_layout),
+        input_spatial=spatial_shape(tuple(spatial.shape), backend.input_layout),
         layouts=backend.layouts,
-        input_shape=tuple(x.shape),
+        input_shape=tuple(spatial.shape),
         input_layout=backend.input_layout,
     )
     return capture, as_numpy(attributions)
@@ -227,7 +234,7 @@ def _guided_results(
             f"guided backpropagation: {nested} ReLU op(s) run inside a nested tf.function (or a "
             "tf.cond / tf.while_loop body) of the model and keep the ordinary ReLU gradient, so the "
             "result is only partly guided; remove the inner @tf.function to guide them too",
-            UserWarning,
+            AnycamWarning,
             stacklevel=user_stacklevel(),
         )
     elif direct == 0:
@@ -235,7 +242,7 @@ def _guided_results(
             "guided backpropagation found no ReLU op in the model (ReLU layers, "
             "activation='relu', keras.activations.relu, tf.nn.relu), so its result equals "
             "plain input gradients",
-            UserWarning,
+            AnycamWarning,
             stacklevel=user_stacklevel(),
         )
     return resolved_targets(scores, chosen, outputs, target, batch)

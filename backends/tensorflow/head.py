@@ -18,7 +18,7 @@ from anycam.core import TargetSpec
 from anycam.protocol.backend import select_output
 
 from .capture import Program, as_numpy, resolved
-from .inputs import as_input, build
+from .inputs import model_inputs
 
 if TYPE_CHECKING:
     from .backend import TensorFlowBackend
@@ -29,7 +29,7 @@ def _head(
     kind: str,
     target: str,
     param: Any,
-    inputs: tf.Tensor,
+    inputs: Any,
     replacements: tf.Tensor,
     indices: Any = None,
 ) -> tf.Tensor:
@@ -52,7 +52,7 @@ def _ablate(
     kind: str,
     target: str,
     param: Any,
-    inputs: tf.Tensor,
+    inputs: Any,
     activations: tf.Tensor,
     channels: tf.Tensor,
     indices: Any = None,
@@ -89,9 +89,8 @@ def head_scores(
     Raises:
         anycam.InputError: replacements of another shape than the layer's output.
     """
-    x = as_input(backend, inputs)
-    build(backend, x)
-    batch = int(x.shape[0])
+    x, spatial, _ = model_inputs(backend, inputs)
+    batch = int(spatial.shape[0])
     form, param, extra = resolved(target, indices, batch)
     values = np.asarray(replacements, dtype=np.float32)
     if values.ndim < 2 or values.shape[1] != batch:
@@ -121,9 +120,8 @@ def ablation_scorer(
     ``activations`` tensor and the B channel indices: no B·N copies are built in NumPy and
     fed in. One ``tf.function`` per (target form, input and layer shapes).
     """
-    x = as_input(backend, inputs)
-    build(backend, x)
-    batch = int(x.shape[0])
+    x, spatial, _ = model_inputs(backend, inputs)
+    batch = int(spatial.shape[0])
     form, param, extra = resolved(target, indices, batch)
     values = tf.constant(np.asarray(activations, dtype=np.float32))
     if values.shape.rank < 2 or values.shape[0] != batch:

@@ -15,7 +15,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from .kit import Case
+from .kit import POSITIONS, Case
 
 BATCH, CLASSES = 3, 5
 
@@ -243,6 +243,119 @@ def upsample(maps: np.ndarray, size: tuple[int, ...]) -> np.ndarray:
     return out
 
 
+# -- residual layer positions (kit.POSITIONS) ------------------------------------------------
+
+# The explained layer of each position in ``residual_net``.
+POSITION_LAYERS = {
+    "skip_inplace": "block2_bn2",  # the identity is added to its output (ResNet's layerN.1.bn2)
+    "inside_block": "block1_relu1",  # read only by block1_conv2
+    "after_add": "block1_out",  # read by block 2's branch and its skip
+    "before_pool": "block2_out",  # read only by the global pooling
+}
+RESIDUAL_CHANNELS = 8
+
+
+def residual_net(shape: tuple[int, ...] = (8, 8, 3)) -> keras.Model:
+    """A stem convolution, two blocks ``relu(bn2(conv2(relu(bn1(conv1 x)))) + x)``, mean pooling, dense.
+
+    The BatchNormalization layers get random moving statistics and affine parameters, so
+    inference-mode BN is not the identity.
+    """
+    inputs = keras.Input(shape)
+    x = keras.layers.Conv2D(RESIDUAL_CHANNELS, 3, padding="same", name="stem")(inputs)
+    for block in (1, 2):
+        h = keras.layers.Conv2D(RESIDUAL_CHANNELS, 3, padding="same", name=f"block{block}_conv1")(x)
+        h = keras.layers.BatchNormalization(name=f"block{block}_bn1")(h)
+        h = keras.layers.ReLU(name=f"block{block}_relu1")(h)
+        h = keras.layers.Conv2D(RESIDUAL_CHANNELS, 3, padding="same", name=f"block{block}_conv2")(h)
+        h = keras.layers.BatchNormalization(name=f"block{block}_bn2")(h)
+        h = keras.layers.Add(name=f"block{block}_add")([h, x])
+        x = keras.layers.ReLU(name=f"block{block}_out")(h)
+    pooled = keras.layers.GlobalAveragePooling2D(name="pool")(x)
+    model = keras.Model(inputs, keras.layers.Dense(CLASSES, name="logits")(pooled))
+    rng = np.random.default_rng(3)
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            size = (RESIDUAL_CHANNELS,)
+            layer.gamma.assign(rng.uniform(0.5, 1.5, size).astype(np.float32))
+            layer.beta.assign(rng.normal(0, 0.3, size).astype(np.float32))
+            layer.moving_mean.assign(rng.normal(0, 0.3, size).astype(np.float32))
+            layer.moving_variance.assign(rng.uniform(0.5, 2.0, size).astype(np.float32))
+    return model
+
+
+def residual_by_hand(model: keras.Model, inputs: tf.Tensor, at: str, edit) -> tf.Tensor:  # type: ignore[no-untyped-def]
+    """Runs ``residual_net``'s layers one by one (not the Functional graph), with layer ``at``'s
+    output passed through ``edit`` before the rest of the network reads it."""
+
+    def step(name: str, value):  # type: ignore[no-untyped-def]
+        out = model.get_layer(name)(value, training=False)
+        return edit(out) if name == at else out
+
+    x = step("stem", inputs)
+    for block in (1, 2):
+        h = step(f"block{block}_relu1", step(f"block{block}_bn1", step(f"block{block}_conv1", x)))
+        h = step(f"block{block}_bn2", step(f"block{block}_conv2", h))
+        x = step(f"block{block}_out", step(f"block{block}_add", [h, x]))
+    return step("logits", step("pool", x))
+
+
+@functools.cache
+def _residual_model_and_inputs() -> tuple[keras.Model, tf.Tensor]:
+    keras.utils.set_random_seed(0)
+    model = residual_net()
+    inputs = tf.constant(np.random.default_rng(0).normal(size=(BATCH, 8, 8, 3)), tf.float32)
+    return model, inputs
+
+
+def position_case(kind: str) -> Case:
+    """One of kit.POSITIONS in ``residual_net``; the reference splits the network by hand at the layer."""
+    model, inputs = _residual_model_and_inputs()
+    at = POSITION_LAYERS[kind]
+
+    def features(x: tf.Tensor) -> tf.Tensor:
+        seen: list[tf.Tensor] = []
+        residual_by_hand(model, x, at, lambda value: seen.append(value) or value)
+        return seen[0]
+
+    def head(activations: tf.Tensor) -> tf.Tensor:
+        # The rest of the network with the layer's output replaced; what skips around the layer
+        # (the block's input) is recomputed from the input and does not depend on the replacement.
+        return residual_by_hand(model, inputs, at, lambda value: activations)
+
+    def reference(cotangents: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+        activations = features(inputs)
+        with tf.GradientTape(persistent=True, watch_accessed_variables=False) as tape:
+            tape.watch(activations)
+            outputs = head(activations)
+        if cotangents is None:
+            return activations.numpy(), None, outputs.numpy()
+        grads = [tape.gradient(outputs, activations, output_gradients=tf.constant(c)) for c in cotangents]
+        return activations.numpy(), tf.stack(grads, axis=1).numpy(), outputs.numpy()
+
+    def linear_target(weights: np.ndarray):  # type: ignore[no-untyped-def]
+        w = tf.constant(weights, tf.float32)
+        return lambda output: tf.tensordot(output, w, axes=1)
+
+    def ablated_outputs(channel: int) -> np.ndarray:
+        keep = np.ones(RESIDUAL_CHANNELS, np.float32)
+        keep[channel] = 0
+        return residual_by_hand(model, inputs, at, lambda value: value * keep).numpy()
+
+    return Case(
+        model=model,
+        layer=at,
+        inputs=inputs,
+        layout=None,
+        true_layout="channels_last",
+        input_spatial=(8, 8),
+        reference=reference,
+        linear_target=linear_target,
+        head_reference=lambda replacement: head(tf.constant(replacement)).numpy(),
+        ablated_outputs=ablated_outputs,
+    )
+
+
 class TensorFlowKit:
     name = "tensorflow"
 
@@ -261,6 +374,8 @@ class TensorFlowKit:
         )
 
     def case(self, kind: str) -> Case:
+        if kind in POSITIONS:
+            return position_case(kind)
         model, inputs = _model_and_inputs(kind)
         layout = "tokens" if kind == "tokens" else None
         true_layout = {"tokens": "tokens", "channels_last": "channels_first"}.get(kind, "channels_last")

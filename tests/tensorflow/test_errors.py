@@ -164,3 +164,84 @@ def test_a_subclassed_model_that_fails_on_the_input_is_an_input_error() -> None:
     with pytest.raises(anycam.InputError, match=r"shape \(2, 8, 8, 5\), read as channels_last") as info:
         explainer(tf.zeros((2, 8, 8, 5)))
     assert isinstance(info.value.__cause__, ValueError)
+
+
+# -- issue 19.15: a model's own exception keeps its type -----------------------------------------
+
+
+class Refusing(keras.Model):
+    """A subclassed model that raises in its own ``call``: ``how`` says what it raises."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.conv = keras.layers.Conv2D(4, 3, name="conv")
+        self.pool = keras.layers.GlobalAveragePooling2D()
+        self.dense = keras.layers.Dense(2)
+
+    def call(self, x):  # type: ignore[no-untyped-def]
+        if self.how == "assertion":
+            # The model's own check; the test inputs are all 200.
+            tf.debugging.assert_less(tf.reduce_max(x), 100.0, message="pixel values must be below 100")
+        elif self.how == "value":
+            raise ValueError("the model refuses: calibration table not loaded")
+        elif self.how == "runtime":
+            raise RuntimeError("the model refuses: calibration table not loaded")
+        return self.dense(self.pool(self.conv(x)))
+
+
+REFUSALS = {"value": ValueError, "runtime": RuntimeError, "assertion": tf.errors.InvalidArgumentError}
+
+
+@pytest.mark.parametrize("method", anycam.core.METHODS)
+@pytest.mark.parametrize("how", sorted(REFUSALS))
+def test_a_models_own_exception_keeps_its_type(how: str, method: str) -> None:
+    model = Refusing("none")
+    model(tf.zeros((1, 8, 8, 3)))  # built: the failure comes from anycam's own forward pass
+    model.how = how
+    explainer = anycam.Explainer(model, "conv", method=method)
+    with pytest.raises(REFUSALS[how]) as info:
+        explainer(np.full((2, 8, 8, 3), 200.0, np.float32), target=1)
+    assert not isinstance(info.value, anycam.AnycamError)
+    assert "pixel values must be below 100" in str(info.value) or "calibration table" in str(info.value)
+
+
+def test_a_multi_input_models_own_exception_keeps_its_type() -> None:
+    class TwoInputs(keras.Model):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = keras.layers.Conv2D(4, 3, name="conv")
+            self.pool = keras.layers.GlobalAveragePooling2D()
+            self.dense = keras.layers.Dense(2)
+
+        def call(self, inputs):  # type: ignore[no-untyped-def]
+            raise ValueError("the model refuses: metadata version 1 is not supported")
+
+    model = TwoInputs()
+    with pytest.raises(ValueError, match="metadata version 1") as info:
+        anycam.Explainer(model, "conv")({"image": x(), "meta": np.zeros((2, 4), np.float32)}, target=1)
+    assert not isinstance(info.value, anycam.AnycamError)
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 8), (2, 8, 8, 5), (2, 1, 8, 8, 3)])
+def test_a_wrong_rank_or_channel_count_is_still_an_input_error(shape: tuple[int, ...]) -> None:
+    """The subclassed model declares no input shape, so Keras's own failure is what anycam reads."""
+    model = Refusing("none")
+    model(tf.zeros((1, 8, 8, 3)))
+    with pytest.raises(anycam.InputError, match=rf"shape \({', '.join(map(str, shape))}\)"):
+        anycam.Explainer(model, "conv")(np.zeros(shape, np.float32))
+
+
+def test_token_ids_are_not_advised_to_be_scaled_like_pixels() -> None:
+    """Issue 19.14: integer (N, T) ids get the embeddings recipe, an integer image the /255 one."""
+    keras.utils.set_random_seed(2)
+    ids = keras.Input((6,), dtype="int32")
+    hidden = keras.layers.Conv1D(4, 3, name="conv")(keras.layers.Embedding(10, 5)(ids))
+    model = keras.Model(ids, keras.layers.Dense(2)(keras.layers.GlobalAveragePooling1D()(hidden)))
+    with pytest.raises(anycam.InputError, match=r"token ids.*embeddings") as info:
+        anycam.Explainer(model, "conv")(np.zeros((2, 6), np.int32))
+    assert "255" not in str(info.value)
+    image = keras.Input((8, 8, 3))
+    pooled = keras.layers.GlobalAveragePooling2D()(keras.layers.Conv2D(4, 3, name="conv")(image))
+    with pytest.raises(anycam.InputError, match=r"/ 255"):
+        anycam.Explainer(keras.Model(image, pooled), "conv")(np.zeros((2, 8, 8, 3), np.uint8))

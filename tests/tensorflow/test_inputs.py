@@ -112,3 +112,12 @@ def test_a_dict_key_the_model_does_not_take_names_the_keys(two_inputs: keras.Mod
     inputs["extra"] = inputs.pop("meta")
     with pytest.raises(anycam.InputError, match=r"'image'.*'extra'"):
         anycam.Explainer(two_inputs, "features").explain(inputs)
+
+
+def test_a_spatial_input_without_spatial_axes_names_the_input_and_spatial_input(two_inputs: keras.Model) -> None:
+    """Issue 19.14: "no spatial axis" alone does not say which input, nor how to name another."""
+    inputs = batch()
+    with pytest.raises(anycam.InputError, match=r"input 'meta' carries the heatmap's grid \(spatial_input='meta'"):
+        anycam.Explainer(two_inputs, "features", spatial_input="meta").explain(inputs)
+    with pytest.raises(anycam.InputError, match=r"input 1 .*spatial_input=1.*spatial_input="):
+        anycam.Explainer(two_inputs, "features", spatial_input=1).explain([inputs["image"], inputs["meta"]])
