@@ -52,7 +52,10 @@ def _is_torch(model: Any) -> bool:
 
 
 def _is_tensorflow(model: Any) -> bool:
-    return _isinstance(model, "keras", "Layer") or _isinstance(model, "tensorflow", "Module")
+    # AutoTrackable: tf.Module and what tf.saved_model.load returns (refused with the recipe that works).
+    return _isinstance(model, "keras", "Layer") or _isinstance(
+        model, "tensorflow", "__internal__", "tracking", "AutoTrackable"
+    )
 
 
 def _is_jax(model: Any) -> bool:

@@ -435,10 +435,6 @@ def test_a_loaded_saved_model_is_refused_with_the_pair_recipe_that_works(saved_n
     np.testing.assert_allclose(explainer.backend.predict(x), saved_net(tf.constant(x)).numpy(), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs backends/__init__.py's _is_tensorflow to recognise tf.__internal__.tracking.AutoTrackable (lead)",
-)
 def test_a_loaded_saved_model_is_detected_as_tensorflow(saved_net) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(anycam.ConfigTypeError, match=r"SavedModel.*\(features, head\)"):
         anycam.Explainer(saved_net, None)
