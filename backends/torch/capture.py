@@ -51,7 +51,9 @@ def forward(backend: TorchBackend, structure: ModelInputs, differentiable: bool)
         if index in captured:
             raise _RunsTwice(index)
         if not differentiable:
-            captured[index] = value.detach()
+            # A copy: the network may modify the layer output in place after the hook (a residual
+            # block's ``out += identity`` after ``bn2``), and the capture must hold what the layer gave.
+            captured[index] = value.detach().clone()
             return None
         torch.set_grad_enabled(True)
         leaf = value if value.requires_grad else value.detach().requires_grad_()

@@ -162,7 +162,10 @@ class GraphSplit:
 
         With ``before`` (a node of the suffix), stops there and returns that node's first input.
         """
-        env = dict(prefix)
+        # Copies: the suffix may modify its inputs in place (``out += identity``, ``relu_``), and
+        # the prefix values serve every copy while the replacement is the caller's buffer.
+        env = {node: _fresh(value) for node, value in prefix.items()}
+        replacement = replacement.clone()
         if self.port == "output":
             env[self.layer] = replacement
         for node in self.suffix:
@@ -185,7 +188,7 @@ class GraphSplit:
         ``start`` must be a node every later suffix node reaches the layer through (a pooled
         head's pooling or dense layer): nothing after it reads the layer output itself.
         """
-        env: dict[torch.fx.Node, Any] = {start: value}
+        env: dict[torch.fx.Node, Any] = {start: _fresh(value)}
         for node in self.suffix[self.suffix.index(start) + 1 :]:
             if node.op == "output":
                 return torch.fx.node.map_arg(node.args[0], lambda n: env[n])
@@ -194,10 +197,15 @@ class GraphSplit:
 
     def evaluate(self, nodes: Sequence[torch.fx.Node], value: torch.Tensor) -> torch.Tensor:
         """Returns the last of ``nodes`` (a chain from the layer output) run on ``value``."""
-        env: dict[torch.fx.Node, Any] = {self.layer: value}
+        env: dict[torch.fx.Node, Any] = {self.layer: value.clone()}
         for node in nodes:
             env[node] = self._run(node, env)
         return env[nodes[-1]]
+
+
+def _fresh(value: Any) -> Any:
+    """Returns a copy of a tensor (anything else as it is): what a suffix may modify in place."""
+    return value.clone() if isinstance(value, torch.Tensor) else value
 
 
 def graph_split(model: torch.nn.Module, module: torch.nn.Module, port: str) -> GraphSplit | None:
@@ -289,11 +297,13 @@ def replaced_forward(backend: TorchBackend, structure: ModelInputs, replacement:
     owner = threading.get_ident()
     module = backend.modules[0]
 
+    # Copies: the network may modify what the hook hands it in place, and the replacement is the
+    # caller's buffer.
     def hook(module: torch.nn.Module, args: Any, out: Any) -> Any:
-        return replacement if threading.get_ident() == owner else None
+        return replacement.clone() if threading.get_ident() == owner else None
 
     def pre_hook(module: torch.nn.Module, args: Any) -> Any:
-        return (replacement, *args[1:]) if threading.get_ident() == owner else None
+        return (replacement.clone(), *args[1:]) if threading.get_ident() == owner else None
 
     if backend.ports[0] == "input":
         handle = module.register_forward_pre_hook(pre_hook)
