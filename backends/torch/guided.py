@@ -113,7 +113,10 @@ def guided_gradients(
         given = structure(backend, inputs)
         backend._warn_training()
         batch = batch_of(given)
-        leaf = given.spatial_value.detach().requires_grad_()
+        # A copy: the model may modify its input in place (``x.relu_()``), which must change
+        # neither the user's tensor nor a later call; and a tensor made under the caller's
+        # inference_mode() cannot require grad itself.
+        leaf = given.spatial_value.detach().clone().requires_grad_()
         replaced = given.map(lambda key, value: leaf if key == given.spatial else value)
         mode = GuidedMode()
         with torch.enable_grad():

@@ -281,6 +281,8 @@ def batched(function: Callable[[torch.Tensor], torch.Tensor], replacements: torc
     """Returns ``stack([function(r) for r in replacements])``, vectorised by vmap where possible."""
     try:
         return torch.func.vmap(function)(replacements)
+    except torch.OutOfMemoryError:
+        raise  # not a missing batching rule: the caller halves its chunk
     except (RuntimeError, NotImplementedError) as exc:
         warnings.warn(
             f"the network after the layer cannot be vectorised over the ablated copies ({exc}); "
