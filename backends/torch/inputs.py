@@ -145,6 +145,7 @@ def structure(backend: TorchBackend, inputs: Any) -> ModelInputs:
 
 def _as_tensor(backend: TorchBackend, key: Key, value: Any, spatial: bool, structure: ModelInputs) -> Any:
     what = "input" if structure.kind == "single" else f"input {key!r}"
+    value = _own(value)
     if isinstance(value, np.ndarray):
         device, dtype = device_dtype(backend.model)
         if np.issubdtype(value.dtype, np.floating):
@@ -164,6 +165,18 @@ def _as_tensor(backend: TorchBackend, key: Key, value: Any, spatial: bool, struc
     spatial_shape(tuple(value.shape), backend.input_layout)
     check_batch(tuple(value.shape), what)
     check_finite(value, what)
+    return value
+
+
+def _own(value: Any) -> Any:
+    """Returns a copy of a tensor or array the model could otherwise modify in place (``x.relu_()``
+    on its input): the user's data stays as given, and every call of an explanation sees the same.
+    Made outside any grad recording (the model's inputs are never differentiated as given)."""
+    if isinstance(value, torch.Tensor):
+        with torch.no_grad():
+            return value.clone()
+    if isinstance(value, np.ndarray):
+        return value.copy()
     return value
 
 
