@@ -22,6 +22,7 @@ from anycam.protocol.backend import Capture, select_output
 from anycam.protocol.inputs import ModelInputs
 
 from .inputs import batch_of, inference_error, structure, to_numpy
+from .script import check_hookable
 
 if TYPE_CHECKING:
     from .backend import TorchBackend
@@ -37,6 +38,7 @@ class _RunsTwice(LayerError):
 
 def forward(backend: TorchBackend, structure: ModelInputs, differentiable: bool) -> tuple[Any, list[torch.Tensor]]:
     """Runs the model; returns its output and the captured layer outputs (or inputs)."""
+    check_hookable(backend)
     owner = threading.get_ident()
     captured: dict[int, torch.Tensor] = {}
 

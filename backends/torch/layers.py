@@ -21,6 +21,7 @@ from anycam.protocol.layers import LayerRecord, choose_layer, is_auto, parse_lay
 
 from .capture import scores as target_scores
 from .inputs import batch_of
+from .script import script_error
 
 if TYPE_CHECKING:
     from .backend import TorchBackend
@@ -96,7 +97,15 @@ def choose(backend: TorchBackend, structure: ModelInputs, target: TargetSpec) ->
 
             return hook
 
-        named = [(name, module) for name, module in backend.model.named_modules() if name]
+        if isinstance(backend.model, torch.jit.ScriptModule):
+            raise script_error(backend.model, "", None)
+        # Modules that TorchScript runs take no hooks (or ignore them): not candidates.
+        scripted = [n for n, m in backend.model.named_modules() if isinstance(m, torch.jit.ScriptModule)]
+        named = [
+            (name, module)
+            for name, module in backend.model.named_modules()
+            if name and not any(name == s or name.startswith(s + ".") for s in scripted)
+        ]
         handles = [module.register_forward_hook(make_hook(name)) for name, module in named]
         try:
             with torch.enable_grad():
