@@ -21,11 +21,17 @@ from anycam.core import TargetSpec, check_scores_shape, resolve_indices, spatial
 from anycam.protocol.backend import Capture, select_output
 from anycam.protocol.inputs import ModelInputs
 
+from . import layout as _layout
 from .inputs import batch_of, inference_error, structure, to_numpy
 from .script import check_hookable
 
 if TYPE_CHECKING:
     from .backend import TorchBackend
+
+
+# The layouts the last forward() on this thread found per layer (the adapter is shared by threads,
+# so nothing of a call lives on it).
+_call_layouts = threading.local()
 
 
 class _RunsTwice(LayerError):
@@ -41,6 +47,8 @@ def forward(backend: TorchBackend, structure: ModelInputs, differentiable: bool)
     check_hookable(backend)
     owner = threading.get_ident()
     captured: dict[int, torch.Tensor] = {}
+    layouts: dict[int, str | None] = {}
+    _call_layouts.value = layouts
 
     def keep(index: int, value: Any) -> torch.Tensor | None:
         """Captures ``value`` for layer ``index``; returns what the network continues with."""
@@ -66,6 +74,7 @@ def forward(backend: TorchBackend, structure: ModelInputs, differentiable: bool)
         def hook(module: torch.nn.Module, args: Any, out: Any) -> Any:
             if threading.get_ident() != owner:
                 return None
+            layouts.setdefault(index, tracker.at(module, out))
             return keep(index, out)
 
         return hook
@@ -74,6 +83,7 @@ def forward(backend: TorchBackend, structure: ModelInputs, differentiable: bool)
         def pre_hook(module: torch.nn.Module, args: Any) -> Any:
             if threading.get_ident() != owner:
                 return None
+            layouts.setdefault(index, tracker.reading(args[0]) if args else None)
             if not args:
                 raise LayerError(
                     f"layer {backend.layer_names[index]!r}: the module is called with no positional input "
@@ -84,7 +94,10 @@ def forward(backend: TorchBackend, structure: ModelInputs, differentiable: bool)
 
         return pre_hook
 
-    handles = [
+    # The tracker's hooks go first, so a layer that decides its own layout (nn.Linear) is seen
+    # by its own capture hook.
+    tracker, handles = _layout.track(backend.model, owner)
+    handles += [
         module.register_forward_pre_hook(make_pre_hook(i))
         if port == "input"
         else module.register_forward_hook(make_hook(i))
@@ -246,7 +259,12 @@ def _capture(backend: TorchBackend, inputs: Any, target: TargetSpec, with_gradie
     batch = batch_of(given)
     if backend.auto_layer and not backend.layer_names:
         backend._choose(given, target)
+    _call_layouts.value = None
     output, leaves = backend._forward(given, differentiable=with_gradients)
+    found = _call_layouts.value or {}
+    # Where no module decided a layout, channels first (torch's own); the core checks either
+    # against the shapes.
+    layouts = tuple(found.get(i) or "channels_first" for i in range(len(leaves)))
     selected = select_output(output, backend.output)
     if with_gradients:
         with torch.enable_grad():
@@ -263,7 +281,7 @@ def _capture(backend: TorchBackend, inputs: Any, target: TargetSpec, with_gradie
         scores=to_numpy(values),
         target=indices,
         input_spatial=spatial_shape(tuple(given.spatial_value.shape), backend.input_layout),
-        layouts=("channels_first",) * len(leaves),
+        layouts=layouts,
         input_shape=tuple(given.spatial_value.shape),
         input_layout=backend.input_layout,
     )
