@@ -19,10 +19,9 @@ from anycam.protocol.backend import select_output
 from anycam.protocol.inputs import ModelInputs
 from anycam.protocol.layers import LayerRecord, choose_layer, is_auto, parse_layer
 
+from .capture import Tracker, script_error
 from .capture import scores as target_scores
 from .inputs import batch_of
-from .layout import Tracker
-from .script import script_error
 
 if TYPE_CHECKING:
     from .backend import TorchBackend
