@@ -113,9 +113,9 @@ class TorchBackend(Backend):
         if not self.auto_layer:
             self._set_layers(self._resolve_layers(layers))
         self._warned_training = False
-        # Traced graph splits per (layer module, port): derived from the model's structure, like a
-        # compiled graph, never from a call's data.
-        self._splits: dict[tuple[int, str], GraphSplit | None] = {}
+        # Traced graph splits per (layer module, port), with the model's fingerprint they were
+        # traced at (``head.fingerprint``): derived from the model, never from a call's data.
+        self._splits: dict[tuple[int, str], tuple[Any, GraphSplit | None]] = {}
         self._splits_lock = threading.Lock()
 
     # -- the steps a subclass (keras.py) replaces: layers, the model call, the forward with taps --

@@ -5,7 +5,8 @@ and keeps the layer output as a leaf that requires grad, handing the rest of the
 (in-place operations downstream then modify the clone, not the captured activations). Gradients of
 K targets come from one batched ``autograd.grad`` where autograd can vmap the graph, else one call
 per target. ``"name:input"`` captures a module's first positional argument with a *pre*-hook. Also
-here: the model's predictions and the scores of its inputs (Score-CAM, the metrics).
+here: the model's predictions and the scores of its inputs (Score-CAM, the metrics), each layer's
+layout as the modules that produced it decide it, and the refusal of layers TorchScript runs.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from anycam._errors import LayerError, TargetError
+from anycam._errors import BackendError, LayerError, TargetError
 from anycam.core import TargetSpec, check_scores_shape, resolve_indices, spatial_shape
 from anycam.protocol.backend import Capture, select_output
 from anycam.protocol.inputs import ModelInputs
@@ -25,6 +26,11 @@ from .inputs import batch_of, inference_error, structure, to_numpy
 
 if TYPE_CHECKING:
     from .backend import TorchBackend
+
+
+# The layouts the last forward() on this thread found per layer (the adapter is shared by threads,
+# so nothing of a call lives on it).
+_call_layouts = threading.local()
 
 
 class _RunsTwice(LayerError):
@@ -37,8 +43,11 @@ class _RunsTwice(LayerError):
 
 def forward(backend: TorchBackend, structure: ModelInputs, differentiable: bool) -> tuple[Any, list[torch.Tensor]]:
     """Runs the model; returns its output and the captured layer outputs (or inputs)."""
+    check_hookable(backend)
     owner = threading.get_ident()
     captured: dict[int, torch.Tensor] = {}
+    layouts: dict[int, str | None] = {}
+    _call_layouts.value = layouts
 
     def keep(index: int, value: Any) -> torch.Tensor | None:
         """Captures ``value`` for layer ``index``; returns what the network continues with."""
@@ -51,7 +60,9 @@ def forward(backend: TorchBackend, structure: ModelInputs, differentiable: bool)
         if index in captured:
             raise _RunsTwice(index)
         if not differentiable:
-            captured[index] = value.detach()
+            # A copy: the network may modify the layer output in place after the hook (a residual
+            # block's ``out += identity`` after ``bn2``), and the capture must hold what the layer gave.
+            captured[index] = value.detach().clone()
             return None
         torch.set_grad_enabled(True)
         leaf = value if value.requires_grad else value.detach().requires_grad_()
@@ -62,6 +73,7 @@ def forward(backend: TorchBackend, structure: ModelInputs, differentiable: bool)
         def hook(module: torch.nn.Module, args: Any, out: Any) -> Any:
             if threading.get_ident() != owner:
                 return None
+            layouts.setdefault(index, tracker.at(module, out))
             return keep(index, out)
 
         return hook
@@ -70,6 +82,7 @@ def forward(backend: TorchBackend, structure: ModelInputs, differentiable: bool)
         def pre_hook(module: torch.nn.Module, args: Any) -> Any:
             if threading.get_ident() != owner:
                 return None
+            layouts.setdefault(index, tracker.reading(args[0]) if args else None)
             if not args:
                 raise LayerError(
                     f"layer {backend.layer_names[index]!r}: the module is called with no positional input "
@@ -80,7 +93,10 @@ def forward(backend: TorchBackend, structure: ModelInputs, differentiable: bool)
 
         return pre_hook
 
-    handles = [
+    # The tracker's hooks go first, so a layer that decides its own layout (nn.Linear) is seen
+    # by its own capture hook.
+    tracker, handles = track(backend.model, owner)
+    handles += [
         module.register_forward_pre_hook(make_pre_hook(i))
         if port == "input"
         else module.register_forward_hook(make_hook(i))
@@ -242,7 +258,12 @@ def _capture(backend: TorchBackend, inputs: Any, target: TargetSpec, with_gradie
     batch = batch_of(given)
     if backend.auto_layer and not backend.layer_names:
         backend._choose(given, target)
+    _call_layouts.value = None
     output, leaves = backend._forward(given, differentiable=with_gradients)
+    found = _call_layouts.value or {}
+    # Where no module decided a layout, channels first (torch's own); the core checks either
+    # against the shapes.
+    layouts = tuple(found.get(i) or "channels_first" for i in range(len(leaves)))
     selected = select_output(output, backend.output)
     if with_gradients:
         with torch.enable_grad():
@@ -259,7 +280,7 @@ def _capture(backend: TorchBackend, inputs: Any, target: TargetSpec, with_gradie
         scores=to_numpy(values),
         target=indices,
         input_spatial=spatial_shape(tuple(given.spatial_value.shape), backend.input_layout),
-        layouts=("channels_first",) * len(leaves),
+        layouts=layouts,
         input_shape=tuple(given.spatial_value.shape),
         input_layout=backend.input_layout,
     )
@@ -300,3 +321,144 @@ def input_scores(
                 output = torch.softmax(output.float(), dim=1)
             values = output.gather(1, torch.as_tensor(indices, device=output.device))
     return to_numpy(values)
+
+
+# -- layouts: where a layer's channels are -----------------------------------------------------
+#
+# torch has no layout attribute: ``Conv2d`` writes ``(N, C, H, W)``, but a model may permute to
+# ``(N, H, W, C)`` and go on with ``nn.Linear`` / ``nn.LayerNorm`` over the last axis (ConvNeXt's
+# blocks, MLP-Mixer, Swin). A layer's layout is taken from the last module that *decides* one and
+# ran up to the layer (itself, or the last such module inside or before it in call order), kept
+# only while the output still has that module's channel count on that axis. With no such module
+# the guess stays channels first; the core checks every guess against the shapes.
+
+# Modules whose output is channels-first by construction (their channel axis is 1).
+_CHANNELS_FIRST: tuple[type[torch.nn.Module], ...] = (
+    torch.nn.modules.conv._ConvNd,
+    torch.nn.modules.batchnorm._BatchNorm,
+    torch.nn.modules.instancenorm._InstanceNorm,
+    torch.nn.GroupNorm,
+    torch.nn.LocalResponseNorm,
+    torch.nn.modules.pooling._MaxPoolNd,
+    torch.nn.modules.pooling._AvgPoolNd,
+    torch.nn.modules.pooling._AdaptiveAvgPoolNd,
+    torch.nn.modules.pooling._AdaptiveMaxPoolNd,
+    torch.nn.modules.pooling._LPPoolNd,
+    torch.nn.Upsample,
+    torch.nn.PixelShuffle,
+    torch.nn.PixelUnshuffle,
+    torch.nn.Dropout1d,
+    torch.nn.Dropout2d,
+    torch.nn.Dropout3d,
+)
+
+
+def decided(module: torch.nn.Module, out: Any) -> tuple[str, int] | None:
+    """Returns (layout, channels) that ``module``'s output ``out`` has by construction, or None."""
+    if not isinstance(out, torch.Tensor) or out.ndim < 3:
+        return None
+    if isinstance(module, _CHANNELS_FIRST):
+        return "channels_first", int(out.shape[1])
+    # A dense layer or a LayerNorm over the last axis of a map with spatial axes: channels last.
+    if isinstance(module, torch.nn.Linear) and out.shape[-1] == module.out_features:
+        return "channels_last", module.out_features
+    if isinstance(module, torch.nn.LayerNorm) and len(module.normalized_shape) == 1:
+        return "channels_last", int(module.normalized_shape[0])
+    return None
+
+
+class Tracker:
+    """Follows, during one forward pass, the last module that decided a layout and its channel count."""
+
+    def __init__(self) -> None:
+        self.last: tuple[str, int] | None = None
+
+    def at(self, module: torch.nn.Module, out: Any) -> str | None:
+        """The layout of ``module``'s output: its own if it decides one, else the last one seen,
+        where the output still has that many channels on that axis (code between modules may
+        have permuted it: ConvNeXt's blocks go back to channels first after their dense layers)."""
+        own = decided(module, out)
+        if own is not None:
+            self.last = own
+            return own[0]
+        return self.reading(out)
+
+    def reading(self, out: Any) -> str | None:
+        """The layout of a tensor computed after the last module that decided one, or None."""
+        if self.last is None or not isinstance(out, torch.Tensor) or out.ndim < 3:
+            return None
+        layout, channels = self.last
+        first, last = out.shape[1] == channels, out.shape[-1] == channels
+        if first and last:
+            return layout
+        if first:
+            return "channels_first"
+        return "channels_last" if last else None
+
+
+def track(model: torch.nn.Module, owner: int) -> tuple[Tracker, list[Any]]:
+    """Returns a Tracker fed by forward hooks on the modules that decide a layout (those TorchScript
+    runs excluded), and the hooks' handles, for the caller to remove."""
+    tracker = Tracker()
+
+    def hook(module: torch.nn.Module, args: Any, out: Any) -> None:
+        if threading.get_ident() == owner:
+            tracker.at(module, out)
+
+    handles = [
+        module.register_forward_hook(hook)
+        for module in model.modules()
+        if isinstance(module, (*_CHANNELS_FIRST, torch.nn.Linear, torch.nn.LayerNorm))
+        and not isinstance(module, torch.jit.ScriptModule)
+    ]
+    return tracker, handles
+
+
+# -- TorchScript: where hooks cannot reach -------------------------------------------------------
+#
+# A ScriptModule's compiled code calls its submodules without Python, so forward hooks on them are
+# refused (scripted) or never run (traced). An explained layer there is refused with a recipe that
+# works: Python modules around the scripted parts.
+
+_RECIPE = """Explain a Python module instead: build the model from its Python class and load the weights
+(model.load_state_dict(scripted.state_dict())), or wrap the scripted parts before and after the layer
+in Python modules, whose outputs anycam can read:
+    class Part(torch.nn.Module):
+        def __init__(self, inner): super().__init__(); self.inner = inner
+        def forward(self, *args): return self.inner(*args)
+    class Split(torch.nn.Module):
+        def __init__(self, features, head): super().__init__(); self.features, self.head = Part(features), Part(head)
+        def forward(self, x): return self.head(self.features(x))
+    anycam.Explainer(Split(features, head), "features")"""
+
+
+def scripted_at(model: torch.nn.Module, module: torch.nn.Module) -> str | None:
+    """Returns the name of the outermost TorchScript module that is or contains ``module``, or None."""
+    scripted = [name for name, m in model.named_modules() if isinstance(m, torch.jit.ScriptModule)]
+    for name, m in model.named_modules():
+        if m is module:
+            for owner in scripted:
+                if not owner or name == owner or name.startswith(owner + "."):
+                    return owner
+            return None
+    return None
+
+
+def script_error(model: torch.nn.Module, owner: str, layer: str | None) -> BackendError:
+    """The refusal for a layer that TorchScript runs, with the wrapper recipe."""
+    scripted = model if not owner else dict(model.named_modules())[owner]
+    kind = "traced" if isinstance(scripted, torch.jit.TracedModule) else "scripted"
+    where = "the model is" if not owner else f"{owner!r} is"
+    what = f"layer {layer!r} runs" if layer is not None else "layer=None: every layer of this model runs"
+    return BackendError(
+        f"{what} inside TorchScript: {where} a {kind} module (torch.jit), whose compiled code calls its "
+        f"submodules without Python, so no hook can read a layer there. {_RECIPE}"
+    )
+
+
+def check_hookable(backend: TorchBackend) -> None:
+    """Raises BackendError when an explained layer runs inside TorchScript (hooks never reach it)."""
+    for name, module in zip(backend.layer_names, backend.modules, strict=True):
+        owner = scripted_at(backend.model, module)
+        if owner is not None:
+            raise script_error(backend.model, owner, name)

@@ -31,6 +31,33 @@ if TYPE_CHECKING:
 _OUT_OF_PLACE = frozenset({F.relu, torch.relu, torch.Tensor.relu})
 # F.relu_ dispatches as torch.relu_.
 _IN_PLACE = frozenset({torch.relu_, torch.Tensor.relu_})
+# ``clamp(min=0)`` and its spellings are a ReLU too (with no ``max``); (min's position, in place).
+_CLAMPS: dict[Any, tuple[int, bool]] = {
+    torch.clamp: (1, False),
+    torch.Tensor.clamp: (1, False),
+    torch.clip: (1, False),
+    torch.Tensor.clip: (1, False),
+    torch.clamp_min: (1, False),
+    torch.Tensor.clamp_min: (1, False),
+    torch.clamp_: (1, True),
+    torch.Tensor.clamp_: (1, True),
+    torch.clip_: (1, True),
+    torch.Tensor.clip_: (1, True),
+    torch.clamp_min_: (1, True),
+    torch.Tensor.clamp_min_: (1, True),
+}
+# The TorchScript ops a ReLU compiles to (what a scripted submodule runs out of the mode's reach).
+_SCRIPT_RELUS = ("aten::relu", "aten::relu_", "aten::clamp_min", "aten::clamp_min_")
+
+
+def _clamp_is_relu(func: Any, args: Any, kwargs: dict[str, Any]) -> bool:
+    """Whether a call of a clamp spelling is ``max(x, 0)``: a zero lower bound and no upper one."""
+    position, _ = _CLAMPS[func]
+    low = args[position] if len(args) > position else kwargs.get("min")
+    high = args[position + 1] if len(args) > position + 1 else kwargs.get("max")
+    if isinstance(low, torch.Tensor) and low.ndim == 0 and not low.requires_grad:
+        low = float(low)
+    return high is None and isinstance(low, (int, float)) and not isinstance(low, bool) and low == 0
 
 
 def _guided_backward(grad: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -93,11 +120,15 @@ class GuidedMode(TorchFunctionMode):
 
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
-        if func in _OUT_OF_PLACE or func in _IN_PLACE:
-            x = args[0] if args else kwargs["input"]
+        clamp = func in _CLAMPS and _clamp_is_relu(func, args, kwargs)
+        if func in _OUT_OF_PLACE or func in _IN_PLACE or clamp:
+            x = args[0] if args else kwargs.get("input", kwargs.get("self"))
             if isinstance(x, torch.Tensor) and x.is_floating_point():
                 self.calls += 1
-                inplace = func in _IN_PLACE or bool(kwargs.get("inplace", args[1] if len(args) > 1 else False))
+                if clamp:
+                    inplace = _CLAMPS[func][1]
+                else:
+                    inplace = func in _IN_PLACE or bool(kwargs.get("inplace", args[1] if len(args) > 1 else False))
                 # In place only where autograd allows it (not on a leaf that requires grad).
                 if inplace and not (x.is_leaf and x.requires_grad):
                     return GuidedReLUInplace.apply(x)
@@ -113,8 +144,14 @@ def guided_gradients(
         given = structure(backend, inputs)
         backend._warn_training()
         batch = batch_of(given)
-        leaf = given.spatial_value.detach().requires_grad_()
-        replaced = given.map(lambda key, value: leaf if key == given.spatial else value)
+        # A copy: the model may modify its input in place (``x.relu_()``), which must change
+        # neither the user's tensor nor a later call; and a tensor made under the caller's
+        # inference_mode() cannot require grad itself.
+        leaf = given.spatial_value.detach().clone().requires_grad_()
+        # The model gets a copy that is not a leaf, so that its in-place ops on its input happen
+        # in place (a leaf that requires grad could only be replaced, and the model would then
+        # go on with the unmodified tensor).
+        replaced = given.map(lambda key, value: leaf.clone() if key == given.spatial else value)
         mode = GuidedMode()
         with torch.enable_grad():
             # Only the model's forward is guided; a callable target's own ReLUs are not.
@@ -124,7 +161,19 @@ def guided_gradients(
             if not scores.requires_grad:
                 raise TargetError("the explained output does not depend on the input")
             (grads,) = input_gradients(scores, leaf)
-    if mode.calls == 0:
+    unreached = scripted_relus(backend.model)
+    if unreached:
+        shown = ", ".join(f"{name or 'the model'} ({count})" for name, count in unreached[:4])
+        more = f" and {len(unreached) - 4} more" if len(unreached) > 4 else ""
+        warnings.warn(
+            f"guided backpropagation cannot reach the ReLUs inside TorchScript modules, which run outside "
+            f"Python: {shown}{more} ReLU calls keep the plain gradient rule"
+            + (f" ({mode.calls} ReLU calls outside them were guided)" if mode.calls else "")
+            + "; explain the Python (not scripted) model to guide every ReLU",
+            AnycamWarning,
+            stacklevel=user_stacklevel(),
+        )
+    elif mode.calls == 0:
         warnings.warn(
             f"{type(backend.model).__name__} calls no ReLU, so guided backpropagation equals the plain "
             "input gradient here",
@@ -132,6 +181,25 @@ def guided_gradients(
             stacklevel=user_stacklevel(),
         )
     return to_numpy(grads), to_numpy(scores), indices
+
+
+def scripted_relus(model: torch.nn.Module) -> list[tuple[str, int]]:
+    """Returns (name, ReLU ops in its graph) for the outermost TorchScript modules of ``model`` that have any."""
+    found: list[tuple[str, int]] = []
+    inside: list[str] = []
+    for name, module in model.named_modules():
+        if any(name.startswith(f"{outer}.") or not outer for outer in inside):
+            continue
+        if isinstance(module, torch.jit.ScriptModule):
+            inside.append(name)
+            try:
+                graph = str(module.inlined_graph)
+            except (RuntimeError, AttributeError):  # a module without forward
+                continue
+            count = sum(graph.count(f"{op}(") for op in _SCRIPT_RELUS)
+            if count:
+                found.append((name, count))
+    return found
 
 
 def input_gradients(scores: torch.Tensor, leaf: torch.Tensor) -> tuple[torch.Tensor]:

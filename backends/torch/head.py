@@ -24,10 +24,11 @@ the core folds a following ``nn.Linear`` in closed form, and only the nodes afte
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import threading
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
@@ -39,7 +40,7 @@ from anycam.core import TargetSpec
 from anycam.protocol.backend import select_output
 from anycam.protocol.inputs import ModelInputs
 
-from .inputs import batch_of, call_frozen, device_dtype, structure, to_numpy
+from .inputs import batch_of, call_frozen, device_dtype, frozen_buffers, structure, to_numpy
 
 if TYPE_CHECKING:
     from .backend import TorchBackend
@@ -66,7 +67,12 @@ class GraphSplit:
 
     def __init__(self, model: torch.nn.Module, module: torch.nn.Module, port: str) -> None:
         tracer = _Tracer(module)
-        self.graph = tracer.trace(model)
+        # Tracing runs ``forward`` on proxies: whatever it assigns (``self.last = b``), and the
+        # constants the tracer itself parks on the root (``_tensor_constant0``), must not stay on
+        # the user's model. The constants are kept here instead.
+        with _untouched(model) as added:
+            self.graph = tracer.trace(model)
+        self.constants: dict[str, Any] = added
         self.model = model
         names = [name for name, m in model.named_modules() if m is module]
         nodes = [n for n in self.graph.nodes if n.op == "call_module" and n.target in names]
@@ -129,6 +135,8 @@ class GraphSplit:
         if node.op == "call_method":
             return getattr(args[0], str(node.target))(*args[1:], **kwargs)
         if node.op == "get_attr":
+            if node.target in self.constants:
+                return self.constants[str(node.target)]
             value: Any = self.model
             for part in str(node.target).split("."):
                 value = getattr(value, part)
@@ -162,7 +170,10 @@ class GraphSplit:
 
         With ``before`` (a node of the suffix), stops there and returns that node's first input.
         """
-        env = dict(prefix)
+        # Copies: the suffix may modify its inputs in place (``out += identity``, ``relu_``), and
+        # the prefix values serve every copy while the replacement is the caller's buffer.
+        env = {node: _fresh(value) for node, value in prefix.items()}
+        replacement = replacement.clone()
         if self.port == "output":
             env[self.layer] = replacement
         for node in self.suffix:
@@ -185,7 +196,7 @@ class GraphSplit:
         ``start`` must be a node every later suffix node reaches the layer through (a pooled
         head's pooling or dense layer): nothing after it reads the layer output itself.
         """
-        env: dict[torch.fx.Node, Any] = {start: value}
+        env: dict[torch.fx.Node, Any] = {start: _fresh(value)}
         for node in self.suffix[self.suffix.index(start) + 1 :]:
             if node.op == "output":
                 return torch.fx.node.map_arg(node.args[0], lambda n: env[n])
@@ -194,10 +205,68 @@ class GraphSplit:
 
     def evaluate(self, nodes: Sequence[torch.fx.Node], value: torch.Tensor) -> torch.Tensor:
         """Returns the last of ``nodes`` (a chain from the layer output) run on ``value``."""
-        env: dict[torch.fx.Node, Any] = {self.layer: value}
+        env: dict[torch.fx.Node, Any] = {self.layer: value.clone()}
         for node in nodes:
             env[node] = self._run(node, env)
         return env[nodes[-1]]
+
+
+@contextlib.contextmanager
+def _untouched(model: torch.nn.Module) -> Iterator[dict[str, Any]]:
+    """Restores every module's attributes after the block; yields what the block added to the root.
+
+    Each module's ``__dict__`` (and its parameter, buffer and submodule tables) is copied before
+    and put back after, so attributes set, replaced or deleted inside the block are as they were.
+    """
+    tables = ("_parameters", "_buffers", "_modules")
+    saved = [
+        (m, {key: dict(value) if key in tables else value for key, value in m.__dict__.items()})
+        for m in model.modules()
+    ]
+    added: dict[str, Any] = {}
+    try:
+        yield added
+    finally:
+        root = {key: value for key, value in model.__dict__.items() if key not in saved[0][1]}
+        added.update(root)
+        for table in tables:
+            added.update({k: v for k, v in model.__dict__[table].items() if k not in saved[0][1][table]})
+        for m, attributes in saved:
+            m.__dict__.clear()
+            m.__dict__.update(attributes)
+
+
+def fingerprint(model: torch.nn.Module) -> tuple[Any, ...]:
+    """What a traced graph bakes in from the model besides its tensors: per module, the training
+    flag and the other Python attributes (numbers, strings, flags by value; objects by identity).
+
+    ``torch.fx`` records ``F.dropout(training=self.training)`` and ``x * self.gain`` as constants,
+    so a split is reused only while this is unchanged (``model.eval()``, ``model.gain = -2``).
+    """
+    parts: list[Any] = []
+    for name, module in model.named_modules():
+        for key, value in module.__dict__.items():
+            if key in ("_parameters", "_buffers", "_modules") or "hook" in key:
+                continue
+            parts.append((name, key, _frozen(value)))
+    return tuple(parts)
+
+
+def _frozen(value: Any, depth: int = 0) -> Any:
+    """A hashable stand-in for an attribute: plain values themselves, containers element-wise."""
+    if value is None or isinstance(value, (bool, int, float, complex, str, bytes, torch.dtype, torch.device)):
+        return value
+    if depth < 3 and isinstance(value, (tuple, list, set, frozenset)):
+        items = sorted(map(repr, value)) if isinstance(value, (set, frozenset)) else value
+        return (type(value).__name__, tuple(_frozen(v, depth + 1) for v in items))
+    if depth < 3 and isinstance(value, dict):
+        return ("dict", tuple((repr(k), _frozen(v, depth + 1)) for k, v in value.items()))
+    return (type(value).__name__, id(value))
+
+
+def _fresh(value: Any) -> Any:
+    """Returns a copy of a tensor (anything else as it is): what a suffix may modify in place."""
+    return value.clone() if isinstance(value, torch.Tensor) else value
 
 
 def graph_split(model: torch.nn.Module, module: torch.nn.Module, port: str) -> GraphSplit | None:
@@ -212,6 +281,8 @@ def batched(function: Callable[[torch.Tensor], torch.Tensor], replacements: torc
     """Returns ``stack([function(r) for r in replacements])``, vectorised by vmap where possible."""
     try:
         return torch.func.vmap(function)(replacements)
+    except torch.OutOfMemoryError:
+        raise  # not a missing batching rule: the caller halves its chunk
     except (RuntimeError, NotImplementedError) as exc:
         warnings.warn(
             f"the network after the layer cannot be vectorised over the ablated copies ({exc}); "
@@ -275,13 +346,16 @@ def rows_scores(output: Any, count: int, batch: int, indices: np.ndarray | None,
 
 
 def split(backend: TorchBackend) -> GraphSplit | None:
-    """Returns the adapter's graph split at its first layer, traced once per (module, port)."""
+    """Returns the adapter's graph split at its first layer, traced again whenever the model's
+    training flags or Python attributes (:func:`fingerprint`) changed since the last trace."""
     module, port = backend.modules[0], backend.ports[0]
     key = (id(module), port)
+    current = fingerprint(backend.model)
     with backend._splits_lock:
-        if key not in backend._splits:
-            backend._splits[key] = graph_split(backend.model, module, port)
-        return backend._splits[key]
+        cached = backend._splits.get(key)
+        if cached is None or cached[0] != current:
+            backend._splits[key] = (current, graph_split(backend.model, module, port))
+        return backend._splits[key][1]
 
 
 def replaced_forward(backend: TorchBackend, structure: ModelInputs, replacement: torch.Tensor) -> Any:
@@ -289,11 +363,13 @@ def replaced_forward(backend: TorchBackend, structure: ModelInputs, replacement:
     owner = threading.get_ident()
     module = backend.modules[0]
 
+    # Copies: the network may modify what the hook hands it in place, and the replacement is the
+    # caller's buffer.
     def hook(module: torch.nn.Module, args: Any, out: Any) -> Any:
-        return replacement if threading.get_ident() == owner else None
+        return replacement.clone() if threading.get_ident() == owner else None
 
     def pre_hook(module: torch.nn.Module, args: Any) -> Any:
-        return (replacement, *args[1:]) if threading.get_ident() == owner else None
+        return (replacement.clone(), *args[1:]) if threading.get_ident() == owner else None
 
     if backend.ports[0] == "input":
         handle = module.register_forward_pre_hook(pre_hook)
@@ -325,7 +401,7 @@ def head_scorer(
     graph = backend._split()
     prefix: dict[Any, Any] | None = None
     if graph is not None:
-        with torch.inference_mode(False), torch.no_grad():
+        with torch.inference_mode(False), torch.no_grad(), frozen_buffers(backend.model):
             prefix = graph.prefix_values(given.args, {**given.kwargs, **given.constants})
 
     def one(replacement: torch.Tensor) -> torch.Tensor:
@@ -356,7 +432,7 @@ def head_scorer(
 
     def scores(replacements: np.ndarray) -> np.ndarray:
         copies = torch.as_tensor(np.asarray(replacements), dtype=dtype, device=device)
-        with torch.inference_mode(False), torch.no_grad():
+        with torch.inference_mode(False), torch.no_grad(), frozen_buffers(backend.model):
             return to_numpy(run(copies))
 
     return scores

@@ -8,9 +8,11 @@ when its forward rejects them, and keeps the buffers of modules in training mode
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import threading
 import warnings
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -143,6 +145,7 @@ def structure(backend: TorchBackend, inputs: Any) -> ModelInputs:
 
 def _as_tensor(backend: TorchBackend, key: Key, value: Any, spatial: bool, structure: ModelInputs) -> Any:
     what = "input" if structure.kind == "single" else f"input {key!r}"
+    value = _own(value)
     if isinstance(value, np.ndarray):
         device, dtype = device_dtype(backend.model)
         if np.issubdtype(value.dtype, np.floating):
@@ -162,6 +165,18 @@ def _as_tensor(backend: TorchBackend, key: Key, value: Any, spatial: bool, struc
     spatial_shape(tuple(value.shape), backend.input_layout)
     check_batch(tuple(value.shape), what)
     check_finite(value, what)
+    return value
+
+
+def _own(value: Any) -> Any:
+    """Returns a copy of a tensor or array the model could otherwise modify in place (``x.relu_()``
+    on its input): the user's data stays as given, and every call of an explanation sees the same.
+    Made outside any grad recording (the model's inputs are never differentiated as given)."""
+    if isinstance(value, torch.Tensor):
+        with torch.no_grad():
+            return value.clone()
+    if isinstance(value, np.ndarray):
+        return value.copy()
     return value
 
 
@@ -234,16 +249,25 @@ def failed(backend: TorchBackend, exc: BaseException, structure: ModelInputs) ->
 
 
 def call_frozen(model: torch.nn.Module, structure: ModelInputs) -> Any:
-    """Calls the model; buffers of modules in training mode (BatchNorm statistics) stay as they were.
+    """Calls the model; buffers of modules in training mode (BatchNorm statistics) stay as they were."""
+    with frozen_buffers(model):
+        return structure.call(model)
 
-    Explaining must not change the model, but BatchNorm in training mode updates its
-    running statistics on every forward pass. Such modules run on copies of their buffers
-    for the call, and get their own back after it. Swapped, not copied back in place: the
-    backward pass may still need the copies autograd saved.
+
+@contextlib.contextmanager
+def frozen_buffers(model: torch.nn.Module) -> Iterator[None]:
+    """Runs the block with the buffers of modules in training mode swapped for copies.
+
+    Explaining must not change the model, but BatchNorm in training mode updates its running
+    statistics (and ``num_batches_tracked``) on every forward pass, also when anycam runs its
+    modules one by one (Ablation-CAM's traced split). Such modules run on copies of their
+    buffers, and get their own back afterwards. Swapped, not copied back in place: the backward
+    pass may still need the copies autograd saved.
     """
     training = [module for module in model.modules() if module.training and module._buffers]
     if not training:
-        return structure.call(model)
+        yield
+        return
     # Threads sharing the Explainer would otherwise swap each other's copies back in.
     with _BUFFER_LOCK:
         swapped = []
@@ -253,7 +277,7 @@ def call_frozen(model: torch.nn.Module, structure: ModelInputs) -> Any:
                     swapped.append((module, name, buffer))
                     module._buffers[name] = buffer.clone()
         try:
-            return structure.call(model)
+            yield
         finally:
             for module, name, buffer in swapped:
                 module._buffers[name] = buffer

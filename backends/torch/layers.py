@@ -19,6 +19,7 @@ from anycam.protocol.backend import select_output
 from anycam.protocol.inputs import ModelInputs
 from anycam.protocol.layers import LayerRecord, choose_layer, is_auto, parse_layer
 
+from .capture import Tracker, script_error
 from .capture import scores as target_scores
 from .inputs import batch_of
 
@@ -77,14 +78,21 @@ def choose(backend: TorchBackend, structure: ModelInputs, target: TargetSpec) ->
         calls: dict[str, int] = {}
         kept: dict[str, torch.Tensor] = {}
 
+        tracker = Tracker()
+        layouts: dict[str, str] = {}
+
         def make_hook(name: str) -> Any:
             def hook(module: torch.nn.Module, args: Any, out: Any) -> Any:
                 if threading.get_ident() != owner:
                     return None
+                # Modules end in call order (a container after its children): the last module
+                # that decided a layout before this one ended tells this one's.
+                layout = tracker.at(module, out)
                 calls[name] = calls.get(name, 0) + 1
                 if calls[name] > 1:
                     return None
                 order.append(name)
+                layouts[name] = layout or "channels_first"
                 if not isinstance(out, torch.Tensor) or not out.is_floating_point():
                     shapes[name] = None
                     return None
@@ -96,7 +104,15 @@ def choose(backend: TorchBackend, structure: ModelInputs, target: TargetSpec) ->
 
             return hook
 
-        named = [(name, module) for name, module in backend.model.named_modules() if name]
+        if isinstance(backend.model, torch.jit.ScriptModule):
+            raise script_error(backend.model, "", None)
+        # Modules that TorchScript runs take no hooks (or ignore them): not candidates.
+        scripted = [n for n, m in backend.model.named_modules() if isinstance(m, torch.jit.ScriptModule)]
+        named = [
+            (name, module)
+            for name, module in backend.model.named_modules()
+            if name and not any(name == s or name.startswith(s + ".") for s in scripted)
+        ]
         handles = [module.register_forward_hook(make_hook(name)) for name, module in named]
         try:
             with torch.enable_grad():
@@ -111,7 +127,10 @@ def choose(backend: TorchBackend, structure: ModelInputs, target: TargetSpec) ->
             grads = torch.autograd.grad(scores.sum(), [kept[n] for n in names], allow_unused=True)
             reaches = {n: g is not None for n, g in zip(names, grads, strict=True)}
         records = [
-            LayerRecord(name, shapes[name], calls=calls[name], reaches_output=reaches.get(name, True)) for name in order
+            LayerRecord(
+                name, shapes[name], layout=layouts[name], calls=calls[name], reaches_output=reaches.get(name, True)
+            )
+            for name in order
         ]
         input_spatial = spatial_shape(tuple(structure.spatial_value.shape), backend.input_layout)
         chosen = choose_layer(records, input_spatial)

@@ -20,7 +20,7 @@ from anycam.core import TargetSpec
 from anycam.protocol.backend import AblationHead, select_output
 
 from .head import GraphSplit, copies_scorer, rows_scores, to_scores
-from .inputs import device_dtype, to_numpy
+from .inputs import device_dtype, frozen_buffers, to_numpy
 
 if TYPE_CHECKING:
     from .backend import TorchBackend
@@ -170,7 +170,7 @@ def ablation_head(
     if plan is None:
         return None
     batch, channels = activations.shape[0], activations.shape[channel_axis]
-    with torch.inference_mode(False), torch.no_grad():
+    with torch.inference_mode(False), torch.no_grad(), frozen_buffers(backend.model):
         layer = torch.as_tensor(activations, device=device)
         pool = split.evaluate([plan.pool], layer)
         if not isinstance(pool, torch.Tensor) or pool.numel() != batch * channels or pool.shape[0] != batch:
@@ -208,7 +208,7 @@ def ablation_head(
 
     def tail(features: np.ndarray) -> np.ndarray:
         values = torch.as_tensor(np.asarray(features, dtype=np.float32), device=device)
-        with torch.inference_mode(False), torch.no_grad():
+        with torch.inference_mode(False), torch.no_grad(), frozen_buffers(backend.model):
             return to_numpy(run(values))
 
     return AblationHead(pooled=to_numpy(pooled), tail=tail, weight=weight, bias=bias)

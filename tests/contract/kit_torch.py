@@ -154,6 +154,130 @@ class ImageToSignal(Split):
         super().__init__(features, head)
 
 
+class Block(nn.Module):
+    """A residual block as torchvision's ``BasicBlock`` writes it: ``out += identity`` in place after ``bn2``.
+
+    Its two ReLUs are separate modules (torchvision shares one), so the first can be explained.
+    """
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(channels)
+        self.relu1 = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(channels)
+        self.relu2 = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x
+        out = self.relu1(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out += identity
+        return self.relu2(out)
+
+
+class Residual(nn.Module):
+    """A stem convolution, two residual blocks, global mean pooling and a dense layer."""
+
+    def __init__(self, channels: int = 6) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, channels, 3, padding=1)
+        self.blocks = nn.Sequential(Block(channels), Block(channels))
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(channels, CLASSES)
+        # Statistics and affine parameters away from the identity, as in a trained network.
+        for module in self.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.running_mean.normal_(0.0, 0.5)
+                module.running_var.uniform_(0.5, 2.0)
+                nn.init.normal_(module.weight, 1.0, 0.5)
+                nn.init.normal_(module.bias, 0.0, 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.pool(self.blocks(self.stem(x))).flatten(1))
+
+
+# The module each of kit.POSITIONS names in ``Residual``.
+POSITION_LAYERS = {
+    "skip_inplace": "blocks.1.bn2",
+    "inside_block": "blocks.0.relu1",
+    "after_add": "blocks.0",
+    "before_pool": "blocks.1",
+}
+
+
+def position_case(kind: str) -> Case:
+    """A residual network explained at one of kit.POSITIONS; every reference reruns the whole model."""
+    torch.manual_seed(0)
+    model = Residual().eval()
+    inputs = torch.randn(BATCH, 3, 10, 9)
+    layer = POSITION_LAYERS[kind]
+    module = model.get_submodule(layer)
+
+    def replaced(function):  # type: ignore[no-untyped-def]
+        """Runs the whole model with the layer's output replaced by ``function(output)``."""
+
+        def hook(module: nn.Module, args: object, out: torch.Tensor) -> torch.Tensor:
+            return function(out)
+
+        handle = module.register_forward_hook(hook)
+        try:
+            return model(inputs)
+        finally:
+            handle.remove()
+
+    def reference(cotangents: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+        leaves: list[torch.Tensor] = []
+
+        def keep(out: torch.Tensor) -> torch.Tensor:
+            leaves.append(out.detach().clone().requires_grad_())
+            # The network goes on with a copy: the block adds the identity to it in place.
+            return leaves[-1].clone()
+
+        with torch.enable_grad():
+            outputs = replaced(keep)
+            (leaf,) = leaves
+            if cotangents is None:
+                return leaf.detach().numpy(), None, outputs.detach().numpy()
+            grads = [
+                torch.autograd.grad(outputs, leaf, grad_outputs=torch.as_tensor(c), retain_graph=True)[0]
+                for c in cotangents
+            ]
+        return leaf.detach().numpy(), torch.stack(grads, dim=1).numpy(), outputs.detach().numpy()
+
+    def ablated_outputs(channel: int) -> np.ndarray:
+        def zero(out: torch.Tensor) -> torch.Tensor:
+            out = out.clone()
+            out[:, channel] = 0
+            return out
+
+        with torch.no_grad():
+            return replaced(zero).numpy()  # type: ignore[no-any-return]
+
+    def head_reference(replacement: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return replaced(lambda out: torch.as_tensor(replacement).clone()).numpy()  # type: ignore[no-any-return]
+
+    def linear_target(weights: np.ndarray):  # type: ignore[no-untyped-def]
+        w = torch.as_tensor(weights, dtype=torch.float32)
+        return lambda output: output @ w
+
+    return Case(
+        model=model,
+        layer=layer,
+        inputs=inputs,
+        layout=None,
+        true_layout="channels_first",
+        input_spatial=tuple(inputs.shape[2:]),
+        reference=reference,
+        linear_target=linear_target,
+        ablated_outputs=ablated_outputs,
+        head_reference=head_reference,
+        upsample=upsample,
+    )
+
+
 class TorchKit:
     name = "torch"
 
@@ -198,6 +322,8 @@ class TorchKit:
         )
 
     def case(self, kind: str) -> Case:
+        if kind in POSITION_LAYERS:
+            return position_case(kind)
         torch.manual_seed(0)
         layout: str | None = None
         true_layout = "channels_first"

@@ -102,11 +102,11 @@ def test_hooks_removed_when_the_model_raises() -> None:
             raise RuntimeError("boom")
 
     model = _seeded(Fails).eval()
-    # A failed forward is wrapped (issue 10, item 8): shape and layout in the message, the
-    # framework's error as the cause.
-    with pytest.raises(anycam.InputError, match=r"\(1, 3, 8, 8\).*boom") as info:
+    # The model's own exception keeps its type (issue 19.15), with a note naming the input.
+    with pytest.raises(RuntimeError, match="boom") as info:
         anycam.Explainer(model, "conv")(torch.randn(1, 3, 8, 8))
-    assert isinstance(info.value.__cause__, RuntimeError)
+    assert type(info.value) is RuntimeError
+    assert any("(1, 3, 8, 8)" in note for note in getattr(info.value, "__notes__", []))
     assert not model.conv._forward_hooks
     assert torch.is_grad_enabled()
 
