@@ -54,6 +54,7 @@ from .perturbation import (
     head_features,
     scorecam_masks,
     scorecam_weights,
+    sigmoid,
     top_variance_channels,
 )
 from .pipeline import AGGREGATIONS, LayerResult, check_finite, heatmaps, layer_cam
@@ -114,6 +115,7 @@ __all__ = [
     "resolve_indices",
     "scorecam_masks",
     "scorecam_weights",
+    "sigmoid",
     "spatial_shape",
     "to_channels_first",
     "token_grid",

@@ -113,6 +113,18 @@ def scorecam_weights(scores: np.ndarray, variant: str = "probability", *, mask: 
     return exp / np.where(total > 0, total, 1.0)
 
 
+def sigmoid(scores: np.ndarray) -> np.ndarray:
+    """Returns 1 / (1 + exp(−s)) in float64, computed as exp(−log(1 + exp(−s))) (no overflow).
+
+    Score-CAM's ``"probability"`` for a model with one output: a binary classifier's logit s
+    means the probability σ(s); the softmax over one class would be 1 for every masked input.
+
+    >>> sigmoid(np.array([0.0, np.log(3.0), -1000.0]))
+    array([0.5 , 0.75, 0.  ])
+    """
+    return np.exp(-np.logaddexp(0.0, -np.asarray(scores, _F)))
+
+
 def top_variance_channels(activations: np.ndarray, k: int, channel_axis: int = 1) -> np.ndarray:
     """Returns the indices ``(..., k)`` of the k channels with the largest spatial variance.
 
