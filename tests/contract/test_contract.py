@@ -356,7 +356,7 @@ def test_scorecam_probability_of_one_output_is_its_sigmoid(kit) -> None:
     """Item 19.6: a one-output model's "probability" is σ(logit), not a softmax over one value (≡ 1)."""
     case = kit.case("conv2d")
     _needs(case, "masked_outputs", "upsample")
-    activations, _, outputs = case.reference(None)
+    activations, _, _ = case.reference(None)
     acts = _channels_first(case, activations)
     up = case.upsample(acts, case.input_spatial)
     axes = tuple(range(2, up.ndim))

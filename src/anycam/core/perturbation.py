@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from .._errors import ConfigError
+from .._errors import ConfigError, InputError
 from .normalize import normalize
 from .resize import resize
 
@@ -249,17 +249,17 @@ def ablated_head_features(
     """
     p = np.asarray(pooled, _F)
     if p.ndim != 2:
-        raise ValueError(f"pooled features must be (N, C), got shape {p.shape}")
+        raise InputError(f"pooled features must be (N, C), got shape {p.shape}")
     index = np.asarray(channels, dtype=np.int64).reshape(-1)
     if index.size and (index.min() < 0 or index.max() >= p.shape[1]):
-        raise ValueError(f"channels must lie in [0, {p.shape[1]}), got {index.min()}..{index.max()}")
+        raise InputError(f"channels must lie in [0, {p.shape[1]}), got {index.min()}..{index.max()}")
     if weight is None:
         copies = np.repeat(p[None], index.size, axis=0)
         copies[np.arange(index.size), :, index] = 0.0
         return copies
     w = np.asarray(weight, _F)
     if w.ndim != 2 or w.shape[0] != p.shape[1]:
-        raise ValueError(f"weight must be (C, F) with C={p.shape[1]}, got shape {w.shape}")
+        raise InputError(f"weight must be (C, F) with C={p.shape[1]}, got shape {w.shape}")
     z = head_features(p, w, bias)
     # (B, N, 1) · (B, 1, F): each copy loses its channel's contribution p_k W_k.
     return z[None] - p[:, index].T[:, :, None] * w[index][:, None, :]

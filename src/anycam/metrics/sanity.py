@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from .. import core
-from .._errors import BackendError, InputError, require
+from .._errors import BackendError, ConfigError, InputError, require
 from ..explain.explainer import Explainer
 
 
@@ -166,7 +166,7 @@ def sanity_check(
             copy and randomise its model); raised before any work.
     """
     if mode not in ("cascading", "independent", "full"):
-        raise ValueError(f"unknown mode {mode!r}; choose 'cascading', 'independent' or 'full'")
+        raise ConfigError(f"unknown mode {mode!r}; choose 'cascading', 'independent' or 'full'")
     backend = explainer.backend
     if "randomize" not in backend.capabilities:
         raise BackendError(

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from .._errors import InputError
+from .._errors import ConfigError, InputError
 from . import faithfulness, localisation
 
 #: The metrics :class:`StreamingMetrics` can accumulate, and the summary key of each.
@@ -67,9 +67,9 @@ class StreamingMetrics:
         names = (names,) if isinstance(names, str) else tuple(names)
         unknown = [n for n in names if n not in METRICS]
         if unknown or not names:
-            raise ValueError(f"unknown metric(s) {unknown or names}; choose from {', '.join(METRICS)}")
+            raise ConfigError(f"unknown metric(s) {unknown or names}; choose from {', '.join(METRICS)}")
         if not isinstance(score, str):
-            raise ValueError("score must be 'probability' or 'logit' here (a function cannot be stored in the config)")
+            raise ConfigError("score must be 'probability' or 'logit' here (a function cannot be stored in the config)")
         self.predict = predict
         self.names = names
         self.options: dict[str, Any] = {

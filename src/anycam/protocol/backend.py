@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from .._errors import ConfigTypeError, UnsupportedError
 from ..core.targets import TargetSpec
 
 
@@ -137,13 +138,13 @@ class Backend(abc.ABC):
         unknown = sorted(set(cls.capabilities) - set(CAPABILITIES))
         if unknown:
             known = sorted(CAPABILITIES)
-            raise TypeError(f"{cls.__qualname__} declares unknown capabilities {unknown}; known: {known}")
+            raise ConfigTypeError(f"{cls.__qualname__} declares unknown capabilities {unknown}; known: {known}")
         for capability in cls.capabilities:
             verbs = CAPABILITIES[capability]
             overridden = [verb for verb in verbs if getattr(cls, verb) is not getattr(Backend, verb)]
             complete = bool(overridden) if capability == "head_scores" else len(overridden) == len(verbs)
             if not complete:
-                raise TypeError(
+                raise ConfigTypeError(
                     f"{cls.__qualname__} declares {capability!r} but does not implement {', '.join(verbs)}"
                 )
 
@@ -173,7 +174,8 @@ class Backend(abc.ABC):
 
     # Optional capabilities of the methods beyond gradients (Score-CAM, Ablation-CAM, guided
     # backpropagation). The method math stays in the core and the Explainer; a backend only runs
-    # its framework. The defaults raise NotImplementedError naming the backend and the method.
+    # its framework. The defaults raise anycam.UnsupportedError (a NotImplementedError) naming the
+    # backend and the method.
 
     def head_scores(
         self, inputs: Any, replacements: np.ndarray, target: TargetSpec, indices: np.ndarray | None
@@ -195,7 +197,7 @@ class Backend(abc.ABC):
         Returns:
             ``(B, N, K)`` float32.
         """
-        raise NotImplementedError(f"the {self.name} backend has no head_scores(), which ablationcam needs")
+        raise UnsupportedError(f"the {self.name} backend has no head_scores(), which ablationcam needs")
 
     def head_scorer(
         self, inputs: Any, target: TargetSpec, indices: np.ndarray | None
@@ -284,7 +286,7 @@ class Backend(abc.ABC):
             anycam.TargetError: ``probabilities=True`` with a callable target (Score-CAM then
                 needs class scores, or a callable that returns what to weight by).
         """
-        raise NotImplementedError(f"the {self.name} backend has no input_scores(), which scorecam needs")
+        raise UnsupportedError(f"the {self.name} backend has no input_scores(), which scorecam needs")
 
     def guided_gradients(self, inputs: Any, target: TargetSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """Returns ∂score/∂input with every ReLU's backward replaced by the guided rule.
@@ -301,7 +303,7 @@ class Backend(abc.ABC):
             (attributions ``(N, K, *input_shape_without_N)`` float32 in the input's layout,
             scores ``(N, K)`` float32, indices ``(N, K)`` int64 or None for a callable target).
         """
-        raise NotImplementedError(
+        raise UnsupportedError(
             f"the {self.name} backend has no guided_gradients(), which guided-backprop and guided-gradcam need"
         )
 
@@ -327,7 +329,7 @@ class Backend(abc.ABC):
         Used by ``anycam.sanity_check`` to randomise the model layer by layer. Backends whose
         models do not record their call order (Flax) use ``inputs``, a batch, to trace it.
         """
-        raise NotImplementedError(f"the {self.name} backend cannot list its parameter layers")
+        raise UnsupportedError(f"the {self.name} backend cannot list its parameter layers")
 
     def randomized(self, layers: Sequence[str], seed: int = 0) -> Backend:
         """Returns a backend over a *copy* of the model whose ``layers`` are re-initialised.
@@ -335,7 +337,7 @@ class Backend(abc.ABC):
         Each layer gets fresh weights from the framework's own initialiser; the user's model
         is never touched. The copy explains the same layers with the same options.
         """
-        raise NotImplementedError(f"the {self.name} backend cannot randomise a model copy")
+        raise UnsupportedError(f"the {self.name} backend cannot randomise a model copy")
 
 
 def select_output(output: Any, selector: Any) -> Any:
