@@ -10,7 +10,14 @@
 ((1, 224, 224), 0.0, 1.0)
 """
 
-from .checks import check_batch, check_scores_shape, forward_error, is_input_failure, non_finite_input
+from .checks import (
+    check_batch,
+    check_scores_shape,
+    forward_error,
+    integer_input_error,
+    is_input_failure,
+    non_finite_input,
+)
 from .guided import attribution_map, guided_gradcam
 from .layout import (
     LAYOUTS,
@@ -98,6 +105,7 @@ __all__ = [
     "head_features",
     "heatmaps",
     "hirescam",
+    "integer_input_error",
     "interpolation_matrix",
     "is_input_failure",
     "kpcacam",

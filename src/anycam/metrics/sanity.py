@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from .. import core
-from .._errors import BackendError, ConfigError, InputError, require
+from .._errors import BackendError, ConfigError, ConfigTypeError, InputError, require
 from ..explain.explainer import Explainer
 
 
@@ -161,10 +161,13 @@ def sanity_check(
         A :class:`SanityResult` with one row per layer, in randomisation order.
 
     Raises:
-        ValueError: for an unknown mode.
+        anycam.ConfigTypeError: ``explainer`` is not an ``anycam.Explainer``.
+        anycam.ConfigError: for an unknown mode.
         anycam.BackendError: the backend does not declare the ``randomize`` capability (it cannot
             copy and randomise its model); raised before any work.
     """
+    if not isinstance(explainer, Explainer):
+        raise ConfigTypeError(f"sanity_check takes an anycam.Explainer, got {type(explainer).__name__}")
     if mode not in ("cascading", "independent", "full"):
         raise ConfigError(f"unknown mode {mode!r}; choose 'cascading', 'independent' or 'full'")
     backend = explainer.backend

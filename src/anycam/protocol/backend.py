@@ -412,11 +412,45 @@ def as_list(layer: Any) -> list[Any]:
     return [layer]
 
 
+EXPLAINER_ARGUMENTS = (
+    "model",
+    "layer",
+    "method",
+    "backend",
+    "output",
+    "layout",
+    "token_grid",
+    "input_layout",
+    "normalize",
+    "upsample",
+    "aggregate",
+    "relu",
+    "spatial_input",
+    "model_kwargs",
+    "batch_size",
+    "progress",
+    "scorecam",
+    "scorecam_top_k",
+    "seed",
+)
+"""``anycam.Explainer``'s own arguments, for the near-miss hint of an unknown option (kept equal by a test)."""
+
+
 def check_options(backend: str, options: dict[str, Any], known: Sequence[str]) -> None:
-    """Raises ``anycam.ConfigTypeError`` (a TypeError) for unknown options, listing the known ones."""
-    from .._errors import ConfigTypeError
+    """Raises ``anycam.ConfigTypeError`` (a TypeError) for unknown options, listing the known ones.
+
+    A near miss of an option or of one of the Explainer's own arguments (``normalise=`` for
+    ``normalize=``) is named first: the Explainer passes every keyword it does not take to the
+    backend, so a misspelt Explainer argument lands here.
+    """
+    from .._errors import closest
 
     unknown = sorted(set(options) - set(known))
     if unknown:
+        candidates = dict.fromkeys([*known, *EXPLAINER_ARGUMENTS])
+        hints = "".join(closest(name, candidates, n=2) for name in unknown)
         accepted = ", ".join(sorted(known)) or "none"
-        raise ConfigTypeError(f"unknown option(s) {', '.join(unknown)} for the {backend} backend; accepted: {accepted}")
+        raise ConfigTypeError(
+            f"unknown option(s) {', '.join(unknown)} for the {backend} backend; accepted: {accepted} "
+            f"(besides the Explainer's own arguments){hints}"
+        )
