@@ -199,6 +199,9 @@ class Explainer:
             layer = "auto (chosen at the first call)"
         else:
             layer = "[" + ", ".join(names) + "]" + (" (auto)" if auto else "")
+        note = getattr(self.backend, "auto_note", None) if auto else None
+        if note:
+            layer += f"; note: {note}"
         return f"Explainer(method={self.method!r}, backend={self.backend.name!r}, layer={layer})"
 
     def __call__(self, inputs: Any, target: Any = None) -> np.ndarray:

@@ -133,6 +133,10 @@ class Backend(abc.ABC):
     auto_layer: bool = False
     """Whether the layer was chosen (or is to be chosen) by the automatic rule."""
 
+    auto_note: str | None = None
+    """Why the automatic rule's choice may not be the map wanted (``anycam.protocol.layers.choice_note``),
+    shown in the Explainer's ``repr``; None when there is nothing to say."""
+
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         unknown = sorted(set(cls.capabilities) - set(CAPABILITIES))
