@@ -386,3 +386,24 @@ def test_guided_backprop_needs_no_layer(kit, request) -> None:  # type: ignore[n
     np.testing.assert_array_equal(auto.heatmap, given.heatmap)
     # A backend that chooses the automatic layer without a forward pass (JAX) names it.
     assert auto.layer == (explainer.layer_names[0] if explainer.layer_names else ())
+
+
+def test_progress_true_draws_a_bar_on_every_long_running_entry_point(kit, capsys) -> None:  # type: ignore[no-untyped-def]
+    """Item 20.3: Score-CAM, Ablation-CAM, TTA and the sanity check draw a tqdm bar for progress=True."""
+    pytest.importorskip("tqdm")
+    case = kit.case("conv2d")
+    options = {"layout": case.layout, **case.options}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", anycam.AnycamWarning)
+        for method in ("scorecam", "ablationcam"):
+            anycam.Explainer(case.model, case.layer, method=method, progress=True, **options).explain(case.inputs)
+            assert f"anycam {method} " in capsys.readouterr().err
+            anycam.Explainer(case.model, case.layer, method=method, progress=False, **options).explain(case.inputs)
+            assert capsys.readouterr().err == ""
+        explainer = anycam.Explainer(case.model, case.layer, progress=True, **options)
+        anycam.TTAExplainer(explainer, flip=True).explain(case.inputs)  # two views of one size (Keras fixes it)
+        assert "anycam tta:" in capsys.readouterr().err
+        anycam.sanity_check(explainer, case.inputs, mode="full", progress=True)
+        assert "anycam sanity_check full:" in capsys.readouterr().err
+        anycam.sanity_check(explainer, case.inputs, mode="full", progress=False)
+        assert capsys.readouterr().err == ""

@@ -18,6 +18,7 @@ import numpy as np
 
 from .. import core
 from .._errors import ConfigError, ConfigTypeError, InputError, TargetError
+from .._progress import progress_bar
 from .explainer import Explainer
 from .explanation import Explanation
 
@@ -121,33 +122,36 @@ class TTAExplainer(Explainer):
         combined: list[np.ndarray] | None = None
         first: Explanation | None = None
         squeeze = False
-        for scale, flipped in self.views():
-            view = images
-            if scale != 1.0:
-                size = tuple(max(1, round(scale * s)) for s in spatial)
-                moved = np.moveaxis(view, -1, 1) if layout == "channels_last" else view
-                moved = core.resize(moved, size, "linear").astype(images.dtype)
-                view = np.moveaxis(moved, 1, -1) if layout == "channels_last" else moved
-            if flipped:
-                view = np.flip(view, axis=width_axis)
-            view = np.ascontiguousarray(view)
-            explanation = self.explainer.explain(view, target if first is None else _resolved(first, target))
-            if first is None:
-                first = explanation
-                squeeze = explanation.heatmap.ndim == images.ndim - 1
-            maps = []
-            for cam in explanation.cams:
-                cam = cam[:, None] if squeeze else cam  # (N, K, *S_layer)
-                up = core.resize(cam, spatial[-(cam.ndim - 2) :], self.upsample or "linear")
-                maps.append(np.flip(up, axis=-1) if flipped else up)
-            if combined is None:
-                combined = maps
-            elif self.combine == "mean":
-                combined = [total + m for total, m in zip(combined, maps, strict=True)]
-            else:
-                combined = [np.maximum(total, m) for total, m in zip(combined, maps, strict=True)]
+        views = self.views()
+        with progress_bar(self.progress, len(views), "anycam tta", "view", leave=False) as bar:
+            for scale, flipped in views:
+                view = images
+                if scale != 1.0:
+                    size = tuple(max(1, round(scale * s)) for s in spatial)
+                    moved = np.moveaxis(view, -1, 1) if layout == "channels_last" else view
+                    moved = core.resize(moved, size, "linear").astype(images.dtype)
+                    view = np.moveaxis(moved, 1, -1) if layout == "channels_last" else moved
+                if flipped:
+                    view = np.flip(view, axis=width_axis)
+                view = np.ascontiguousarray(view)
+                explanation = self.explainer.explain(view, target if first is None else _resolved(first, target))
+                if first is None:
+                    first = explanation
+                    squeeze = explanation.heatmap.ndim == images.ndim - 1
+                maps = []
+                for cam in explanation.cams:
+                    cam = cam[:, None] if squeeze else cam  # (N, K, *S_layer)
+                    up = core.resize(cam, spatial[-(cam.ndim - 2) :], self.upsample or "linear")
+                    maps.append(np.flip(up, axis=-1) if flipped else up)
+                if combined is None:
+                    combined = maps
+                elif self.combine == "mean":
+                    combined = [total + m for total, m in zip(combined, maps, strict=True)]
+                else:
+                    combined = [np.maximum(total, m) for total, m in zip(combined, maps, strict=True)]
+                bar.update(1)
         assert combined is not None and first is not None
-        count = len(self.views())
+        count = len(views)
         if self.combine == "mean" and count > 1:
             combined = [total / count for total in combined]
         heatmap = core.heatmaps(combined, None, normalization=self.normalize, aggregate=self.aggregate)
