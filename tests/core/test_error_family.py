@@ -54,7 +54,8 @@ def test_every_public_callable_raises_only_anycam_errors_and_warnings(
     if short in NOT_CALLED:
         pytest.skip(NOT_CALLED[short])
     if short in AFTER_STORE_MERGE:
-        request.applymarker(pytest.mark.xfail(strict=True, reason="the store's errors are fixed on the t19-store branch"))
+        reason = "the store's errors are fixed on the t19-store branch"
+        request.applymarker(pytest.mark.xfail(strict=True, reason=reason))
     required = [
         p
         for p in inspect.signature(function).parameters.values()
@@ -68,7 +69,7 @@ def test_every_public_callable_raises_only_anycam_errors_and_warnings(
             pass
         except Warning as warning:
             assert isinstance(warning, anycam.AnycamWarning), f"{name} warned {type(warning).__name__}: {warning}"
-        except Exception as exc:  # noqa: BLE001 - the point: any other type is the defect
+        except Exception as exc:  # the point: any other type is the defect
             pytest.fail(f"{name}({bad}) raised {type(exc).__name__}: {exc}")
 
 
@@ -99,7 +100,9 @@ IMAGES = np.zeros((2, 3, 8, 8), np.float32)
         ({"pixels": IMAGES, "mask": np.zeros((5, 1, 8, 8), np.float32)}, "pixels", ("'pixels': N=2", "'mask': N=5")),
     ],
 )
-def test_batched_inputs_must_share_the_spatial_inputs_n(inputs: Any, spatial_input: Any, listed: tuple[str, ...]) -> None:
+def test_batched_inputs_must_share_the_spatial_inputs_n(
+    inputs: Any, spatial_input: Any, listed: tuple[str, ...]
+) -> None:
     """Item 19.4: the boundary every backend passes refuses a mismatch, naming each input's N."""
     with pytest.raises(anycam.InputError, match="different batch sizes") as info:
         structure_inputs(inputs, is_spatial=_spatial, spatial_input=spatial_input)
@@ -120,7 +123,8 @@ def test_unbatched_values_and_constants_are_not_batch_checked() -> None:
 
 def test_no_spatial_axis_names_the_input_and_spatial_input() -> None:
     """Item 19.14: the message says which input and how to name the one with the grid."""
-    with pytest.raises(anycam.InputError, match=r"input 'input_ids' of shape \(2, 7\) has no spatial axis.*spatial_input="):
+    expected = r"input 'input_ids' of shape \(2, 7\) has no spatial axis.*spatial_input="
+    with pytest.raises(anycam.InputError, match=expected):
         core.spatial_shape((2, 7), "channels_first", "input 'input_ids'")
 
 
