@@ -138,3 +138,34 @@ def test_integer_inputs_are_not_advised_to_become_pixels_alone() -> None:
 def test_a_forward_failure_on_shapes_mentions_the_batch_size() -> None:
     error = core.forward_error(RuntimeError("size mismatch, got 3 and 2"), (2, 3, 8, 8), "channels_first")
     assert error is not None and "same N rows" in str(error)
+
+
+class _Bfloat16Tensor:
+    """Behaves as a CPU torch bfloat16 tensor does towards NumPy: __array__ raises TypeError."""
+
+    def __init__(self, values: np.ndarray, convertible: bool = False) -> None:
+        self.values, self.convertible = values, convertible
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        if not self.convertible:
+            raise TypeError("Got unsupported ScalarType BFloat16")
+        return self.values
+
+    def detach(self) -> _Bfloat16Tensor:
+        return self
+
+    def cpu(self) -> _Bfloat16Tensor:
+        return self
+
+    def float(self) -> _Bfloat16Tensor:
+        return _Bfloat16Tensor(self.values.astype(np.float32), convertible=True)
+
+
+def test_score_cams_inputs_take_a_bfloat16_tensor_as_float32() -> None:
+    """Item 19.13: bf16 Score-CAM in torch raised NumPy's raw TypeError; bf16 is documented."""
+    from anycam.explain.perturbation import numpy_input
+
+    values = np.arange(12, dtype=np.float32).reshape(1, 3, 2, 2) / 8  # exact in bfloat16
+    got = numpy_input(_Bfloat16Tensor(values))
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got, values)

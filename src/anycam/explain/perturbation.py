@@ -43,11 +43,19 @@ def _rows(explainer: Explainer, values_per_row: int, budget: int) -> int:
 
 
 def _numpy(value: Any) -> np.ndarray:
+    """Returns ``value`` as NumPy; a device tensor as its CPU copy, a bfloat16 one as float32."""
     try:
         return np.asarray(value)
     except (TypeError, RuntimeError):
-        # A CUDA torch tensor refuses __array__; its CPU copy is what the masks multiply.
-        return np.asarray(value.detach().cpu())
+        pass
+    # A CUDA torch tensor refuses __array__; its CPU copy is what the masks multiply.
+    copy = value.detach().cpu()
+    try:
+        return np.asarray(copy)
+    except TypeError:
+        # NumPy has no dtype for torch's bfloat16 ("unsupported ScalarType BFloat16"); float32
+        # holds every bfloat16 value exactly, and the masks multiply in float32 anyway.
+        return np.asarray(copy.float())
 
 
 def numpy_input(inputs: Any) -> np.ndarray:
