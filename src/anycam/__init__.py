@@ -19,6 +19,7 @@ from ._errors import (
     NonFiniteError,
     TargetError,
     TrainingModeWarning,
+    UnsupportedError,
     ZeroMapWarning,
 )
 from .core.targets import top_k
@@ -54,6 +55,7 @@ __all__ = [
     "TTAExplainer",
     "TargetError",
     "TrainingModeWarning",
+    "UnsupportedError",
     "ZeroMapWarning",
     "__version__",
     "core",

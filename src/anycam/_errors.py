@@ -88,6 +88,10 @@ class TrainingModeWarning(AnycamWarning):
     """A module that behaves differently in training is in training mode."""
 
 
+class UnsupportedError(AnycamError, NotImplementedError):
+    """The backend cannot do what was asked of this model (a capability it lacks, a model it cannot copy)."""
+
+
 class MissingExtraError(AnycamError, ImportError):
     """An optional dependency (matplotlib, Pillow, scipy) that a feature needs cannot be imported."""
 

@@ -1,10 +1,16 @@
 """The one progress-bar rule of anycam, shared by the Explainer, the metrics and the dataset runner.
 
-``progress=True`` always shows a tqdm bar (and raises ``anycam.MissingExtraError`` naming the
-install when tqdm is missing); ``progress=False`` never does; ``progress=None`` (every default)
-shows one only once the work has taken over 2 s (tqdm's ``delay``), and silently none where tqdm
-is not installed. tqdm is optional: ``pip install tqdm`` (it comes with ``anycam[metrics]`` and
-``anycam[dataset]``).
+``progress=True`` always shows a tqdm bar; ``progress=False`` never does; ``progress=None``
+(every default) shows one only once the work has taken over 2 s (tqdm's ``delay``), so short
+runs stay quiet and long ones (Score-CAM on a large network, the metrics, TTA, the sanity
+check, a dataset) are never silent. tqdm is one of anycam's own dependencies, installed with
+it; an environment that lacks it anyway gets no bar for ``None`` and an
+``anycam.MissingExtraError`` naming the install for ``True``.
+
+The long-running entry points and their bars: the Explainer's ``scorecam`` and ``ablationcam``
+(rows of masked inputs or ablated copies), ``TTAExplainer`` (views), ``anycam.metrics``'
+``deletion``/``insertion``/``average_drop_increase`` (scored images) and ``StreamingMetrics``,
+``anycam.sanity_check`` (randomised models), and ``explain_dataset`` and the CLI.
 """
 
 from __future__ import annotations
@@ -55,8 +61,9 @@ def progress_bar(progress: bool | None, total: int | None, desc: str, unit: str,
         except ImportError:
             if progress:
                 raise MissingExtraError(
-                    'progress=True needs tqdm: pip install tqdm (or "anycam[metrics]"); progress=None shows '
-                    "a bar only where tqdm is installed"
+                    'progress=True needs tqdm, a dependency of anycam missing from this environment: '
+                    'pip install tqdm (or reinstall anycam: pip install anycam, or pip install . from a checkout)'
+                    "; progress=None shows a bar only where tqdm is installed"
                 ) from None
         else:
             bar = tqdm(total=total, desc=desc, unit=unit, delay=0 if progress else DELAY, **options)

@@ -129,13 +129,33 @@ def test_a_tta_explainer_works_with_the_metrics_and_the_dataset_runner(model, tm
 
 def test_bad_tta_settings_raise_clear_errors(model):
     explainer = anycam.Explainer(model, "features")
-    with pytest.raises(ValueError, match="positive numbers"):
+    # anycam errors that are also the builtin they refine.
+    with pytest.raises(anycam.ConfigError, match="positive numbers"):
         anycam.TTAExplainer(explainer, scales=(1.0, 0))
-    with pytest.raises(ValueError, match="combine"):
+    with pytest.raises(anycam.ConfigError, match="combine"):
         anycam.TTAExplainer(explainer, combine="median")
-    with pytest.raises(ValueError, match="upsample=None"):
+    with pytest.raises(anycam.ConfigError, match="upsample=None"):
         anycam.TTAExplainer(anycam.Explainer(model, "features", upsample=None))
-    with pytest.raises(ValueError, match="input attribution"):
+    with pytest.raises(anycam.ConfigError, match="input attribution"):
         anycam.TTAExplainer(anycam.Explainer(model, "features", method="guided-gradcam"))
+    with pytest.raises(anycam.ConfigTypeError, match="wraps an anycam.Explainer"):
+        anycam.TTAExplainer(model)
     with pytest.raises(anycam.InputError, match="one image batch"):
         anycam.TTAExplainer(explainer).explain({"x": images(1)})
+
+
+def test_flipped_views_refuse_a_callable_target(model):
+    """Item 19.8: a callable may score a place (here the left half of a logit map), which a flip mirrors."""
+    x = images(2)
+
+    def left_half(output):
+        return output[:, :2].sum(dim=1)  # stands in for a region/box score
+
+    flipping = anycam.TTAExplainer(anycam.Explainer(model, "features"), scales=(1.0, 0.75), flip=True)
+    with pytest.raises(anycam.TargetError, match="flip=False"):
+        flipping.explain(x, target=left_half)
+    # Without flips the callable is explained on every scale, as the wrapped Explainer would.
+    scaled = anycam.TTAExplainer(anycam.Explainer(model, "features"), scales=(1.0,), flip=False)
+    np.testing.assert_array_equal(scaled(x, target=left_half), anycam.Explainer(model, "features")(x, target=left_half))
+    # Class targets do not move under a flip, so flips keep them.
+    assert flipping(x, target=1).shape == (2, *x.shape[2:])

@@ -10,7 +10,14 @@
 ((1, 224, 224), 0.0, 1.0)
 """
 
-from .checks import check_batch, check_scores_shape, forward_error, is_input_failure, non_finite_input
+from .checks import (
+    check_batch,
+    check_scores_shape,
+    forward_error,
+    integer_input_error,
+    is_input_failure,
+    non_finite_input,
+)
 from .guided import attribution_map, guided_gradcam
 from .layout import (
     LAYOUTS,
@@ -54,6 +61,7 @@ from .perturbation import (
     head_features,
     scorecam_masks,
     scorecam_weights,
+    sigmoid,
     top_variance_channels,
 )
 from .pipeline import AGGREGATIONS, LayerResult, check_finite, heatmaps, layer_cam
@@ -97,6 +105,7 @@ __all__ = [
     "head_features",
     "heatmaps",
     "hirescam",
+    "integer_input_error",
     "interpolation_matrix",
     "is_input_failure",
     "kpcacam",
@@ -114,6 +123,7 @@ __all__ = [
     "resolve_indices",
     "scorecam_masks",
     "scorecam_weights",
+    "sigmoid",
     "spatial_shape",
     "to_channels_first",
     "token_grid",

@@ -101,5 +101,28 @@ def forward_error(exc: BaseException, shape: tuple[int, ...], layout: str, what:
         f"the model failed on the {what} of shape {tuple(shape)}, read as {layout} {form}: "
         f"{type(exc).__name__}: {message}. Check the input's rank and channel placement against what the "
         "model was built for (a batch axis first; the channels where the model expects them), "
-        "or pass input_layout="
+        "or pass input_layout=; and that every batched value the model is called with (also one "
+        "given through model_kwargs=) has the same N rows"
+    )
+
+
+def integer_input_error(what: str, dtype: object, cast: str) -> InputError:
+    """Returns the error for an integer input where a floating-point one carries the heatmap's grid.
+
+    Integers are two different things: image pixels (0..255), which want scaling, and token ids
+    or class labels, which a cast would turn into meaningless numbers. The message says both.
+
+    Args:
+        what: the input's name in messages (``"input"``, ``"input 'input_ids'"``).
+        dtype: the input's dtype, as the framework prints it.
+        cast: the framework's spelling of the cast, e.g. ``"x.float() / 255"``.
+
+    >>> str(integer_input_error("input", "torch.int64", "x.float() / 255"))  # doctest: +ELLIPSIS
+    'input has dtype torch.int64, but the heatmap needs a floating-point input with spatial axes: ...'
+    """
+    return InputError(
+        f"{what} has dtype {dtype}, but the heatmap needs a floating-point input with spatial axes: "
+        f"if it holds image pixels, scale them ({cast}); if it holds token ids, labels or other integers, "
+        "do not cast them: pass them beside the floating-point input that has spatial axes (a tuple or "
+        "dict, with spatial_input= naming it), or explain a layer of a model that takes such an input"
     )

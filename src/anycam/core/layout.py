@@ -99,16 +99,24 @@ def to_channels_first(
     return np.moveaxis(patches, -1, lead)
 
 
-def spatial_shape(shape: tuple[int, ...], layout: str) -> tuple[int, ...]:
+def spatial_shape(shape: tuple[int, ...], layout: str, what: str = "input") -> tuple[int, ...]:
     """Returns the spatial part of an input of ``shape`` ``(N, ...)`` in ``layout``.
 
+    Args:
+        shape: the input's shape, batch first.
+        layout: ``"channels_first"`` or ``"channels_last"``.
+        what: the input's name in messages (``"input 'pixel_values'"`` for one of several).
+
     Raises:
-        InputError: if the input has no spatial axis.
+        InputError: if the input has no spatial axis; the message names the input and
+            ``spatial_input=`` (the input that carries the grid may be another one).
     """
     layout = canonical_layout(layout)
     if len(shape) < 3:
         raise InputError(
-            f"input of shape {tuple(shape)} has no spatial axis; expected (N, C, *spatial) or (N, *spatial, C)"
+            f"{what} of shape {tuple(shape)} has no spatial axis; expected (N, C, *spatial) or (N, *spatial, C). "
+            "The heatmap takes its grid from an image-like input: if the model takes several inputs, pass them "
+            "all (a tuple or dict) and name that one with spatial_input="
         )
     if layout == "channels_first":
         return tuple(shape[2:])

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from .._errors import ConfigError
+from .._errors import ConfigError, InputError
 from .normalize import normalize
 from .resize import resize
 
@@ -111,6 +111,18 @@ def scorecam_weights(scores: np.ndarray, variant: str = "probability", *, mask: 
     exp = np.where(keep, np.exp(np.where(keep, values, 0.0) - peak), 0.0)
     total = np.sum(exp, axis=-1, keepdims=True)
     return exp / np.where(total > 0, total, 1.0)
+
+
+def sigmoid(scores: np.ndarray) -> np.ndarray:
+    """Returns 1 / (1 + exp(−s)) in float64, computed as exp(−log(1 + exp(−s))) (no overflow).
+
+    Score-CAM's ``"probability"`` for a model with one output: a binary classifier's logit s
+    means the probability σ(s); the softmax over one class would be 1 for every masked input.
+
+    >>> sigmoid(np.array([0.0, np.log(3.0), -1000.0]))
+    array([0.5 , 0.75, 0.  ])
+    """
+    return np.exp(-np.logaddexp(0.0, -np.asarray(scores, _F)))
 
 
 def top_variance_channels(activations: np.ndarray, k: int, channel_axis: int = 1) -> np.ndarray:
@@ -237,17 +249,17 @@ def ablated_head_features(
     """
     p = np.asarray(pooled, _F)
     if p.ndim != 2:
-        raise ValueError(f"pooled features must be (N, C), got shape {p.shape}")
+        raise InputError(f"pooled features must be (N, C), got shape {p.shape}")
     index = np.asarray(channels, dtype=np.int64).reshape(-1)
     if index.size and (index.min() < 0 or index.max() >= p.shape[1]):
-        raise ValueError(f"channels must lie in [0, {p.shape[1]}), got {index.min()}..{index.max()}")
+        raise InputError(f"channels must lie in [0, {p.shape[1]}), got {index.min()}..{index.max()}")
     if weight is None:
         copies = np.repeat(p[None], index.size, axis=0)
         copies[np.arange(index.size), :, index] = 0.0
         return copies
     w = np.asarray(weight, _F)
     if w.ndim != 2 or w.shape[0] != p.shape[1]:
-        raise ValueError(f"weight must be (C, F) with C={p.shape[1]}, got shape {w.shape}")
+        raise InputError(f"weight must be (C, F) with C={p.shape[1]}, got shape {w.shape}")
     z = head_features(p, w, bias)
     # (B, N, 1) · (B, 1, F): each copy loses its channel's contribution p_k W_k.
     return z[None] - p[:, index].T[:, :, None] * w[index][:, None, :]

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .._errors import ConfigError, NonFiniteError
+from .._errors import ConfigError, InputError, NonFiniteError
 from .layout import to_channels_first
 from .methods import compute_cam
 from .normalize import scaled
@@ -139,7 +139,7 @@ def heatmaps(
         return maps[0]
     shapes = {m.shape for m in maps}
     if len(shapes) != 1:
-        raise ValueError(f"layers give maps of different shapes {sorted(shapes)}; upsample them to one size")
+        raise InputError(f"layers give maps of different shapes {sorted(shapes)}; upsample them to one size")
     stacked = np.stack(maps)
     combined = stacked.mean(axis=0) if aggregate == "mean" else stacked.max(axis=0)
     return scaled(combined, normalization, maps[0].ndim - 2, np.float32, overwrite=True)

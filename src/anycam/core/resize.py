@@ -15,7 +15,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from .._errors import ConfigError
+from .._errors import ConfigError, InputError
 
 RESIZE_MODES = ("linear", "nearest")
 
@@ -36,7 +36,7 @@ def interpolation_matrix(size_in: int, size_out: int, mode: str = "linear") -> n
            [0.  , 1.  ]])
     """
     if size_in < 1 or size_out < 1:
-        raise ValueError(f"sizes must be positive, got {size_in} -> {size_out}")
+        raise InputError(f"sizes must be positive, got {size_in} -> {size_out}")
     scale = size_in / size_out
     rows = np.arange(size_out)
     matrix = np.zeros((size_out, size_in), dtype=np.float64)
@@ -76,7 +76,7 @@ def resize(array: np.ndarray, size: Sequence[int], mode: str = "linear") -> np.n
         raise ConfigError(f"unknown resize mode {mode!r}; choose 'linear' or 'nearest'")
     size = tuple(int(s) for s in size)
     if len(size) > array.ndim:
-        raise ValueError(f"cannot resize an array of shape {array.shape} to {size}")
+        raise InputError(f"cannot resize an array of shape {array.shape} to {size}")
     out = np.asarray(array, dtype=np.float64)
     first = array.ndim - len(size)
     for axis, target in enumerate(size, start=first):

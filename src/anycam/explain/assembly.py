@@ -148,7 +148,9 @@ def assemble(
     cams = tuple(shaped(r.cam) for r in results)
     target = capture.target
     names = explainer.layer_names
-    layer: str | tuple[str, ...] = names[0] if explainer.single_layer else names
+    # guided-backprop with layer=None/"auto" runs no capture, so no layer is ever chosen: it
+    # reads none, and says so with an empty tuple.
+    layer: str | tuple[str, ...] = names[0] if explainer.single_layer and names else names
     return Explanation(
         heatmap=shaped(heatmap),  # type: ignore[arg-type]
         cam=cams[0],  # type: ignore[arg-type]

@@ -73,7 +73,9 @@ class Explainer:
             C). Default: about 16 MB of masked inputs for Score-CAM (27 rows at 3 × 224²; the
             network's own activations for those rows come on top), 256 MB of ablated copies for
             Ablation-CAM (16 MB where the backend keeps the part before the layer between chunks,
-            as PyTorch's does: cache-sized chunks are faster there).
+            as PyTorch's does: cache-sized chunks are faster there). With a callable target,
+            Score-CAM's calls take one masked copy of each of the N samples (a callable scores
+            the N samples' outputs, row i from sample i, in every method).
         progress: a tqdm progress bar over the chunks of ``scorecam``/``ablationcam``: True
             always, False never, None (default) only once a run has taken over 2 s. Needs
             ``tqdm`` (optional); None without it shows nothing.
@@ -81,7 +83,9 @@ class Explainer:
             ``anycam.core.scorecam_weights``): ``"probability"`` (default, the authors' code:
             the class's softmax probability), ``"softmax"`` (softmax over channels of the raw
             scores: the paper's Algorithm 1, torchcam) or ``"pytorch-grad-cam"`` (``"softmax"``
-            with masks upsampled with aligned corners, reproducing its ``ScoreCAM``).
+            with masks upsampled with aligned corners, reproducing its ``ScoreCAM``). A model
+            with one output gets the sigmoid of its logit as ``"probability"`` (a softmax over
+            one value is always 1).
         scorecam_top_k: Faster Score-CAM: score only the k channels of largest activation
             variance per sample (the others get weight 0). None scores every channel.
         seed: the seed of ``randomcam``'s weights.
@@ -199,6 +203,9 @@ class Explainer:
             layer = "auto (chosen at the first call)"
         else:
             layer = "[" + ", ".join(names) + "]" + (" (auto)" if auto else "")
+        note = getattr(self.backend, "auto_note", None) if auto else None
+        if note:
+            layer += f"; note: {note}"
         return f"Explainer(method={self.method!r}, backend={self.backend.name!r}, layer={layer})"
 
     def __call__(self, inputs: Any, target: Any = None) -> np.ndarray:

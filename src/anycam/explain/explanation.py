@@ -24,7 +24,8 @@ class Explanation:
             Guided Grad-CAM's those of its Grad-CAM factor.
         scores: the explained model outputs, ``(N,)`` or ``(N, K)``.
         target: resolved class indices ``(N,)`` or ``(N, K)``, or None for callable targets.
-        layer: the layer name, or a tuple of names for several layers.
+        layer: the layer name, or a tuple of names for several layers; an empty tuple for
+            ``guided-backprop`` with ``layer=None`` or ``"auto"`` (it reads no layer).
         method: the method used.
         attribution: for the input-resolution methods (``guided-backprop``, ``guided-gradcam``)
             the signed attribution ``(N, C_in, *input_spatial)`` or ``(N, K, C_in, *input_spatial)``,

@@ -43,11 +43,19 @@ def _rows(explainer: Explainer, values_per_row: int, budget: int) -> int:
 
 
 def _numpy(value: Any) -> np.ndarray:
+    """Returns ``value`` as NumPy; a device tensor as its CPU copy, a bfloat16 one as float32."""
     try:
         return np.asarray(value)
     except (TypeError, RuntimeError):
-        # A CUDA torch tensor refuses __array__; its CPU copy is what the masks multiply.
-        return np.asarray(value.detach().cpu())
+        pass
+    # A CUDA torch tensor refuses __array__; its CPU copy is what the masks multiply.
+    copy = value.detach().cpu()
+    try:
+        return np.asarray(copy)
+    except TypeError:
+        # NumPy has no dtype for torch's bfloat16 ("unsupported ScalarType BFloat16"); float32
+        # holds every bfloat16 value exactly, and the masks multiply in float32 anyway.
+        return np.asarray(copy.float())
 
 
 def numpy_input(inputs: Any) -> np.ndarray:
@@ -99,7 +107,13 @@ def _mask_input(x: np.ndarray, masks: np.ndarray, input_layout: str) -> np.ndarr
 
 
 def scorecam(explainer: Explainer, inputs: Any, spec: core.TargetSpec) -> Explanation:
-    """Score-CAM (Wang et al. 2020): weights from the scores of the input masked by each channel."""
+    """Score-CAM (Wang et al. 2020): weights from the scores of the input masked by each channel.
+
+    A callable target gets the contract it has in every method: the model's output for the N
+    samples, row i from sample i. So with a callable each model call takes one masked copy of
+    every sample, in order (``batch_size`` does not split it); class-index targets are applied
+    per row, so their copies are chunked freely.
+    """
     backend = explainer.backend
     try:
         capture = backend.capture(inputs, spec, gradients=False)
@@ -115,7 +129,12 @@ def scorecam(explainer: Explainer, inputs: Any, spec: core.TargetSpec) -> Explan
     input_layout = backend.input_layout
     size = capture.input_spatial
     probabilities = explainer.scorecam == "probability" and spec.kind != "callable"
+    # One output (a binary classifier's logit): its softmax is 1 whatever the input, so every
+    # weight would be 1; the probability such a model means is the sigmoid of the logit.
+    sigmoid = probabilities and _one_output(backend, inputs, capture)
+    probabilities = probabilities and not sigmoid
     corners = explainer.scorecam == "pytorch-grad-cam"
+    per_sample = spec.kind == "callable"
     rows = _rows(explainer, x[0].size, SCORECAM_VALUES)
     count = capture.scores.shape[1]
     results = []
@@ -130,14 +149,21 @@ def scorecam(explainer: Explainer, inputs: Any, spec: core.TargetSpec) -> Explan
             chosen = np.broadcast_to(np.arange(channels), (batch, channels))
         else:
             chosen = core.top_variance_channels(acts, explainer.scorecam_top_k)
-        samples = np.repeat(np.arange(batch), chosen.shape[1])
-        picked = chosen.reshape(-1)
+        if per_sample:
+            # Copy j of every sample in one call: rows (0, j), (1, j), … (N − 1, j).
+            samples = np.tile(np.arange(batch), chosen.shape[1])
+            picked = chosen.T.reshape(-1)
+            step = batch
+        else:
+            samples = np.repeat(np.arange(batch), chosen.shape[1])
+            picked = chosen.reshape(-1)
+            step = rows
         scores = np.zeros((batch, count, channels), dtype=np.float64)
         scored = np.zeros((batch, 1, channels), dtype=bool)
         scored[samples, 0, picked] = True
         with progress_bar(explainer.progress, samples.size, f"anycam scorecam {name}", "row") as bar:
-            for start in range(0, samples.size, rows):
-                n, k = samples[start : start + rows], picked[start : start + rows]
+            for start in range(0, samples.size, step):
+                n, k = samples[start : start + step], picked[start : start + step]
                 masks = core.scorecam_masks(acts[n, k], size, align_corners=corners)
                 masked = _mask_input(x[n], masks, input_layout)  # x[n] is a fresh copy
                 targets = None if capture.target is None else capture.target[n]
@@ -146,10 +172,28 @@ def scorecam(explainer: Explainer, inputs: Any, spec: core.TargetSpec) -> Explan
                 scores[n, :, k] = out.reshape(len(n), count)
                 bar.update(len(n))
         core.check_finite(scores, "masked-input scores", name)
+        if sigmoid:
+            scores = core.sigmoid(scores)
         weights = core.scorecam_weights(scores, explainer.scorecam, mask=scored)
         cam = core.weighted_cam(acts[:, None], weights, channel_axis=2, rectify=explainer.relu)
         results.append(core.LayerResult(float32(cam), float32(weights)))
     return assemble(explainer, results, capture, spec)
+
+
+def _one_output(backend: Backend, inputs: Any, capture: Any) -> bool:
+    """Whether the explained output has a single class (every class-index target is then 0).
+
+    A target above 0 proves there are several; otherwise class 1 is asked for in one forward
+    pass (1/C of Score-CAM's cost), which only a one-output model refuses as out of range.
+    """
+    if capture.target is not None and np.any(capture.target > 0):
+        return False
+    batch = capture.scores.shape[0]
+    try:
+        backend.capture(inputs, core.parse_target([1] * batch), gradients=False)
+    except TargetError:
+        return True
+    return False
 
 
 def ablationcam(explainer: Explainer, inputs: Any, spec: core.TargetSpec) -> Explanation:

@@ -17,7 +17,8 @@ from typing import Any
 import numpy as np
 
 from .. import core
-from .._errors import InputError
+from .._errors import ConfigError, ConfigTypeError, InputError, TargetError
+from .._progress import progress_bar
 from .explainer import Explainer
 from .explanation import Explanation
 
@@ -37,8 +38,9 @@ class TTAExplainer(Explainer):
         combine: ``"mean"`` or ``"max"`` of the views' raw maps on the original grid.
 
     Raises:
-        ValueError: bad scales or combine, or an explainer with ``upsample=None`` (views of
-            different sizes have no common grid at layer resolution).
+        anycam.ConfigTypeError: ``explainer`` is not a plain ``anycam.Explainer``.
+        anycam.ConfigError: bad scales or combine, a guided method, or an explainer with
+            ``upsample=None`` (views of different sizes have no common grid at layer resolution).
     """
 
     def __init__(
@@ -50,23 +52,23 @@ class TTAExplainer(Explainer):
         combine: str = "mean",
     ) -> None:
         if not isinstance(explainer, Explainer):
-            raise TypeError(f"TTAExplainer wraps an anycam.Explainer, got {type(explainer).__name__}")
+            raise ConfigTypeError(f"TTAExplainer wraps an anycam.Explainer, got {type(explainer).__name__}")
         if isinstance(explainer, TTAExplainer):
-            raise TypeError("TTAExplainer wraps a plain Explainer; give all scales and flip to one wrapper")
+            raise ConfigTypeError("TTAExplainer wraps a plain Explainer; give all scales and flip to one wrapper")
         scales = tuple(scales)
         if not scales or not all(
             isinstance(s, numbers.Real) and not isinstance(s, bool) and np.isfinite(s) and s > 0 for s in scales
         ):
-            raise ValueError(f"scales must be positive numbers, got {scales!r}")
+            raise ConfigError(f"scales must be positive numbers, got {scales!r}")
         if combine not in COMBINES:
-            raise ValueError(f"unknown combine={combine!r}; choose 'mean' or 'max'")
+            raise ConfigError(f"unknown combine={combine!r}; choose 'mean' or 'max'")
         if explainer.method in core.GUIDED_METHODS:
-            raise ValueError(
+            raise ConfigError(
                 f"TTAExplainer combines layer maps; {explainer.method!r} gives an input attribution "
                 "(guided backprop), which it does not combine: use a CAM method"
             )
         if explainer.upsample is None:
-            raise ValueError(
+            raise ConfigError(
                 "TTAExplainer needs maps on the input grid; the wrapped Explainer has upsample=None: "
                 "use upsample='linear' or 'nearest'"
             )
@@ -99,7 +101,17 @@ class TTAExplainer(Explainer):
 
         Raises:
             anycam.InputError: inputs that are not one array (TTA needs the image grid).
+            anycam.TargetError: a callable target with ``flip=True``: a callable may read a
+                place in the output (a box, a region of a segmentation) that the flipped view
+                moves to the mirrored place, and anycam cannot flip a function.
         """
+        if self.flip and callable(target):
+            # Measured: a region target on flipped views put 35% of the map's mass on the wrong side.
+            raise TargetError(
+                "TTAExplainer(flip=True) cannot flip a callable target: on a flipped view it would score "
+                "the mirrored region (a box, a mask) and blur the map with its mirror image; pass flip=False, "
+                "or a class-index target (int, ints, top_k), which no flip changes"
+            )
         images = _as_array(inputs)
         layout = self.backend.input_layout or "channels_first"
         if layout not in ("channels_first", "channels_last"):
@@ -110,33 +122,36 @@ class TTAExplainer(Explainer):
         combined: list[np.ndarray] | None = None
         first: Explanation | None = None
         squeeze = False
-        for scale, flipped in self.views():
-            view = images
-            if scale != 1.0:
-                size = tuple(max(1, round(scale * s)) for s in spatial)
-                moved = np.moveaxis(view, -1, 1) if layout == "channels_last" else view
-                moved = core.resize(moved, size, "linear").astype(images.dtype)
-                view = np.moveaxis(moved, 1, -1) if layout == "channels_last" else moved
-            if flipped:
-                view = np.flip(view, axis=width_axis)
-            view = np.ascontiguousarray(view)
-            explanation = self.explainer.explain(view, target if first is None else _resolved(first, target))
-            if first is None:
-                first = explanation
-                squeeze = explanation.heatmap.ndim == images.ndim - 1
-            maps = []
-            for cam in explanation.cams:
-                cam = cam[:, None] if squeeze else cam  # (N, K, *S_layer)
-                up = core.resize(cam, spatial[-(cam.ndim - 2) :], self.upsample or "linear")
-                maps.append(np.flip(up, axis=-1) if flipped else up)
-            if combined is None:
-                combined = maps
-            elif self.combine == "mean":
-                combined = [total + m for total, m in zip(combined, maps, strict=True)]
-            else:
-                combined = [np.maximum(total, m) for total, m in zip(combined, maps, strict=True)]
+        views = self.views()
+        with progress_bar(self.progress, len(views), "anycam tta", "view", leave=False) as bar:
+            for scale, flipped in views:
+                view = images
+                if scale != 1.0:
+                    size = tuple(max(1, round(scale * s)) for s in spatial)
+                    moved = np.moveaxis(view, -1, 1) if layout == "channels_last" else view
+                    moved = core.resize(moved, size, "linear").astype(images.dtype)
+                    view = np.moveaxis(moved, 1, -1) if layout == "channels_last" else moved
+                if flipped:
+                    view = np.flip(view, axis=width_axis)
+                view = np.ascontiguousarray(view)
+                explanation = self.explainer.explain(view, target if first is None else _resolved(first, target))
+                if first is None:
+                    first = explanation
+                    squeeze = explanation.heatmap.ndim == images.ndim - 1
+                maps = []
+                for cam in explanation.cams:
+                    cam = cam[:, None] if squeeze else cam  # (N, K, *S_layer)
+                    up = core.resize(cam, spatial[-(cam.ndim - 2) :], self.upsample or "linear")
+                    maps.append(np.flip(up, axis=-1) if flipped else up)
+                if combined is None:
+                    combined = maps
+                elif self.combine == "mean":
+                    combined = [total + m for total, m in zip(combined, maps, strict=True)]
+                else:
+                    combined = [np.maximum(total, m) for total, m in zip(combined, maps, strict=True)]
+                bar.update(1)
         assert combined is not None and first is not None
-        count = len(self.views())
+        count = len(views)
         if self.combine == "mean" and count > 1:
             combined = [total / count for total in combined]
         heatmap = core.heatmaps(combined, None, normalization=self.normalize, aggregate=self.aggregate)

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from .._errors import InputError, require
+from .._errors import ConfigError, InputError, require
 from .._progress import progress_bar
 from ..core.layout import spatial_shape
 from .scoring import Run, as_inputs, check_input_layout, chunks, positive_int
@@ -275,7 +275,7 @@ def _curve(
     pixels = math.prod(run.spatial)
     steps = positive_int(steps, "steps")
     if steps > pixels:
-        raise ValueError(f"steps={steps} exceeds the {pixels} pixels of each map; pass steps <= {pixels}")
+        raise ConfigError(f"steps={steps} exceeds the {pixels} pixels of each map; pass steps <= {pixels}")
     background = _baseline(baseline, run.inputs, run.layout)
     dtype = run.inputs.dtype
     # Rank of every pixel in the removal order; a stable sort keeps ties in raster order.
@@ -323,7 +323,7 @@ def _baseline(baseline: Any, inputs: np.ndarray, layout: str) -> np.ndarray:
         elif baseline == "blur":
             values = blur(inputs, BLUR_SIGMA, layout)
         else:
-            raise ValueError(
+            raise ConfigError(
                 f"unknown baseline {baseline!r}; choose one of {', '.join(map(repr, BASELINES))}, a number or an array"
             )
     else:

@@ -17,7 +17,8 @@ from typing import Any
 import numpy as np
 
 from .. import core
-from .._errors import BackendError, InputError, require
+from .._errors import BackendError, ConfigError, ConfigTypeError, InputError, require
+from .._progress import progress_bar
 from ..explain.explainer import Explainer
 
 
@@ -142,6 +143,7 @@ def sanity_check(
     mode: str = "cascading",
     layers: Sequence[str] | None = None,
     seed: int = 0,
+    progress: bool | None = None,
 ) -> SanityResult:
     """Runs the model-parameter randomisation test on ``explainer``'s model.
 
@@ -156,17 +158,22 @@ def sanity_check(
         layers: the layers to randomise, ordered from input to output; default: every layer
             with parameters.
         seed: seeds the framework's initialiser.
+        progress: a bar over the randomised models: True always, False never, None (default)
+            once the check has run over 2 s (the rule of every anycam progress bar).
 
     Returns:
         A :class:`SanityResult` with one row per layer, in randomisation order.
 
     Raises:
-        ValueError: for an unknown mode.
+        anycam.ConfigTypeError: ``explainer`` is not an ``anycam.Explainer``.
+        anycam.ConfigError: for an unknown mode.
         anycam.BackendError: the backend does not declare the ``randomize`` capability (it cannot
             copy and randomise its model); raised before any work.
     """
+    if not isinstance(explainer, Explainer):
+        raise ConfigTypeError(f"sanity_check takes an anycam.Explainer, got {type(explainer).__name__}")
     if mode not in ("cascading", "independent", "full"):
-        raise ValueError(f"unknown mode {mode!r}; choose 'cascading', 'independent' or 'full'")
+        raise ConfigError(f"unknown mode {mode!r}; choose 'cascading', 'independent' or 'full'")
     backend = explainer.backend
     if "randomize" not in backend.capabilities:
         raise BackendError(
@@ -194,28 +201,17 @@ def sanity_check(
         plan, steps = [steps], ["all"]
     two_d = original.heatmap.ndim == 3
     size = original.heatmap.shape[1:]
-    rows_spearman, rows_abs, rows_ssim = [], [], []
+    rows: tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]] = ([], [], [])
     # "full" uses the seed of the cascade's last step, so it reproduces that step exactly.
     first_seed = seed + len(order) - 1 if mode == "full" else seed
-    for index, chosen in enumerate(plan):
-        randomized = replace_explainer(signed, backend=backend.randomized(chosen, seed=first_seed + index))
-        flipped = randomized.explain(inputs, fixed_target)
-        reference_raw, flipped_raw = _flat(_signed_map(reference_signed)), _flat(_signed_map(flipped))
-        rows_spearman.append(spearman(reference_raw, flipped_raw))
-        rows_abs.append(spearman(np.abs(reference_raw), np.abs(flipped_raw)))
-        if two_d and guided:
-            rows_ssim.append(ssim(original.heatmap, flipped.heatmap))
-        elif two_d:
-            # The rectified heatmap is the same pipeline on ReLU(signed map): no second pass.
-            rectified = [np.maximum(cam, 0)[:, None] for cam in flipped.cams]
-            heat = core.heatmaps(
-                rectified,
-                None if explainer.upsample is None else size,
-                normalization=explainer.normalize,
-                resize_mode=explainer.upsample,
-                aggregate=explainer.aggregate,
-            )[:, 0]
-            rows_ssim.append(ssim(original.heatmap, heat))
+    with progress_bar(progress, len(plan), f"anycam sanity_check {mode}", "model") as bar:
+        for index, chosen in enumerate(plan):
+            flipped = replace_explainer(signed, backend=backend.randomized(chosen, seed=first_seed + index)).explain(
+                inputs, fixed_target
+            )
+            _compare(reference_signed, flipped, original, explainer, guided, two_d, size, rows)
+            bar.update(1)
+    rows_spearman, rows_abs, rows_ssim = rows
     return SanityResult(
         layers=tuple(steps),
         mode=mode,
@@ -225,6 +221,36 @@ def sanity_check(
         method=explainer.method,
         backend=backend.name,
     )
+
+
+def _compare(
+    reference_signed: Any,
+    flipped: Any,
+    original: Any,
+    explainer: Explainer,
+    guided: bool,
+    two_d: bool,
+    size: tuple[int, ...],
+    rows: tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]],
+) -> None:
+    """Appends one randomised model's Spearman, |Spearman| and (2-D) SSIM rows to ``rows``."""
+    rows_spearman, rows_abs, rows_ssim = rows
+    reference_raw, flipped_raw = _flat(_signed_map(reference_signed)), _flat(_signed_map(flipped))
+    rows_spearman.append(spearman(reference_raw, flipped_raw))
+    rows_abs.append(spearman(np.abs(reference_raw), np.abs(flipped_raw)))
+    if two_d and guided:
+        rows_ssim.append(ssim(original.heatmap, flipped.heatmap))
+    elif two_d:
+        # The rectified heatmap is the same pipeline on ReLU(signed map): no second pass.
+        rectified = [np.maximum(cam, 0)[:, None] for cam in flipped.cams]
+        heat = core.heatmaps(
+            rectified,
+            None if explainer.upsample is None else size,
+            normalization=explainer.normalize,
+            resize_mode=explainer.upsample,
+            aggregate=explainer.aggregate,
+        )[:, 0]
+        rows_ssim.append(ssim(original.heatmap, heat))
 
 
 def replace_explainer(explainer: Explainer, **changes: Any) -> Explainer:

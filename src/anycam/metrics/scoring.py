@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from .._errors import InputError, NonFiniteError, TargetError
+from .._errors import ConfigError, ConfigTypeError, InputError, NonFiniteError, TargetError
 from .._progress import Bar
 from ..core.layout import canonical_layout, spatial_shape
 from ..core.targets import TargetSpec, parse_target
@@ -125,7 +125,7 @@ class Run:
                 raise NonFiniteError("the model's outputs hold NaN or inf; check the inputs and baseline")
             table = self.transform(outputs)
             if table.shape != outputs.shape:
-                raise ValueError(f"a score function must return the outputs' shape {outputs.shape}, got {table.shape}")
+                raise TargetError(f"a score function must return the outputs' shape {outputs.shape}, got {table.shape}")
             assert self.target is not None
             values = table[np.arange(len(rows)), self.target[rows]]
         if not np.all(np.isfinite(values)):
@@ -147,7 +147,7 @@ def predictor(predict: Any, input_layout: str | None) -> tuple[Predict, str]:
         function = predict
         layout = input_layout or "channels_first"
     else:
-        raise TypeError(
+        raise ConfigTypeError(
             f"predict must be an anycam.Explainer or a callable from a NumPy batch to (N, classes) "
             f"outputs, got {type(predict).__name__}"
         )
@@ -190,7 +190,7 @@ def score_transform(score: Any) -> Callable[[np.ndarray], np.ndarray]:
         return lambda outputs: outputs
     if score == "probability":
         return _softmax
-    raise ValueError(f"unknown score {score!r}; choose 'probability', 'logit' or a callable")
+    raise ConfigError(f"unknown score {score!r}; choose 'probability', 'logit' or a callable")
 
 
 def _softmax(outputs: np.ndarray) -> np.ndarray:
@@ -227,7 +227,7 @@ def as_maps(heatmaps: Any) -> np.ndarray:
 
 def positive_int(value: Any, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
     return int(value)
 
 

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from .._errors import InputError
+from .._errors import ConfigError, InputError
 from . import faithfulness, localisation
 
 #: The metrics :class:`StreamingMetrics` can accumulate, and the summary key of each.
@@ -46,9 +46,12 @@ class StreamingMetrics:
         steps, score, batch_size, input_layout: as in ``anycam.metrics.deletion``.
         deletion_baseline, insertion_baseline: the ``baseline`` of each curve (RISE's defaults).
         tolerance: the pointing game's tolerance in pixels (15 in Zhang et al.).
+        progress: a bar over each batch's deletion/insertion forwards: True always, False
+            never, None (default) once a batch has taken over 2 s (the rule of every anycam
+            progress bar). Not part of ``config()``: it decides no value.
 
     Raises:
-        ValueError: an unknown metric name.
+        anycam.ConfigError: an unknown metric name, or a ``score`` that is not a string.
     """
 
     def __init__(
@@ -63,13 +66,14 @@ class StreamingMetrics:
         insertion_baseline: Any = "blur",
         tolerance: int = 0,
         input_layout: str | None = None,
+        progress: bool | None = None,
     ) -> None:
         names = (names,) if isinstance(names, str) else tuple(names)
         unknown = [n for n in names if n not in METRICS]
         if unknown or not names:
-            raise ValueError(f"unknown metric(s) {unknown or names}; choose from {', '.join(METRICS)}")
+            raise ConfigError(f"unknown metric(s) {unknown or names}; choose from {', '.join(METRICS)}")
         if not isinstance(score, str):
-            raise ValueError("score must be 'probability' or 'logit' here (a function cannot be stored in the config)")
+            raise ConfigError("score must be 'probability' or 'logit' here (a function cannot be stored in the config)")
         self.predict = predict
         self.names = names
         self.options: dict[str, Any] = {
@@ -81,6 +85,7 @@ class StreamingMetrics:
         self.deletion_baseline = deletion_baseline
         self.insertion_baseline = insertion_baseline
         self.tolerance = tolerance
+        self.progress = progress
         # count, mean, M2 per summary key (Chan et al. 1979: pairwise merge of partial moments)
         self._moments: dict[str, tuple[int, float, float]] = {METRICS[n]: (0, 0.0, 0.0) for n in names}
 
@@ -122,7 +127,9 @@ class StreamingMetrics:
             if name in ("deletion", "insertion"):
                 function = faithfulness.deletion if name == "deletion" else faithfulness.insertion
                 baseline = self.deletion_baseline if name == "deletion" else self.insertion_baseline
-                result = function(self.predict, images, maps, target, baseline=baseline, progress=False, **self.options)
+                result = function(
+                    self.predict, images, maps, target, baseline=baseline, progress=self.progress, **self.options
+                )
                 values[METRICS[name]] = np.asarray(result.auc, dtype=np.float64)
             else:
                 if regions is None:

@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from .._errors import ConfigTypeError, UnsupportedError
 from ..core.targets import TargetSpec
 
 
@@ -132,18 +133,22 @@ class Backend(abc.ABC):
     auto_layer: bool = False
     """Whether the layer was chosen (or is to be chosen) by the automatic rule."""
 
+    auto_note: str | None = None
+    """Why the automatic rule's choice may not be the map wanted (``anycam.protocol.layers.choice_note``),
+    shown in the Explainer's ``repr``; None when there is nothing to say."""
+
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         unknown = sorted(set(cls.capabilities) - set(CAPABILITIES))
         if unknown:
             known = sorted(CAPABILITIES)
-            raise TypeError(f"{cls.__qualname__} declares unknown capabilities {unknown}; known: {known}")
+            raise ConfigTypeError(f"{cls.__qualname__} declares unknown capabilities {unknown}; known: {known}")
         for capability in cls.capabilities:
             verbs = CAPABILITIES[capability]
             overridden = [verb for verb in verbs if getattr(cls, verb) is not getattr(Backend, verb)]
             complete = bool(overridden) if capability == "head_scores" else len(overridden) == len(verbs)
             if not complete:
-                raise TypeError(
+                raise ConfigTypeError(
                     f"{cls.__qualname__} declares {capability!r} but does not implement {', '.join(verbs)}"
                 )
 
@@ -173,7 +178,8 @@ class Backend(abc.ABC):
 
     # Optional capabilities of the methods beyond gradients (Score-CAM, Ablation-CAM, guided
     # backpropagation). The method math stays in the core and the Explainer; a backend only runs
-    # its framework. The defaults raise NotImplementedError naming the backend and the method.
+    # its framework. The defaults raise anycam.UnsupportedError (a NotImplementedError) naming the
+    # backend and the method.
 
     def head_scores(
         self, inputs: Any, replacements: np.ndarray, target: TargetSpec, indices: np.ndarray | None
@@ -195,7 +201,7 @@ class Backend(abc.ABC):
         Returns:
             ``(B, N, K)`` float32.
         """
-        raise NotImplementedError(f"the {self.name} backend has no head_scores(), which ablationcam needs")
+        raise UnsupportedError(f"the {self.name} backend has no head_scores(), which ablationcam needs")
 
     def head_scorer(
         self, inputs: Any, target: TargetSpec, indices: np.ndarray | None
@@ -284,7 +290,7 @@ class Backend(abc.ABC):
             anycam.TargetError: ``probabilities=True`` with a callable target (Score-CAM then
                 needs class scores, or a callable that returns what to weight by).
         """
-        raise NotImplementedError(f"the {self.name} backend has no input_scores(), which scorecam needs")
+        raise UnsupportedError(f"the {self.name} backend has no input_scores(), which scorecam needs")
 
     def guided_gradients(self, inputs: Any, target: TargetSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """Returns ∂score/∂input with every ReLU's backward replaced by the guided rule.
@@ -301,7 +307,7 @@ class Backend(abc.ABC):
             (attributions ``(N, K, *input_shape_without_N)`` float32 in the input's layout,
             scores ``(N, K)`` float32, indices ``(N, K)`` int64 or None for a callable target).
         """
-        raise NotImplementedError(
+        raise UnsupportedError(
             f"the {self.name} backend has no guided_gradients(), which guided-backprop and guided-gradcam need"
         )
 
@@ -327,7 +333,7 @@ class Backend(abc.ABC):
         Used by ``anycam.sanity_check`` to randomise the model layer by layer. Backends whose
         models do not record their call order (Flax) use ``inputs``, a batch, to trace it.
         """
-        raise NotImplementedError(f"the {self.name} backend cannot list its parameter layers")
+        raise UnsupportedError(f"the {self.name} backend cannot list its parameter layers")
 
     def randomized(self, layers: Sequence[str], seed: int = 0) -> Backend:
         """Returns a backend over a *copy* of the model whose ``layers`` are re-initialised.
@@ -335,7 +341,7 @@ class Backend(abc.ABC):
         Each layer gets fresh weights from the framework's own initialiser; the user's model
         is never touched. The copy explains the same layers with the same options.
         """
-        raise NotImplementedError(f"the {self.name} backend cannot randomise a model copy")
+        raise UnsupportedError(f"the {self.name} backend cannot randomise a model copy")
 
 
 def select_output(output: Any, selector: Any) -> Any:
@@ -410,11 +416,45 @@ def as_list(layer: Any) -> list[Any]:
     return [layer]
 
 
+EXPLAINER_ARGUMENTS = (
+    "model",
+    "layer",
+    "method",
+    "backend",
+    "output",
+    "layout",
+    "token_grid",
+    "input_layout",
+    "normalize",
+    "upsample",
+    "aggregate",
+    "relu",
+    "spatial_input",
+    "model_kwargs",
+    "batch_size",
+    "progress",
+    "scorecam",
+    "scorecam_top_k",
+    "seed",
+)
+"""``anycam.Explainer``'s own arguments, for the near-miss hint of an unknown option (kept equal by a test)."""
+
+
 def check_options(backend: str, options: dict[str, Any], known: Sequence[str]) -> None:
-    """Raises ``anycam.ConfigTypeError`` (a TypeError) for unknown options, listing the known ones."""
-    from .._errors import ConfigTypeError
+    """Raises ``anycam.ConfigTypeError`` (a TypeError) for unknown options, listing the known ones.
+
+    A near miss of an option or of one of the Explainer's own arguments (``normalise=`` for
+    ``normalize=``) is named first: the Explainer passes every keyword it does not take to the
+    backend, so a misspelt Explainer argument lands here.
+    """
+    from .._errors import closest
 
     unknown = sorted(set(options) - set(known))
     if unknown:
+        candidates = dict.fromkeys([*known, *EXPLAINER_ARGUMENTS])
+        hints = "".join(closest(name, candidates, n=2) for name in unknown)
         accepted = ", ".join(sorted(known)) or "none"
-        raise ConfigTypeError(f"unknown option(s) {', '.join(unknown)} for the {backend} backend; accepted: {accepted}")
+        raise ConfigTypeError(
+            f"unknown option(s) {', '.join(unknown)} for the {backend} backend; accepted: {accepted} "
+            f"(besides the Explainer's own arguments){hints}"
+        )

@@ -145,7 +145,9 @@ def structure_inputs(
 
     Raises:
         anycam.InputError: an empty container, a ``spatial_input`` that names no input (the
-            message lists the inputs), no input with spatial axes, or a keyword given twice.
+            message lists the inputs), no input with spatial axes, a keyword given twice, or
+            batched inputs (arrays with at least one axis) whose batch size N differs from the
+            spatial input's (:func:`check_batch_sizes`).
     """
     constants = dict(model_kwargs or {})
     if not all(isinstance(key, str) for key in constants):
@@ -182,15 +184,59 @@ def structure_inputs(
                 f"spatial_input={spatial_input!r} names no input; the inputs are {structure.describe()} "
                 "(an index for a tuple/list, a key for a dict)"
             )
-        return replace(structure, spatial=key)
+        return check_batch_sizes(replace(structure, spatial=key))
 
     if structure.kind == "single":
         # One input carries the grid by definition; the backend's own checks say what is wrong.
         return structure
     for key in structure.keys:
         if is_spatial(structure[key]):
-            return replace(structure, spatial=key)
+            return check_batch_sizes(replace(structure, spatial=key))
     raise InputError(
         f"no input is a floating-point array with spatial axes; the inputs are {structure.describe()}; "
         "pass the image as a float array (N, C, *spatial), or name it with spatial_input="
+    )
+
+
+def batch_size(value: Any) -> int | None:
+    """Returns the leading dimension of an array ``value`` with at least one axis, else None.
+
+    None for what has no shape (flags, None, Python lists), a 0-d array, or an unknown
+    (symbolic) leading dimension.
+    """
+    shape = getattr(value, "shape", None)
+    if shape is None:
+        return None
+    try:
+        if len(shape) == 0:
+            return None
+        return int(shape[0])
+    except TypeError:  # an unknown rank or a symbolic (None) batch dimension
+        return None
+
+
+def check_batch_sizes(structure: ModelInputs) -> ModelInputs:
+    """Returns ``structure`` if every per-call array shares the spatial input's batch size N.
+
+    Every array with at least one axis among the per-call inputs is one sample's row per
+    entry; frameworks broadcast a batch of 1 against a batch of N (one image explained with
+    the metadata of three), or fail deep inside the model with a message about shapes. So
+    the mismatch is refused here, at the boundary every backend passes. ``model_kwargs``
+    constants are not checked: values that are the same for every sample belong there.
+
+    Raises:
+        anycam.InputError: naming each input and its batch size.
+    """
+    sizes = {key: batch_size(structure[key]) for key in structure.keys}
+    wanted = sizes[structure.spatial]
+    if wanted is None:
+        return structure
+    if all(size is None or size == wanted for size in sizes.values()):
+        return structure
+    listed = ", ".join(f"{key!r}: N={size}" for key, size in sizes.items() if size is not None)
+    raise InputError(
+        f"the inputs have different batch sizes ({listed}); every per-sample input must have the spatial "
+        f"input {structure.spatial!r}'s N={wanted} rows. Repeat a shared value per sample "
+        "(e.g. np.repeat(meta, N, axis=0)), or pass a value that is the same for every sample through "
+        "model_kwargs= where the backend takes it"
     )

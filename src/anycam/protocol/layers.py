@@ -15,10 +15,49 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .._errors import LayerError
+from .._errors import LayerError, closest
 
 AUTO = "auto"
 PORTS = ("output", "input")
+# Class-name fragments of the layers the automatic choice tells apart (any framework's spelling).
+_NORMALIZATION = ("norm",)
+_ACTIVATION = ("relu", "swish", "silu", "gelu", "sigmoid", "tanh", "mish", "hardswish", "elu", "activation")
+
+
+def layer_kind(type_name: str) -> str | None:
+    """Returns ``"normalization"``, ``"activation"`` or None for a layer's class name.
+
+    Read from the name so that it holds in every framework (``BatchNorm2d``, ``BatchNormalization``,
+    ``nn.LayerNorm``; ``ReLU``, ``SiLU``, ``MemoryEfficientSwish``, Keras ``Activation``).
+
+    >>> layer_kind("BatchNorm2d"), layer_kind("MemoryEfficientSwish"), layer_kind("Conv2d")
+    ('normalization', 'activation', None)
+    """
+    lowered = type_name.lower()
+    if any(part in lowered for part in _NORMALIZATION):
+        return "normalization"
+    if any(part in lowered for part in _ACTIVATION):
+        return "activation"
+    return None
+
+
+def layer_not_found(name: str, names: Sequence[str], *, model: str = "the model", listed: int = 12) -> LayerError:
+    """Returns the LayerError for a layer name that is not in ``names`` (every backend's wording).
+
+    The closest names when some are close; otherwise the top-level layers (names without a
+    ``.`` or ``/``), so the message always offers something to pick, and the automatic choice.
+    """
+    names = [n for n in names if n]
+    hint = closest(name, names)
+    if not hint:
+        top = [n for n in names if "." not in n and "/" not in n] or names
+        more = f", … ({len(top) - listed} more)" if len(top) > listed else ""
+        shown = ", ".join(repr(n) for n in top[:listed]) + more
+        hint = f"; its top-level layers: {shown}" if top else "; it has no named layers"
+    return LayerError(
+        f"layer {name!r} not found in {model}{hint}; or pass layer=None to pick the last feature map "
+        "on the path to the output"
+    )
 
 
 def is_auto(layer: Any) -> bool:
@@ -78,6 +117,8 @@ class LayerRecord:
         layout: ``"channels_first"`` or ``"channels_last"``: where the spatial axes are.
         calls: how many times the layer ran in the forward pass.
         reaches_output: whether the explained output depends on the layer's output.
+        kind: ``"normalization"``, ``"activation"`` or None (see :func:`layer_kind`), for
+            :func:`choice_note`.
     """
 
     name: str
@@ -85,6 +126,7 @@ class LayerRecord:
     layout: str = "channels_first"
     calls: int = 1
     reaches_output: bool = True
+    kind: str | None = None
 
     @property
     def spatial(self) -> tuple[int, ...] | None:
@@ -138,4 +180,30 @@ def choose_layer(records: Sequence[LayerRecord], input_spatial: Sequence[int], *
         f"layer='auto' found no layer whose output has the input's {rank} spatial axes "
         f"(input spatial shape {tuple(input_spatial)}) with spatial size > 1 on the path to the output; "
         f"considered{more}: {', '.join(tail)}; name the layer to explain"
+    )
+
+
+def choice_note(records: Sequence[LayerRecord], chosen: str) -> str | None:
+    """Returns why the automatic choice is a normalisation's (pre-activation) output, or None.
+
+    The rule prefers the last layer, so an activation after a normalisation wins whenever it can
+    be captured. It cannot when the activation is one module the network calls more than once
+    (EfficientNet's shared ``_swish``): then the choice is the normalisation before it, and the
+    post-activation map is the input of the layer that follows. The note says so, for ``repr``.
+    """
+    names = [r.name for r in records]
+    if chosen not in names:
+        return None
+    index = names.index(chosen)
+    if records[index].kind != "normalization":
+        return None
+    later = list(records[index + 1 :])
+    shared = next((r for r in later if r.kind == "activation" and r.calls != 1), None)
+    if shared is None:
+        return None
+    after = next((r for r in later[later.index(shared) + 1 :] if r.kind != "activation"), None)
+    fix = f"; for the post-activation map explain {after.name + ':input'!r}" if after is not None else ""
+    return (
+        f"{chosen!r} is a normalisation before the activation: the activation {shared.name!r} runs "
+        f"{shared.calls} times (one shared module), so its output cannot be captured once{fix}"
     )
