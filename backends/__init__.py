@@ -115,6 +115,7 @@ def load(name: str, model: Any = None) -> type[Backend]:
     except ImportError as exc:
         framework, extra = _INSTALL[name]
         raise BackendError(
-            f'backend {name!r} needs {framework}, which failed to import ({exc}); pip install "anycam[{extra}]"'
+            f'backend {name!r} needs {framework}, which failed to import ({exc}); pip install "anycam[{extra}]" '
+            f'(from a source checkout: pip install ".[{extra}]")'
         ) from exc
     return adapter

@@ -14,7 +14,8 @@ from typing import Any
 
 import keras
 
-from anycam._errors import BackendError, ConfigTypeError, LayerError, closest
+from anycam._errors import BackendError, ConfigTypeError, LayerError
+from anycam.protocol.layers import layer_not_found
 
 from .intercept import Intercept
 
@@ -161,8 +162,8 @@ def resolve_layer(model: Any, layer: Any) -> tuple[str, Any]:
                     f"{', '.join(map(repr, matches))}"
                 )
         bare = {p.rsplit("/", 1)[-1] for p in paths}
-        hint = closest(layer, [*paths, *sorted(bare - set(paths))])
-        raise LayerError(f"layer {layer!r} not found in the model{hint}{unbuilt}")
+        missing = layer_not_found(layer, [*paths, *sorted(bare - set(paths))])
+        raise LayerError(f"{missing}{unbuilt}")
     if isinstance(layer, keras.Layer):
         if layer is model:
             raise LayerError("the layer given is the model itself; explain one of its layers")

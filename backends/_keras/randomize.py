@@ -15,7 +15,7 @@ from typing import Any
 
 import keras
 
-from anycam._errors import LayerError
+from anycam._errors import LayerError, UnsupportedError
 
 from .layers import all_layers, resolve_layer, sublayers
 
@@ -122,7 +122,7 @@ def copy_model(model: Any) -> tuple[Any, dict[int, Any]]:
         ``(duplicate, twins)``, twins mapping ``id(layer)`` to the layer's copy.
 
     Raises:
-        NotImplementedError: Keras cannot rebuild the model from its config.
+        anycam.UnsupportedError: Keras cannot rebuild the model from its config.
     """
     classes = {type(layer).__name__: type(layer) for layer in [model, *all_layers(model)]}
     failures = []
@@ -149,7 +149,7 @@ def copy_model(model: Any) -> tuple[Any, dict[int, Any]]:
             return duplicate, {id(original): twin for original, twin in pairs}
     finally:
         random.setstate(python_state)
-    raise NotImplementedError(
+    raise UnsupportedError(
         f"cannot copy the {type(model).__name__} model to randomise it ({'; '.join(failures)}). "
         "anycam copies Functional and Sequential models, and subclassed models that Keras can "
         "rebuild from get_config() (automatic when __init__ takes only numbers, strings, lists "
@@ -198,7 +198,7 @@ def reinitialise(layer: Any, path: str, seed: int) -> None:
 def built_model(model: Any, purpose: str) -> Any:
     """Returns ``model`` if it is a built Keras model; raises for a function pair or an unbuilt model."""
     if not isinstance(model, keras.Layer):
-        raise NotImplementedError(
+        raise UnsupportedError(
             f"cannot {purpose} a (features, head) pair: anycam sees two functions, not the "
             "layers and weights inside them; run the sanity check on the Keras model "
             "(Sequential, Functional or subclassed)"
@@ -215,7 +215,7 @@ def parameter_layers(model: Any) -> tuple[str, ...]:
     """Returns the paths of the layers that own weights (trainable or not), input to output.
 
     Raises:
-        NotImplementedError: ``model`` is not a Keras model.
+        anycam.UnsupportedError: ``model`` is not a Keras model.
         anycam.LayerError: the model is not built yet.
     """
     return tuple(path for path, _ in weight_owners(built_model(model, "list the layers of")))
@@ -230,7 +230,7 @@ def randomized_copy(model: Any, layers: Sequence[Any], seed: int) -> tuple[Any, 
 
     Raises:
         anycam.LayerError: a layer is unknown, owns no weights, or keeps no initializer for one.
-        NotImplementedError: not a Keras model, or one Keras cannot rebuild from its config.
+        anycam.UnsupportedError: not a Keras model, or one Keras cannot rebuild from its config.
     """
     model = built_model(model, "randomise a copy of")
     chosen = [resolve_layer(model, layer) for layer in layers]

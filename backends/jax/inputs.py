@@ -15,7 +15,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from anycam._errors import AnycamError, InputError
-from anycam.core import check_batch, forward_error, is_input_failure, non_finite_input, spatial_shape
+from anycam.core import (
+    check_batch,
+    forward_error,
+    integer_input_error,
+    is_input_failure,
+    non_finite_input,
+    spatial_shape,
+)
 from anycam.protocol.inputs import structure_inputs
 
 if TYPE_CHECKING:
@@ -117,9 +124,9 @@ def as_array(backend: JaxBackend, inputs: Any, what: str = "input") -> jax.Array
     if not isinstance(inputs, (np.ndarray, jax.Array)):
         raise InputError(f"{what} must be a jax.Array or a NumPy array, got {type(inputs).__name__}")
     if not jnp.issubdtype(inputs.dtype, jnp.floating):
-        raise InputError(f"{what} must be floating point, got dtype {inputs.dtype}; e.g. x.astype(jnp.float32) / 255")
+        raise integer_input_error(what, inputs.dtype, "x.astype(jnp.float32) / 255")
     shape = tuple(inputs.shape)
-    spatial_shape(shape, backend.input_layout)
+    spatial_shape(shape, backend.input_layout, what)
     check_batch(shape)
     # A NaN or inf anywhere makes the sum NaN or inf: a finite sum (one pass) proves the input
     # finite; otherwise (a bad element, or an overflowing sum) it is checked element-wise.

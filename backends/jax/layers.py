@@ -16,9 +16,9 @@ import jax
 import jax.numpy as jnp
 from jax.extend import core as jax_core
 
-from anycam._errors import InputError, LayerError, closest
+from anycam._errors import InputError, LayerError
 from anycam.core import spatial_shape
-from anycam.protocol.layers import LayerRecord, choose_layer
+from anycam.protocol.layers import LayerRecord, choose_layer, layer_not_found
 
 if TYPE_CHECKING:
     from .backend import JaxBackend
@@ -162,9 +162,7 @@ def _pick(layer: Any, paths: dict[str, tuple[Any, ...]], objects: dict[int, str]
             f"a {family} layer is a module path such as 'backbone{sep}layer4' or a tuple of names, "
             f"got {type(layer).__name__}"
         )
-    raise LayerError(
-        f"layer {name!r} not found in the {family} model{closest(name, canonical)}; module paths: {_listing(canonical)}"
-    )
+    raise layer_not_found(name, canonical, model=f"the {family} model")
 
 
 def _labels(names: Sequence[str], common: Mapping[str, Any]) -> tuple[str, ...]:

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from anycam._errors import InputError, LayerError, closest
+from anycam._errors import InputError, LayerError, UnsupportedError, closest
 
 from .models import _equinox_modules, _follow, _linen_children, _linen_paths, _Program, _resolve
 
@@ -66,13 +66,13 @@ def _rebuild(module: Any, name: str, key_argument: str, key: Any, family: str) -
     do not keep the initialisers they were given, so theirs are the constructor's defaults.
 
     Raises:
-        NotImplementedError: an argument without default is not kept, or the rebuild fails.
+        anycam.UnsupportedError: an argument without default is not kept, or the rebuild fails.
     """
     cls = type(module)
     try:
         parameters = list(inspect.signature(cls.__init__).parameters.values())[1:]
     except (TypeError, ValueError) as exc:
-        raise NotImplementedError(
+        raise UnsupportedError(
             f"cannot re-initialise layer {name!r}: {cls.__name__}.__init__ has no signature"
         ) from exc
     kept = vars(module)
@@ -88,7 +88,7 @@ def _rebuild(module: Any, name: str, key_argument: str, key: Any, family: str) -
         elif parameter.default is not parameter.empty:
             value = parameter.default
         else:
-            raise NotImplementedError(
+            raise UnsupportedError(
                 f"cannot re-initialise layer {name!r}: {cls.__name__}.__init__ takes {parameter.name!r}, which "
                 f"the module does not keep as an attribute; randomise {family} layers that keep their "
                 "constructor arguments (the built-in ones do), or pass layers= without this one"
@@ -100,7 +100,7 @@ def _rebuild(module: Any, name: str, key_argument: str, key: Any, family: str) -
     try:
         return cls(*args, **kwargs)
     except Exception as exc:
-        raise NotImplementedError(
+        raise UnsupportedError(
             f"cannot re-initialise layer {name!r}: rebuilding {cls.__name__} from its attributes failed ({exc})"
         ) from exc
 
@@ -109,12 +109,12 @@ def _fresh_value(name: str, old: Any, new: Any) -> jax.Array:
     """Returns ``new`` in ``old``'s dtype, checking it is a new array of ``old``'s shape."""
     if not _is_array(new) or new.shape != old.shape:
         shape = getattr(new, "shape", type(new).__name__)
-        raise NotImplementedError(
+        raise UnsupportedError(
             f"cannot re-initialise layer {name!r}: rebuilt from its attributes it has a leaf of shape {shape} "
             f"where the model has {old.shape}"
         )
     if new is old:
-        raise NotImplementedError(
+        raise UnsupportedError(
             f"cannot re-initialise layer {name!r}: its constructor takes the arrays themselves, so a rebuild "
             "gives the same values; randomise layers whose constructor draws them"
         )
@@ -320,7 +320,7 @@ def _nnx_randomized(model: Any, chosen: list[tuple[str, tuple[Any, ...]]], seed:
         for attribute in _nnx_owns(module):
             variable, fresh = getattr(module, attribute), vars(twin).get(attribute)
             if not isinstance(fresh, nnx.Variable):
-                raise NotImplementedError(f"cannot re-initialise layer {name!r}: rebuilt, it has no {attribute!r}")
+                raise UnsupportedError(f"cannot re-initialise layer {name!r}: rebuilt, it has no {attribute!r}")
             variable.set_value(_fresh_value(name, variable.get_value(), fresh.get_value()))
     return clone
 
@@ -353,7 +353,7 @@ def _equinox_randomized(model: Any, chosen: list[tuple[str, tuple[Any, ...]]], s
         leaves, treedef = _equinox_split(module)
         fresh, fresh_treedef = _equinox_split(twin)
         if fresh_treedef != treedef:
-            raise NotImplementedError(f"cannot re-initialise layer {name!r}: rebuilt, it has another structure")
+            raise UnsupportedError(f"cannot re-initialise layer {name!r}: rebuilt, it has another structure")
         leaves = [
             _fresh_value(name, old, new) if _is_array(old) else old for old, new in zip(leaves, fresh, strict=True)
         ]
@@ -368,7 +368,7 @@ def _equinox_randomized(model: Any, chosen: list[tuple[str, tuple[Any, ...]]], s
 def _function_params(source: tuple[Any, ...]) -> Mapping[Any, Any]:
     params = source[2] if len(source) == 3 else None
     if not isinstance(params, Mapping) or not params:
-        raise NotImplementedError(
+        raise UnsupportedError(
             "a (features, head) pair is plain functions: anycam can neither find nor re-initialise its "
             "parameters; pass (features, head, params) with params a dict of layers, e.g. {'conv': ..., 'fc': ...}"
         )
@@ -433,7 +433,7 @@ def parameter_layers(backend: JaxBackend, inputs: Any = None) -> tuple[str, ...]
     ``params`` in its order.
 
     Raises:
-        NotImplementedError: for a (features, head) pair without a dict of parameters.
+        anycam.UnsupportedError: for a (features, head) pair without a dict of parameters.
     """
     owners = list(parameter_owners(backend)[0])
     family = backend._model.family
@@ -491,7 +491,7 @@ def randomized(backend: JaxBackend, layers: Sequence[str], seed: int = 0) -> Jax
     Raises:
         anycam.LayerError: a layer is unknown or owns no parameters itself.
         anycam.InputError: a linen model has explained no batch yet (init needs an input).
-        NotImplementedError: a (features, head) pair without a dict of parameters, or a
+        anycam.UnsupportedError: a (features, head) pair without a dict of parameters, or a
             layer that cannot be rebuilt from its attributes.
     """
     seed = operator.index(seed)

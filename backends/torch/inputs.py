@@ -26,7 +26,7 @@ from anycam._errors import (
     closest,
     user_stacklevel,
 )
-from anycam.core import check_batch, forward_error, non_finite_input, spatial_shape
+from anycam.core import check_batch, forward_error, integer_input_error, non_finite_input, spatial_shape
 from anycam.protocol.inputs import Key, ModelInputs, looks_spatial, structure_inputs
 
 if TYPE_CHECKING:
@@ -161,8 +161,8 @@ def _as_tensor(backend: TorchBackend, key: Key, value: Any, spatial: bool, struc
     if not isinstance(value, torch.Tensor):
         raise InputError(f"{what} must be a torch.Tensor or a NumPy array, got {type(value).__name__}")
     if not value.is_floating_point():
-        raise InputError(f"{what} must be floating point, got {value.dtype}; e.g. x.float() / 255")
-    spatial_shape(tuple(value.shape), backend.input_layout)
+        raise integer_input_error(what, value.dtype, "x.float() / 255")
+    spatial_shape(tuple(value.shape), backend.input_layout, what)
     check_batch(tuple(value.shape), what)
     check_finite(value, what)
     return value

@@ -13,11 +13,19 @@ from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
-from anycam._errors import LayerError, closest
+from anycam._errors import LayerError
 from anycam.core import TargetSpec, spatial_shape
 from anycam.protocol.backend import select_output
 from anycam.protocol.inputs import ModelInputs
-from anycam.protocol.layers import LayerRecord, choose_layer, is_auto, parse_layer
+from anycam.protocol.layers import (
+    LayerRecord,
+    choice_note,
+    choose_layer,
+    is_auto,
+    layer_kind,
+    layer_not_found,
+    parse_layer,
+)
 
 from .capture import Tracker, script_error
 from .capture import scores as target_scores
@@ -58,7 +66,7 @@ def resolve(
             name = next(name[len(p) :] for p in prefixes if name.startswith(p))
         if name in named and name:
             return spec.label(name), named[name], spec.port
-        raise LayerError(f"layer {target!r} not found in the model{closest(target, [n for n in named if n])}")
+        raise layer_not_found(target, list(named))
     if isinstance(target, torch.nn.Module):
         for name, module in named.items():
             if module is target:
@@ -126,12 +134,19 @@ def choose(backend: TorchBackend, structure: ModelInputs, target: TargetSpec) ->
         if scores.requires_grad and names:
             grads = torch.autograd.grad(scores.sum(), [kept[n] for n in names], allow_unused=True)
             reaches = {n: g is not None for n, g in zip(names, grads, strict=True)}
+        modules = dict(named)
         records = [
             LayerRecord(
-                name, shapes[name], layout=layouts[name], calls=calls[name], reaches_output=reaches.get(name, True)
+                name,
+                shapes[name],
+                layout=layouts[name],
+                calls=calls[name],
+                reaches_output=reaches.get(name, True),
+                kind=layer_kind(type(modules[name]).__name__),
             )
             for name in order
         ]
         input_spatial = spatial_shape(tuple(structure.spatial_value.shape), backend.input_layout)
         chosen = choose_layer(records, input_spatial)
+        backend.auto_note = choice_note(records, chosen)
         backend._set_layers([(chosen, dict(named)[chosen], "output")])

@@ -23,7 +23,18 @@ from ._errors import (
     ZeroMapWarning,
 )
 from .core.targets import top_k
-from .dataset import ExplanationStore, StoreMismatchError, StoreWriteError, explain_dataset
+from .dataset import (
+    ExplanationStore,
+    StoreCorruptError,
+    StoreError,
+    StoreFormatError,
+    StoreKeyError,
+    StoreLockedError,
+    StoreMismatchError,
+    StoreNotFoundError,
+    StoreWriteError,
+    explain_dataset,
+)
 from .explain import Explainer, Explanation, TTAExplainer
 from .metrics.sanity import SanityResult, sanity_check
 from .metrics.streaming import StreamingMetrics
@@ -49,7 +60,13 @@ __all__ = [
     "MissingExtraError",
     "NonFiniteError",
     "SanityResult",
+    "StoreCorruptError",
+    "StoreError",
+    "StoreFormatError",
+    "StoreKeyError",
+    "StoreLockedError",
     "StoreMismatchError",
+    "StoreNotFoundError",
     "StoreWriteError",
     "StreamingMetrics",
     "TTAExplainer",

@@ -106,7 +106,10 @@ def require(module: str, extra: str, purpose: str) -> ModuleType:
         return importlib.import_module(module)
     except ImportError as exc:
         package = module.split(".")[0]
-        raise MissingExtraError(f'{purpose} needs {package} ({exc}); pip install "anycam[{extra}]"') from exc
+        raise MissingExtraError(
+            f'{purpose} needs {package} ({exc}); pip install "anycam[{extra}]" '
+            f'(from a source checkout: pip install ".[{extra}]")'
+        ) from exc
 
 
 def closest(name: str, candidates: Iterable[str], n: int = 3) -> str:

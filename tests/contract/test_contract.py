@@ -304,18 +304,10 @@ def test_guided_gradcam_equals_guided_gradients_times_upsampled_gradcam(kit, kin
 # -- round 2 (issue 19/20): one contract for every method and backend -----------------------
 
 
-def _backend_gap(request: pytest.FixtureRequest, backend: str, reason: str) -> None:
-    """Marks this test an expected failure (strict: it must fail) on ``backend`` until its adapter is fixed."""
-    if request.node.callspec.params.get("kit") == backend:
-        request.applymarker(pytest.mark.xfail(strict=True, reason=reason))
-
-
 @pytest.mark.parametrize("method", ("gradcam", "scorecam", "ablationcam", "guided-backprop"))
 @pytest.mark.parametrize("container", ("tuple", "dict"))
 def test_inputs_of_different_batch_sizes_are_refused_naming_each(kit, method: str, container: str, request) -> None:  # type: ignore[no-untyped-def]
     """Item 19.4: one image with the metadata of two other rows is never broadcast."""
-    if method == "guided-backprop":
-        _backend_gap(request, "tensorflow", "TF guided_gradients does not take its inputs through structured()")
     case = kit.case("conv2d")
     batch = case.reference(None)[2].shape[0]
     meta = np.zeros((batch + 1, 4), np.float32)
@@ -385,7 +377,6 @@ def test_scorecam_probability_of_one_output_is_its_sigmoid(kit) -> None:
 
 def test_guided_backprop_needs_no_layer(kit, request) -> None:  # type: ignore[no-untyped-def]
     """Item 20.4: guided backprop reads no layer, so layer=None must not fail on choosing one."""
-    _backend_gap(request, "tensorflow", "TF guided_gradients reads backend._program, built only by a capture")
     case = kit.case("conv2d")
     _needs(case, "guided")
     with warnings.catch_warnings():
@@ -455,8 +446,6 @@ def test_an_unknown_option_names_the_near_miss(kit) -> None:  # type: ignore[no-
 
 def test_an_unknown_layer_with_no_close_name_lists_candidates(kit, request) -> None:  # type: ignore[no-untyped-def]
     """Item 20.6: a name with no near miss lists the top-level layers and the automatic choice."""
-    for backend in ("torch", "tensorflow", "jax"):
-        _backend_gap(request, backend, "the adapter words its own message; protocol.layers.layer_not_found lists")
     case = kit.case("conv2d")
     with pytest.raises(anycam.LayerError, match="layer=None") as info:
         anycam.Explainer(case.model, "qqqqqqqqqqqq", **case.options)

@@ -26,8 +26,6 @@ BAD_ARGUMENTS = {
     "matrix": np.zeros((2, 3), np.float32),
     "nan_images": np.full((2, 3, 4, 4), np.nan, np.float32),
 }
-# Items 19.9/19.13 belong to the dataset store's branch; once merged, these pass (strict xfail: then remove).
-AFTER_STORE_MERGE = {"ExplanationStore"}
 NOT_CALLED = {"Backend": "an abstract base class for adapters: subclassed, never called"}
 
 
@@ -53,9 +51,6 @@ def test_every_public_callable_raises_only_anycam_errors_and_warnings(
     short = name.rsplit(".", 1)[-1]
     if short in NOT_CALLED:
         pytest.skip(NOT_CALLED[short])
-    if short in AFTER_STORE_MERGE:
-        reason = "the store's errors are fixed on the t19-store branch"
-        request.applymarker(pytest.mark.xfail(strict=True, reason=reason))
     required = [
         p
         for p in inspect.signature(function).parameters.values()

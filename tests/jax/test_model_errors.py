@@ -110,9 +110,6 @@ def test_a_wrong_shape_input_is_still_an_input_error() -> None:
 # -- 19.4: several inputs must share the batch size -------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True, reason="19.4: the batch check belongs in anycam.protocol.inputs.structure_inputs (src branch)"
-)
 @pytest.mark.parametrize("form", ["tuple", "dict"])
 def test_several_inputs_with_different_batch_sizes_are_an_input_error(form: str) -> None:
     # One image, three rows of the second input: an InputError naming each input and its N.

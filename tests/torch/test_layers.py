@@ -164,3 +164,32 @@ def test_a_compiled_model_is_explained_through_its_original_module() -> None:
         explainer = anycam.Explainer(compiled, name, normalize=None)
         assert explainer.backend.model is model
         np.testing.assert_allclose(explainer.explain(x, target=TARGET).cam, expected.cam)
+
+
+class BatchNormSharedSwish(SharedSwish):
+    """EfficientNet-Lite0's head: conv → BatchNorm → the shared activation → pooling."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm2d(8)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self._swish(self.bn(self.block(self._swish(self.stem(x)))))
+
+
+def test_auto_says_when_its_choice_is_the_normalisation_before_a_shared_activation() -> None:
+    # Issue 20.6: the rule picks the BatchNorm (the shared activation runs twice and cannot be
+    # captured once); the repr says so and names the post-activation map to explain instead.
+    torch.manual_seed(0)
+    model = BatchNormSharedSwish().eval()
+    x = torch.randn(2, 3, 10, 10)
+    explainer = anycam.Explainer(model, None)
+    explainer.explain(x)
+    assert explainer.layer_names == ("bn",)
+    text = repr(explainer)
+    assert "'bn' is a normalisation before the activation" in text and "'avgpool:input'" in text
+    # The note's advice is right: that port is the activation's output, as plain autograd computes it.
+    advised = anycam.Explainer(model, "avgpool:input", normalize=None).explain(x, target=TARGET)
+    with torch.no_grad():
+        features = model.features(x)
+    np.testing.assert_allclose(advised.cam, torch_gradcam(features, model.head, TARGET), rtol=1e-4, atol=1e-6)

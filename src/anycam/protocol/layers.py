@@ -197,11 +197,12 @@ def choice_note(records: Sequence[LayerRecord], chosen: str) -> str | None:
     index = names.index(chosen)
     if records[index].kind != "normalization":
         return None
-    later = list(records[index + 1 :])
-    shared = next((r for r in later if r.kind == "activation" and r.calls != 1), None)
+    # Records come in the order of first calls: a shared activation first ran before the chosen
+    # normalisation (after the stem), so it may stand anywhere in the list.
+    shared = next((r for r in records if r.kind == "activation" and r.calls != 1), None)
     if shared is None:
         return None
-    after = next((r for r in later[later.index(shared) + 1 :] if r.kind != "activation"), None)
+    after = next((r for r in records[index + 1 :] if r.kind != "activation"), None)
     fix = f"; for the post-activation map explain {after.name + ':input'!r}" if after is not None else ""
     return (
         f"{chosen!r} is a normalisation before the activation: the activation {shared.name!r} runs "
