@@ -162,7 +162,8 @@ def _pick(layer: Any, paths: dict[str, tuple[Any, ...]], objects: dict[int, str]
             f"a {family} layer is a module path such as 'backbone{sep}layer4' or a tuple of names, "
             f"got {type(layer).__name__}"
         )
-    raise layer_not_found(name, canonical, model=f"the {family} model")
+    missing = layer_not_found(name, canonical, model=f"the {family} model")
+    raise LayerError(f"{missing}; module paths: {_listing(canonical)}")
 
 
 def _labels(names: Sequence[str], common: Mapping[str, Any]) -> tuple[str, ...]:

@@ -149,9 +149,9 @@ def test_function_pairs_take_no_layer_and_no_model_kwargs() -> None:
 
 def test_inputs_must_be_float_arrays() -> None:
     explainer = anycam.Explainer(net(), "conv")
-    with pytest.raises(anycam.InputError, match="input must be floating point, got dtype int32"):
+    with pytest.raises(anycam.InputError, match="input has dtype int32, but the heatmap needs a floating-point input"):
         explainer(jnp.ones((2, 6, 6, 3), jnp.int32))
-    with pytest.raises(anycam.InputError, match="input must be floating point, got dtype uint8"):
+    with pytest.raises(anycam.InputError, match="input has dtype uint8, but the heatmap needs a floating-point input"):
         explainer(np.zeros((2, 6, 6, 3), np.uint8))
     # A list is several inputs (extra positional arguments); none of these is an array.
     with pytest.raises(anycam.InputError, match="no input is a floating-point array with spatial axes"):
