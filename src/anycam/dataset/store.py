@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from .._errors import InputError, require
+from .._errors import ConfigTypeError, InputError, require
 from .errors import (
     StoreCorruptError,
     StoreFormatError,
@@ -400,6 +400,8 @@ class ExplanationStore:
     """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
+        if not isinstance(path, (str, os.PathLike)):
+            raise ConfigTypeError(f"an ExplanationStore opens a folder: pass its path, got {type(path).__name__}")
         self.path = Path(path)
         manifest = load_manifest(self.path)
         self.config: dict[str, Any] = manifest["config"]
