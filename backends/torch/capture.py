@@ -261,9 +261,10 @@ def _capture(backend: TorchBackend, inputs: Any, target: TargetSpec, with_gradie
     _call_layouts.value = None
     output, leaves = backend._forward(given, differentiable=with_gradients)
     found = _call_layouts.value or {}
-    # Where no module decided a layout, channels first (torch's own); the core checks either
-    # against the shapes.
-    layouts = tuple(found.get(i) or "channels_first" for i in range(len(leaves)))
+    # Where no module decided a layout, None: torch's channels-first habit is no evidence for a
+    # custom module's output, so the core takes a reading only where it is the one that fits
+    # and otherwise asks for layout=.
+    layouts = tuple(found.get(i) for i in range(len(leaves)))
     selected = select_output(output, backend.output)
     if with_gradients:
         with torch.enable_grad():
@@ -330,7 +331,7 @@ def input_scores(
 # blocks, MLP-Mixer, Swin). A layer's layout is taken from the last module that *decides* one and
 # ran up to the layer (itself, or the last such module inside or before it in call order), kept
 # only while the output still has that module's channel count on that axis. With no such module
-# the guess stays channels first; the core checks every guess against the shapes.
+# the layout is undecided (None); the core checks every guess against the shapes.
 
 # Modules whose output is channels-first by construction (their channel axis is 1).
 _CHANNELS_FIRST: tuple[type[torch.nn.Module], ...] = (
