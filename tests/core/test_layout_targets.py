@@ -410,3 +410,21 @@ def test_a_given_layout_decides_an_undecided_layer():
 def test_an_undecided_layout_that_fits_no_reading_says_so():
     with pytest.raises(anycam.InputError, match="does not fit"):
         core.read_layer((2, 64, 64, 48), (24, 24), guess=None)
+
+
+def test_an_undecided_input_that_reads_both_ways_is_refused_unless_layout_decides():
+    # JAX, no convention: (N, 77, 26) with a (N, 77, 16) layer is 16 positions of 77 channels
+    # (input 26 positions) or 77 positions of 16 channels (input 77 positions).
+    inputs = [("channels_first", (26,)), ("channels_last", (77,))]
+    with pytest.raises(anycam.InputError) as info:
+        core.read_layouts([(2, 77, 16)], [None], inputs, follow=True, input_shape=(2, 77, 26))
+    message = str(info.value)
+    assert "(2, 77, 26)" in message and "(2, 77, 16)" in message and "input_layout=" in message
+    assert "layout=" in message.replace("input_layout=", "")
+    layout, spatial, readings = core.read_layouts([(2, 77, 16)], [None], inputs, follow=True, given="channels_last")
+    assert (layout, spatial, readings[0].spatial) == ("channels_last", (77,), (77,))
+    # With a convention (a guess), the first reading is kept as before.
+    assert core.read_layouts([(2, 77, 16)], ["channels_first"], inputs, follow=True)[0] == "channels_first"
+    # Undecided but only one input reading fits: taken.
+    layout, _, readings = core.read_layouts([(2, 77, 64)], [None], inputs, follow=True)
+    assert (layout, readings[0].layout, readings[0].spatial) == ("channels_last", "channels_last", (77,))

@@ -303,10 +303,8 @@ def read_layer(
         others = [layout for layout in (_OTHER.get(guess, "channels_first"), "tokens") if layout != guess]
         if guess == "tokens":
             others = ["channels_first", "channels_last"]
-    candidates = (
-        _reading(per_sample, other, input_spatial, grid, strict=other == "tokens" and grid is None)
-        for other in others
-    )
+    strict = grid is None  # a detected token reading must tile the input (see _strict_grid)
+    candidates = (_reading(per_sample, other, input_spatial, grid, strict=strict) for other in others)
     fits = [reading for reading in candidates if reading is not None]
     if len(fits) == 1 and not _ambiguous_tokens(fits[0], per_sample, input_spatial, grid):
         return fits[0]
@@ -359,19 +357,25 @@ def read_layouts(
         given, grid: the user's ``layout=`` and ``token_grid=``.
         names: the layer names, for messages.
         follow: the backend's layer guesses follow the input layout (JAX), so under the other
-            input reading the layers are guessed in that layout too.
+            input reading the layers are guessed in that layout too. A None guess then means
+            that nothing in the model decides the input's layout either: when, with no
+            ``given``, the input and every layer fit in each of two layouts, the shapes cannot
+            tell, and the input is refused rather than read in the first.
         input_shape: the input's full shape, for messages.
 
     Raises:
-        InputError: from the first input reading, when no input reading fits every layer.
+        InputError: from the first input reading, when no input reading fits every layer; or,
+            undecided (above), when two readings fit.
     """
+    undecided = follow and given is None and any(guess is None for guess in guesses)
     first_error: InputError | None = None
+    fits: list[tuple[str, tuple[int, ...], tuple[LayerReading, ...]]] = []
     for attempt, (input_layout, spatial) in enumerate(inputs):
         try:
             readings = []
             for index, shape in enumerate(shapes):
                 guess = guesses[index]
-                if attempt and follow and guess in _OTHER:
+                if follow and (guess is None or (attempt and guess in _OTHER)):
                     guess = input_layout
                 readings.append(
                     read_layer(
@@ -387,6 +391,25 @@ def read_layouts(
         except InputError as exc:
             first_error = first_error or exc
             continue
-        return input_layout, tuple(spatial), tuple(readings)
+        if not undecided:
+            return input_layout, tuple(spatial), tuple(readings)
+        fits.append((input_layout, tuple(spatial), tuple(readings)))
+    # Two input readings under each of which every layer keeps the input's layout: nothing tells
+    # 77 positions of 26 letters from 26 positions of 77 features.
+    both = [fit for fit in fits if all(reading.layout == fit[0] for reading in fit[2])]
+    if len(both) > 1:
+        shown = input_shape if input_shape is not None else "of unknown shape"
+        readings_told = "; ".join(
+            f"as {layout}: input spatial {spatial}, layer spatial {', '.join(str(r.spatial) for r in readings)}"
+            for layout, spatial, readings in both
+        )
+        raise InputError(
+            f"cannot tell the layout of the input {shown} and the layer output(s) "
+            f"{', '.join(str(tuple(s)) for s in shapes)}: nothing in the model decides it, and they read "
+            f"both ways ({readings_told}). Pass input_layout='channels_last' (e.g. a sequence of feature "
+            "vectors, one-hot letters per position) or input_layout='channels_first', or the layers' layout="
+        )
+    if fits:
+        return fits[0]
     assert first_error is not None
     raise first_error
