@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 
 import anycam
-
 from tests.jax.test_layout_ambiguity import POSITIONS, Protein, gradcam_over_positions, sequences
 
 pytestmark = pytest.mark.jax
