@@ -20,8 +20,8 @@ import numpy as np
 from jax.experimental import checkify
 from jax.extend import core as jax_core
 
-from anycam._errors import InputError, LayerError, TargetError
-from anycam.core import TargetSpec, check_scores_shape, read_layer, resolve_indices, spatial_shape
+from anycam._errors import LayerError, TargetError
+from anycam.core import TargetSpec, check_scores_shape, resolve_indices, spatial_shape
 from anycam.protocol.backend import Capture
 
 from .inputs import _shape_key, run
@@ -266,55 +266,29 @@ def capture(backend: JaxBackend, inputs: Any, target: TargetSpec, *, gradients: 
         grads_np = tuple(_to_numpy(g) for g in grads)
     else:
         activations, scores, indices = without_gradients(backend, program, params, x, target)
-    check_layout_decided(backend, tuple(x.shape), [tuple(a.shape) for a in activations])
     return Capture(
         activations=tuple(_to_numpy(a) for a in activations),
         gradients=grads_np,
         scores=_to_numpy(scores),
         target=indices,
         input_spatial=spatial_shape(tuple(x.shape), backend.input_layout),
-        layouts=(backend.layer_layout,) * len(backend.layer_names),
+        layouts=(backend.layer_layout if layouts_decided(backend) else None,) * len(backend.layer_names),
         input_shape=tuple(x.shape),
         input_layout=backend.input_layout,
         layouts_follow_input=True,
     )
 
 
-def _fits(shape: tuple[int, ...], layer_shapes: list[tuple[int, ...]], layout: str) -> bool:
-    """Whether the input and every layer output read in ``layout`` tell one spatial story."""
-    try:
-        spatial = spatial_shape(shape, layout)
-        for layer in layer_shapes:
-            read_layer(layer, spatial, guess=layout, given=layout)
-    except InputError:
-        return False
-    return True
-
-
-def check_layout_decided(backend: JaxBackend, shape: tuple[int, ...], layer_shapes: list[tuple[int, ...]]) -> None:
-    """Refuses to pick between channels-first and channels-last when both fit and nothing decides.
+def layouts_decided(backend: JaxBackend) -> bool:
+    """Whether the model's convention or the user's ``input_layout=`` decides the layouts.
 
     A Flax model, or an Equinox model with a convolution or pooling, has a convention; an
     Equinox model of Linear layers and a ``(features, head)`` pair only have the channels-first
-    default, and a channels-last sequence ``(N, 77, 26)`` whose layer outputs ``(N, 77, 64)``
-    reads as 77 channels over 26 positions as well as 26 channels over 77 positions.
-
-    Raises:
-        anycam.InputError: both readings fit; the message names both and asks for input_layout=.
+    default, and a channels-last sequence ``(N, 77, 26)`` whose layer outputs are ``(N, 77, 16)``
+    reads as 16 positions of 77 channels as well as 77 positions of 16. Undecided, the capture's
+    layouts are None and the core refuses when both readings fit, unless ``layout=`` decides.
     """
-    if getattr(backend._model, "decided", True) or getattr(backend, "input_layout_given", True):
-        return
-    if not all(_fits(shape, layer_shapes, layout) for layout in ("channels_first", "channels_last")):
-        return
-    first, last = spatial_shape(shape, "channels_first"), spatial_shape(shape, "channels_last")
-    raise InputError(
-        f"cannot tell the layout of the input of shape {shape} and the layer output(s) "
-        f"{', '.join(map(str, layer_shapes))}: they read as channels_first ({shape[1]} channels over "
-        f"{first}) and as channels_last ({shape[-1]} channels over {last}), and this {backend._model.family} "
-        "model has no convolution or pooling whose convention would decide. Pass "
-        "input_layout='channels_last' (a sequence of feature vectors, e.g. one-hot letters per position) "
-        "or input_layout='channels_first'"
-    )
+    return bool(getattr(backend._model, "decided", True) or getattr(backend, "input_layout_given", True))
 
 
 def input_scores(

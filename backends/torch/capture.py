@@ -261,9 +261,10 @@ def _capture(backend: TorchBackend, inputs: Any, target: TargetSpec, with_gradie
     _call_layouts.value = None
     output, leaves = backend._forward(given, differentiable=with_gradients)
     found = _call_layouts.value or {}
-    # Where no module decided a layout, channels first (torch's own); the core checks either
-    # against the shapes.
-    layouts = tuple(found.get(i) or "channels_first" for i in range(len(leaves)))
+    # Where no module decided a layout, None: torch's channels-first habit is no evidence for a
+    # custom module's output, so the core takes a reading only where it is the one that fits
+    # and otherwise asks for layout=.
+    layouts = tuple(found.get(i) for i in range(len(leaves)))
     selected = select_output(output, backend.output)
     if with_gradients:
         with torch.enable_grad():
@@ -330,7 +331,8 @@ def input_scores(
 # blocks, MLP-Mixer, Swin). A layer's layout is taken from the last module that *decides* one and
 # ran up to the layer (itself, or the last such module inside or before it in call order), kept
 # only while the output still has that module's channel count on that axis. With no such module
-# the guess stays channels first; the core checks every guess against the shapes.
+# the layout is undecided (None); the core checks every guess against the shapes. A Python module
+# around a TorchScript part (the recipe below) counts as channels first: hooks cannot see inside.
 
 # Modules whose output is channels-first by construction (their channel axis is 1).
 _CHANNELS_FIRST: tuple[type[torch.nn.Module], ...] = (
@@ -372,6 +374,7 @@ class Tracker:
 
     def __init__(self) -> None:
         self.last: tuple[str, int] | None = None
+        self.decisions = 0  # how many module outputs decided a layout so far
 
     def at(self, module: torch.nn.Module, out: Any) -> str | None:
         """The layout of ``module``'s output: its own if it decides one, else the last one seen,
@@ -380,6 +383,7 @@ class Tracker:
         own = decided(module, out)
         if own is not None:
             self.last = own
+            self.decisions += 1
             return own[0]
         return self.reading(out)
 
@@ -405,12 +409,35 @@ def track(model: torch.nn.Module, owner: int) -> tuple[Tracker, list[Any]]:
         if threading.get_ident() == owner:
             tracker.at(module, out)
 
+    started: dict[int, int] = {}
+
+    def entering(module: torch.nn.Module, args: Any) -> None:
+        if threading.get_ident() == owner:
+            started[id(module)] = tracker.decisions
+
+    def scripted(module: torch.nn.Module, args: Any, out: Any) -> None:
+        # A TorchScript part hides its modules from hooks, so nothing can decide its output's
+        # layout; it is taken in torch's own convention, channels first, as before round 2 —
+        # unless a module anycam sees decided one after the part, within the same module.
+        if threading.get_ident() != owner or started.get(id(module)) != tracker.decisions:
+            return
+        if isinstance(out, torch.Tensor) and out.ndim >= 3:
+            tracker.last = ("channels_first", int(out.shape[1]))
+
     handles = [
         module.register_forward_hook(hook)
         for module in model.modules()
         if isinstance(module, (*_CHANNELS_FIRST, torch.nn.Linear, torch.nn.LayerNorm))
         and not isinstance(module, torch.jit.ScriptModule)
     ]
+    wrappers = [
+        module
+        for module in model.modules()
+        if not isinstance(module, torch.jit.ScriptModule)
+        and any(isinstance(child, torch.jit.ScriptModule) for child in module.children())
+    ]
+    handles += [module.register_forward_pre_hook(entering) for module in wrappers]
+    handles += [module.register_forward_hook(scripted) for module in wrappers]
     return tracker, handles
 
 

@@ -369,3 +369,62 @@ def test_a_given_layout_is_checked_not_trusted():
 def test_a_layer_without_spatial_axes_is_refused():
     with pytest.raises(anycam.InputError, match="no spatial axis"):
         core.read_layer((2, 10), (8, 8), guess="channels_first")
+
+
+# --- an undecided layout (issue 19.3): guess=None takes only a reading that fits alone ---------
+
+
+def test_an_undecided_layout_that_fits_both_ways_is_refused_asking_for_layout():
+    # (N, 8, 8, 6) under 8 × 8: 8 channels over 8 × 6, or 6 channels over 8 × 8.
+    with pytest.raises(anycam.InputError) as info:
+        core.read_layer((2, 8, 8, 6), (8, 8), guess=None, name="mix", input_shape=(2, 3, 8, 8))
+    message = str(info.value)
+    assert "cannot tell" in message and "(2, 8, 8, 6)" in message and "(2, 3, 8, 8)" in message
+    assert "layout=" in message and "channels_first" in message and "channels_last" in message
+    # The same shapes with a guess keep the guess: only None refuses.
+    assert core.read_layer((2, 8, 8, 6), (8, 8), guess="channels_first").spatial == (8, 6)
+
+
+@pytest.mark.parametrize(
+    ("shape", "inputs", "layout", "spatial"),
+    [
+        ((2, 8, 8, 10), (8, 8), "channels_last", (8, 8)),  # channels first: 8 × 10 exceeds 8 × 8
+        ((2, 10, 8, 8), (8, 8), "channels_first", (8, 8)),
+        ((2, 197, 768), (224, 224), "tokens", (14, 14)),  # ViT tokens: no channel reading fits
+    ],
+)
+def test_an_undecided_layout_takes_the_only_reading_that_fits(shape, inputs, layout, spatial):
+    reading = core.read_layer(shape, inputs, guess=None)
+    assert (reading.layout, reading.spatial) == (layout, spatial)
+
+
+def test_a_given_layout_decides_an_undecided_layer():
+    assert core.read_layer((2, 8, 8, 6), (8, 8), guess=None, given="channels_last").spatial == (8, 8)
+    assert core.read_layer((2, 8, 8, 6), (8, 8), guess=None, given="channels_first").spatial == (8, 6)
+    _, _, readings = core.read_layouts(
+        [(2, 8, 8, 6), (2, 8, 8, 6)], [None, "channels_first"], [("channels_first", (8, 8))], given="channels_last"
+    )
+    assert [r.layout for r in readings] == ["channels_last", "channels_last"]
+
+
+def test_an_undecided_layout_that_fits_no_reading_says_so():
+    with pytest.raises(anycam.InputError, match="does not fit"):
+        core.read_layer((2, 64, 64, 48), (24, 24), guess=None)
+
+
+def test_an_undecided_input_that_reads_both_ways_is_refused_unless_layout_decides():
+    # JAX, no convention: (N, 77, 26) with a (N, 77, 16) layer is 16 positions of 77 channels
+    # (input 26 positions) or 77 positions of 16 channels (input 77 positions).
+    inputs = [("channels_first", (26,)), ("channels_last", (77,))]
+    with pytest.raises(anycam.InputError) as info:
+        core.read_layouts([(2, 77, 16)], [None], inputs, follow=True, input_shape=(2, 77, 26))
+    message = str(info.value)
+    assert "(2, 77, 26)" in message and "(2, 77, 16)" in message and "input_layout=" in message
+    assert "layout=" in message.replace("input_layout=", "")
+    layout, spatial, readings = core.read_layouts([(2, 77, 16)], [None], inputs, follow=True, given="channels_last")
+    assert (layout, spatial, readings[0].spatial) == ("channels_last", (77,), (77,))
+    # With a convention (a guess), the first reading is kept as before.
+    assert core.read_layouts([(2, 77, 16)], ["channels_first"], inputs, follow=True)[0] == "channels_first"
+    # Undecided but only one input reading fits: taken.
+    layout, _, readings = core.read_layouts([(2, 77, 64)], [None], inputs, follow=True)
+    assert (layout, readings[0].layout, readings[0].spatial) == ("channels_last", "channels_last", (77,))

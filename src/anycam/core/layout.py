@@ -228,7 +228,7 @@ def read_layer(
     shape: tuple[int, ...],
     input_spatial: tuple[int, ...],
     *,
-    guess: str,
+    guess: str | None,
     given: str | None = None,
     grid: tuple[int, ...] | None = None,
     name: str = "",
@@ -241,12 +241,22 @@ def read_layer(
     checked. Otherwise the backend's ``guess`` is kept when it fits; when it does not, the one
     other reading that fits is taken: the other channel placement, or tokens ``(N, T, C)`` (a
     3-D output under a 2-D input, its square patch grid tiling the input in whole patches).
-    When none fits, or several do, the shapes cannot tell, and the error says what to pass.
+    A ``guess`` of None means nothing in the model decides the layout: every reading is tried
+    and only one that fits alone is taken. When none fits, or several do, the shapes cannot
+    tell, and the error says what to pass.
+
+    >>> read_layer((2, 8, 8, 6), (8, 8), guess="channels_first").spatial  # the backend decides
+    (8, 6)
+    >>> read_layer((2, 8, 8, 6), (8, 8), guess=None)  # doctest: +IGNORE_EXCEPTION_DETAIL
+    Traceback (most recent call last):
+    anycam.InputError: cannot tell the layout of layer output (2, 8, 8, 6) ...
+    >>> read_layer((2, 6, 8, 10), (8, 8), guess=None).layout  # only one reading fits
+    'channels_last'
 
     Args:
         shape: the layer output's shape ``(N, ...)``.
         input_spatial: the input's spatial shape.
-        guess: the backend's layout for the layer.
+        guess: the backend's layout for the layer, or None when nothing decides it.
         given: the user's ``layout=``, or None.
         grid: the user's ``token_grid=``, or None.
         name: the layer, for messages.
@@ -283,19 +293,25 @@ def read_layer(
                 "or input_layout= if the input is read wrongly"
             )
         return found
-    guessed = _reading(per_sample, guess, input_spatial, grid, strict=False)
-    if guessed is not None:
-        return guessed
-    others = [layout for layout in (_OTHER.get(guess, "channels_first"), "tokens") if layout != guess]
-    if guess == "tokens":
-        others = ["channels_first", "channels_last"]
-    candidates = (_reading(per_sample, other, input_spatial, grid, strict=grid is None) for other in others)
+    if guess is None:
+        # Nothing decided: no reading is preferred, so a fit is taken only where it is the only one.
+        others = list(LAYOUTS)
+    else:
+        guessed = _reading(per_sample, guess, input_spatial, grid, strict=False)
+        if guessed is not None:
+            return guessed
+        others = [layout for layout in (_OTHER.get(guess, "channels_first"), "tokens") if layout != guess]
+        if guess == "tokens":
+            others = ["channels_first", "channels_last"]
+    strict = grid is None  # a detected token reading must tile the input (see _strict_grid)
+    candidates = (_reading(per_sample, other, input_spatial, grid, strict=strict) for other in others)
     fits = [reading for reading in candidates if reading is not None]
     if len(fits) == 1 and not _ambiguous_tokens(fits[0], per_sample, input_spatial, grid):
         return fits[0]
     if fits:
+        undecided = " (nothing in the model decides it)" if guess is None else ""
         raise InputError(
-            f"cannot tell the layout of {where} under the {against}: it reads as "
+            f"cannot tell the layout of {where} under the {against}{undecided}: it reads as "
             f"{' or as '.join(r.layout for r in fits)} ({_describe(per_sample, input_spatial, grid)}); "
             "pass layout='channels_first', 'channels_last' or 'tokens' (with token_grid=)"
         )
@@ -322,7 +338,7 @@ def _ambiguous_tokens(
 
 def read_layouts(
     shapes: Sequence[tuple[int, ...]],
-    guesses: Sequence[str],
+    guesses: Sequence[str | None],
     inputs: Sequence[tuple[str, tuple[int, ...]]],
     *,
     given: str | None = None,
@@ -335,25 +351,31 @@ def read_layouts(
 
     Args:
         shapes: per layer, the output's shape ``(N, ...)``.
-        guesses: per layer, the backend's layout.
+        guesses: per layer, the backend's layout, or None where nothing decides it.
         inputs: the input readings to try, ``(layout, spatial shape)``, the backend's first; a
             second one is tried only when some layer fits no reading under the first.
         given, grid: the user's ``layout=`` and ``token_grid=``.
         names: the layer names, for messages.
         follow: the backend's layer guesses follow the input layout (JAX), so under the other
-            input reading the layers are guessed in that layout too.
+            input reading the layers are guessed in that layout too. A None guess then means
+            that nothing in the model decides the input's layout either: when, with no
+            ``given``, the input and every layer fit in each of two layouts, the shapes cannot
+            tell, and the input is refused rather than read in the first.
         input_shape: the input's full shape, for messages.
 
     Raises:
-        InputError: from the first input reading, when no input reading fits every layer.
+        InputError: from the first input reading, when no input reading fits every layer; or,
+            undecided (above), when two readings fit.
     """
+    undecided = follow and given is None and any(guess is None for guess in guesses)
     first_error: InputError | None = None
+    fits: list[tuple[str, tuple[int, ...], tuple[LayerReading, ...]]] = []
     for attempt, (input_layout, spatial) in enumerate(inputs):
         try:
             readings = []
             for index, shape in enumerate(shapes):
                 guess = guesses[index]
-                if attempt and follow and guess in _OTHER:
+                if follow and (guess is None or (attempt and guess in _OTHER)):
                     guess = input_layout
                 readings.append(
                     read_layer(
@@ -369,6 +391,25 @@ def read_layouts(
         except InputError as exc:
             first_error = first_error or exc
             continue
-        return input_layout, tuple(spatial), tuple(readings)
+        if not undecided:
+            return input_layout, tuple(spatial), tuple(readings)
+        fits.append((input_layout, tuple(spatial), tuple(readings)))
+    # Two input readings under each of which every layer keeps the input's layout: nothing tells
+    # 77 positions of 26 letters from 26 positions of 77 features.
+    both = [fit for fit in fits if all(reading.layout == fit[0] for reading in fit[2])]
+    if len(both) > 1:
+        shown = input_shape if input_shape is not None else "of unknown shape"
+        readings_told = "; ".join(
+            f"as {layout}: input spatial {spatial}, layer spatial {', '.join(str(r.spatial) for r in readings)}"
+            for layout, spatial, readings in both
+        )
+        raise InputError(
+            f"cannot tell the layout of the input {shown} and the layer output(s) "
+            f"{', '.join(str(tuple(s)) for s in shapes)}: nothing in the model decides it, and they read "
+            f"both ways ({readings_told}). Pass input_layout='channels_last' (e.g. a sequence of feature "
+            "vectors, one-hot letters per position) or input_layout='channels_first', or the layers' layout="
+        )
+    if fits:
+        return fits[0]
     assert first_error is not None
     raise first_error

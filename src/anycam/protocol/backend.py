@@ -32,9 +32,11 @@ class Capture:
         target: ``(N, K)`` int64 class indices, or None for callable targets.
         input_spatial: the spatial shape of the input, the heatmaps' resolution.
         layouts: per layer, the layout the backend believes the output has
-            (``"channels_first"``, ``"channels_last"`` or ``"tokens"``). The Explainer checks it
-            against the shapes (``anycam.core.read_layouts``): a guess that cannot fit is
-            replaced by the one reading that does, a user's ``layout=`` is only checked.
+            (``"channels_first"``, ``"channels_last"`` or ``"tokens"``), or None where nothing
+            in the model decides it. The Explainer checks it against the shapes
+            (``anycam.core.read_layouts``): a guess that cannot fit is replaced by the one
+            reading that does; None takes the only reading that fits and refuses when several
+            do; a user's ``layout=`` is only checked.
         input_shape: the full shape of the (spatial) input, so the input's layout can be
             checked too; None: ``input_spatial`` is taken as it is.
         input_layout: the layout the backend read ``input_spatial`` in.
@@ -47,7 +49,7 @@ class Capture:
     scores: np.ndarray
     target: np.ndarray | None
     input_spatial: tuple[int, ...]
-    layouts: tuple[str, ...]
+    layouts: tuple[str | None, ...]
     input_shape: tuple[int, ...] | None = None
     input_layout: str | None = None
     layouts_follow_input: bool = False
