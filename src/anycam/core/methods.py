@@ -2,8 +2,13 @@
 
 Every function takes arrays with an explicit channel axis and treats the axes after it as
 spatial and the axes before it as batch-like, so ``(N, C, H, W)``, ``(N, K, C, D, H, W)`` and a
-single ``(C, L)`` all work. Arithmetic runs in float64 (a normalised heatmap must not become NaN
-because ``A·G`` overflowed float32); callers cast results back to float32.
+single ``(C, L)`` all work. On NumPy arrays arithmetic runs in float64 (a normalised heatmap must
+not become NaN because ``A·G`` overflowed float32); callers cast results back to float32.
+
+The Grad-CAM family (weights, weighted sums, HiResCAM, LayerCAM, element-wise Grad-CAM) also
+runs on torch, JAX and other array-API arrays, with their own namespace, on their device, in
+float32 (float64 for float64 inputs); see ``_namespace``. Eigen-CAM, KPCA-CAM and RandomCAM are
+NumPy only for now.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from types import MappingProxyType
 import numpy as np
 
 from .._errors import ConfigError
+from ._namespace import as_float, compute_dtype, constant, is_numpy, namespace
 
 _F = np.float64
 
@@ -30,17 +36,22 @@ def _weighted_sum(activations: np.ndarray, weights: np.ndarray, channel_axis: in
     A batched matmul over flattened space: broadcasting ``(N, 1, C, *S)`` activations against
     ``(N, K, C)`` weights never materialises an ``(N, K, C, *S)`` product.
     """
-    acts = np.asarray(activations, _F)
+    xp = namespace(activations, weights)
+    dtype = compute_dtype(xp, activations, weights)
+    acts = as_float(xp, activations, dtype)
     channel_axis = channel_axis % acts.ndim
-    spatial = acts.shape[channel_axis + 1 :]
-    flat = acts.reshape(*acts.shape[: channel_axis + 1], -1)
-    summed = np.matmul(np.asarray(weights, _F)[..., None, :], flat)[..., 0, :]
-    return summed.reshape(*summed.shape[:-1], *spatial)
+    spatial = tuple(acts.shape[channel_axis + 1 :])
+    flat = xp.reshape(acts, (*acts.shape[: channel_axis + 1], -1))
+    summed = xp.matmul(as_float(xp, weights, dtype)[..., None, :], flat)[..., 0, :]
+    return xp.reshape(summed, (*summed.shape[:-1], *spatial))
 
 
 def relu(x: np.ndarray) -> np.ndarray:
-    """Returns max(x, 0)."""
-    return np.maximum(x, 0)
+    """Returns max(x, 0); NaN stays NaN."""
+    if is_numpy(x):
+        return np.maximum(x, 0)
+    xp = namespace(x)
+    return xp.maximum(x, constant(xp, 0.0, x))
 
 
 def gradcam_weights(gradients: np.ndarray, channel_axis: int = 1) -> np.ndarray:
@@ -57,8 +68,12 @@ def gradcam_weights(gradients: np.ndarray, channel_axis: int = 1) -> np.ndarray:
     array([[ 2., -1.]])
     """
     # Accumulated in float64 without a float64 copy of the gradients (K maps: tens of MB).
-    grads = np.asarray(gradients)
-    return np.asarray(np.mean(grads, axis=_spatial_axes(grads, channel_axis), dtype=_F))
+    xp = namespace(gradients)
+    if xp is np:
+        grads = np.asarray(gradients)
+        return np.asarray(np.mean(grads, axis=_spatial_axes(grads, channel_axis), dtype=_F))
+    grads = as_float(xp, gradients, compute_dtype(xp, gradients))
+    return xp.mean(grads, axis=_spatial_axes(grads, channel_axis))
 
 
 def gradcampp_weights(activations: np.ndarray, gradients: np.ndarray, channel_axis: int = 1) -> np.ndarray:
@@ -71,14 +86,16 @@ def gradcampp_weights(activations: np.ndarray, gradients: np.ndarray, channel_ax
     Returns:
         ``(..., C)`` float64.
     """
+    xp = namespace(activations, gradients)
+    dtype = compute_dtype(xp, activations, gradients)
     axes = _spatial_axes(gradients, channel_axis)
-    grads = np.asarray(gradients, _F)
+    grads = as_float(xp, gradients, dtype)
     squared = grads * grads
-    activation_sums = np.sum(np.asarray(activations, _F), axis=axes, keepdims=True)
+    activation_sums = xp.sum(as_float(xp, activations, dtype), axis=axes, keepdims=True)
     denominator = 2.0 * squared + activation_sums * squared * grads
-    safe = np.where(denominator != 0, denominator, 1.0)
-    alpha = np.where((grads != 0) & (denominator != 0), squared / safe, 0.0)
-    return np.sum(alpha * relu(grads), axis=axes)
+    safe = xp.where(denominator != 0, denominator, constant(xp, 1.0, denominator))
+    alpha = xp.where((grads != 0) & (denominator != 0), squared / safe, constant(xp, 0.0, denominator))
+    return xp.sum(alpha * relu(grads), axis=axes)
 
 
 def xgradcam_weights(
@@ -91,9 +108,11 @@ def xgradcam_weights(
     Returns:
         ``(..., C)`` float64.
     """
+    xp = namespace(activations, gradients)
+    dtype = compute_dtype(xp, activations, gradients)
     axes = _spatial_axes(gradients, channel_axis)
-    acts = np.asarray(activations, _F)
-    return np.sum(np.asarray(gradients, _F) * acts, axis=axes) / (np.sum(acts, axis=axes) + eps)
+    acts = as_float(xp, activations, dtype)
+    return xp.sum(as_float(xp, gradients, dtype) * acts, axis=axes) / (xp.sum(acts, axis=axes) + eps)
 
 
 def weighted_cam(
@@ -104,7 +123,7 @@ def weighted_cam(
     >>> weighted_cam(np.array([[[1.0, 2.0], [3.0, 0.0]]]), np.array([[1.0, -1.0]]))
     array([[0., 2.]])
     """
-    cam = _weighted_sum(activations, np.asarray(weights, _F), channel_axis)
+    cam = _weighted_sum(activations, weights, channel_axis)
     return relu(cam) if rectify else cam
 
 
@@ -112,8 +131,10 @@ def hirescam(
     activations: np.ndarray, gradients: np.ndarray, channel_axis: int = 1, *, rectify: bool = True
 ) -> np.ndarray:
     """Returns ReLU(Σ_k G_k ⊙ A_k) (HiResCAM, Draelos & Carin 2020): no spatial averaging."""
-    product = np.asarray(gradients, _F) * np.asarray(activations, _F)
-    cam = np.sum(product, axis=channel_axis % product.ndim)
+    xp = namespace(activations, gradients)
+    dtype = compute_dtype(xp, activations, gradients)
+    product = as_float(xp, gradients, dtype) * as_float(xp, activations, dtype)
+    cam = xp.sum(product, axis=channel_axis % product.ndim)
     return relu(cam) if rectify else cam
 
 
@@ -121,8 +142,10 @@ def layercam(
     activations: np.ndarray, gradients: np.ndarray, channel_axis: int = 1, *, rectify: bool = True
 ) -> np.ndarray:
     """Returns ReLU(Σ_k ReLU(G_k) ⊙ A_k) (LayerCAM, Jiang et al. 2021, eq. 5-6)."""
-    product = relu(np.asarray(gradients, _F)) * np.asarray(activations, _F)
-    cam = np.sum(product, axis=channel_axis % product.ndim)
+    xp = namespace(activations, gradients)
+    dtype = compute_dtype(xp, activations, gradients)
+    product = relu(as_float(xp, gradients, dtype)) * as_float(xp, activations, dtype)
+    cam = xp.sum(product, axis=channel_axis % product.ndim)
     return relu(cam) if rectify else cam
 
 
@@ -171,8 +194,10 @@ def gradcam_elementwise(
     >>> gradcam_elementwise(np.array([[[1.0, 2.0], [3.0, 1.0]]]), np.array([[[1.0, -1.0], [-1.0, 2.0]]]))
     array([[1., 2.]])
     """
-    product = relu(np.asarray(gradients, _F) * np.asarray(activations, _F))
-    return np.sum(product, axis=channel_axis % product.ndim)
+    xp = namespace(activations, gradients)
+    dtype = compute_dtype(xp, activations, gradients)
+    product = relu(as_float(xp, gradients, dtype) * as_float(xp, activations, dtype))
+    return xp.sum(product, axis=channel_axis % product.ndim)
 
 
 def eigengradcam(
@@ -274,7 +299,7 @@ def class_activation_map(activations: np.ndarray, class_weights: np.ndarray, cha
         activations: ``(..., C, *S)``.
         class_weights: ``(..., C)``, the linear head's row for the class of each sample.
     """
-    return _weighted_sum(activations, np.asarray(class_weights, _F), channel_axis)
+    return _weighted_sum(activations, class_weights, channel_axis)
 
 
 def _gradcam(activations: np.ndarray, gradients: np.ndarray, channel_axis: int) -> np.ndarray:
@@ -379,6 +404,10 @@ TARGET_FREE_METHODS = _of_kind("activation")
 those of one capture without gradients."""
 
 
+ARRAY_API_METHODS = ("gradcam", "gradcam++", "xgradcam", "hirescam", "layercam", "gradcam-elementwise")
+"""Capture methods whose math also runs on torch, JAX and other array-API arrays (issue 21)."""
+
+
 def compute_cam(
     method: str,
     activations: np.ndarray,
@@ -407,4 +436,9 @@ def compute_cam(
         raise ConfigError(f"method {method!r} needs more than one capture; run it through anycam.Explainer")
     if entry.kind == "gradient" and gradients is None:
         raise ConfigError(f"method {method!r} needs gradients")
+    if method not in ARRAY_API_METHODS and not is_numpy(activations, gradients):
+        raise ConfigError(
+            f"method {method!r} runs on NumPy arrays only for now; pass NumPy arrays "
+            f"(array-API arrays work for {', '.join(ARRAY_API_METHODS)})"
+        )
     return entry.function(activations, gradients, channel_axis, rectify, seed)
