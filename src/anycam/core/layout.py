@@ -96,7 +96,7 @@ def to_channels_first(
     if array.ndim != lead + 2:
         raise InputError(f"a token layout needs (N, T, C) outputs, got {tuple(array.shape)}")
     prefix, patch_grid = token_grid(array.shape[lead], grid)
-    patches = array[(slice(None),) * lead + (slice(prefix, None),)]
+    patches = array[(slice(None),) * lead + (slice(prefix, None), ...)]
     patches = xp.reshape(patches, (*array.shape[:lead], *patch_grid, array.shape[-1]))
     return xp.moveaxis(patches, -1, lead)
 

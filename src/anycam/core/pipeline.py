@@ -41,8 +41,8 @@ def _to_float32(array: np.ndarray) -> np.ndarray:
     if xp is not np:
         # Computed in float32 already (or float64 on request): an overflow there is ±inf,
         # which saturates here just as the NumPy path's finite float64 value does.
-        limit = float(np.finfo(np.float32).max)
-        return xp.astype(xp.clip(array, -limit, limit), xp.float32)
+        largest = float(np.finfo(np.float32).max)
+        return xp.astype(xp.clip(array, -largest, largest), xp.float32)
     limit = np.finfo(np.float32).max
     return np.ascontiguousarray(np.clip(array, -limit, limit), dtype=np.float32)
 
@@ -81,7 +81,7 @@ def layer_cam(
         rectify: apply the final ReLU (False gives signed maps).
         seed: the seed of ``randomcam``'s weights.
     """
-    acts = to_channels_first(activations, layout, lead=1, grid=grid)[:, None]
+    acts = to_channels_first(activations, layout, lead=1, grid=grid)[:, None, ...]
     grads = None if gradients is None else to_channels_first(gradients, layout, lead=2, grid=grid)
     cam, weights = compute_cam(method, acts, grads, channel_axis=2, rectify=rectify, seed=seed)
     xp = namespace(cam)
