@@ -236,3 +236,15 @@ def test_no_nan_where_numpy_is_finite_when_products_of_both_signs_overflow():
     result = core.layer_cam("hirescam", xs.asarray(acts), xs.asarray(grads), "channels_first")
     assert np.isfinite(expected.cam).all()
     assert np.isfinite(to_numpy(result.cam)).all()
+
+
+def test_host_weights_with_native_activations_give_native_maps(kind):
+    # CAM with a linear head's NumPy weight rows on device activations: the weights move over.
+    convert, is_native = kind
+    acts, _ = capture("channels_first")
+    rows = np.random.default_rng(8).normal(size=(2, 5)).astype(np.float32)
+    expected = core.class_activation_map(acts, rows)
+    result = core.class_activation_map(convert(acts), rows)
+    assert is_native(result)
+    scale = float(np.max(np.sum(np.abs(acts * rows[:, :, None, None].astype(np.float64)), axis=1)))
+    np.testing.assert_allclose(to_numpy(result), expected, rtol=RTOL, atol=RTOL * scale)

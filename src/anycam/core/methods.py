@@ -20,7 +20,7 @@ from types import MappingProxyType
 import numpy as np
 
 from .._errors import ConfigError
-from ._namespace import as_float, compute_dtype, constant, is_numpy, namespace
+from ._namespace import as_float, compute_dtype, constant, device_of, is_numpy, namespace
 
 _F = np.float64
 
@@ -42,6 +42,9 @@ def _weighted_sum(activations: np.ndarray, weights: np.ndarray, channel_axis: in
     channel_axis = channel_axis % acts.ndim
     spatial = tuple(acts.shape[channel_axis + 1 :])
     flat = xp.reshape(acts, (*acts.shape[: channel_axis + 1], -1))
+    if xp is not np and is_numpy(weights):
+        # Host weights (a user's class weights, RandomCAM's) go to the activations' device once.
+        weights = xp.asarray(np.asarray(weights), dtype=dtype, device=device_of(acts))
     summed = xp.matmul(as_float(xp, weights, dtype)[..., None, :], flat)[..., 0, :]
     return xp.reshape(summed, (*summed.shape[:-1], *spatial))
 
