@@ -7,15 +7,17 @@ not become NaN because ``A·G`` overflowed float32); callers cast results back t
 
 The Grad-CAM family (weights, weighted sums, HiResCAM, LayerCAM, element-wise Grad-CAM) also
 runs on torch, JAX and other array-API arrays, with their own namespace, on their device, in
-float32 (float64 for float64 inputs); see ``_namespace``. Eigen-CAM, KPCA-CAM and RandomCAM are
-NumPy only for now.
+float32 (float64 for float64 inputs); see ``_namespace``. So do Eigen-CAM and Eigen-Grad-CAM (one
+batched SVD). KPCA-CAM and RandomCAM are NumPy only for now.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
+from typing import Any
 
 import numpy as np
 
@@ -166,6 +168,10 @@ def eigencam(activations: np.ndarray, channel_axis: int = 1, *, rectify: bool = 
     Returns:
         ``(..., *S)`` float64.
     """
+    xp = namespace(activations)
+    if xp is not np:
+        cam = _eigencam_xp(xp, activations, channel_axis)
+        return relu(cam) if rectify else cam
     acts = np.asarray(activations, _F)
     channel_axis = channel_axis % acts.ndim
     lead, channels, spatial = acts.shape[:channel_axis], acts.shape[channel_axis], acts.shape[channel_axis + 1 :]
@@ -183,6 +189,29 @@ def eigencam(activations: np.ndarray, channel_axis: int = 1, *, rectify: bool = 
         maps[index] = projection
     cam = maps.reshape(*lead, *spatial)
     return relu(cam) if rectify else cam
+
+
+def _eigencam_xp(xp: Any, activations: Any, channel_axis: int) -> Any:
+    """Returns :func:`eigencam`'s signed map on an array-API array: one batched SVD, no loop.
+
+    The NumPy path's per-sample branches become array operations, so the function also runs
+    under ``jax.jit``: an all-zero sample projects to zeros by itself, and the sign rule is a
+    ``where`` on the correlation with the channel-mean activation.
+    """
+    dtype = compute_dtype(xp, activations)
+    acts = as_float(xp, activations, dtype)
+    channel_axis = channel_axis % acts.ndim
+    lead, channels = tuple(acts.shape[:channel_axis]), acts.shape[channel_axis]
+    spatial = tuple(acts.shape[channel_axis + 1 :])
+    points = xp.permute_dims(xp.reshape(acts, (-1, channels, math.prod(spatial))), (0, 2, 1))  # (B, Z, C)
+    centred = points - xp.mean(points, axis=1, keepdims=True)
+    _, _, vt = xp.linalg.svd(centred, full_matrices=False)
+    projection = xp.matmul(centred, vt[:, 0, :, None])[..., 0]  # (B, Z)
+    reference = xp.mean(points, axis=2)
+    reference = reference - xp.mean(reference, axis=1, keepdims=True)
+    flip = xp.sum(projection * reference, axis=1, keepdims=True) < 0
+    projection = xp.where(flip, -projection, projection)
+    return xp.reshape(projection, (*lead, *spatial))
 
 
 def gradcam_elementwise(
@@ -215,7 +244,10 @@ def eigengradcam(
     Returns:
         ``(..., *S)`` float64.
     """
-    return eigencam(np.asarray(gradients, _F) * np.asarray(activations, _F), channel_axis, rectify=rectify)
+    xp = namespace(activations, gradients)
+    dtype = compute_dtype(xp, activations, gradients)
+    product = as_float(xp, gradients, dtype) * as_float(xp, activations, dtype)
+    return eigencam(product, channel_axis, rectify=rectify)
 
 
 # KPCA-CAM builds a Z × Z kernel per sample (Z = spatial positions); beyond this it is too slow.
@@ -407,7 +439,16 @@ TARGET_FREE_METHODS = _of_kind("activation")
 those of one capture without gradients."""
 
 
-ARRAY_API_METHODS = ("gradcam", "gradcam++", "xgradcam", "hirescam", "layercam", "gradcam-elementwise")
+ARRAY_API_METHODS = (
+    "gradcam",
+    "gradcam++",
+    "xgradcam",
+    "hirescam",
+    "layercam",
+    "gradcam-elementwise",
+    "eigencam",
+    "eigengradcam",
+)
 """Capture methods whose math also runs on torch, JAX and other array-API arrays (issue 21)."""
 
 
