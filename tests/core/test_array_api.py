@@ -17,13 +17,12 @@ from typing import Any
 import numpy as np
 import pytest
 
-import anycam
 from anycam import core
 
 RTOL = 1e-5
 # The weighted-sum family; the Eigen methods (an SVD, conditioned by the spectral gap) have
 # tests of their own on data with a clear leading component.
-SUM_METHODS = tuple(m for m in core.ARRAY_API_METHODS if not m.startswith("eigen"))
+SUM_METHODS = tuple(m for m in core.GRADIENT_METHODS if not m.startswith("eigen"))
 
 
 def _strict() -> tuple[Callable[[np.ndarray], Any], Callable[[Any], bool]]:
@@ -202,17 +201,6 @@ def test_the_pipeline_keeps_nan_visible(kind):
     assert np.isnan(core.relu(cam)).sum() == 1
 
 
-def test_methods_not_yet_ported_refuse_other_namespaces(kind):
-    convert, _ = kind
-    acts, grads = capture("channels_first")
-    acts = acts[:, None]
-    for method in sorted(set(core.CAPTURE_METHODS) - set(core.ARRAY_API_METHODS)):
-        gradient = method in core.GRADIENT_METHODS
-        with pytest.raises(anycam.ConfigError, match="NumPy arrays only"):
-            core.compute_cam(method, convert(acts), convert(grads) if gradient else None, channel_axis=2)
-        core.compute_cam(method, acts, grads if gradient else None, channel_axis=2)  # NumPy works
-
-
 # array_api_strict runs NumPy underneath, which warns on the float32 overflow the test provokes.
 @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
 def test_saturation_matches_numpy_when_products_overflow_float32(kind):
@@ -266,7 +254,7 @@ def leading_component(seed: int, k: int = 3) -> tuple[np.ndarray, np.ndarray]:
 
 
 @pytest.mark.parametrize("rectify", [True, False])
-@pytest.mark.parametrize("method", ["eigencam", "eigengradcam"])
+@pytest.mark.parametrize("method", ["eigencam", "eigengradcam", "kpcacam"])
 def test_eigen_methods_on_any_namespace_equal_numpy(kind, method, rectify):
     # Also the sign rule: a flipped map would differ by 2× its size, far beyond the tolerance.
     convert, is_native = kind
@@ -278,10 +266,22 @@ def test_eigen_methods_on_any_namespace_equal_numpy(kind, method, rectify):
     np.testing.assert_allclose(to_numpy(cam), expected, rtol=RTOL, atol=RTOL * scale)
 
 
-def test_eigencam_of_an_all_zero_sample_is_zero_on_any_namespace(kind):
+@pytest.mark.parametrize("method", ["eigencam", "kpcacam"])
+def test_eigen_map_of_an_all_zero_sample_is_zero_on_any_namespace(kind, method):
     convert, _ = kind
     acts, _ = leading_component(10)
     acts[1] = 0.0
-    cam, _ = core.compute_cam("eigencam", convert(acts), None, channel_axis=1, rectify=False)
-    assert not to_numpy(cam)[1].any()
+    cam, _ = core.compute_cam(method, convert(acts), None, channel_axis=1, rectify=False)
+    assert not to_numpy(cam)[1].any() and to_numpy(cam)[0].any()
     assert np.isfinite(to_numpy(cam)).all()
+
+
+def test_randomcam_on_any_namespace_uses_numpys_seeded_weights(kind):
+    convert, is_native = kind
+    acts, _ = capture("channels_first")
+    expected = core.layer_cam("randomcam", acts, None, "channels_first", count=2, seed=5)
+    result = core.layer_cam("randomcam", convert(acts), None, "channels_first", count=2, seed=5)
+    assert is_native(result.cam) and is_native(result.weights)
+    np.testing.assert_allclose(to_numpy(result.weights), expected.weights, rtol=1e-7)  # float32 of the same draws
+    scale = float(np.max(np.sum(np.abs(acts.astype(np.float64)), axis=1)))  # |w| ≤ 1
+    np.testing.assert_allclose(to_numpy(result.cam), expected.cam, rtol=RTOL, atol=RTOL * scale)

@@ -31,7 +31,6 @@ from .layout import (
     token_grid,
 )
 from .methods import (
-    ARRAY_API_METHODS,
     CAPTURE_METHODS,
     GRADIENT_METHODS,
     GUIDED_METHODS,
@@ -71,7 +70,6 @@ from .targets import TargetSpec, TopK, one_hot, parse_target, resolve_indices, t
 
 __all__ = [
     "AGGREGATIONS",
-    "ARRAY_API_METHODS",
     "CAPTURE_METHODS",
     "GRADIENT_METHODS",
     "GUIDED_METHODS",

@@ -7,8 +7,9 @@ not become NaN because ``A·G`` overflowed float32); callers cast results back t
 
 The Grad-CAM family (weights, weighted sums, HiResCAM, LayerCAM, element-wise Grad-CAM) also
 runs on torch, JAX and other array-API arrays, with their own namespace, on their device, in
-float32 (float64 for float64 inputs); see ``_namespace``. So do Eigen-CAM and Eigen-Grad-CAM (one
-batched SVD). KPCA-CAM and RandomCAM are NumPy only for now.
+float32 (float64 for float64 inputs); see ``_namespace``. So do Eigen-CAM, Eigen-Grad-CAM and
+KPCA-CAM (one batched SVD or ``eigh``, no per-sample loop) and RandomCAM (NumPy's seeded weights,
+copied to the device).
 """
 
 from __future__ import annotations
@@ -207,10 +208,40 @@ def _eigencam_xp(xp: Any, activations: Any, channel_axis: int) -> Any:
     centred = points - xp.mean(points, axis=1, keepdims=True)
     _, _, vt = xp.linalg.svd(centred, full_matrices=False)
     projection = xp.matmul(centred, vt[:, 0, :, None])[..., 0]  # (B, Z)
+    return xp.reshape(_positive_correlation(xp, projection, points), (*lead, *spatial))
+
+
+def _positive_correlation(xp: Any, projection: Any, points: Any) -> Any:
+    """Returns each ``(B, Z)`` projection, negated where it anti-correlates with the channel mean.
+
+    Eigen-CAM's sign rule for a batch of ``(B, Z, C)`` points, as one ``where`` (no host branch).
+    """
     reference = xp.mean(points, axis=2)
     reference = reference - xp.mean(reference, axis=1, keepdims=True)
     flip = xp.sum(projection * reference, axis=1, keepdims=True) < 0
-    projection = xp.where(flip, -projection, projection)
+    return xp.where(flip, -projection, projection)
+
+
+def _kpcacam_xp(xp: Any, acts: Any, lead: tuple[int, ...], spatial: tuple[int, ...], scale: float, coef0: float) -> Any:
+    """Returns :func:`kpcacam`'s signed map on an array-API array: batched kernels and ``eigh``.
+
+    The NumPy path's skips (λ₁ ≤ 0, an all-zero sample) become a mask applied to the result.
+    """
+    channels = acts.shape[len(lead)]
+    points = xp.permute_dims(xp.reshape(acts, (-1, channels, math.prod(spatial))), (0, 2, 1))  # (B, Z, C)
+    centred = points - xp.mean(points, axis=1, keepdims=True)
+    kernel = xp.tanh(scale * xp.matmul(centred, xp.permute_dims(centred, (0, 2, 1))) + coef0)
+    kernel = (
+        kernel
+        - xp.mean(kernel, axis=1, keepdims=True)
+        - xp.mean(kernel, axis=2, keepdims=True)
+        + xp.mean(kernel, axis=(1, 2), keepdims=True)
+    )
+    values, vectors = xp.linalg.eigh(kernel)
+    top = values[:, -1:]  # (B, 1), eigenvalues ascending
+    keep = (top > 0) & xp.any(centred != 0, axis=(1, 2))[:, None]
+    projection = vectors[:, :, -1] * xp.sqrt(xp.where(keep, top, constant(xp, 0.0, top)))
+    projection = xp.where(keep, _positive_correlation(xp, projection, points), constant(xp, 0.0, projection))
     return xp.reshape(projection, (*lead, *spatial))
 
 
@@ -283,16 +314,21 @@ def kpcacam(
     Raises:
         anycam.ConfigError: if the layer has more than ``KPCA_MAX_POSITIONS`` spatial positions.
     """
-    acts = np.asarray(activations, _F)
+    xp = namespace(activations)
+    acts = as_float(xp, activations, compute_dtype(xp, activations))
     channel_axis = channel_axis % acts.ndim
-    lead, channels, spatial = acts.shape[:channel_axis], acts.shape[channel_axis], acts.shape[channel_axis + 1 :]
-    positions = int(np.prod(spatial))
+    lead, channels = tuple(acts.shape[:channel_axis]), acts.shape[channel_axis]
+    spatial = tuple(acts.shape[channel_axis + 1 :])
+    positions = math.prod(spatial)
     if positions > KPCA_MAX_POSITIONS:
         raise ConfigError(
             f"kpcacam builds a {positions} x {positions} kernel per sample (layer of spatial shape {spatial}); "
             f"explain a layer with at most {KPCA_MAX_POSITIONS} positions, or use eigencam"
         )
     scale = 1.0 / channels if gamma is None else float(gamma)
+    if xp is not np:
+        cam = _kpcacam_xp(xp, acts, lead, spatial, scale, coef0)
+        return relu(cam) if rectify else cam
     points = acts.reshape(-1, channels, positions).transpose(0, 2, 1)  # (B, Z, C)
     centred = points - points.mean(axis=1, keepdims=True)
     maps = np.zeros(points.shape[:2], dtype=_F)
@@ -371,6 +407,14 @@ def _no_weights(map_of: Callable[..., np.ndarray], gradients: bool) -> Callable[
 def _randomcam(
     activations: np.ndarray, gradients: np.ndarray | None, channel_axis: int, rectify: bool, seed: int
 ) -> tuple[np.ndarray, np.ndarray]:
+    xp = namespace(activations)
+    if xp is not np:
+        # The same seeded NumPy weights as on the host, copied to the activations' device once.
+        lead = tuple(activations.shape[: channel_axis % activations.ndim + 1])
+        host = random_weights(activations.shape[channel_axis], seed)
+        native = xp.asarray(host, dtype=compute_dtype(xp, activations), device=device_of(activations))
+        weights = xp.broadcast_to(native, lead)
+        return weighted_cam(activations, weights, channel_axis, rectify=rectify), weights
     acts = np.asarray(activations)
     lead = acts.shape[: channel_axis % acts.ndim + 1]
     weights = np.broadcast_to(random_weights(acts.shape[channel_axis], seed), lead)
@@ -439,19 +483,6 @@ TARGET_FREE_METHODS = _of_kind("activation")
 those of one capture without gradients."""
 
 
-ARRAY_API_METHODS = (
-    "gradcam",
-    "gradcam++",
-    "xgradcam",
-    "hirescam",
-    "layercam",
-    "gradcam-elementwise",
-    "eigencam",
-    "eigengradcam",
-)
-"""Capture methods whose math also runs on torch, JAX and other array-API arrays (issue 21)."""
-
-
 def compute_cam(
     method: str,
     activations: np.ndarray,
@@ -480,9 +511,4 @@ def compute_cam(
         raise ConfigError(f"method {method!r} needs more than one capture; run it through anycam.Explainer")
     if entry.kind == "gradient" and gradients is None:
         raise ConfigError(f"method {method!r} needs gradients")
-    if method not in ARRAY_API_METHODS and not is_numpy(activations, gradients):
-        raise ConfigError(
-            f"method {method!r} runs on NumPy arrays only for now; pass NumPy arrays "
-            f"(array-API arrays work for {', '.join(ARRAY_API_METHODS)})"
-        )
     return entry.function(activations, gradients, channel_axis, rectify, seed)
