@@ -285,3 +285,24 @@ def test_randomcam_on_any_namespace_uses_numpys_seeded_weights(kind):
     np.testing.assert_allclose(to_numpy(result.weights), expected.weights, rtol=1e-7)  # float32 of the same draws
     scale = float(np.max(np.sum(np.abs(acts.astype(np.float64)), axis=1)))  # |w| ≤ 1
     np.testing.assert_allclose(to_numpy(result.cam), expected.cam, rtol=RTOL, atol=RTOL * scale)
+
+
+@pytest.mark.parametrize("method", core.CAPTURE_METHODS)
+def test_the_core_runs_inside_jax_jit(method):
+    # No host branch on values anywhere in the path (the Eigen methods' per-sample skips are
+    # masks): a traced call gives the NumPy map. Item 4 builds the public pure function on this.
+    pytest.importorskip("jax")
+    import jax
+    import jax.numpy as jnp
+
+    acts, grads = leading_component(11, k=2)
+    gradients = grads if method in core.GRADIENT_METHODS else None
+
+    def explain(a: Any, g: Any) -> Any:
+        cam = core.layer_cam(method, a, g, "channels_first", count=2).cam
+        return core.heatmaps([cam], (10, 14))
+
+    expected = explain(acts, gradients)
+    traced = jax.jit(explain)(jnp.asarray(acts), None if gradients is None else jnp.asarray(gradients))
+    assert isinstance(traced, jax.Array)
+    np.testing.assert_allclose(np.asarray(traced), expected, rtol=RTOL, atol=RTOL)
