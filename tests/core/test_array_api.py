@@ -309,3 +309,14 @@ def test_the_core_runs_inside_jax_jit(method):
     traced = jax.jit(explain)(jnp.asarray(acts), None if gradients is None else jnp.asarray(gradients))
     assert isinstance(traced, jax.Array)
     np.testing.assert_allclose(np.asarray(traced), expected, rtol=RTOL, atol=RTOL)
+
+
+def test_half_precision_maps_are_normalised_in_float32():
+    # Without a resize the map goes straight to the normalisation: float16 there would round
+    # (x − min)/(max − min) to 3 digits.
+    torch = pytest.importorskip("torch")
+    cam = np.random.default_rng(12).random((1, 2, 5, 5)).astype(np.float16)
+    expected = core.heatmaps([cam], None)
+    result = core.heatmaps([torch.from_numpy(cam)], None)
+    assert result.dtype == torch.float32
+    np.testing.assert_allclose(result.numpy(), expected, rtol=RTOL, atol=RTOL)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .._errors import ConfigError, InputError, NonFiniteError
-from ._namespace import namespace
+from ._namespace import as_float, compute_dtype, namespace
 from .layout import to_channels_first
 from .methods import compute_cam
 from .normalize import scaled
@@ -129,7 +129,8 @@ def heatmaps(
     xp = namespace(*cams)
     for index, cam in enumerate(cams):
         spatial = cam.ndim - 2
-        out = np.asarray(cam, dtype=np.float64) if xp is np else cam
+        # Off NumPy in float32 (float64 for float64 cams): a float16 map is never normalised in float16.
+        out = np.asarray(cam, dtype=np.float64) if xp is np else as_float(xp, cam, compute_dtype(xp, cam))
         fit = None if aligned is None else aligned[index]
         if size is not None and resize_mode is not None:
             if fit is not None:
