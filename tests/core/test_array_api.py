@@ -320,3 +320,16 @@ def test_half_precision_maps_are_normalised_in_float32():
     result = core.heatmaps([torch.from_numpy(cam)], None)
     assert result.dtype == torch.float32
     np.testing.assert_allclose(result.numpy(), expected, rtol=RTOL, atol=RTOL)
+
+
+def test_gradcampp_weights_survive_gradients_whose_cube_overflows_float32(kind):
+    # |g| = 1e12: g³ · Σ A ≈ 1e39 is beyond float32; α = g²/(2g² + Σ A g³) must not shrink to 0
+    # (the float64 NumPy map is well defined: α ≈ 1/(Σ A g)).
+    convert, _ = kind
+    rng = np.random.default_rng(13)
+    acts = (rng.random((1, 3, 4, 4)) * 100).astype(np.float32)
+    grads = (rng.normal(size=(1, 1, 3, 4, 4)) * 1e12).astype(np.float32)
+    expected = core.layer_cam("gradcam++", acts, grads, "channels_first")
+    result = core.layer_cam("gradcam++", convert(acts), convert(grads), "channels_first")
+    np.testing.assert_allclose(to_numpy(result.weights), expected.weights, rtol=RTOL)
+    np.testing.assert_allclose(to_numpy(result.cam), expected.cam, rtol=RTOL, atol=RTOL * float(expected.cam.max()))

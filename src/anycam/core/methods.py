@@ -96,8 +96,16 @@ def gradcampp_weights(activations: np.ndarray, gradients: np.ndarray, channel_ax
     dtype = compute_dtype(xp, activations, gradients)
     axes = _spatial_axes(gradients, channel_axis)
     grads = as_float(xp, gradients, dtype)
-    squared = grads * grads
     activation_sums = xp.sum(as_float(xp, activations, dtype), axis=axes, keepdims=True)
+    if xp is not np:
+        # In float32, g³ overflows from |g| ≈ 7e12 and silently shrinks α to 0; divided by g²
+        # (the same mask: g ≠ 0 and 2 + Σ_s' A g ≠ 0) the form 1/(2 + Σ_s' A g) does not.
+        denominator = 2.0 + activation_sums * grads
+        safe = xp.where(denominator != 0, denominator, constant(xp, 1.0, denominator))
+        valid = (grads != 0) & (denominator != 0)
+        alpha = xp.where(valid, 1.0 / safe, constant(xp, 0.0, denominator))
+        return xp.sum(alpha * relu(grads), axis=axes)
+    squared = grads * grads
     denominator = 2.0 * squared + activation_sums * squared * grads
     safe = xp.where(denominator != 0, denominator, constant(xp, 1.0, denominator))
     alpha = xp.where((grads != 0) & (denominator != 0), squared / safe, constant(xp, 0.0, denominator))
