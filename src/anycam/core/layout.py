@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .._errors import ConfigError, InputError
+from ._namespace import namespace
 
 LAYOUTS = ("channels_first", "channels_last", "tokens")
 
@@ -89,14 +90,15 @@ def to_channels_first(
         )
     if layout == "channels_first":
         return array
+    xp = namespace(array)
     if layout == "channels_last":
-        return np.moveaxis(array, -1, lead)
+        return xp.moveaxis(array, -1, lead)
     if array.ndim != lead + 2:
-        raise InputError(f"a token layout needs (N, T, C) outputs, got {array.shape}")
+        raise InputError(f"a token layout needs (N, T, C) outputs, got {tuple(array.shape)}")
     prefix, patch_grid = token_grid(array.shape[lead], grid)
-    patches = array[(slice(None),) * lead + (slice(prefix, None),)]
-    patches = patches.reshape(*array.shape[:lead], *patch_grid, array.shape[-1])
-    return np.moveaxis(patches, -1, lead)
+    patches = array[(slice(None),) * lead + (slice(prefix, None), ...)]
+    patches = xp.reshape(patches, (*array.shape[:lead], *patch_grid, array.shape[-1]))
+    return xp.moveaxis(patches, -1, lead)
 
 
 def spatial_shape(shape: tuple[int, ...], layout: str, what: str = "input") -> tuple[int, ...]:

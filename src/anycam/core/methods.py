@@ -2,19 +2,28 @@
 
 Every function takes arrays with an explicit channel axis and treats the axes after it as
 spatial and the axes before it as batch-like, so ``(N, C, H, W)``, ``(N, K, C, D, H, W)`` and a
-single ``(C, L)`` all work. Arithmetic runs in float64 (a normalised heatmap must not become NaN
-because ``A·G`` overflowed float32); callers cast results back to float32.
+single ``(C, L)`` all work. On NumPy arrays arithmetic runs in float64 (a normalised heatmap must
+not become NaN because ``A·G`` overflowed float32); callers cast results back to float32.
+
+The Grad-CAM family (weights, weighted sums, HiResCAM, LayerCAM, element-wise Grad-CAM) also
+runs on torch, JAX and other array-API arrays, with their own namespace, on their device, in
+float32 (float64 for float64 inputs); see ``_namespace``. So do Eigen-CAM, Eigen-Grad-CAM and
+KPCA-CAM (one batched SVD or ``eigh``, no per-sample loop) and RandomCAM (NumPy's seeded weights,
+copied to the device).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
+from typing import Any
 
 import numpy as np
 
 from .._errors import ConfigError
+from ._namespace import as_float, compute_dtype, constant, device_of, is_numpy, namespace
 
 _F = np.float64
 
@@ -30,17 +39,25 @@ def _weighted_sum(activations: np.ndarray, weights: np.ndarray, channel_axis: in
     A batched matmul over flattened space: broadcasting ``(N, 1, C, *S)`` activations against
     ``(N, K, C)`` weights never materialises an ``(N, K, C, *S)`` product.
     """
-    acts = np.asarray(activations, _F)
+    xp = namespace(activations, weights)
+    dtype = compute_dtype(xp, activations, weights)
+    acts = as_float(xp, activations, dtype)
     channel_axis = channel_axis % acts.ndim
-    spatial = acts.shape[channel_axis + 1 :]
-    flat = acts.reshape(*acts.shape[: channel_axis + 1], -1)
-    summed = np.matmul(np.asarray(weights, _F)[..., None, :], flat)[..., 0, :]
-    return summed.reshape(*summed.shape[:-1], *spatial)
+    spatial = tuple(acts.shape[channel_axis + 1 :])
+    flat = xp.reshape(acts, (*acts.shape[: channel_axis + 1], -1))
+    if xp is not np and is_numpy(weights):
+        # Host weights (a user's class weights, RandomCAM's) go to the activations' device once.
+        weights = xp.asarray(np.asarray(weights), dtype=dtype, device=device_of(acts))
+    summed = xp.matmul(as_float(xp, weights, dtype)[..., None, :], flat)[..., 0, :]
+    return xp.reshape(summed, (*summed.shape[:-1], *spatial))
 
 
 def relu(x: np.ndarray) -> np.ndarray:
-    """Returns max(x, 0)."""
-    return np.maximum(x, 0)
+    """Returns max(x, 0); NaN stays NaN."""
+    if is_numpy(x):
+        return np.maximum(x, 0)
+    xp = namespace(x)
+    return xp.maximum(x, constant(xp, 0.0, x))
 
 
 def gradcam_weights(gradients: np.ndarray, channel_axis: int = 1) -> np.ndarray:
@@ -57,8 +74,12 @@ def gradcam_weights(gradients: np.ndarray, channel_axis: int = 1) -> np.ndarray:
     array([[ 2., -1.]])
     """
     # Accumulated in float64 without a float64 copy of the gradients (K maps: tens of MB).
-    grads = np.asarray(gradients)
-    return np.asarray(np.mean(grads, axis=_spatial_axes(grads, channel_axis), dtype=_F))
+    xp = namespace(gradients)
+    if xp is np:
+        grads = np.asarray(gradients)
+        return np.asarray(np.mean(grads, axis=_spatial_axes(grads, channel_axis), dtype=_F))
+    grads = as_float(xp, gradients, compute_dtype(xp, gradients))
+    return xp.mean(grads, axis=_spatial_axes(grads, channel_axis))
 
 
 def gradcampp_weights(activations: np.ndarray, gradients: np.ndarray, channel_axis: int = 1) -> np.ndarray:
@@ -71,14 +92,24 @@ def gradcampp_weights(activations: np.ndarray, gradients: np.ndarray, channel_ax
     Returns:
         ``(..., C)`` float64.
     """
+    xp = namespace(activations, gradients)
+    dtype = compute_dtype(xp, activations, gradients)
     axes = _spatial_axes(gradients, channel_axis)
-    grads = np.asarray(gradients, _F)
+    grads = as_float(xp, gradients, dtype)
+    activation_sums = xp.sum(as_float(xp, activations, dtype), axis=axes, keepdims=True)
+    if xp is not np:
+        # In float32, g³ overflows from |g| ≈ 7e12 and silently shrinks α to 0; divided by g²
+        # (the same mask: g ≠ 0 and 2 + Σ_s' A g ≠ 0) the form 1/(2 + Σ_s' A g) does not.
+        denominator = 2.0 + activation_sums * grads
+        safe = xp.where(denominator != 0, denominator, constant(xp, 1.0, denominator))
+        valid = (grads != 0) & (denominator != 0)
+        alpha = xp.where(valid, 1.0 / safe, constant(xp, 0.0, denominator))
+        return xp.sum(alpha * relu(grads), axis=axes)
     squared = grads * grads
-    activation_sums = np.sum(np.asarray(activations, _F), axis=axes, keepdims=True)
     denominator = 2.0 * squared + activation_sums * squared * grads
-    safe = np.where(denominator != 0, denominator, 1.0)
-    alpha = np.where((grads != 0) & (denominator != 0), squared / safe, 0.0)
-    return np.sum(alpha * relu(grads), axis=axes)
+    safe = xp.where(denominator != 0, denominator, constant(xp, 1.0, denominator))
+    alpha = xp.where((grads != 0) & (denominator != 0), squared / safe, constant(xp, 0.0, denominator))
+    return xp.sum(alpha * relu(grads), axis=axes)
 
 
 def xgradcam_weights(
@@ -91,9 +122,11 @@ def xgradcam_weights(
     Returns:
         ``(..., C)`` float64.
     """
+    xp = namespace(activations, gradients)
+    dtype = compute_dtype(xp, activations, gradients)
     axes = _spatial_axes(gradients, channel_axis)
-    acts = np.asarray(activations, _F)
-    return np.sum(np.asarray(gradients, _F) * acts, axis=axes) / (np.sum(acts, axis=axes) + eps)
+    acts = as_float(xp, activations, dtype)
+    return xp.sum(as_float(xp, gradients, dtype) * acts, axis=axes) / (xp.sum(acts, axis=axes) + eps)
 
 
 def weighted_cam(
@@ -104,7 +137,7 @@ def weighted_cam(
     >>> weighted_cam(np.array([[[1.0, 2.0], [3.0, 0.0]]]), np.array([[1.0, -1.0]]))
     array([[0., 2.]])
     """
-    cam = _weighted_sum(activations, np.asarray(weights, _F), channel_axis)
+    cam = _weighted_sum(activations, weights, channel_axis)
     return relu(cam) if rectify else cam
 
 
@@ -112,8 +145,10 @@ def hirescam(
     activations: np.ndarray, gradients: np.ndarray, channel_axis: int = 1, *, rectify: bool = True
 ) -> np.ndarray:
     """Returns ReLU(Σ_k G_k ⊙ A_k) (HiResCAM, Draelos & Carin 2020): no spatial averaging."""
-    product = np.asarray(gradients, _F) * np.asarray(activations, _F)
-    cam = np.sum(product, axis=channel_axis % product.ndim)
+    xp = namespace(activations, gradients)
+    dtype = compute_dtype(xp, activations, gradients)
+    product = as_float(xp, gradients, dtype) * as_float(xp, activations, dtype)
+    cam = xp.sum(product, axis=channel_axis % product.ndim)
     return relu(cam) if rectify else cam
 
 
@@ -121,8 +156,10 @@ def layercam(
     activations: np.ndarray, gradients: np.ndarray, channel_axis: int = 1, *, rectify: bool = True
 ) -> np.ndarray:
     """Returns ReLU(Σ_k ReLU(G_k) ⊙ A_k) (LayerCAM, Jiang et al. 2021, eq. 5-6)."""
-    product = relu(np.asarray(gradients, _F)) * np.asarray(activations, _F)
-    cam = np.sum(product, axis=channel_axis % product.ndim)
+    xp = namespace(activations, gradients)
+    dtype = compute_dtype(xp, activations, gradients)
+    product = relu(as_float(xp, gradients, dtype)) * as_float(xp, activations, dtype)
+    cam = xp.sum(product, axis=channel_axis % product.ndim)
     return relu(cam) if rectify else cam
 
 
@@ -140,6 +177,10 @@ def eigencam(activations: np.ndarray, channel_axis: int = 1, *, rectify: bool = 
     Returns:
         ``(..., *S)`` float64.
     """
+    xp = namespace(activations)
+    if xp is not np:
+        cam = _eigencam_xp(xp, activations, channel_axis)
+        return relu(cam) if rectify else cam
     acts = np.asarray(activations, _F)
     channel_axis = channel_axis % acts.ndim
     lead, channels, spatial = acts.shape[:channel_axis], acts.shape[channel_axis], acts.shape[channel_axis + 1 :]
@@ -159,6 +200,59 @@ def eigencam(activations: np.ndarray, channel_axis: int = 1, *, rectify: bool = 
     return relu(cam) if rectify else cam
 
 
+def _eigencam_xp(xp: Any, activations: Any, channel_axis: int) -> Any:
+    """Returns :func:`eigencam`'s signed map on an array-API array: one batched SVD, no loop.
+
+    The NumPy path's per-sample branches become array operations, so the function also runs
+    under ``jax.jit``: an all-zero sample projects to zeros by itself, and the sign rule is a
+    ``where`` on the correlation with the channel-mean activation.
+    """
+    dtype = compute_dtype(xp, activations)
+    acts = as_float(xp, activations, dtype)
+    channel_axis = channel_axis % acts.ndim
+    lead, channels = tuple(acts.shape[:channel_axis]), acts.shape[channel_axis]
+    spatial = tuple(acts.shape[channel_axis + 1 :])
+    points = xp.permute_dims(xp.reshape(acts, (-1, channels, math.prod(spatial))), (0, 2, 1))  # (B, Z, C)
+    centred = points - xp.mean(points, axis=1, keepdims=True)
+    _, _, vt = xp.linalg.svd(centred, full_matrices=False)
+    projection = xp.matmul(centred, vt[:, 0, :, None])[..., 0]  # (B, Z)
+    return xp.reshape(_positive_correlation(xp, projection, points), (*lead, *spatial))
+
+
+def _positive_correlation(xp: Any, projection: Any, points: Any) -> Any:
+    """Returns each ``(B, Z)`` projection, negated where it anti-correlates with the channel mean.
+
+    Eigen-CAM's sign rule for a batch of ``(B, Z, C)`` points, as one ``where`` (no host branch).
+    """
+    reference = xp.mean(points, axis=2)
+    reference = reference - xp.mean(reference, axis=1, keepdims=True)
+    flip = xp.sum(projection * reference, axis=1, keepdims=True) < 0
+    return xp.where(flip, -projection, projection)
+
+
+def _kpcacam_xp(xp: Any, acts: Any, lead: tuple[int, ...], spatial: tuple[int, ...], scale: float, coef0: float) -> Any:
+    """Returns :func:`kpcacam`'s signed map on an array-API array: batched kernels and ``eigh``.
+
+    The NumPy path's skips (λ₁ ≤ 0, an all-zero sample) become a mask applied to the result.
+    """
+    channels = acts.shape[len(lead)]
+    points = xp.permute_dims(xp.reshape(acts, (-1, channels, math.prod(spatial))), (0, 2, 1))  # (B, Z, C)
+    centred = points - xp.mean(points, axis=1, keepdims=True)
+    kernel = xp.tanh(scale * xp.matmul(centred, xp.permute_dims(centred, (0, 2, 1))) + coef0)
+    kernel = (
+        kernel
+        - xp.mean(kernel, axis=1, keepdims=True)
+        - xp.mean(kernel, axis=2, keepdims=True)
+        + xp.mean(kernel, axis=(1, 2), keepdims=True)
+    )
+    values, vectors = xp.linalg.eigh(kernel)
+    top = values[:, -1:]  # (B, 1), eigenvalues ascending
+    keep = (top > 0) & xp.any(centred != 0, axis=(1, 2))[:, None]
+    projection = vectors[:, :, -1] * xp.sqrt(xp.where(keep, top, constant(xp, 0.0, top)))
+    projection = xp.where(keep, _positive_correlation(xp, projection, points), constant(xp, 0.0, projection))
+    return xp.reshape(projection, (*lead, *spatial))
+
+
 def gradcam_elementwise(
     activations: np.ndarray, gradients: np.ndarray, channel_axis: int = 1, *, rectify: bool = True
 ) -> np.ndarray:
@@ -171,8 +265,10 @@ def gradcam_elementwise(
     >>> gradcam_elementwise(np.array([[[1.0, 2.0], [3.0, 1.0]]]), np.array([[[1.0, -1.0], [-1.0, 2.0]]]))
     array([[1., 2.]])
     """
-    product = relu(np.asarray(gradients, _F) * np.asarray(activations, _F))
-    return np.sum(product, axis=channel_axis % product.ndim)
+    xp = namespace(activations, gradients)
+    dtype = compute_dtype(xp, activations, gradients)
+    product = relu(as_float(xp, gradients, dtype) * as_float(xp, activations, dtype))
+    return xp.sum(product, axis=channel_axis % product.ndim)
 
 
 def eigengradcam(
@@ -187,7 +283,10 @@ def eigengradcam(
     Returns:
         ``(..., *S)`` float64.
     """
-    return eigencam(np.asarray(gradients, _F) * np.asarray(activations, _F), channel_axis, rectify=rectify)
+    xp = namespace(activations, gradients)
+    dtype = compute_dtype(xp, activations, gradients)
+    product = as_float(xp, gradients, dtype) * as_float(xp, activations, dtype)
+    return eigencam(product, channel_axis, rectify=rectify)
 
 
 # KPCA-CAM builds a Z × Z kernel per sample (Z = spatial positions); beyond this it is too slow.
@@ -223,16 +322,21 @@ def kpcacam(
     Raises:
         anycam.ConfigError: if the layer has more than ``KPCA_MAX_POSITIONS`` spatial positions.
     """
-    acts = np.asarray(activations, _F)
+    xp = namespace(activations)
+    acts = as_float(xp, activations, compute_dtype(xp, activations))
     channel_axis = channel_axis % acts.ndim
-    lead, channels, spatial = acts.shape[:channel_axis], acts.shape[channel_axis], acts.shape[channel_axis + 1 :]
-    positions = int(np.prod(spatial))
+    lead, channels = tuple(acts.shape[:channel_axis]), acts.shape[channel_axis]
+    spatial = tuple(acts.shape[channel_axis + 1 :])
+    positions = math.prod(spatial)
     if positions > KPCA_MAX_POSITIONS:
         raise ConfigError(
             f"kpcacam builds a {positions} x {positions} kernel per sample (layer of spatial shape {spatial}); "
             f"explain a layer with at most {KPCA_MAX_POSITIONS} positions, or use eigencam"
         )
     scale = 1.0 / channels if gamma is None else float(gamma)
+    if xp is not np:
+        cam = _kpcacam_xp(xp, acts, lead, spatial, scale, coef0)
+        return relu(cam) if rectify else cam
     points = acts.reshape(-1, channels, positions).transpose(0, 2, 1)  # (B, Z, C)
     centred = points - points.mean(axis=1, keepdims=True)
     maps = np.zeros(points.shape[:2], dtype=_F)
@@ -274,7 +378,7 @@ def class_activation_map(activations: np.ndarray, class_weights: np.ndarray, cha
         activations: ``(..., C, *S)``.
         class_weights: ``(..., C)``, the linear head's row for the class of each sample.
     """
-    return _weighted_sum(activations, np.asarray(class_weights, _F), channel_axis)
+    return _weighted_sum(activations, class_weights, channel_axis)
 
 
 def _gradcam(activations: np.ndarray, gradients: np.ndarray, channel_axis: int) -> np.ndarray:
@@ -311,6 +415,14 @@ def _no_weights(map_of: Callable[..., np.ndarray], gradients: bool) -> Callable[
 def _randomcam(
     activations: np.ndarray, gradients: np.ndarray | None, channel_axis: int, rectify: bool, seed: int
 ) -> tuple[np.ndarray, np.ndarray]:
+    xp = namespace(activations)
+    if xp is not np:
+        # The same seeded NumPy weights as on the host, copied to the activations' device once.
+        lead = tuple(activations.shape[: channel_axis % activations.ndim + 1])
+        host = random_weights(activations.shape[channel_axis], seed)
+        native = xp.asarray(host, dtype=compute_dtype(xp, activations), device=device_of(activations))
+        weights = xp.broadcast_to(native, lead)
+        return weighted_cam(activations, weights, channel_axis, rectify=rectify), weights
     acts = np.asarray(activations)
     lead = acts.shape[: channel_axis % acts.ndim + 1]
     weights = np.broadcast_to(random_weights(acts.shape[channel_axis], seed), lead)

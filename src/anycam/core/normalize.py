@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from .._errors import ConfigError
+from ._namespace import compute_dtype, constant, namespace
 
 NORMALIZATIONS = ("minmax", "max", None)
 
@@ -22,12 +25,16 @@ def normalize(maps: np.ndarray, mode: str | None = "minmax", spatial_ndim: int =
         spatial_ndim: how many trailing axes form one map.
 
     Returns:
-        float64 array of ``maps``' shape.
+        float64 array of ``maps``' shape for NumPy input; for torch, JAX and other array-API
+        arrays an array of their namespace and device, float32 (float64 for float64 input).
 
     >>> normalize(np.array([[1.0, 3.0], [2.0, 1.0]]))
     array([[0. , 1. ],
            [0.5, 0. ]])
     """
+    xp = namespace(maps)
+    if xp is not np:
+        return _scaled_xp(xp, xp.astype(maps, compute_dtype(xp, maps)), mode, spatial_ndim, None)
     return scaled(np.asarray(maps, dtype=np.float64), mode, spatial_ndim)
 
 
@@ -52,10 +59,13 @@ def scaled(
         dtype: the result's dtype (float64 or float32).
         overwrite: the caller owns ``values`` and lets them be used as scratch space.
     """
+    if mode not in ("minmax", "max", None):
+        raise ConfigError(f"unknown normalisation {mode!r}; choose 'minmax', 'max' or None")
+    xp = namespace(values)
+    if xp is not np:
+        return _scaled_xp(xp, values, mode, spatial_ndim, xp.float32 if dtype == np.float32 else None)
     if mode is None:
         return values.astype(dtype, copy=False)
-    if mode not in ("minmax", "max"):
-        raise ConfigError(f"unknown normalisation {mode!r}; choose 'minmax', 'max' or None")
     axes = tuple(range(values.ndim - spatial_ndim, values.ndim))
     scratch = values if overwrite else None
     high = np.max(values, axis=axes, keepdims=True)
@@ -76,3 +86,25 @@ def scaled(
     if not valid.all():
         np.copyto(out, 0.0, where=~valid)
     return out
+
+
+def _scaled_xp(xp: Any, values: Any, mode: str | None, spatial_ndim: int, dtype: Any) -> Any:
+    """Returns :func:`scaled` on an array-API array: the same formula, no in-place operations.
+
+    Computed in ``values``' dtype and cast to ``dtype`` (None keeps it). Without ``out=`` the
+    division by 1 where a map is flat and the zeroing afterwards are two ``where`` calls.
+    """
+    if mode is not None:
+        axes = tuple(range(values.ndim - spatial_ndim, values.ndim))
+        high = xp.max(values, axis=axes, keepdims=True)
+        if mode == "minmax":
+            low = xp.min(values, axis=axes, keepdims=True)
+            shifted = values - low
+            span = high - low
+        else:
+            shifted = xp.maximum(values, constant(xp, 0.0, values))
+            span = high
+        valid = xp.isfinite(span) & (span > 0)
+        quotient = shifted / xp.where(valid, span, constant(xp, 1.0, span))
+        values = xp.where(valid, quotient, constant(xp, 0.0, quotient))
+    return values if dtype is None or values.dtype == dtype else xp.astype(values, dtype)

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .._errors import ConfigError, InputError, NonFiniteError
+from ._namespace import as_float, compute_dtype, namespace
 from .layout import to_channels_first
 from .methods import compute_cam
 from .normalize import scaled
@@ -36,6 +37,12 @@ def _to_float32(array: np.ndarray) -> np.ndarray:
     gradients of 1e30 are both finite float32); a plain cast would turn such values into inf
     with an overflow warning, and upsampling an inf map gives NaN (inf · 0).
     """
+    xp = namespace(array)
+    if xp is not np:
+        # Computed in float32 already (or float64 on request): an overflow there is ±inf,
+        # which saturates here just as the NumPy path's finite float64 value does.
+        largest = float(np.finfo(np.float32).max)
+        return xp.astype(xp.clip(array, -largest, largest), xp.float32)
     limit = np.finfo(np.float32).max
     return np.ascontiguousarray(np.clip(array, -limit, limit), dtype=np.float32)
 
@@ -74,13 +81,14 @@ def layer_cam(
         rectify: apply the final ReLU (False gives signed maps).
         seed: the seed of ``randomcam``'s weights.
     """
-    acts = to_channels_first(activations, layout, lead=1, grid=grid)[:, None]
+    acts = to_channels_first(activations, layout, lead=1, grid=grid)[:, None, ...]
     grads = None if gradients is None else to_channels_first(gradients, layout, lead=2, grid=grid)
     cam, weights = compute_cam(method, acts, grads, channel_axis=2, rectify=rectify, seed=seed)
+    xp = namespace(cam)
     if cam.shape[1] != count:
-        cam = np.broadcast_to(cam, (cam.shape[0], count, *cam.shape[2:]))
+        cam = xp.broadcast_to(cam, (cam.shape[0], count, *cam.shape[2:]))
     if weights is not None and weights.shape[1] != count:
-        weights = np.broadcast_to(weights, (weights.shape[0], count, *weights.shape[2:]))
+        weights = xp.broadcast_to(weights, (weights.shape[0], count, *weights.shape[2:]))
     return LayerResult(_to_float32(cam), None if weights is None else _to_float32(weights))
 
 
@@ -118,28 +126,30 @@ def heatmaps(
     maps = []
     # One layer: normalised straight into the float32 result.
     dtype = np.float32 if len(cams) == 1 else np.float64
+    xp = namespace(*cams)
     for index, cam in enumerate(cams):
         spatial = cam.ndim - 2
-        out = np.asarray(cam, dtype=np.float64)
+        # Off NumPy in float32 (float64 for float64 cams): a float16 map is never normalised in float16.
+        out = np.asarray(cam, dtype=np.float64) if xp is np else as_float(xp, cam, compute_dtype(xp, cam))
         fit = None if aligned is None else aligned[index]
         if size is not None and resize_mode is not None:
             if fit is not None:
                 # Upsampled at the rank both agree on, then given the input's own shape.
                 layer_shape, input_shape = fit
                 lead = cam.shape[:2]
-                out = resize(out.reshape(*lead, *layer_shape), tuple(input_shape), resize_mode)
-                out = out.reshape(*lead, *size)
+                out = resize(xp.reshape(out, (*lead, *layer_shape)), tuple(input_shape), resize_mode)
+                out = xp.reshape(out, (*lead, *size))
                 spatial = len(size)
             else:
                 out = resize(out, tuple(size)[-spatial:], resize_mode)
         # A resized map is a new array the normalisation may overwrite; the caller's cam is not.
-        owned = not np.may_share_memory(out, cam)
+        owned = xp is np and not np.may_share_memory(out, cam)
         maps.append(scaled(out, normalization, spatial, dtype, overwrite=owned))
     if len(maps) == 1:
         return maps[0]
-    shapes = {m.shape for m in maps}
+    shapes = {tuple(m.shape) for m in maps}
     if len(shapes) != 1:
         raise InputError(f"layers give maps of different shapes {sorted(shapes)}; upsample them to one size")
-    stacked = np.stack(maps)
-    combined = stacked.mean(axis=0) if aggregate == "mean" else stacked.max(axis=0)
+    stacked = xp.stack(maps)
+    combined = xp.mean(stacked, axis=0) if aggregate == "mean" else xp.max(stacked, axis=0)
     return scaled(combined, normalization, maps[0].ndim - 2, np.float32, overwrite=True)

@@ -16,6 +16,7 @@ from functools import lru_cache
 import numpy as np
 
 from .._errors import ConfigError, InputError
+from ._namespace import compute_dtype, device_of, namespace
 
 RESIZE_MODES = ("linear", "nearest")
 
@@ -64,7 +65,8 @@ def resize(array: np.ndarray, size: Sequence[int], mode: str = "linear") -> np.n
         mode: ``"linear"`` or ``"nearest"``.
 
     Returns:
-        ``(..., *size)`` float64.
+        ``(..., *size)`` float64 for NumPy input; an array of the input's namespace and device,
+        float32 (float64 for float64 input), otherwise.
 
     Raises:
         ValueError: if ``size`` has more entries than ``array`` has axes, or the mode is unknown.
@@ -77,12 +79,17 @@ def resize(array: np.ndarray, size: Sequence[int], mode: str = "linear") -> np.n
     size = tuple(int(s) for s in size)
     if len(size) > array.ndim:
         raise InputError(f"cannot resize an array of shape {array.shape} to {size}")
-    out = np.asarray(array, dtype=np.float64)
+    xp = namespace(array)
+    dtype = compute_dtype(xp, array)
+    out = np.asarray(array, dtype=np.float64) if xp is np else xp.astype(array, dtype)
     first = array.ndim - len(size)
     for axis, target in enumerate(size, start=first):
         if out.shape[axis] == target:
             continue
         matrix = interpolation_matrix(out.shape[axis], target, mode)
-        moved = np.moveaxis(out, axis, -1)
-        out = np.moveaxis(moved @ matrix.T, -1, axis)
+        if xp is not np:
+            # A few kB built on the host and copied once per axis and call (TODO: cache per device).
+            matrix = xp.asarray(matrix, dtype=dtype, device=device_of(out))
+        moved = xp.moveaxis(out, axis, -1)
+        out = xp.moveaxis(moved @ matrix.T, -1, axis)
     return out
