@@ -1,7 +1,8 @@
 """Is the explanation any good? Faithfulness and localisation metrics, in pure NumPy.
 
 ``faithfulness`` (deletion, insertion, Average Drop, the blur baseline) runs the model on
-modified images through ``scoring``'s runner; ``localisation`` holds the pointing games;
+modified images through ``scoring``'s runner; ``road`` is ROAD (noisy linear imputation, MoRF/LeRF);
+``localisation`` holds the pointing games;
 ``streaming`` accumulates them over a dataset; ``sanity`` is the model-randomisation check
 (``anycam.sanity_check``). Nothing here imports a framework.
 """
@@ -20,19 +21,26 @@ from .faithfulness import (
     insertion,
 )
 from .localisation import energy_pointing_game, pointing_game
+from .road import NEIGHBOUR_WEIGHTS, ROAD_NOISE, ROAD_PERCENTAGES, RoadResult, noisy_linear_imputation, road
 from .scoring import Predict
 
 __all__ = [
     "BASELINES",
     "BLUR_SIGMA",
+    "NEIGHBOUR_WEIGHTS",
+    "ROAD_NOISE",
+    "ROAD_PERCENTAGES",
     "SCORES",
     "ConfidenceResult",
     "CurveResult",
     "Predict",
+    "RoadResult",
     "average_drop_increase",
     "blur",
     "deletion",
     "energy_pointing_game",
     "insertion",
+    "noisy_linear_imputation",
     "pointing_game",
+    "road",
 ]
