@@ -40,7 +40,6 @@ SCORES = ("probability", "logit")
 BLUR_SIGMA = 5.0
 
 
-
 @dataclass(frozen=True)
 class CurveResult:
     """A deletion or insertion run.
