@@ -240,6 +240,25 @@ def road(
     )
 
 
+def road_replace(images: np.ndarray, removed: np.ndarray, layout: str, rng: np.random.Generator) -> np.ndarray:
+    """Imputes a batch ``(B, ...)`` at ``removed`` ``(B, H, W)`` with ROAD's noise, as the deletion baseline.
+
+    A mask that removes every pixel leaves nothing to impute from: that image becomes a
+    constant, each channel's mean, plus the noise (with one pixel kept the imputation is
+    already constant: that pixel's value everywhere).
+    """
+    first = images if layout == "channels_first" else np.moveaxis(images, -1, 1)
+    out = np.empty(first.shape, dtype=np.float64)
+    for i, (image, mask) in enumerate(zip(first, removed, strict=True)):
+        if mask.all():
+            means = image.reshape(image.shape[0], -1).mean(axis=1, dtype=np.float64)
+            out[i] = means[:, None, None] + ROAD_NOISE * rng.standard_normal(image.shape)
+        else:
+            out[i] = _impute(image, mask, ROAD_NOISE, rng)
+    out = out.astype(images.dtype)
+    return out if layout == "channels_first" else np.moveaxis(out, 1, -1)
+
+
 def _score_pending(run: Run, pending: list[tuple[str, int, int, np.ndarray]], curves: dict[str, np.ndarray]) -> None:
     rows = np.array([sample for _, sample, _, _ in pending])
     values = run.score(np.stack([image for *_, image in pending]), rows)
