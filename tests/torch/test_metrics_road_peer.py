@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
-pytest.importorskip("cv2")
 
 
 def _stub_torchvision() -> None:
@@ -36,14 +35,14 @@ def _stub_torchvision() -> None:
     )
 
 
-_stub_torchvision()
-road_peer = pytest.importorskip("pytorch_grad_cam.metrics.road")
-
 from anycam.metrics import noisy_linear_imputation  # noqa: E402
 
 
 @pytest.mark.parametrize("share", [0.1, 0.5, 0.9])
 def test_imputation_equals_pytorch_grad_cams_noisy_linear_imputer(share):
+    pytest.importorskip("cv2")
+    _stub_torchvision()
+    road_peer = pytest.importorskip("pytorch_grad_cam.metrics.road")
     rng = np.random.default_rng(7)
     image = rng.normal(size=(3, 20, 24)).astype(np.float32)
     removed = rng.random((20, 24)) < share
@@ -53,3 +52,35 @@ def test_imputation_equals_pytorch_grad_cams_noisy_linear_imputer(share):
     expected = peer(torch.from_numpy(image), torch.from_numpy((~removed).astype(np.float32))).numpy()
     ours = noisy_linear_imputation(image, removed, noise=0.0)
     np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_the_dataset_runner_reports_road_average_gain_and_adcc():
+    import anycam
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+        torch.nn.Linear(4, 3),
+    ).eval()
+    explainer = anycam.Explainer(model, "0")
+    data = np.random.default_rng(2).standard_normal((4, 3, 10, 10)).astype(np.float32)
+    names = ("road", "average_gain", "adcc")
+    metrics = anycam.StreamingMetrics(explainer, names, road_percentages=(0.3, 0.6))
+    rows = list(anycam.explain_dataset(explainer, [data[:2], data[2:]], metrics=metrics))
+    summary = metrics.summary()
+    heat = explainer(data)
+    target = explainer.explain(data).target
+    parts = [
+        anycam.metrics.road(explainer, data[s : s + 2], heat[s : s + 2], target[s : s + 2], percentages=(0.3, 0.6))
+        for s in (0, 2)
+    ]
+    combined = np.concatenate([p.combined for p in parts])
+    gain = anycam.metrics.average_gain(explainer, data, heat, target).gain
+    adcc = anycam.metrics.adcc(explainer, data, heat, target, explain=explainer).per_sample
+    np.testing.assert_allclose(np.concatenate([r["metric.road_combined"] for r in rows]), combined, rtol=1e-6)
+    for key, values in (("road_combined", combined), ("average_gain", gain), ("adcc", adcc)):
+        assert summary[key]["count"] == 4
+        np.testing.assert_allclose(summary[key]["mean"], values.mean(), rtol=1e-6, atol=1e-9, err_msg=key)
