@@ -84,3 +84,48 @@ def test_the_dataset_runner_reports_road_average_gain_and_adcc():
     for key, values in (("road_combined", combined), ("average_gain", gain), ("adcc", adcc)):
         assert summary[key]["count"] == 4
         np.testing.assert_allclose(summary[key]["mean"], values.mean(), rtol=1e-6, atol=1e-9, err_msg=key)
+
+
+def test_quantus_explain_func_gives_quantus_the_explainers_maps_and_rebuilds_for_other_models():
+    quantus = pytest.importorskip("quantus")
+    import copy
+
+    import anycam
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+        torch.nn.Linear(4, 3),
+    ).eval()
+    explainer = anycam.Explainer(model, "0")
+    x = np.random.default_rng(5).standard_normal((3, 3, 12, 12)).astype(np.float32)
+    y = np.array([0, 2, 1])
+    explain_func = anycam.metrics.quantus_explain_func(explainer)
+    maps = explain_func(model=model, inputs=x, targets=y)
+    np.testing.assert_array_equal(maps, explainer(x, y)[:, None].astype(np.float32))
+    # Another model (what Quantus's randomisation tests pass): a fresh Explainer on that model,
+    # compared with one built by hand; the original's maps are not reused.
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        other[0].weight.normal_()
+    expected = anycam.Explainer(other, "0")(x, y)[:, None]
+    np.testing.assert_allclose(explain_func(model=other, inputs=x, targets=y), expected, rtol=1e-6)
+    assert not np.allclose(expected, maps)
+    # The explainer's own model never goes through the factory; another model always does.
+    built = []
+    strict = anycam.metrics.quantus_explain_func(explainer, factory=lambda m: built.append(m) or explainer)
+    strict(model=model, inputs=x, targets=y)
+    assert built == []
+    strict(model=other, inputs=x, targets=y)
+    assert built == [other]
+    # Quantus itself, end to end: its metric computed from explain_func equals the one from
+    # the explainer's precomputed maps.
+    metric = quantus.Sparseness(disable_warnings=True, display_progressbar=False)
+    direct = metric(model=model, x_batch=x, y_batch=y, a_batch=explainer(x, y)[:, None], device="cpu")
+    bridged = quantus.Sparseness(disable_warnings=True, display_progressbar=False)(
+        model=model, x_batch=x, y_batch=y, a_batch=None, explain_func=explain_func, device="cpu"
+    )
+    np.testing.assert_allclose(bridged, direct, rtol=1e-6)

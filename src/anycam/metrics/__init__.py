@@ -4,11 +4,12 @@
 on modified images through ``scoring``'s runner; ``confidence`` holds Average Gain and ADCC;
 ``road`` is ROAD (noisy linear imputation, MoRF/LeRF); ``localisation`` holds the pointing games;
 ``streaming`` accumulates them over a dataset; ``sanity`` is the model-randomisation check
-(``anycam.sanity_check``); ``quantus`` lends an Explainer to Quantus. Nothing here imports a framework.
+(``anycam.sanity_check``); ``bridge`` lends an Explainer to Quantus. Nothing here imports a framework.
 """
 
 from __future__ import annotations
 
+from .bridge import quantus_explain_func
 from .confidence import AdccResult, GainResult, UndefinedCoherencyWarning, adcc, average_gain
 from .faithfulness import (
     BASELINES,
@@ -48,5 +49,6 @@ __all__ = [
     "insertion",
     "noisy_linear_imputation",
     "pointing_game",
+    "quantus_explain_func",
     "road",
 ]
