@@ -89,9 +89,11 @@ def test_imputation_of_two_touching_pixels_solves_their_coupled_equations():
 
 
 def test_imputation_equals_a_dense_solve_of_the_papers_system(rng):
-    image = rng.normal(size=(3, 9, 11))
-    removed = rng.random((9, 11)) < 0.6
-    removed[4, :] = True  # a long connected stripe across the image, touching both borders
+    # ~200 unknowns: enough for the solver's nested-dissection ordering to cut several times.
+    image = rng.normal(size=(3, 17, 19))
+    removed = rng.random((17, 19)) < 0.6
+    removed[8, :] = True  # a long connected stripe across the image, touching both borders
+    removed[2:9, 3:12] = True  # and a solid hole
     out = noisy_linear_imputation(image, removed, noise=0.0)
     # The system is well conditioned (diagonally dominant): agreement to ~1e-12.
     np.testing.assert_allclose(out, dense_imputation(image, removed), rtol=1e-10, atol=1e-12)
