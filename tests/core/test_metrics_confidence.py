@@ -99,3 +99,8 @@ def test_adcc_refuses_maps_of_the_wrong_shape_and_a_non_callable_explain():
         adcc(two_pixel_model, IMAGES, MAPS, target=0, explain=lambda images, target: MAPS[:, 0])
     with pytest.raises(anycam.ConfigTypeError):
         adcc(two_pixel_model, IMAGES, MAPS, target=0, explain="gradcam")
+
+
+def test_adcc_without_explain_needs_an_explainer_as_predict():
+    with pytest.raises(anycam.ConfigError, match="explain"):
+        adcc(two_pixel_model, IMAGES, MAPS, target=0)

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from .._errors import AnycamWarning, ConfigTypeError, InputError
+from .._errors import AnycamWarning, ConfigError, ConfigTypeError, InputError
 from .._progress import progress_bar
 from .scoring import Run, as_maps, chunks
 
@@ -121,7 +121,7 @@ def adcc(
     heatmaps: Any,
     target: Any = None,
     *,
-    explain: Any,
+    explain: Any = None,
     score: str | Callable[[np.ndarray], np.ndarray] = "probability",
     batch_size: int = 64,
     progress: bool | None = None,
@@ -150,7 +150,8 @@ def adcc(
         explain: what explains the masked images, with the method that made ``heatmaps``: an
             ``anycam.Explainer`` or a callable ``(images, target) -> (B, *S)`` maps, called on
             NumPy batches of ``batch_size`` masked images with the resolved ``(B,)`` classes
-            (or the callable target as given).
+            (or the callable target as given). None (default) takes ``predict`` when it is an
+            Explainer.
 
     Returns:
         An :class:`AdccResult`.
@@ -159,11 +160,18 @@ def adcc(
         anycam.InputError, anycam.TargetError, anycam.NonFiniteError: as in
             :func:`anycam.metrics.average_drop_increase`, or maps from ``explain`` that do not fit.
         anycam.ConfigTypeError: ``explain`` is not callable.
+        anycam.ConfigError: no ``explain`` and ``predict`` is not an Explainer.
 
     Warns:
         UndefinedCoherencyWarning: a constant map (e.g. all zeros) makes ρ undefined; that
             sample's coherency and ADCC are NaN, and so is the mean.
     """
+    if explain is None:
+        from ..explain.explainer import Explainer
+
+        if not isinstance(predict, Explainer):
+            raise ConfigError("ADCC explains the masked images: pass explain= (an Explainer or a function)")
+        explain = predict
     if not callable(explain):
         raise ConfigTypeError(f"explain must be an anycam.Explainer or a callable, got {type(explain).__name__}")
     run = Run(predict, inputs, heatmaps, target, score, batch_size, input_layout)

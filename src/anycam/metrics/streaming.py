@@ -96,7 +96,6 @@ class StreamingMetrics:
 
             if not isinstance(predict, Explainer):
                 raise ConfigError("the 'adcc' metric explains masked images: pass explain=, or an Explainer as predict")
-            explain = predict
         self.predict = predict
         self.names = names
         self.explain = explain
