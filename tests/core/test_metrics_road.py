@@ -208,6 +208,8 @@ def test_road_single_order_and_percentages_options(rng):
     assert morf.morf[0, 0] == pytest.approx(morf.original[0], rel=1e-12)
     with pytest.raises(anycam.ConfigError, match="percentages"):
         road(linear_model(weights), image, maps, percentages=(0.5, 1.0))
+    with pytest.raises(anycam.ConfigError, match="nothing is left"):
+        road(linear_model(weights), image, maps, percentages=(0.99,))  # round(0.99 · 36) = 36
     with pytest.raises(anycam.ConfigError, match="order"):
         road(linear_model(weights), image, maps, order="both-ways")
     with pytest.raises(anycam.InputError, match="2-D"):
@@ -256,3 +258,24 @@ def test_deletion_and_insertion_with_the_road_baseline_score_imputed_images(rng,
     # The paper's noise (σ = 0.01 per imputed value) moves the scores only a little.
     scale = 0.01 * np.sqrt((weights**2).sum())
     assert 0 < np.abs(noisy.curves - result.curves).max() < 6 * scale
+
+
+def test_road_and_the_road_baseline_read_channels_last_inputs_as_channels_first_ones(rng):
+    image = rng.normal(size=(2, 3, 6, 7))
+    weights = rng.normal(size=(3, 6, 7))
+    maps = rng.random((2, 6, 7))
+    first = linear_model(weights)
+
+    def last(images):  # the same model on channels-last batches
+        return first(np.moveaxis(images, -1, 1))
+
+    moved = np.moveaxis(image, 1, -1)
+    a = road(first, image, maps, target=0, percentages=(0.3, 0.7), score="logit")
+    b = road(last, moved, maps, target=0, percentages=(0.3, 0.7), score="logit", input_layout="channels_last")
+    np.testing.assert_allclose(b.morf, a.morf, rtol=1e-9)
+    np.testing.assert_allclose(b.lerf, a.lerf, rtol=1e-9)
+    c = anycam.metrics.deletion(first, image, maps, target=0, steps=4, baseline="road", score="logit")
+    d = anycam.metrics.deletion(
+        last, moved, maps, target=0, steps=4, baseline="road", score="logit", input_layout="channels_last"
+    )
+    np.testing.assert_allclose(d.curves, c.curves, rtol=1e-9)

@@ -195,6 +195,11 @@ def road(
     orders = ("morf", "lerf") if order == "both" else (order,)
     pixels = math.prod(run.spatial)
     counts = np.rint(fractions * pixels).astype(np.int64)
+    if counts.max() >= pixels:
+        raise ConfigError(
+            f"percentages up to {fractions.max():g} remove all {pixels} pixels of these maps: nothing is left "
+            "to impute from; use smaller percentages (or larger images)"
+        )
     flat = run.heatmaps.reshape(run.count, -1)
     ranks = {name: _ranks(-flat if name == "morf" else flat) for name in orders}
     images = run.inputs if run.layout == "channels_first" else np.moveaxis(run.inputs, -1, 1)
