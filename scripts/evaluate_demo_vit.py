@@ -3,7 +3,7 @@
     python scripts/evaluate_demo_vit.py              # a minute or two on 2 cores
     python scripts/evaluate_demo_vit.py --print      # the table on stdout only
 
-The model is the small ViT of ``anycam.backends.torch.demo_vit`` with the weights
+The model is the small ViT of ``anycam.backends.torch.demo`` with the weights
 ``scripts/train_demo_vit.py`` trained (``anycam/demo/vit.npz``); the images are the demo's 48
 held-out canvases of digits it never saw, with their digit boxes. For each method: the pointing
 game and the energy pointing game against the boxes, deletion and insertion AUC of the class
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from anycam.backends.torch.demo_vit import build_demo_vit
+from anycam.backends.torch.demo import build_demo_vit
 
 import anycam
 from anycam.demo.data import load_demo

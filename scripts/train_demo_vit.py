@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from anycam.backends.torch.demo_vit import build_demo_vit
+from anycam.backends.torch.demo import build_demo_vit
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from torch.nn import functional

@@ -9,7 +9,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from anycam.backends.torch.demo_vit import build_demo_vit  # noqa: E402
+from anycam.backends.torch.demo import build_demo_vit  # noqa: E402
 
 from anycam.demo.data import load_demo  # noqa: E402
 
