@@ -31,14 +31,14 @@ import numpy as np
 from .._errors import ConfigError, InputError, require
 from .._progress import progress_bar
 from ..core.layout import spatial_shape
+from .road import road_replace
 from .scoring import Run, as_inputs, check_input_layout, chunks, positive_int
 
-BASELINES = ("zeros", "mean", "blur")
+BASELINES = ("zeros", "mean", "blur", "road")
 SCORES = ("probability", "logit")
 
 #: The Gaussian σ (pixels) of the ``"blur"`` baseline: RISE's evaluation code blurs with σ = 5.
 BLUR_SIGMA = 5.0
-
 
 
 @dataclass(frozen=True)
@@ -115,7 +115,11 @@ def deletion(
         steps: number of chunks; the curve has ``steps + 1`` points. At most P.
         baseline: what replaces a removed pixel: ``"zeros"`` (RISE's choice for deletion),
             ``"mean"`` (each sample's per-channel mean), ``"blur"`` (:func:`blur` with σ =
-            ``BLUR_SIGMA``), a number, or an array broadcastable to ``inputs``.
+            ``BLUR_SIGMA``), ``"road"`` (ROAD's noisy linear imputation of the removed pixels
+            from the kept ones, :func:`anycam.metrics.noisy_linear_imputation` with the paper's
+            noise and seed 0; one sparse solve per step and sample, so take ``steps`` near 10;
+            the step that removes every pixel has nothing to impute from and shows each
+            channel's mean), a number, or an array broadcastable to ``inputs``.
         score: ``"probability"`` (softmax of the outputs), ``"logit"`` (the outputs as they are)
             or a callable from ``(B, classes)`` outputs to ``(B, classes)`` scores (e.g. a
             sigmoid for multi-label models).
@@ -276,7 +280,11 @@ def _curve(
     steps = positive_int(steps, "steps")
     if steps > pixels:
         raise ConfigError(f"steps={steps} exceeds the {pixels} pixels of each map; pass steps <= {pixels}")
-    background = _baseline(baseline, run.inputs, run.layout)
+    imputed = isinstance(baseline, str) and baseline == "road"
+    if imputed and len(run.spatial) != 2:
+        raise InputError(f"the 'road' baseline imputes 2-D images; these inputs have spatial shape {run.spatial}")
+    background = None if imputed else _baseline(baseline, run.inputs, run.layout)
+    rng = np.random.default_rng(0)
     dtype = run.inputs.dtype
     # Rank of every pixel in the removal order; a stable sort keeps ties in raster order.
     order = np.argsort(-run.heatmaps.reshape(run.count, -1), axis=1, kind="stable")
@@ -296,6 +304,11 @@ def _curve(
             rows, at = samples[chunk], step_of[chunk]
             changed = rank[rows] < changed_count[at][:, None]
             original = ~changed if kind == "deletion" else changed
+            if background is None:
+                removed = (~original).reshape(len(rows), *run.spatial)
+                curves[rows, at] = run.score(road_replace(run.inputs[rows], removed, run.layout, rng), rows)
+                bar.update(len(rows))
+                continue
             shown = run.channel_mask(original.reshape(len(rows), *run.spatial)).astype(dtype)
             replacement = background if background.shape[0] == 1 else background[rows]
             # A blend with 0/1 weights is exact for finite values (x·1 + b·0 = x) and about

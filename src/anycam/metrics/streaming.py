@@ -24,28 +24,41 @@ from typing import Any
 import numpy as np
 
 from .._errors import ConfigError, InputError
-from . import faithfulness, localisation
+from . import confidence, faithfulness, localisation
+from .road import ROAD_NOISE, ROAD_PERCENTAGES
+from .road import road as road_curves
 
-#: The metrics :class:`StreamingMetrics` can accumulate, and the summary key of each.
-METRICS = {
-    "deletion": "deletion_auc",
-    "insertion": "insertion_auc",
-    "pointing_game": "pointing_game",
-    "energy_pointing_game": "energy_pointing_game",
+#: The metrics :class:`StreamingMetrics` can accumulate, and the summary keys of each.
+METRICS: dict[str, tuple[str, ...]] = {
+    "deletion": ("deletion_auc",),
+    "insertion": ("insertion_auc",),
+    "pointing_game": ("pointing_game",),
+    "energy_pointing_game": ("energy_pointing_game",),
+    "average_drop": ("average_drop",),
+    "average_gain": ("average_gain",),
+    "adcc": ("adcc",),
+    "road": ("road_morf", "road_lerf", "road_combined"),
 }
 
 
 class StreamingMetrics:
-    """Deletion/insertion AUC and the pointing games, accumulated over batches; ``summary()`` at the end.
+    """Deletion/insertion AUC, ROAD, Average Drop/Gain, ADCC and the pointing games, summed over batches.
 
     Args:
         predict: what ``anycam.metrics.deletion`` takes: an Explainer, a Backend or a callable
             from a NumPy batch to ``(B, classes)`` outputs.
         names: any of ``"deletion"``, ``"insertion"``, ``"pointing_game"``,
-            ``"energy_pointing_game"``; the pointing games need regions with every batch.
+            ``"energy_pointing_game"`` (these two need regions with every batch),
+            ``"average_drop"`` (percent, per sample), ``"average_gain"`` (percent),
+            ``"adcc"`` (needs an Explainer as ``predict`` or ``explain``) and ``"road"``
+            (keys ``road_morf``, ``road_lerf``: each sample's mean over the percentages, and
+            ``road_combined``; see ``anycam.metrics.road``).
         steps, score, batch_size, input_layout: as in ``anycam.metrics.deletion``.
         deletion_baseline, insertion_baseline: the ``baseline`` of each curve (RISE's defaults).
         tolerance: the pointing game's tolerance in pixels (15 in Zhang et al.).
+        road_percentages, road_noise, seed: ROAD's ``percentages``, ``noise`` and ``seed``.
+        explain: what ADCC explains the masked images with (``anycam.metrics.adcc``); None
+            takes ``predict`` when it is an Explainer.
         progress: a bar over each batch's deletion/insertion forwards: True always, False
             never, None (default) once a batch has taken over 2 s (the rule of every anycam
             progress bar). Not part of ``config()``: it decides no value.
@@ -67,6 +80,10 @@ class StreamingMetrics:
         tolerance: int = 0,
         input_layout: str | None = None,
         progress: bool | None = None,
+        road_percentages: Sequence[float] = ROAD_PERCENTAGES,
+        road_noise: float = ROAD_NOISE,
+        seed: int = 0,
+        explain: Any = None,
     ) -> None:
         names = (names,) if isinstance(names, str) else tuple(names)
         unknown = [n for n in names if n not in METRICS]
@@ -74,8 +91,20 @@ class StreamingMetrics:
             raise ConfigError(f"unknown metric(s) {unknown or names}; choose from {', '.join(METRICS)}")
         if not isinstance(score, str):
             raise ConfigError("score must be 'probability' or 'logit' here (a function cannot be stored in the config)")
+        if "adcc" in names and explain is None:
+            from ..explain.explainer import Explainer
+
+            if not isinstance(predict, Explainer):
+                raise ConfigError("the 'adcc' metric explains masked images: pass explain=, or an Explainer as predict")
+            explain = predict
         self.predict = predict
         self.names = names
+        self.explain = explain
+        self.road_options: dict[str, Any] = {
+            "percentages": [float(p) for p in road_percentages],
+            "noise": float(road_noise),
+            "seed": int(seed),
+        }
         self.options: dict[str, Any] = {
             "steps": steps,
             "score": score,
@@ -87,7 +116,7 @@ class StreamingMetrics:
         self.tolerance = tolerance
         self.progress = progress
         # count, mean, M2 per summary key (Chan et al. 1979: pairwise merge of partial moments)
-        self._moments: dict[str, tuple[int, float, float]] = {METRICS[n]: (0, 0.0, 0.0) for n in names}
+        self._moments: dict[str, tuple[int, float, float]] = {k: (0, 0.0, 0.0) for n in names for k in METRICS[n]}
 
     def config(self) -> dict[str, Any]:
         """The settings that decide the values, as JSON (a resumed store must match them)."""
@@ -97,6 +126,8 @@ class StreamingMetrics:
             "deletion_baseline": _describe(self.deletion_baseline),
             "insertion_baseline": _describe(self.insertion_baseline),
             "tolerance": self.tolerance,
+            # Only where they decide a value, so stores written before ROAD still match.
+            **({"road": self.road_options} if "road" in self.names else {}),
         }
 
     def update(self, inputs: Any, heatmaps: Any, target: Any = None, *, regions: Any = None) -> dict[str, np.ndarray]:
@@ -130,7 +161,9 @@ class StreamingMetrics:
                 result = function(
                     self.predict, images, maps, target, baseline=baseline, progress=self.progress, **self.options
                 )
-                values[METRICS[name]] = np.asarray(result.auc, dtype=np.float64)
+                values[METRICS[name][0]] = np.asarray(result.auc, dtype=np.float64)
+            elif name in ("average_drop", "average_gain", "adcc", "road"):
+                values.update(self._confidence(name, images, maps, target))
             else:
                 if regions is None:
                     raise InputError(
@@ -139,12 +172,28 @@ class StreamingMetrics:
                     )
                 if name == "pointing_game":
                     hits = localisation.pointing_game(maps, regions, tolerance=self.tolerance)
-                    values[METRICS[name]] = np.asarray(hits, dtype=np.float64)
+                    values[METRICS[name][0]] = np.asarray(hits, dtype=np.float64)
                 else:
                     energy = localisation.energy_pointing_game(maps, regions)
-                    values[METRICS[name]] = np.asarray(energy, dtype=np.float64)
+                    values[METRICS[name][0]] = np.asarray(energy, dtype=np.float64)
         self.add(values)
         return values
+
+    def _confidence(self, name: str, images: np.ndarray, maps: np.ndarray, target: Any) -> dict[str, np.ndarray]:
+        common = {"progress": self.progress, **self.options}
+        common.pop("steps")  # only the deletion/insertion curves take it
+        if name == "road":
+            road = road_curves(self.predict, images, maps, target, **self.road_options, **common)
+            assert road.morf_mean is not None and road.lerf_mean is not None and road.combined is not None
+            return {"road_morf": road.morf_mean, "road_lerf": road.lerf_mean, "road_combined": road.combined}
+        if name == "average_drop":
+            return {
+                "average_drop": faithfulness.average_drop_increase(self.predict, images, maps, target, **common).drop
+            }
+        if name == "average_gain":
+            return {"average_gain": confidence.average_gain(self.predict, images, maps, target, **common).gain}
+        result = confidence.adcc(self.predict, images, maps, target, explain=self.explain, **common)
+        return {"adcc": result.per_sample}
 
     def add(self, values: Mapping[str, Any]) -> None:
         """Adds stored per-sample values (``{summary key: (N,)}``) to the totals, as on resume."""
