@@ -82,7 +82,7 @@ def test_the_photo_table_holds_every_method_and_the_controls_end_to_end(script: 
         images,
         ["one", "two"],
         steps=STEPS,
-        percentages=(20, 50, 80),
+        percentages=(0.2, 0.5, 0.8),
         scorecam_top_k=None,
         log=lambda _: None,
     )
