@@ -91,8 +91,9 @@ def test_the_photo_table_holds_every_method_and_the_controls_end_to_end(script: 
     for name, scores in table.scores.items():
         assert set(scores) == {key for key, _ in script.COLUMNS}
         assert all(value.shape == (2,) for value in scores.values())
-        for key in ("deletion", "deletion_blur", "insertion"):
+        for key in ("deletion", "deletion_blur", "insertion", "road_morf", "road_lerf"):
             assert np.all((scores[key] >= 0) & (scores[key] <= 1)), (name, key)
+        np.testing.assert_allclose(scores["road"], (scores["road_lerf"] - scores["road_morf"]) / 2, rtol=1e-12)
         # The sanity check is the methods' column only: a control map has no model to randomise.
         sanity = scores["sanity"]
         assert np.all(np.isnan(sanity)) if name in script.CONTROLS else np.all(np.abs(sanity) <= 1), name
