@@ -173,3 +173,17 @@ def pictures(session: nox.Session) -> None:
     """The README's pictures: real photos, the demo grid, the sanity figure (scripts/make_pictures.py)."""
     session.install(*CONSTRAINTS, "-e", ".[all]", *PICTURES)
     session.run("python", "scripts/make_pictures.py", *session.posargs, env=QUIET)
+
+
+@nox.session(name="evaluate-photos", default=False)
+def evaluate_photos(session: nox.Session) -> None:
+    """The real-photo evaluation table in docs/evaluation.md (scripts/evaluate_photos.py)."""
+    session.install(*CONSTRAINTS, "-e", ".[all]", *PICTURES)
+    session.run("python", "scripts/evaluate_photos.py", *session.posargs, env=QUIET)
+
+
+@nox.session(name="evaluate-vit", default=False)
+def evaluate_vit(session: nox.Session) -> None:
+    """The demo ViT's transformer-method table in docs/transformers.md (scripts/evaluate_demo_vit.py)."""
+    session.install(*CONSTRAINTS, "-e", ".[torch,metrics]")
+    session.run("python", "scripts/evaluate_demo_vit.py", *session.posargs, env=QUIET)
