@@ -49,21 +49,12 @@ def run(quick: bool = False, device: str = "cpu") -> list[dict]:
     }
     times = interleaved(cases, repeats)
     inference = "plain inference_mode forward"
-    return [
-        row("torch", name, "Grad-CAM layer4, arrays='numpy'", batch, times["numpy"], inference, times["forward"]),
-        row("torch", name, "Grad-CAM layer4, arrays='native'", batch, times["native"], inference, times["forward"]),
-        row("torch", name, "Grad-CAM layer4, native vs numpy", batch, times["native"], "arrays='numpy'", times["numpy"]),
-        row("torch", name, "Grad-CAM layer4 K=10, arrays='numpy'", batch, times["numpy K=10"], "one map", times["numpy"]),
-        row(
-            "torch", name, "Grad-CAM layer4 K=10, arrays='native'", batch, times["native K=10"], "one map", times["native"]
-        ),
-        row(
-            "torch",
-            name,
-            "Grad-CAM layer4, differentiable=True",
-            batch,
-            times["differentiable"],
-            inference,
-            times["forward"],
-        ),
+    cases_rows = [
+        ("Grad-CAM layer4, arrays='numpy'", "numpy", inference, "forward"),
+        ("Grad-CAM layer4, arrays='native'", "native", inference, "forward"),
+        ("Grad-CAM layer4, native vs numpy", "native", "arrays='numpy'", "numpy"),
+        ("Grad-CAM layer4 K=10, arrays='numpy'", "numpy K=10", "one map (numpy)", "numpy"),
+        ("Grad-CAM layer4 K=10, arrays='native'", "native K=10", "one map (native)", "native"),
+        ("Grad-CAM layer4, differentiable=True", "differentiable", inference, "forward"),
     ]
+    return [row("torch", name, case, batch, times[key], label, times[base]) for case, key, label, base in cases_rows]

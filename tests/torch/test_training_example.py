@@ -20,9 +20,9 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from anycam.backends.torch.demo import build_demo_model
 
 import anycam
-from anycam.backends.torch.demo import build_demo_model
 from anycam.demo.data import load_demo
 from anycam.metrics import energy_pointing_game
 
