@@ -197,6 +197,17 @@ class TorchBackend(Backend):
     ) -> np.ndarray:
         return self.head_scorer(inputs, target, indices)(replacements)
 
+    def ablation_scorer(
+        self,
+        inputs: Any,
+        target: TargetSpec,
+        indices: np.ndarray | None,
+        activations: np.ndarray,
+        channel_axis: int,
+    ) -> Callable[[np.ndarray], np.ndarray]:
+        """Ablation-CAM's copies built on the model's device (see ``head.ablation_scorer``)."""
+        return _head.ablation_scorer(self, inputs, target, indices, activations, channel_axis)
+
     def ablation_head(
         self,
         inputs: Any,
