@@ -384,8 +384,10 @@ def replaced_forward(backend: TorchBackend, structure: ModelInputs, replacement:
 
 def head_scorer(
     backend: TorchBackend, inputs: Any, target: TargetSpec, indices: np.ndarray | None
-) -> Callable[[np.ndarray], np.ndarray]:
+) -> Callable[[Any], np.ndarray]:
     """Returns f(replacements (B, N, *layer)) -> (B, N, K), the prefix computed once here.
+
+    The replacements are NumPy, or a tensor already on the device (``ablation_scorer``).
 
     A traced graph split runs the prefix once and only the suffix on each chunk (vmapped over
     the copies); an untraceable model falls back to vmap over the whole model with a

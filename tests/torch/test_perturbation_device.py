@@ -13,11 +13,11 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from anycam.backends.torch import head as torch_head
+from anycam.backends.torch.backend import TorchBackend
 from torch import nn
 
 import anycam
-from anycam.backends.torch import head as torch_head
-from anycam.backends.torch.backend import TorchBackend
 from anycam.protocol.backend import Backend
 
 
