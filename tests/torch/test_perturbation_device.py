@@ -94,3 +94,73 @@ def test_device_built_ablation_copies_zero_exactly_the_channel_of_each_copy() ->
     for b, channel in enumerate([4, 0, 5]):
         want[b, :, channel] = 0
     assert torch.equal(got[0], want)
+
+
+# -- Score-CAM: masked inputs made on the device ------------------------------------------------
+
+
+@pytest.mark.parametrize("arrays", ["numpy", "native"])
+def test_scorecam_masked_inputs_reach_the_model_as_device_tensors(monkeypatch: pytest.MonkeyPatch, arrays: str) -> None:
+    seen: list[type] = []
+    original = TorchBackend.input_scores
+
+    def spying(self: TorchBackend, inputs: Any, *args: Any, **kwargs: Any) -> Any:
+        seen.append(type(inputs))
+        return original(self, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(TorchBackend, "input_scores", spying)
+    anycam.Explainer(network(), "3", "scorecam", batch_size=5, arrays=arrays).explain(batch())
+    assert len(seen) >= 2
+    assert all(kind is torch.Tensor for kind in seen), seen
+
+
+def masked_by_hand(x: torch.Tensor, acts: torch.Tensor, corners: bool) -> torch.Tensor:
+    """Score-CAM's masked inputs in plain torch: (N, C, *input) = x · minmax(upsample(A_c))."""
+    n, c = acts.shape[:2]
+    up = torch.nn.functional.interpolate(
+        acts.double(), size=x.shape[2:], mode="bilinear", align_corners=corners
+    ).reshape(n, c, -1)
+    low, high = up.amin(-1, keepdim=True), up.amax(-1, keepdim=True)
+    span = high - low
+    masks = torch.where(span > 0, (up - low) / torch.where(span > 0, span, 1), 0).reshape(n, c, *x.shape[2:])
+    return x.double()[:, None] * masks[:, :, None]
+
+
+@pytest.mark.parametrize("variant", ["probability", "pytorch-grad-cam"])
+def test_device_masked_inputs_are_the_plain_torch_masked_inputs(monkeypatch: pytest.MonkeyPatch, variant: str) -> None:
+    model, x = network(), batch()
+    got: list[torch.Tensor] = []
+    original = TorchBackend.input_scores
+
+    def keeping(self: TorchBackend, inputs: Any, *args: Any, **kwargs: Any) -> Any:
+        got.append(inputs.clone())
+        return original(self, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(TorchBackend, "input_scores", keeping)
+    anycam.Explainer(model, "3", "scorecam", scorecam=variant, batch_size=8).explain(x)
+    kept: list[torch.Tensor] = []
+    handle = model[3].register_forward_hook(lambda module, args, out: kept.append(out.detach()))
+    with torch.no_grad():
+        model(x)
+    handle.remove()
+    want = masked_by_hand(x, kept[0], corners=variant == "pytorch-grad-cam").reshape(-1, *x.shape[1:])
+    # Rows are (sample, channel) in order; float32 masks of values in [0, 1]: ≤ 2 ulp of x.
+    torch.testing.assert_close(torch.cat(got).double(), want, rtol=0, atol=3e-7)
+
+
+@pytest.mark.parametrize("top_k", [None, 3])
+def test_scorecam_native_equals_the_numpy_mode(top_k: int | None) -> None:
+    model, x = network(), batch()
+    reference = anycam.Explainer(model, "3", "scorecam", scorecam_top_k=top_k).explain(x)
+    native = anycam.Explainer(model, "3", "scorecam", scorecam_top_k=top_k, arrays="native").explain(x)
+    assert isinstance(native.cam, torch.Tensor) and isinstance(native.weights, torch.Tensor)
+    np.testing.assert_allclose(native.weights.numpy(), reference.weights, rtol=1e-6, atol=1e-7)
+    # The map: a float32 C-term sum on the device against float64 on the host, so within 1e-5 of
+    # Σ_c |w_c A_c| per pixel (A read with a plain hook).
+    kept: list[torch.Tensor] = []
+    handle = model[3].register_forward_hook(lambda module, args, out: kept.append(out.detach()))
+    with torch.no_grad():
+        model(x)
+    handle.remove()
+    terms = np.einsum("nc,nchw->nhw", np.abs(reference.weights), kept[0].double().numpy())
+    assert np.all(np.abs(native.cam.numpy() - reference.cam) <= 1e-5 * np.abs(reference.cam) + 1e-5 * terms + 1e-7)
