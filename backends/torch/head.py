@@ -384,8 +384,10 @@ def replaced_forward(backend: TorchBackend, structure: ModelInputs, replacement:
 
 def head_scorer(
     backend: TorchBackend, inputs: Any, target: TargetSpec, indices: np.ndarray | None
-) -> Callable[[np.ndarray], np.ndarray]:
+) -> Callable[[Any], np.ndarray]:
     """Returns f(replacements (B, N, *layer)) -> (B, N, K), the prefix computed once here.
+
+    The replacements are NumPy, or a tensor already on the device (``ablation_scorer``).
 
     A traced graph split runs the prefix once and only the suffix on each chunk (vmapped over
     the copies); an untraceable model falls back to vmap over the whole model with a
@@ -430,9 +432,50 @@ def head_scorer(
 
     run = copies_scorer(one, flat if graph is not None and graph.flattenable else None)
 
-    def scores(replacements: np.ndarray) -> np.ndarray:
-        copies = torch.as_tensor(np.asarray(replacements), dtype=dtype, device=device)
+    def scores(replacements: Any) -> np.ndarray:
+        if isinstance(replacements, torch.Tensor):  # built on the device (ablation_scorer below)
+            copies = replacements.to(device=device, dtype=dtype)
+        else:
+            copies = torch.as_tensor(np.asarray(replacements), dtype=dtype, device=device)
         with torch.inference_mode(False), torch.no_grad(), frozen_buffers(backend.model):
             return to_numpy(run(copies))
+
+    return scores
+
+
+def ablation_scorer(
+    backend: TorchBackend,
+    inputs: Any,
+    target: TargetSpec,
+    indices: np.ndarray | None,
+    activations: Any,
+    channel_axis: int,
+) -> Callable[[np.ndarray], np.ndarray]:
+    """Returns f(channels (B,)) -> (B, N, K): Ablation-CAM's copies built on the model's device.
+
+    The layer output comes to the device once per explanation; each chunk's B copies are filled
+    there from it (one device buffer reused across chunks) and channel ``channels[b]`` of copy b
+    zeroed, so no copies are made on the host and moved over per chunk. The values are those of
+    ``core.ablated_copies``: the captured float32 activations, with exact zeros.
+    """
+    scorer = head_scorer(backend, inputs, target, indices)
+    device, _ = device_dtype(backend.model)
+    if isinstance(activations, torch.Tensor):
+        acts = activations.detach().to(device=device, dtype=torch.float32)
+    else:
+        acts = torch.as_tensor(np.asarray(activations, dtype=np.float32), device=device)
+    axis = channel_axis % acts.ndim
+    buffers: list[torch.Tensor] = []
+
+    def scores(channels: np.ndarray) -> np.ndarray:
+        count = len(channels)
+        if not buffers or buffers[0].shape[0] < count:
+            buffers[:] = [torch.empty((count, *acts.shape), dtype=acts.dtype, device=device)]
+        copies = buffers[0][:count]
+        copies.copy_(acts.expand(count, *acts.shape))
+        # Copy b's channel axis next to the copy axis: (B, C, N, ...) view, zero (b, channels[b]).
+        view = copies.movedim(axis + 1, 1)
+        view[torch.arange(count, device=device), torch.as_tensor(np.asarray(channels), device=device)] = 0.0
+        return scorer(copies)
 
     return scores

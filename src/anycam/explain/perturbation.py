@@ -7,6 +7,7 @@ every formula to the NumPy core; no framework is imported here.
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -16,9 +17,10 @@ import numpy as np
 from .. import core
 from .._errors import AnycamWarning, TargetError, user_stacklevel
 from .._progress import progress_bar
+from ..core._namespace import device_of, is_numpy, namespace
 from ..protocol.backend import AblationHead, Backend
 from ..protocol.inputs import looks_spatial, structure_inputs
-from .assembly import assemble, float32, read_layouts
+from .assembly import assemble, check_finite, float32, host, read_layouts
 from .explanation import Explanation
 
 if TYPE_CHECKING:
@@ -106,6 +108,49 @@ def _mask_input(x: np.ndarray, masks: np.ndarray, input_layout: str) -> np.ndarr
     return x
 
 
+class _DeviceMasks:
+    """Score-CAM's masked inputs built where the model runs (backends with ``native_arrays``).
+
+    The input goes to the model's device once per explanation (``Backend.to_native``), each
+    chunk's masks are upsampled and scaled there from the device activations, and the masked
+    copies are multiplied there: nothing per chunk is made on the host and copied over. The mask
+    math is the core's (``core.scorecam_masks``) on the arrays' namespace, in float32; the
+    aligned-corners variant's resize is written here on the namespace (for c21-core-tf: a
+    namespace ``core.scorecam_masks(align_corners=True)`` would replace ``_corners``).
+    """
+
+    def __init__(self, backend: Backend, x: np.ndarray, input_layout: str) -> None:
+        self.backend = backend
+        self.x = backend.to_native(x)
+        self.xp = namespace(self.x)
+        self.axis = 1 if input_layout == "channels_first" else x.ndim - 1
+
+    def masked(self, acts: Any, samples: np.ndarray, channels: np.ndarray, size: Any, corners: bool) -> Any:
+        """Returns x[samples] · mask(acts[samples, channels]) on the device."""
+        xp, to = self.xp, self.backend.to_native
+        rows = to(np.ascontiguousarray(samples, dtype=np.int64))
+        maps = acts[rows, to(np.ascontiguousarray(channels, dtype=np.int64)), ...]
+        if corners:
+            masks = core.normalize(self._corners(maps, size), "minmax", spatial_ndim=len(size))
+        else:
+            masks = core.scorecam_masks(maps, size)
+        masks = xp.astype(masks, self.x.dtype)
+        return self.x[rows, ...] * xp.expand_dims(masks, axis=self.axis)
+
+    def _corners(self, maps: Any, size: Any) -> Any:
+        """``core.perturbation._resize_corners`` on the maps' namespace (the matrices copied over)."""
+        from ..core.perturbation import _corner_matrix
+
+        xp, out = self.xp, maps
+        first = out.ndim - len(size)
+        for axis, target in enumerate(size, start=first):
+            if out.shape[axis] != target:
+                matrix = _corner_matrix(out.shape[axis], int(target)).T
+                matrix = xp.asarray(np.asarray(matrix, np.float32), device=device_of(out))
+                out = xp.moveaxis(xp.moveaxis(out, axis, -1) @ matrix, -1, axis)
+        return out
+
+
 def scorecam(explainer: Explainer, inputs: Any, spec: core.TargetSpec) -> Explanation:
     """Score-CAM (Wang et al. 2020): weights from the scores of the input masked by each channel.
 
@@ -113,10 +158,17 @@ def scorecam(explainer: Explainer, inputs: Any, spec: core.TargetSpec) -> Explan
     samples, row i from sample i. So with a callable each model call takes one masked copy of
     every sample, in order (``batch_size`` does not split it); class-index targets are applied
     per row, so their copies are chunked freely.
+
+    A backend with ``native_arrays`` gets its masked inputs built on the device in every mode
+    (:class:`_DeviceMasks`); the weights are computed on the host from the (M, K) scores, as
+    always, and the map from them with the activations where they are (device in native mode).
     """
     backend = explainer.backend
+    on_device = backend.can("native_arrays")
+    native_out = explainer.arrays == "native"
+    keywords = {"native": True} if on_device else {}
     try:
-        capture = backend.capture(inputs, spec, gradients=False)
+        capture = backend.capture(inputs, spec, gradients=False, **keywords)
     except TargetError as exc:
         if spec.kind == "callable":
             raise
@@ -127,6 +179,11 @@ def scorecam(explainer: Explainer, inputs: Any, spec: core.TargetSpec) -> Explan
     given = _MaskedInputs(inputs, explainer.spatial_input)
     x = given.x
     input_layout = backend.input_layout
+    device = _DeviceMasks(backend, x, input_layout) if on_device else None
+    if on_device and not native_out:
+        # The NumPy mode's map and weights come from host copies of the (float32) activations,
+        # exactly as from a NumPy capture; only the masks are made on the device.
+        capture = dataclasses.replace(capture, scores=host(capture.scores))
     size = capture.input_spatial
     probabilities = explainer.scorecam == "probability" and spec.kind != "callable"
     # One output (a binary classifier's logit): its softmax is 1 whatever the input, so every
@@ -141,14 +198,19 @@ def scorecam(explainer: Explainer, inputs: Any, spec: core.TargetSpec) -> Explan
     _, readings = read_layouts(explainer, capture)
     for index, name in enumerate(explainer.layer_names):
         activations = capture.activations[index]
-        core.check_finite(activations, "activations", name)
+        check_finite(activations, "activations", name)
         reading = readings[index]
+        device_acts = None
+        if device is not None:
+            device_acts = core.to_channels_first(activations, reading.layout, lead=1, grid=reading.grid)
+        if not is_numpy(activations) and not native_out:
+            activations = host(activations)
         acts = core.to_channels_first(activations, reading.layout, lead=1, grid=reading.grid)
         batch, channels = acts.shape[:2]
         if explainer.scorecam_top_k is None:
             chosen = np.broadcast_to(np.arange(channels), (batch, channels))
         else:
-            chosen = core.top_variance_channels(acts, explainer.scorecam_top_k)
+            chosen = _top_variance(acts, explainer.scorecam_top_k)
         if per_sample:
             # Copy j of every sample in one call: rows (0, j), (1, j), … (N − 1, j).
             samples = np.tile(np.arange(batch), chosen.shape[1])
@@ -164,8 +226,11 @@ def scorecam(explainer: Explainer, inputs: Any, spec: core.TargetSpec) -> Explan
         with progress_bar(explainer.progress, samples.size, f"anycam scorecam {name}", "row") as bar:
             for start in range(0, samples.size, step):
                 n, k = samples[start : start + step], picked[start : start + step]
-                masks = core.scorecam_masks(acts[n, k], size, align_corners=corners)
-                masked = _mask_input(x[n], masks, input_layout)  # x[n] is a fresh copy
+                if device is not None:
+                    masked = device.masked(device_acts, n, k, size, corners)
+                else:
+                    masks = core.scorecam_masks(acts[n, k], size, align_corners=corners)
+                    masked = _mask_input(x[n], masks, input_layout)  # x[n] is a fresh copy
                 targets = None if capture.target is None else capture.target[n]
                 batch_inputs = given.rows(n, masked)
                 out = np.asarray(backend.input_scores(batch_inputs, spec, targets, probabilities=probabilities))
@@ -175,9 +240,26 @@ def scorecam(explainer: Explainer, inputs: Any, spec: core.TargetSpec) -> Explan
         if sigmoid:
             scores = core.sigmoid(scores)
         weights = core.scorecam_weights(scores, explainer.scorecam, mask=scored)
-        cam = core.weighted_cam(acts[:, None], weights, channel_axis=2, rectify=explainer.relu)
-        results.append(core.LayerResult(float32(cam), float32(weights)))
+        cam = core.weighted_cam(acts[:, None, ...], weights, channel_axis=2, rectify=explainer.relu)
+        if is_numpy(cam):
+            results.append(core.LayerResult(float32(cam), float32(weights)))
+        else:  # native mode: the map on the device, the host-computed weights moved beside it
+            results.append(core.LayerResult(cam, backend.to_native(float32(weights))))
     return assemble(explainer, results, capture, spec)
+
+
+def _top_variance(acts: Any, k: int) -> np.ndarray:
+    """``core.top_variance_channels`` of host or device activations: (N, k) int64 on the host.
+
+    On the device the variances are taken there (float32) and only the (N, k) indices come over.
+    """
+    if is_numpy(acts):
+        return core.top_variance_channels(acts, k)
+    xp = namespace(acts)
+    flat = xp.reshape(acts, (*acts.shape[:2], -1))
+    variance = xp.var(xp.astype(flat, xp.float32), axis=-1)
+    order = xp.argsort(-variance, axis=-1, stable=True)[:, : min(k, acts.shape[1])]
+    return host(order).astype(np.int64)
 
 
 def _one_output(backend: Backend, inputs: Any, capture: Any) -> bool:
