@@ -220,12 +220,12 @@ def raw_cam(method: str, a: jax.Array, g: jax.Array) -> jax.Array:
         return relu((g * a).sum(axis=1))
     if method == "layercam":
         return relu((relu(g) * a).sum(axis=1))
-    if method == "gradcam_elementwise":
+    if method == "gradcam-elementwise":
         return relu(g * a).sum(axis=1)
     if method == "xgradcam":
         w = (g * a).sum(axis=(2, 3)) / (a.sum(axis=(2, 3)) + 1e-7)
         return relu(jnp.einsum("nc,nchw->nhw", w, a))
-    if method == "gradcampp":
+    if method == "gradcam++":
         # α = g² / (2g² + Σ_s A g³) where g ≠ 0 (Chattopadhay et al. eq. 19), w = Σ_s α ReLU(g).
         sums = a.sum(axis=(2, 3), keepdims=True)
         denominator = 2 * g**2 + sums * g**3
