@@ -274,6 +274,7 @@ def explain_fn(
     input_layout: str | None = None,
     output: Any = None,
     seed: int = 0,
+    differentiable: bool = False,
     **options: Any,
 ) -> ExplainFn:
     """Returns ``f(weights, inputs, target=None) -> heatmaps``, a pure function for ``jax.jit``/``vmap``/``grad``.
@@ -286,10 +287,14 @@ def explain_fn(
             LayerCAM, XGrad-CAM, Grad-CAM++, element-wise Grad-CAM, Eigen-CAM, Eigen-Grad-CAM,
             KPCA-CAM, RandomCAM.
         upsample, normalize, aggregate, relu, layout, token_grid, seed: as for the Explainer.
+        differentiable: promise to take ``jax.grad`` of the maps (a training loss): refuses the
+            methods outside ``anycam.explain.explainer.DIFFERENTIABLE_METHODS`` at once. The
+            function is the same either way; JAX differentiates it by composition.
 
     Raises:
         anycam.ConfigError: a method that needs more than one capture (Score-CAM, Ablation-CAM,
-            guided methods) or an unknown setting.
+            guided methods), ``differentiable=True`` with a method that cannot be differentiable
+            (Eigen-CAM, Eigen-Grad-CAM, KPCA-CAM, RandomCAM), or an unknown setting.
         anycam.LayerError: ``layer="auto"``.
     """
     from .backend import JaxBackend
@@ -299,6 +304,13 @@ def explain_fn(
             f"explain_fn computes the capture methods {sorted(core.CAPTURE_METHODS)}; {method!r} is not one "
             "(Score-CAM and Ablation-CAM run the model many times, the guided methods need a modified "
             "backward pass): use anycam.Explainer for it"
+        )
+    from anycam.explain.explainer import DIFFERENTIABLE_METHODS
+
+    if differentiable and method not in DIFFERENTIABLE_METHODS:
+        raise ConfigError(
+            f"{method} cannot give differentiable maps (an SVD or eigendecomposition with a sign rule, or "
+            f"random weights); the differentiable methods are {', '.join(DIFFERENTIABLE_METHODS)}"
         )
     if upsample not in (None, *core.RESIZE_MODES):
         raise ConfigError(f"unknown upsample {upsample!r}; choose one of {core.RESIZE_MODES} or None")
