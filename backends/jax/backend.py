@@ -118,9 +118,7 @@ class JaxBackend(Backend):
     # a function to compose with jax.grad (anycam.backends.jax.explain_fn), not an Explainer mode.
     capabilities = capabilities | frozenset({"native_arrays"})
 
-    def capture(
-        self, inputs: Any, target: TargetSpec, *, gradients: bool = True, native: bool = False
-    ) -> Capture:
+    def capture(self, inputs: Any, target: TargetSpec, *, gradients: bool = True, native: bool = False) -> Capture:
         return capture.capture(self, inputs, target, gradients=gradients, native=native)
 
     def to_native(self, array: np.ndarray) -> Any:

@@ -269,14 +269,14 @@ def without_gradients(
         return activations, scores, None
     if native:
         # The classes are chosen on the device; only the (N, K) indices come to the host.
-        outputs = _class_outputs(output, batch)
+        logits = _class_outputs(output, batch)
         mode, _ = target_mode(target, batch)
         if mode == ("given",):
-            indices = resolve_indices(target, np.zeros(outputs.shape, np.float32))
+            chosen = resolve_indices(target, np.zeros(logits.shape, np.float32))
         else:
-            indices = np.asarray(jax.device_get(_indices(outputs, mode, None)), np.int64)
-        scores = jnp.take_along_axis(outputs, jax.device_put(indices.astype(np.int32)), axis=1)
-        return activations, scores, indices
+            chosen = np.asarray(jax.device_get(_indices(logits, mode, None)), np.int64)
+        scores = jnp.take_along_axis(logits, jax.device_put(chosen.astype(np.int32)), axis=1)
+        return activations, scores, chosen
     activations, outputs = jax.device_get((activations, _class_outputs(output, batch)))
     outputs = _to_numpy(outputs)
     indices = resolve_indices(target, outputs)

@@ -107,7 +107,7 @@ class ExplainFn:
 
             # A whole model and its array part both partition to the array part.
             weights = eqx.partition(weights, eqx.is_array)[0]
-        structure = jax.tree_util.tree_structure(weights)
+        structure: Any = jax.tree_util.tree_structure(weights)
         if structure != self._structure:
             raise BackendError(
                 f"the weights given do not have the structure of the model's weights ({self._family}): "
@@ -135,8 +135,13 @@ class ExplainFn:
         return self._maps(x, activations, grads, scores, classes, squeeze)
 
     def _maps(
-        self, x: jax.Array, activations: Sequence[jax.Array], grads: Sequence[jax.Array] | None,
-        scores: jax.Array, classes: jax.Array | None, squeeze: bool,
+        self,
+        x: jax.Array,
+        activations: Sequence[Any],
+        grads: Sequence[Any] | None,
+        scores: jax.Array,
+        classes: jax.Array | None,
+        squeeze: bool,
     ) -> Parts:
         """Returns the core's maps of one capture; the layouts are read from the (static) shapes."""
         s = self._settings
@@ -222,12 +227,13 @@ def _capture(program: _Program, params: Any, x: jax.Array, target: Any, *, gradi
 
     if not gradients:
         outputs, activations = outputs_of(deltas)
-        classes = None if is_callable else _classes(outputs, target, batch)
-        scores = outputs if is_callable else jnp.take_along_axis(outputs, classes, axis=1)
-        return activations, None, scores, classes
+        if is_callable:
+            return activations, None, outputs, None
+        classes = _classes(outputs, target, batch)
+        return activations, None, jnp.take_along_axis(outputs, classes, axis=1), classes
     outputs, vjp_fn, activations = jax.vjp(outputs_of, deltas, has_aux=True)
+    classes: jax.Array | None = None
     if is_callable:
-        classes = None
         picks = jnp.broadcast_to(jnp.arange(outputs.shape[1]), outputs.shape)
     else:
         classes = picks = _classes(outputs, target, batch)

@@ -15,9 +15,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from anycam.backends.jax.compose import explain_fn
 
 import anycam
-from anycam.backends.jax.compose import explain_fn
 from tests.jax.split_models import FORMS, SIZE, by_hand, inputs
 
 pytestmark = pytest.mark.jax

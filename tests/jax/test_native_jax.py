@@ -20,17 +20,26 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from anycam.backends.jax.backend import JaxBackend
 from jax._src.array import ArrayImpl
 
 import anycam
-from anycam.backends.jax.backend import JaxBackend
 from anycam.core import parse_target
 from tests.jax.split_models import FORMS, inputs
 
 pytestmark = pytest.mark.jax
 
 TARGET = np.array([0, 2, 1, 2])
-METHODS = ("gradcam", "gradcam++", "xgradcam", "layercam", "hirescam", "gradcam-elementwise", "eigencam", "eigengradcam")
+METHODS = (
+    "gradcam",
+    "gradcam++",
+    "xgradcam",
+    "layercam",
+    "hirescam",
+    "gradcam-elementwise",
+    "eigencam",
+    "eigengradcam",
+)
 
 
 def _sizes(tree: object) -> list[int]:
@@ -72,6 +81,7 @@ def host_reads(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
 @pytest.fixture(scope="module")
 def demo():  # type: ignore[no-untyped-def]
     from anycam.backends.jax.demo import build_demo_model
+
     from anycam.demo.data import load_demo
 
     data = load_demo()
