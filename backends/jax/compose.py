@@ -229,8 +229,8 @@ def _capture(program: _Program, params: Any, x: jax.Array, target: Any, *, gradi
         outputs, activations = outputs_of(deltas)
         if is_callable:
             return activations, None, outputs, None
-        classes = _classes(outputs, target, batch)
-        return activations, None, jnp.take_along_axis(outputs, classes, axis=1), classes
+        chosen = _classes(outputs, target, batch)
+        return activations, None, jnp.take_along_axis(outputs, chosen, axis=1), chosen
     outputs, vjp_fn, activations = jax.vjp(outputs_of, deltas, has_aux=True)
     classes: jax.Array | None = None
     if is_callable:
