@@ -6,7 +6,7 @@ from typing import Any
 
 from anycam.protocol.backend import Backend
 
-__all__ = ["backend_for"]
+__all__ = ["backend_for", "explain_fn"]
 
 
 def backend_for(model: Any) -> type[Backend]:
@@ -20,3 +20,12 @@ def backend_for(model: Any) -> type[Backend]:
     from .backend import JaxBackend
 
     return JaxBackend
+
+
+def __getattr__(name: str) -> Any:
+    """Imports ``explain_fn`` (and JAX) on first use: importing this package imports no framework."""
+    if name == "explain_fn":
+        from .compose import explain_fn
+
+        return explain_fn
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -113,8 +113,17 @@ class JaxBackend(Backend):
         """Chooses the layer for ``layer="auto"`` from abstract passes (shapes only, no compute), once."""
         choose(self, x)
 
-    def capture(self, inputs: Any, target: TargetSpec, *, gradients: bool = True) -> Capture:
-        return capture.capture(self, inputs, target, gradients=gradients)
+    # -- issue 21: native arrays (c21-jax) --
+    # "differentiable" is not declared: a JAX array carries no graph, so differentiable maps are
+    # a function to compose with jax.grad (anycam.backends.jax.explain_fn), not an Explainer mode.
+    capabilities = capabilities | frozenset({"native_arrays"})
+
+    def capture(self, inputs: Any, target: TargetSpec, *, gradients: bool = True, native: bool = False) -> Capture:
+        return capture.capture(self, inputs, target, gradients=gradients, native=native)
+
+    def to_native(self, array: np.ndarray) -> Any:
+        """Returns a host array as a JAX array on the model's device (an explicit transfer)."""
+        return capture.to_native(self, array)
 
     def predict(self, inputs: Any) -> np.ndarray:
         return capture.predict(self, inputs)

@@ -205,8 +205,15 @@ def given_mode(target: TargetSpec, indices: np.ndarray | None, batch: int) -> tu
     return ("given",), indices.astype(np.int32)
 
 
-def with_gradients(backend: JaxBackend, program: _Program, params: Any, x: jax.Array, target: TargetSpec) -> Any:
-    """Returns (activations, gradients ``(N, K, ...)``, scores, indices) from the compiled capture."""
+def with_gradients(
+    backend: JaxBackend, program: _Program, params: Any, x: jax.Array, target: TargetSpec, native: bool = False
+) -> Any:
+    """Returns (activations, gradients ``(N, K, ...)``, scores, indices) from the compiled capture.
+
+    NumPy arrays, or with ``native`` the compiled function's own arrays, on the model's device;
+    the (N, K) class indices come to the host either way, and ``native`` syncs one boolean per
+    layer whose gradient is a constant.
+    """
     batch = x.shape[0]
     mode, given = target_mode(target, batch)
     key = (program, mode, _shape_key(x), None if given is None else given.shape)
@@ -225,51 +232,83 @@ def with_gradients(backend: JaxBackend, program: _Program, params: Any, x: jax.A
     if mode == ("given",):
         indices = resolve_indices(target, np.zeros((batch, classes), np.float32))
         given = indices.astype(np.int32)
-    result = jax.device_get(_capture(program, mode, params, x, given)[:4])
-    activations, gradients, scores, found = result
-    for index in constant:
-        if not np.any(gradients[index]):
+    if native:
+        # Explicit transfers only (allowed under jax.transfer_guard("disallow")): the indices in,
+        # the (N, K) indices and one boolean per constant-gradient layer out.
+        given = None if given is None else jax.device_put(given)
+        activations, gradients, scores, found = _capture(program, mode, params, x, given)[:4]
+        reaches = {i: bool(jax.device_get(jnp.any(gradients[i] != 0))) for i in constant}
+    else:
+        result = jax.device_get(_capture(program, mode, params, x, given)[:4])
+        activations, gradients, scores, found = result
+        reaches = {i: bool(np.any(gradients[i])) for i in constant}
+    for index, reached in reaches.items():
+        if not reached:
             raise LayerError(
                 f"layer {backend.layer_names[index]!r} does not reach the explained output: its "
                 "gradient is zero everywhere and depends on no input (no path from the layer "
                 "to the output); explain a layer on the path to the output"
             )
     if mode[0] != "callable":
-        indices = np.asarray(found, dtype=np.int64)
+        indices = np.asarray(jax.device_get(found), dtype=np.int64)
     return activations, gradients, scores, indices
 
 
-def without_gradients(backend: JaxBackend, program: _Program, params: Any, x: jax.Array, target: TargetSpec) -> Any:
-    """Returns (activations, scores, indices) from one compiled forward pass."""
+def without_gradients(
+    backend: JaxBackend, program: _Program, params: Any, x: jax.Array, target: TargetSpec, native: bool = False
+) -> Any:
+    """Returns (activations, scores, indices) from one compiled forward pass (see ``with_gradients``)."""
     batch = x.shape[0]
     output, activations = run(backend, lambda: _forward(program, params, x), x)
     if target.kind == "callable":
         assert target.fn is not None
         check_callable(backend, program, params, x, target.fn)
         scores = _callable_scores(target.fn, output, batch)
-        activations, scores = jax.device_get((activations, scores))
+        if not native:
+            activations, scores = jax.device_get((activations, scores))
         return activations, scores, None
+    if native:
+        # The classes are chosen on the device; only the (N, K) indices come to the host.
+        logits = _class_outputs(output, batch)
+        mode, _ = target_mode(target, batch)
+        if mode == ("given",):
+            chosen = resolve_indices(target, np.zeros(logits.shape, np.float32))
+        else:
+            chosen = np.asarray(jax.device_get(_indices(logits, mode, None)), np.int64)
+        scores = jnp.take_along_axis(logits, jax.device_put(chosen.astype(np.int32)), axis=1)
+        return activations, scores, chosen
     activations, outputs = jax.device_get((activations, _class_outputs(output, batch)))
     outputs = _to_numpy(outputs)
     indices = resolve_indices(target, outputs)
     return activations, np.take_along_axis(outputs, indices, axis=1), indices
 
 
-def capture(backend: JaxBackend, inputs: Any, target: TargetSpec, *, gradients: bool = True) -> Capture:
-    """Returns the explained layers' activations, the targets' gradients and scores for a batch."""
+def _to_native(array: jax.Array) -> jax.Array:
+    """Returns a device array as float32 on its device (float64 stays float64)."""
+    return array if array.dtype in (jnp.float32, jnp.float64) else array.astype(jnp.float32)
+
+
+def capture(
+    backend: JaxBackend, inputs: Any, target: TargetSpec, *, gradients: bool = True, native: bool = False
+) -> Capture:
+    """Returns the explained layers' activations, the targets' gradients and scores for a batch.
+
+    ``native``: JAX arrays on the model's device (float32; float64 stays), the target NumPy.
+    """
     x = backend._as_input(inputs)
     backend._example = (tuple(x.shape), x.dtype)
     program, params = backend._model.snapshot()
-    grads_np: tuple[np.ndarray, ...] | None = None
+    convert = _to_native if native else _to_numpy
+    grads_out: tuple[Any, ...] | None = None
     if gradients:
-        activations, grads, scores, indices = with_gradients(backend, program, params, x, target)
-        grads_np = tuple(_to_numpy(g) for g in grads)
+        activations, grads, scores, indices = with_gradients(backend, program, params, x, target, native)
+        grads_out = tuple(convert(g) for g in grads)
     else:
-        activations, scores, indices = without_gradients(backend, program, params, x, target)
+        activations, scores, indices = without_gradients(backend, program, params, x, target, native)
     return Capture(
-        activations=tuple(_to_numpy(a) for a in activations),
-        gradients=grads_np,
-        scores=_to_numpy(scores),
+        activations=tuple(convert(a) for a in activations),
+        gradients=grads_out,
+        scores=convert(scores),
         target=indices,
         input_spatial=spatial_shape(tuple(x.shape), backend.input_layout),
         layouts=(backend.layer_layout if layouts_decided(backend) else None,) * len(backend.layer_names),
@@ -325,3 +364,12 @@ def predict(backend: JaxBackend, inputs: Any) -> np.ndarray:
     program, params = backend._model.snapshot()
     output, _ = run(backend, lambda: _forward(program, params, x), x)
     return _to_numpy(jax.device_get(output))
+
+
+def to_native(backend: JaxBackend, array: np.ndarray) -> jax.Array:
+    """Returns ``array`` on the device of the model's weights (JAX's default device without any)."""
+    _, params = backend._model.snapshot()
+    for leaf in jax.tree_util.tree_leaves(params):
+        if isinstance(leaf, jax.Array):
+            return jax.device_put(np.asarray(array), next(iter(leaf.devices())))
+    return jax.device_put(np.asarray(array))

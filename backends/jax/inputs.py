@@ -132,7 +132,8 @@ def as_array(backend: JaxBackend, inputs: Any, what: str = "input") -> jax.Array
     # finite; otherwise (a bad element, or an overflowing sum) it is checked element-wise.
     xp: Any = np if isinstance(inputs, np.ndarray) else jnp
     wide = np.float64 if inputs.dtype == np.float64 else np.float32
-    if not bool(xp.isfinite(xp.sum(inputs, dtype=wide))):
+    # jax.device_get: one boolean, an explicit transfer (allowed under jax.transfer_guard("disallow")).
+    if not bool(jax.device_get(xp.isfinite(xp.sum(inputs, dtype=wide)))):
         finite = xp.isfinite(inputs)
         if not bool(finite.all()):
             raise non_finite_input("input", bool(xp.isnan(inputs).any()), int((~finite).sum()))

@@ -153,10 +153,10 @@ class KerasJaxBackend(JaxBackend):
             chosen = choose_layer(records, spatial_shape(tuple(x.shape), self.input_layout))
             self._set_layers([(chosen, paths[chosen], "output")])
 
-    def capture(self, inputs: Any, target: TargetSpec, *, gradients: bool = True) -> Capture:
+    def capture(self, inputs: Any, target: TargetSpec, *, gradients: bool = True, native: bool = False) -> Capture:
         if self.auto_layer and not self.layer_names:
             self._choose(self._as_input(inputs))
-        return super().capture(inputs, target, gradients=gradients)
+        return super().capture(inputs, target, gradients=gradients, native=native)
 
     def predict(self, inputs: Any) -> np.ndarray:
         if self.auto_layer and not self.layer_names:
