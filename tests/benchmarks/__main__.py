@@ -50,7 +50,18 @@ def limit_threads(threads: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.benchmarks")
-    everything = ["torch", "torch_methods", "tensorflow", "tensorflow_methods", "jax", "jax_methods", "ray"]
+    everything = [
+        "torch",
+        "torch_methods",
+        "native_torch",
+        "tensorflow",
+        "tensorflow_methods",
+        "jax",
+        "jax_methods",
+        "native_jax",
+        "road",
+        "ray",
+    ]
     parser.add_argument("frameworks", nargs="*", default=everything)
     parser.add_argument("--quick", action="store_true", help="tiny sizes, to check the benchmarks run")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
