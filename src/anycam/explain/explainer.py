@@ -2,8 +2,8 @@
 
 A method's kind (``anycam.core.METHODS``) picks its driver from :data:`DRIVERS`: one capture
 (``assembly.capture``), Score-CAM's masked inputs and Ablation-CAM's zeroed channels
-(``perturbation``), or guided backpropagation (``guided``). Before any work, the Explainer
-refuses a method whose backend capability the adapter does not declare.
+(``perturbation``), guided backpropagation (``guided``), or every block's attention
+(``attention``). Before any work, the Explainer refuses a method whose backend capability the adapter does not declare.
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ import numpy as np
 from .. import core
 from .._errors import BackendError, ConfigError, ConfigTypeError
 from ..protocol.backend import Backend, as_list
-from . import assembly, guided, perturbation
+from ..protocol.layers import is_auto
+from . import assembly, attention, guided, perturbation
 from .explanation import Explanation
 
 Driver = Callable[["Explainer", Any, core.TargetSpec], Explanation]
@@ -28,6 +29,7 @@ DRIVERS: Mapping[str, Driver] = {
     "masking": perturbation.scorecam,
     "ablation": perturbation.ablationcam,
     "guided": guided.guided,
+    "attention": attention.attention,
 }
 """The driver of each method kind (``anycam.core.Method.kind``): ``f(explainer, inputs, spec)``."""
 
@@ -166,6 +168,9 @@ class Explainer:
             raise BackendError(
                 f"the {adapter.name} backend cannot run {method}: it does not declare the {needs} capability"
             )
+        if core.METHODS[method].kind == "attention" and not is_auto(layer):
+            # The attention methods read every attention call; a layer would be silently ignored.
+            raise ConfigError(f"{method} reads the attention of every block and takes no layer; pass layer=None")
         self.spatial_input = spatial_input
         # Passed only when given, so a backend that does not take them yet says so by name.
         if spatial_input is not None:
