@@ -120,6 +120,7 @@ class AttentionMode(TorchFunctionMode):
             bound.arguments["need_weights"] = True
             bound.arguments["average_attn_weights"] = False
             output, weights = func(*bound.args, **bound.kwargs)
+            assert weights is not None  # need_weights=True
             self._record(weights)
             if not asked:
                 return output, None
@@ -214,6 +215,7 @@ def attention_gradients(scores: torch.Tensor, attentions: list[torch.Tensor]) ->
         raise TargetError("the explained output does not depend on the attention")
     count = scores.shape[1]
     grads: tuple[torch.Tensor | None, ...]
+    per_call: list[torch.Tensor | None]
     if count == 1:
         grads = torch.autograd.grad(scores.sum(), attentions, allow_unused=True)
         per_call = [None if g is None else g.unsqueeze(1) for g in grads]
