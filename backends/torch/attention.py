@@ -8,9 +8,10 @@ stack is per thread; leaving the ``with`` block, also by an exception, removes i
 * ``F.scaled_dot_product_attention`` — recomputed as softmax(q kᵀ·scale + mask) @ v (boolean or
   additive masks, ``is_causal``, ``scale``, grouped-query heads, dropout in training mode);
 * ``F.multi_head_attention_forward`` (``nn.MultiheadAttention``, ``nn.Transformer*`` layers; the
-  mode also turns off their fused fast paths) — called with ``need_weights=True,
-  average_attn_weights=False``, whose per-head weights are the very tensor the output is
-  computed from; the caller still gets what it asked for;
+  mode also turns off their fused fast paths) — run through its explicit ``need_weights=True,
+  average_attn_weights=False`` path; the softmax its output is computed from is recorded (the
+  weights it returns are a view of it, which no gradient reaches); the caller still gets what it
+  asked for;
 * an explicit softmax whose result (through ``.to``/dropout) is the left operand of a matmul —
   Hugging Face's ``eager`` attention, timm's non-fused path, hand-written ViTs.
 
@@ -30,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from anycam._errors import TargetError
+from anycam._errors import LayerError, TargetError
 from anycam.core import TargetSpec
 from anycam.core.layout import spatial_shape
 from anycam.protocol.backend import AttentionCapture, select_output
@@ -87,7 +88,9 @@ class AttentionMode(TorchFunctionMode):
     """Runs every attention call explicitly and keeps its probabilities (in the autograd graph).
 
     Attributes:
-        attentions: per attention call, A ``(N, H, T, S)`` in call order.
+        attentions: per attention call, A ``(N, H, T, S)`` in call order (``(N·H, T, S)`` where
+            ``shapes`` says how to split it).
+        shapes: per call, the ``(N, H, T, S)`` shape of a flat record, or None.
         names: the module that made each call (innermost running module), or ``"attention"``.
         stack: the names of the modules running now, kept by the hooks of :func:`attention_capture`.
     """
@@ -95,14 +98,16 @@ class AttentionMode(TorchFunctionMode):
     def __init__(self) -> None:
         super().__init__()
         self.attentions: list[torch.Tensor] = []
+        self.shapes: list[tuple[int, ...] | None] = []
         self.names: list[str] = []
         self.stack: list[str] = []
         # Softmax outputs (and their .to/dropout views) not yet multiplied with values, by id; the
         # tensors are held so that an id is never reused while its entry is alive.
         self._pending: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def _record(self, probabilities: torch.Tensor) -> None:
+    def _record(self, probabilities: torch.Tensor, shape: tuple[int, ...] | None = None) -> None:
         self.attentions.append(probabilities)
+        self.shapes.append(shape)
         self.names.append(self.stack[-1] if self.stack else "attention")
 
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
@@ -113,15 +118,20 @@ class AttentionMode(TorchFunctionMode):
             return output
         if func is F.multi_head_attention_forward:
             bound = _MHA_SIGNATURE.bind(*args, **kwargs)
-            asked, average = (
-                bound.arguments.get("need_weights", True),
-                bound.arguments.get("average_attn_weights", True),
-            )
+            asked = bound.arguments.get("need_weights", True)
+            average = bound.arguments.get("average_attn_weights", True)
             bound.arguments["need_weights"] = True
             bound.arguments["average_attn_weights"] = False
             output, weights = func(*bound.args, **bound.kwargs)
             assert weights is not None  # need_weights=True
-            self._record(weights)
+            # The weights returned are a (N, H, T, S) *view* of the (N·H, T, S) softmax that the
+            # output is computed from; only that base gets a gradient.
+            base = weights._base
+            heads = weights.reshape(-1, *weights.shape[-3:]).shape
+            if base is not None and base.shape == (heads[0] * heads[1], heads[2], heads[3]):
+                self._record(base, heads)
+            else:
+                self._record(weights)
             if not asked:
                 return output, None
             return output, weights.mean(dim=-3) if average else weights
@@ -195,14 +205,17 @@ def _attention_capture(
     attentions = mode.attentions
     grads_np: tuple[np.ndarray, ...] | None = None
     if with_gradients:
-        grads_np = tuple(to_numpy(g) for g in attention_gradients(values, attentions))
+        grads = attention_gradients(values, attentions)
+        grads_np = tuple(to_numpy(_heads(g, shape, 1)) for g, shape in zip(grads, mode.shapes, strict=True))
     return AttentionCapture(
-        attentions=tuple(to_numpy(a.detach()) for a in attentions),
+        attentions=tuple(
+            to_numpy(_heads(a.detach(), shape, 0)) for a, shape in zip(attentions, mode.shapes, strict=True)
+        ),
         gradients=grads_np,
         scores=to_numpy(values.detach()),
         target=indices,
         input_spatial=spatial_shape(tuple(given.spatial_value.shape), backend.input_layout),
-        grid=_config_grid(backend.model, tuple(given.spatial_value.shape), backend.input_layout, attentions),
+        grid=_config_grid(backend.model, tuple(given.spatial_value.shape), backend.input_layout, attentions[-1:]),
         names=tuple(mode.names),
     )
 
@@ -236,11 +249,23 @@ def attention_gradients(scores: torch.Tensor, attentions: list[torch.Tensor]) ->
             per_call = [
                 None if column[0] is None else torch.stack(list(column), dim=1) for column in zip(*columns, strict=True)
             ]
-    # An attention call the scores do not depend on contributes nothing: a zero gradient.
-    return [
-        torch.zeros((a.shape[0], count, *a.shape[1:]), dtype=a.dtype, device=a.device) if g is None else g
-        for a, g in zip(attentions, per_call, strict=True)
-    ]
+    unreached = [index for index, g in enumerate(per_call) if g is None]
+    if unreached:
+        raise LayerError(
+            f"attention call(s) {unreached} do not reach the explained output (their gradient is None); "
+            "the attention methods need every recorded attention on the path to the output"
+        )
+    return per_call  # type: ignore[return-value]
+
+
+def _heads(tensor: torch.Tensor, shape: tuple[int, ...] | None, targets: int) -> torch.Tensor:
+    """``(N·H, [K,] T, S)`` → ``(N, [K,] H, T, S)`` for a flat record; others as they are."""
+    if shape is None:
+        return tensor
+    if not targets:
+        return tensor.reshape(shape)
+    count = tensor.shape[1]
+    return tensor.reshape(shape[0], shape[1], count, *shape[2:]).transpose(1, 2)
 
 
 def _config_grid(
