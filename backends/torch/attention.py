@@ -95,8 +95,11 @@ class AttentionMode(TorchFunctionMode):
         stack: the names of the modules running now, kept by the hooks of :func:`attention_capture`.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, average_heads: bool = False) -> None:
         super().__init__()
+        # Rollout needs only the head mean: keeping (N, 1, T, S) per block as the forward goes
+        # frees each block's (N, H, T, S) probabilities at once (an H-fold smaller peak).
+        self.average_heads = average_heads
         self.attentions: list[torch.Tensor] = []
         self.shapes: list[tuple[int, ...] | None] = []
         self.names: list[str] = []
@@ -106,6 +109,9 @@ class AttentionMode(TorchFunctionMode):
         self._pending: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def _record(self, probabilities: torch.Tensor, shape: tuple[int, ...] | None = None) -> None:
+        if self.average_heads:
+            split = probabilities.reshape(shape) if shape is not None else probabilities
+            probabilities, shape = split.detach().mean(dim=-3, keepdim=True), None
         self.attentions.append(probabilities)
         self.shapes.append(shape)
         self.names.append(self.stack[-1] if self.stack else "attention")
@@ -175,7 +181,7 @@ def _attention_capture(
         # parameters are frozen; the model gets a non-leaf copy (its in-place ops stay possible).
         leaf = given.spatial_value.detach().clone().requires_grad_()
         model_input = given.map(lambda key, value: leaf.clone() if key == given.spatial else value)
-    mode = AttentionMode()
+    mode = AttentionMode(average_heads=not with_gradients)
     owner = threading.get_ident()
     handles = []
 

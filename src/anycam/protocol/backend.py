@@ -93,7 +93,9 @@ class AttentionCapture:
 
     Attributes:
         attentions: per attention call in execution order, the probabilities
-            A = softmax(q kᵀ / √d + mask) ``(N, H, T, T)`` float32 (rows sum to 1).
+            A = softmax(q kᵀ / √d + mask) ``(N, H, T, T)`` float32 (rows sum to 1). Without
+            gradients (rollout, which reads only the head mean) a backend may hand the head
+            mean ``(N, 1, T, T)``, averaged as the forward goes, to keep the peak memory low.
         gradients: per call ``(N, K, H, T, T)`` float32, ∂ score_k / ∂ A, or None when not asked.
         scores: ``(N, K)`` float32, the explained outputs.
         target: ``(N, K)`` int64 class indices, or None for callable targets.
