@@ -12,8 +12,9 @@ stack is per thread; leaving the ``with`` block, also by an exception, removes i
   average_attn_weights=False`` path; the softmax its output is computed from is recorded (the
   weights it returns are a view of it, which no gradient reaches); the caller still gets what it
   asked for;
-* an explicit softmax whose result (through ``.to``/dropout) is the left operand of a matmul —
-  Hugging Face's ``eager`` attention, timm's non-fused path, hand-written ViTs.
+* an explicit softmax whose result (through ``.to``/dropout) is the left operand of a matmul or
+  an operand of an einsum — Hugging Face's ``eager`` attention, timm's non-fused path, Keras's
+  ``MultiHeadAttention`` on the torch backend, hand-written ViTs.
 
 The model, its attributes and its ``attn_implementation`` are never touched; forward hooks that
 name the calling module are removed in ``finally``.
@@ -149,13 +150,22 @@ class AttentionMode(TorchFunctionMode):
         elif func in _PASS_THROUGH and args and id(args[0]) in self._pending:
             if isinstance(result, torch.Tensor) and result.shape == args[0].shape:
                 self._pending[id(result)] = (result, self._pending[id(args[0])][1])
-        elif func in _MATMULS and args and id(args[0]) in self._pending:
-            probabilities = self._pending[id(args[0])][1]
+        elif (func in _MATMULS and args and id(args[0]) in self._pending) or (
+            func is torch.einsum and any(id(operand) in self._pending for operand in _operands(args))
+        ):
+            first = args[0] if func in _MATMULS else next(o for o in _operands(args) if id(o) in self._pending)
+            probabilities = self._pending[id(first)][1]
             # One record per softmax, however many views of it were multiplied.
             for key in [k for k, (_, source) in self._pending.items() if source is probabilities]:
                 del self._pending[key]
             self._record(probabilities)
         return result
+
+
+def _operands(args: Any) -> list[Any]:
+    """The tensors of a ``torch.einsum(equation, *operands)`` or ``(equation, [operands])`` call."""
+    rest = list(args[1:])
+    return list(rest[0]) if len(rest) == 1 and isinstance(rest[0], (list, tuple)) else rest
 
 
 def attention_capture(backend: TorchBackend, inputs: Any, target: TargetSpec, gradients: bool) -> AttentionCapture:

@@ -261,3 +261,31 @@ def test_a_model_without_attention_is_told_so() -> None:
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)).eval()
     with pytest.raises(anycam.InputError, match="no attention call"):
         anycam.Explainer(model, method="rollout").explain(X)
+
+
+class EinsumViT(TinyViT):
+    """Blocks whose attention is an explicit softmax between two einsums (Keras's and many papers' spelling)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.embed(x)
+        for block in self.blocks:
+            h = block.norm1(x)
+            attn = block.attn
+            q, k, v = F.linear(h, attn.in_proj_weight, attn.in_proj_bias).reshape(len(x), -1, 3, 2, 8).unbind(2)
+            weights = torch.einsum("nthd,nshd->nhts", q / math.sqrt(8), k).softmax(dim=-1)
+            y = torch.einsum("nhts,nshd->nthd", weights, v).reshape(len(x), -1, 16)
+            x = x + attn.out_proj(y)
+            x = x + block.mlp(block.norm2(x))
+        return self.head(self.norm(x)[:, 0])
+
+
+def test_an_einsum_attention_gives_the_multihead_attention_models_maps(vit: TinyViT) -> None:
+    other = EinsumViT().eval()
+    other.load_state_dict(vit.state_dict())
+    targets = torch.tensor([[0], [4]])
+    attentions, grads = reference(vit, X, targets)
+    result = anycam.Explainer(other, method="attention-grad", normalize=None).explain(X, target=[0, 4])
+    expected = chefer_map(attentions, grads)[:, 0].numpy()
+    np.testing.assert_allclose(result.cam, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+    rolled = anycam.Explainer(other, method="rollout", normalize=None).explain(X)
+    np.testing.assert_allclose(rolled.cam, rollout_map(attentions).numpy(), rtol=1e-5, atol=1e-7)
