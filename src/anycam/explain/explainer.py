@@ -47,7 +47,9 @@ class Explainer:
             None or ``"auto"`` picks the last layer on the path to the output whose output has
             the input's spatial rank and spatial size > 1 (backends that need a forward pass
             for that choose at the first call; the choice shows in ``layer_names`` and
-            ``repr``); for a JAX ``(features, head)`` pair, None means the pair's own cut.
+            ``repr``; on a token model, the last block's first normalisation); for a JAX
+            ``(features, head)`` pair, None means the pair's own cut. The attention methods
+            (``rollout``, ``attention-grad``) read every block's attention and take no layer.
         method: one of ``anycam.core.METHODS``.
         backend: ``"torch"``, ``"tensorflow"`` or ``"jax"``; None detects it from the model's
             type among frameworks already imported.
@@ -97,7 +99,8 @@ class Explainer:
         anycam.BackendError: no backend fits, its framework is not installed, or its adapter
             does not declare the capability the method needs (``anycam.core.METHODS``).
         anycam.LayerError: a layer cannot be found (the message lists the closest names).
-        anycam.ConfigError: an unknown method (the message lists them), normalisation,
+        anycam.ConfigError: an unknown method (the message lists them), a layer for an
+            attention method, normalisation,
             upsampling, aggregation, layout or Score-CAM variant; a ``batch_size`` or
             ``scorecam_top_k`` below 1; ``ablationcam`` or ``guided-gradcam`` with more than one
             layer (also a ``ValueError``).
