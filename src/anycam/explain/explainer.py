@@ -47,7 +47,7 @@ class Explainer:
             None or ``"auto"`` picks the last layer on the path to the output whose output has
             the input's spatial rank and spatial size > 1 (backends that need a forward pass
             for that choose at the first call; the choice shows in ``layer_names`` and
-            ``repr``; on a token model, the last block's first normalisation); for a JAX
+            ``repr``; on a torch token model, the last block's first normalisation); for a JAX
             ``(features, head)`` pair, None means the pair's own cut. The attention methods
             (``rollout``, ``attention-grad``) read every block's attention and take no layer.
         method: one of ``anycam.core.METHODS``.
