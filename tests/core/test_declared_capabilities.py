@@ -59,6 +59,8 @@ def plain(monkeypatch: pytest.MonkeyPatch) -> type[Plain]:
         ("ablationcam", "head_scores"),
         ("guided-backprop", "guided_gradients"),
         ("guided-gradcam", "guided_gradients"),
+        ("rollout", "attention"),
+        ("attention-grad", "attention"),
     ],
 )
 def test_a_method_without_its_capability_is_refused_before_the_adapter_is_built(
@@ -100,6 +102,7 @@ def test_methods_is_one_table_and_the_tuples_are_views_of_it() -> None:
     assert list(core.METHODS) == [
         "gradcam", "gradcam++", "xgradcam", "hirescam", "layercam", "eigengradcam", "gradcam-elementwise",
         "eigencam", "kpcacam", "randomcam", "scorecam", "ablationcam", "guided-backprop", "guided-gradcam",
+        "rollout", "attention-grad",
     ]  # fmt: skip
     assert "gradcam" in core.METHODS and "nope" not in core.METHODS
     assert ", ".join(core.METHODS).startswith("gradcam, gradcam++, ")
@@ -109,6 +112,7 @@ def test_methods_is_one_table_and_the_tuples_are_views_of_it() -> None:
     assert core.CAPTURE_METHODS == (*core.GRADIENT_METHODS, "eigencam", "kpcacam", "randomcam")
     assert core.SCORE_METHODS == ("scorecam", "ablationcam")
     assert core.GUIDED_METHODS == ("guided-backprop", "guided-gradcam")
+    assert core.methods.ATTENTION_METHODS == ("rollout", "attention-grad")
     assert core.TARGET_FREE_METHODS == ("eigencam", "kpcacam", "randomcam")
     for name, entry in core.METHODS.items():
         assert (entry.function is not None) == (name in core.CAPTURE_METHODS)

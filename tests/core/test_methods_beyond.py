@@ -198,7 +198,12 @@ def test_randomcam_weights_are_seeded_uniform_and_shared_by_samples():
 
 
 def test_methods_needing_more_than_a_capture_say_so():
-    for method in (*core.SCORE_METHODS, *core.GUIDED_METHODS):
+    for method in (*core.SCORE_METHODS, *core.GUIDED_METHODS, *core.methods.ATTENTION_METHODS):
         with pytest.raises(anycam.ConfigError, match="needs more than one capture"):
             core.compute_cam(method, np.ones((1, 2, 2, 2)), None)
-    assert set(core.METHODS) == {*core.CAPTURE_METHODS, *core.SCORE_METHODS, *core.GUIDED_METHODS}
+    assert set(core.METHODS) == {
+        *core.CAPTURE_METHODS,
+        *core.SCORE_METHODS,
+        *core.GUIDED_METHODS,
+        *core.methods.ATTENTION_METHODS,
+    }

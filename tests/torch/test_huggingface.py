@@ -104,7 +104,12 @@ def test_hugging_face_models_match_autograd_for_every_capture_method(kind: str, 
     # Grad-CAM in torch: ReLU(Σ_k mean_s(∂y/∂A_k) A_k), class token dropped for ViT.
     gradcam = torch.relu((grid_grads.mean((2, 3), keepdim=True) * grid_acts).sum(1)).numpy()
     options = {"layout": "tokens"} if layout == "tokens" else {}
-    assert set(core.METHODS) == {*core.CAPTURE_METHODS, *core.SCORE_METHODS, *core.GUIDED_METHODS}
+    assert set(core.METHODS) == {
+        *core.CAPTURE_METHODS,
+        *core.SCORE_METHODS,
+        *core.GUIDED_METHODS,
+        *core.methods.ATTENTION_METHODS,
+    }
     for method in core.CAPTURE_METHODS:
         explainer = anycam.Explainer(model, layer, method=method, output="logits", normalize=None, **options)
         inputs = {"pixel_values": pixels} if kind in ("resnet", "vit") else pixels

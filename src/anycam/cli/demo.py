@@ -32,6 +32,11 @@ def installed_backends() -> list[str]:
     return [name for name in BACKENDS if importlib.util.find_spec(FRAMEWORK_MODULE[name]) is not None]
 
 
+def _layer_methods() -> list[str]:
+    """The methods ``--method all`` runs on the demo CNN: every one but the attention methods (it has no attention)."""
+    return [name for name, method in core.METHODS.items() if method.kind != "attention"]
+
+
 def _choose_backends(requested: str) -> list[str]:
     available = installed_backends()
     if requested == "all":
@@ -92,7 +97,7 @@ def demo(args: argparse.Namespace) -> int:
     from ..metrics.localisation import pointing_game
 
     backends = _choose_backends(args.backend)
-    methods = list(core.METHODS) if args.method == "all" else [args.method]
+    methods = _layer_methods() if args.method == "all" else [args.method]
     if args.rows < 1:
         raise InputError(f"--rows must be a positive integer, got {args.rows}")
     out = output_folder(args.out)

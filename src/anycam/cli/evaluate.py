@@ -8,9 +8,8 @@ import argparse
 
 import numpy as np
 
-from .. import core
 from .._errors import require
-from .demo import DemoRun, _choose_backends, _inputs
+from .demo import DemoRun, _choose_backends, _inputs, _layer_methods
 from .explain import output_folder
 
 
@@ -21,7 +20,7 @@ def evaluate(args: argparse.Namespace) -> int:
 
     require("scipy", "metrics", "anycam evaluate")  # before minutes of work, not after
     backends = _choose_backends(args.backend)
-    methods = list(core.METHODS) if args.method == "all" else [args.method]
+    methods = _layer_methods() if args.method == "all" else [args.method]
     out = output_folder(args.out)
     print(f"anycam evaluate: backends {', '.join(backends)}; layer {args.layer!r}; {args.count} canvases")
     run = DemoRun(backends, args.layer)

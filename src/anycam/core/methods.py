@@ -436,8 +436,9 @@ class Method:
     Attributes:
         kind: how the Explainer drives it: ``"gradient"`` (one capture with gradients),
             ``"activation"`` (one capture, activations only), ``"masking"`` (Score-CAM: scores of
-            masked inputs), ``"ablation"`` (Ablation-CAM: scores with channels zeroed) or
-            ``"guided"`` (guided backpropagation to the input).
+            masked inputs), ``"ablation"`` (Ablation-CAM: scores with channels zeroed),
+            ``"guided"`` (guided backpropagation to the input) or ``"attention"`` (the attention
+            probabilities of every block, ``anycam.core.attention``).
         needs: the backend capability it needs (a key of ``anycam.protocol.backend.CAPABILITIES``),
             or None when ``capture`` is enough.
         function: ``f(activations, gradients, channel_axis, rectify, seed) -> (cam, weights)``
@@ -467,6 +468,9 @@ METHODS: Mapping[str, Method] = MappingProxyType(
         "ablationcam": Method("ablation", "head_scores", None),
         "guided-backprop": Method("guided", "guided_gradients", None),
         "guided-gradcam": Method("guided", "guided_gradients", None),
+        # Issue 22: transformer-native maps from the attention (anycam.core.attention).
+        "rollout": Method("attention", "attention", None),
+        "attention-grad": Method("attention", "attention", None),
     }
 )
 """Every ``method=`` string the Explainer accepts, in order, with its :class:`Method` (kind,
@@ -486,6 +490,8 @@ SCORE_METHODS = _of_kind("masking", "ablation")
 """Gradient-free methods that score perturbed copies (``Backend.input_scores`` / ``head_scores``)."""
 GUIDED_METHODS = _of_kind("guided")
 """Input-resolution methods built on guided backpropagation (``Backend.guided_gradients``)."""
+ATTENTION_METHODS = _of_kind("attention")
+"""Transformer-native methods from every block's attention (``Backend.attention_capture``)."""
 TARGET_FREE_METHODS = _of_kind("activation")
 """Capture methods whose map does not depend on the target (one map repeated for K targets):
 those of one capture without gradients."""

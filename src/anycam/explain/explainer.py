@@ -2,8 +2,8 @@
 
 A method's kind (``anycam.core.METHODS``) picks its driver from :data:`DRIVERS`: one capture
 (``assembly.capture``), Score-CAM's masked inputs and Ablation-CAM's zeroed channels
-(``perturbation``), or guided backpropagation (``guided``). Before any work, the Explainer
-refuses a method whose backend capability the adapter does not declare.
+(``perturbation``), guided backpropagation (``guided``), or every block's attention
+(``attention``). Before any work, the Explainer refuses a method whose backend capability the adapter does not declare.
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ import numpy as np
 from .. import core
 from .._errors import BackendError, ConfigError, ConfigTypeError
 from ..protocol.backend import Backend, as_list
-from . import assembly, guided, perturbation
+from ..protocol.layers import is_auto
+from . import assembly, attention, guided, perturbation
 from .explanation import Explanation
 
 Driver = Callable[["Explainer", Any, core.TargetSpec], Explanation]
@@ -28,6 +29,7 @@ DRIVERS: Mapping[str, Driver] = {
     "masking": perturbation.scorecam,
     "ablation": perturbation.ablationcam,
     "guided": guided.guided,
+    "attention": attention.attention,
 }
 """The driver of each method kind (``anycam.core.Method.kind``): ``f(explainer, inputs, spec)``."""
 
@@ -45,7 +47,9 @@ class Explainer:
             None or ``"auto"`` picks the last layer on the path to the output whose output has
             the input's spatial rank and spatial size > 1 (backends that need a forward pass
             for that choose at the first call; the choice shows in ``layer_names`` and
-            ``repr``); for a JAX ``(features, head)`` pair, None means the pair's own cut.
+            ``repr``; on a torch token model, the last block's first normalisation); for a JAX
+            ``(features, head)`` pair, None means the pair's own cut. The attention methods
+            (``rollout``, ``attention-grad``) read every block's attention and take no layer.
         method: one of ``anycam.core.METHODS``.
         backend: ``"torch"``, ``"tensorflow"`` or ``"jax"``; None detects it from the model's
             type among frameworks already imported.
@@ -103,7 +107,8 @@ class Explainer:
         anycam.BackendError: no backend fits, its framework is not installed, or its adapter
             does not declare the capability the method needs (``anycam.core.METHODS``).
         anycam.LayerError: a layer cannot be found (the message lists the closest names).
-        anycam.ConfigError: an unknown method (the message lists them), normalisation,
+        anycam.ConfigError: an unknown method (the message lists them), a layer for an
+            attention method, normalisation,
             upsampling, aggregation, layout or Score-CAM variant; a ``batch_size`` or
             ``scorecam_top_k`` below 1; ``ablationcam`` or ``guided-gradcam`` with more than one
             layer (also a ``ValueError``); an unknown ``arrays``; ``differentiable=True`` with
@@ -187,6 +192,9 @@ class Explainer:
                 raise BackendError(
                     f"the {adapter.name} backend cannot give {option}: it does not declare the {capability} capability"
                 )
+        if core.METHODS[method].kind == "attention" and not is_auto(layer):
+            # The attention methods read every attention call; a layer would be silently ignored.
+            raise ConfigError(f"{method} reads the attention of every block and takes no layer; pass layer=None")
         self.spatial_input = spatial_input
         # Passed only when given, so a backend that does not take them yet says so by name.
         if spatial_input is not None:

@@ -88,6 +88,39 @@ class AblationHead:
     bias: np.ndarray | None = None
 
 
+# -- Issue 22: what the attention methods get from a backend --
+
+
+@dataclass(frozen=True)
+class AttentionCapture:
+    """What one forward (and backward) pass hands the attention methods (``anycam.core.attention``).
+
+    Attributes:
+        attentions: per attention call in execution order, the probabilities
+            A = softmax(q kᵀ / √d + mask) ``(N, H, T, T)`` float32 (rows sum to 1). Without
+            gradients (rollout, which reads only the head mean) a backend may hand the head
+            mean ``(N, 1, T, T)``, averaged as the forward goes, to keep the peak memory low.
+        gradients: per call ``(N, K, H, T, T)`` float32, ∂ score_k / ∂ A, or None when not asked.
+        scores: ``(N, K)`` float32, the explained outputs.
+        target: ``(N, K)`` int64 class indices, or None for callable targets.
+        input_spatial: the spatial shape of the input, the heatmaps' resolution.
+        prefix_tokens: the leading non-patch tokens (class, distillation, register tokens) when
+            the backend knows them (a Hugging Face config), else None: the core infers them
+            (``anycam.core.attention.patch_tokens``).
+        grid: the patch grid when the backend knows it, else None (inferred).
+        names: a name per attention call (the module that made it), for messages.
+    """
+
+    attentions: tuple[np.ndarray, ...]
+    gradients: tuple[np.ndarray, ...] | None
+    scores: np.ndarray
+    target: np.ndarray | None
+    input_spatial: tuple[int, ...]
+    prefix_tokens: int | None = None
+    grid: tuple[int, ...] | None = None
+    names: tuple[str, ...] = ()
+
+
 CAPABILITIES: Mapping[str, tuple[str, ...]] = {
     "input_scores": ("input_scores",),
     "head_scores": ("head_scores", "head_scorer", "ablation_scorer"),
@@ -97,6 +130,8 @@ CAPABILITIES: Mapping[str, tuple[str, ...]] = {
     # -- issue 21: maps where the model runs (native block) --
     "native_arrays": ("capture", "to_native"),
     "differentiable": ("capture",),
+    # Issue 22: the attention methods (rollout, gradient-weighted attention).
+    "attention": ("attention_capture",),
 }
 """The optional capabilities an adapter may declare, each with the verbs that implement it.
 
@@ -104,7 +139,7 @@ CAPABILITIES: Mapping[str, tuple[str, ...]] = {
 and the metrics, ``head_scores`` Ablation-CAM's copies (any one of its three verbs will do: the
 others have defaults built on it), ``ablation_head`` Ablation-CAM's closed form (optional: the
 copies are the fallback), ``guided_gradients`` the guided methods, ``randomize`` the sanity check
-(both verbs).
+(both verbs), ``attention`` the attention methods (``rollout``, ``attention-grad``).
 
 Native block (issue 21): ``native_arrays`` — :meth:`Backend.capture` takes ``native=True`` and
 returns the framework's arrays on the model's device, and :meth:`Backend.to_native` turns a
@@ -382,6 +417,21 @@ class Backend(abc.ABC):
         is never touched. The copy explains the same layers with the same options.
         """
         raise UnsupportedError(f"the {self.name} backend cannot randomise a model copy")
+
+    # -- Issue 22: the attention methods (capability "attention") --
+
+    def attention_capture(self, inputs: Any, target: TargetSpec, *, gradients: bool) -> AttentionCapture:
+        """Returns every attention call's probabilities (and ∂score/∂A) for one forward pass.
+
+        The attention runs in its explicit form, softmax(q kᵀ/√d + mask) @ v, while the backend
+        explains (fused kernels never build A, so it would have no gradient); the model's outputs
+        equal the fused path's within float tolerance. Targets as in :meth:`capture` (int,
+        per-sample, ``(N, K)`` with K gradients from one forward, top-k, callable). Interception
+        is undone in ``finally``: the model is unchanged afterwards, also after an exception.
+        """
+        raise UnsupportedError(
+            f"the {self.name} backend has no attention_capture(), which rollout and attention-grad need"
+        )
 
 
 def select_output(output: Any, selector: Any) -> Any:
