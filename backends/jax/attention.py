@@ -319,7 +319,23 @@ def _nnx_call(program: _Program, params: Any, x: Any) -> Any:
     return _call_model(model, x, program.kwargs)
 
 
+class KerasAttentionProgram(_Program):
+    """A Keras model on JAX (``structure`` is ``(model,)``): ``stateless_call`` with every MultiHeadAttention explicit."""
+
+
+def keras_program(model: Any, kwargs: Any, output: Any) -> KerasAttentionProgram:
+    """Returns the attention program of a Keras model on JAX; its params are (trainable, non-trainable) weights."""
+    return KerasAttentionProgram((model,), (), (), output=output, vmap=False, kwargs=kwargs, key=("keras", id(model)))
+
+
 def _call(program: _Program, params: Any, x: Any) -> Any:
+    if isinstance(program, KerasAttentionProgram):
+        from .._keras.attention import explicit_attention
+        from .keras import _stateless
+
+        (model,) = program.structure
+        with explicit_attention(model, lambda name, value: _record(value, name)):
+            return _stateless(model, params, x, program.kwargs)
     if isinstance(program, _LinenProgram):
         return _linen_call(program, params, x)
     if isinstance(program, _NnxProgram):
@@ -398,7 +414,9 @@ def _attend(program: _Program, mode: tuple[Any, ...], gradients: bool, params: A
     return weights, grads, jnp.take_along_axis(outputs, indices, axis=1), indices, outputs
 
 
-def attention_capture(backend: JaxBackend, inputs: Any, target: TargetSpec, *, gradients: bool) -> AttentionCapture:
+def attention_capture(
+    backend: JaxBackend, inputs: Any, target: TargetSpec, *, gradients: bool, snapshot: Any = None
+) -> AttentionCapture:
     """Returns every attention call's probabilities ``(N, H, T, T)`` and, if asked, ∂score/∂A ``(N, K, H, T, T)``.
 
     One compiled forward pass (and one backward per target, vectorised) with each attention in
@@ -423,7 +441,7 @@ def attention_capture(backend: JaxBackend, inputs: Any, target: TargetSpec, *, g
         if target.kind == "indices" and target.indices.shape[0] != batch:
             resolve_indices(target, np.zeros((batch, 1), np.float32))  # raises: wrong count
         given = np.broadcast_to(target.indices, (batch, target.indices.shape[1])).astype(np.int32)
-    program, params = backend._model.snapshot()
+    program, params = backend._model.snapshot() if snapshot is None else snapshot()
     if mode[0] == "callable":
         # The layer taps of an automatic layer choice have no part here: check on the explicit forward.
         check_callable(backend, _Explicit(program), params, x, mode[1])  # type: ignore[arg-type]

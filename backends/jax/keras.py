@@ -29,7 +29,7 @@ import numpy as np
 
 from anycam._errors import BackendError, ConfigTypeError
 from anycam.core import TargetSpec, spatial_shape
-from anycam.protocol.backend import Capture, check_options
+from anycam.protocol.backend import AttentionCapture, Capture, check_options
 from anycam.protocol.layers import choose_layer, is_auto
 
 from .. import _keras
@@ -180,3 +180,19 @@ class KerasJaxBackend(JaxBackend):
         clone._model = _keras_model(duplicate, clone.layers, self.layer_names, self.ports, self._kwargs, self.output)
         clone._traced = {}
         return clone
+
+    # -- Issue 22: the attention methods (capability "attention") --
+
+    def attention_capture(self, inputs: Any, target: TargetSpec, *, gradients: bool) -> AttentionCapture:
+        """Returns each MultiHeadAttention call's probabilities and, if asked, ∂score/∂A (see ``attention``).
+
+        Every ``MultiHeadAttention`` runs explicitly (``backends/_keras/attention.py``) inside the
+        stateless call, a zero delta added to its probabilities, as for a Flax model.
+        """
+        from . import attention
+
+        program = attention.keras_program(self.model, self._kwargs, self.output)
+        return attention.attention_capture(
+            self, inputs, target, gradients=gradients, snapshot=lambda: (program, _weights(self.model))
+        )
+
