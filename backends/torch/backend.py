@@ -2,7 +2,7 @@
 
 This module is the manifest: the adapter's state and one short method per verb, each handing the
 work to the module of its capability (``inputs``, ``layers``, ``capture``, ``head``, ``pooled``,
-``guided``, ``randomize``). How a capture runs:
+``guided``, ``randomize``, ``attention``). How a capture runs:
 
 * The forward runs under ``no_grad``. The hook on the (first) explained layer switches grad
   mode on, so autograd records only the part of the network *after* that layer: nothing below
@@ -37,11 +37,12 @@ import torch
 
 from anycam._errors import ConfigTypeError
 from anycam.core import TargetSpec
-from anycam.protocol.backend import AblationHead, Backend, Capture, check_options
+from anycam.protocol.backend import AblationHead, AttentionCapture, Backend, Capture, check_options
 from anycam.protocol.inputs import Key, ModelInputs
 from anycam.protocol.layers import is_auto
 
 # Imported under other names: ``inputs``, ``layers`` and ``capture`` are also the verbs' arguments.
+from . import attention as _attention
 from . import capture as _capture
 from . import guided as _guided
 from . import head as _head
@@ -70,7 +71,9 @@ class TorchBackend(Backend):
     """
 
     name = "torch"
-    capabilities = frozenset({"input_scores", "head_scores", "ablation_head", "guided_gradients", "randomize"})
+    capabilities = frozenset(
+        {"input_scores", "head_scores", "ablation_head", "guided_gradients", "randomize", "attention"}
+    )
 
     def __init__(
         self,
@@ -186,6 +189,10 @@ class TorchBackend(Backend):
     def guided_gradients(self, inputs: Any, target: TargetSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """Guided Backpropagation through every ReLU call (see ``guided.py``)."""
         return _guided.guided_gradients(self, inputs, target)
+
+    def attention_capture(self, inputs: Any, target: TargetSpec, *, gradients: bool) -> AttentionCapture:
+        """Every attention call's probabilities, run explicitly, and ∂score/∂A (see ``attention.py``)."""
+        return _attention.attention_capture(self, inputs, target, gradients)
 
     def parameter_layers(self, inputs: Any = None) -> tuple[str, ...]:
         return _randomize.parameter_layers(self.model)

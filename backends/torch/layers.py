@@ -4,6 +4,14 @@ A layer is a module name as in ``model.named_modules()`` (with or without the ``
 ``_orig_mod.`` prefix of a DataParallel, DistributedDataParallel or ``torch.compile`` wrapper,
 which :func:`unwrap` removes), a module object, or None / ``"auto"``: :func:`choose` then picks
 one from a forward (and backward) pass in the modules' forward order.
+
+On a token model (issue 22) — one whose last attention call attends over the batch's whole token
+sequence — the choice is the last block's first normalisation: the last module that ends, with
+``(N, T, C)`` tokens of that sequence, before the module making the last attention call starts
+(``blocks[-1].norm1`` in timm, ``layernorm_before`` in Hugging Face ViT, ``layer_norm1`` in CLIP),
+as the ViT recipes of pytorch-grad-cam and Chefer et al. do. The general rule would pick the patch
+embedding (the last output with the input's spatial rank): a map of the input, not of the model;
+the last block's output gives zero maps (only the class token is read after it).
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ from anycam.protocol.layers import (
     parse_layer,
 )
 
+from .attention import AttentionMode
 from .capture import Tracker, script_error
 from .capture import scores as target_scores
 from .inputs import batch_of
@@ -88,11 +97,24 @@ def choose(backend: TorchBackend, structure: ModelInputs, target: TargetSpec) ->
 
         tracker = Tracker()
         layouts: dict[str, str] = {}
+        # Token models: the attention calls, and how many modules had ended when each module started.
+        mode = AttentionMode()
+        started: dict[str, int] = {}
+
+        def make_pre_hook(name: str) -> Any:
+            def hook(module: torch.nn.Module, args: Any) -> None:
+                if threading.get_ident() == owner:
+                    mode.stack.append(name)
+                    started.setdefault(name, len(order))
+
+            return hook
 
         def make_hook(name: str) -> Any:
             def hook(module: torch.nn.Module, args: Any, out: Any) -> Any:
                 if threading.get_ident() != owner:
                     return None
+                if mode.stack:
+                    mode.stack.pop()
                 # Modules end in call order (a container after its children): the last module
                 # that decided a layout before this one ended tells this one's.
                 layout = tracker.at(module, out)
@@ -121,9 +143,10 @@ def choose(backend: TorchBackend, structure: ModelInputs, target: TargetSpec) ->
             for name, module in backend.model.named_modules()
             if name and not any(name == s or name.startswith(s + ".") for s in scripted)
         ]
-        handles = [module.register_forward_hook(make_hook(name)) for name, module in named]
+        handles = [module.register_forward_pre_hook(make_pre_hook(name)) for name, module in named]
+        handles += [module.register_forward_hook(make_hook(name)) for name, module in named]
         try:
-            with torch.enable_grad():
+            with torch.enable_grad(), mode:
                 output = backend._call(structure)
                 scores, _ = target_scores(select_output(output, backend.output), target, batch_of(structure))
         finally:
@@ -147,6 +170,39 @@ def choose(backend: TorchBackend, structure: ModelInputs, target: TargetSpec) ->
             for name in order
         ]
         input_spatial = spatial_shape(tuple(structure.spatial_value.shape), backend.input_layout)
-        chosen = choose_layer(records, input_spatial)
-        backend.auto_note = choice_note(records, chosen)
+        token = _before_last_attention(mode, records, started, batch_of(structure))
+        if token is not None:
+            chosen = token
+            backend.auto_note = (
+                f"a token model: {chosen!r} is the last block's input normalisation (the tokens the last "
+                "attention reads); the attention methods (rollout, attention-grad) need no layer"
+            )
+        else:
+            chosen = choose_layer(records, input_spatial)
+            backend.auto_note = choice_note(records, chosen)
         backend._set_layers([(chosen, dict(named)[chosen], "output")])
+
+
+def _before_last_attention(
+    mode: AttentionMode, records: list[LayerRecord], started: dict[str, int], batch: int
+) -> str | None:
+    """The token rule: the last module with ``(N, T, C)`` tokens that ended before the last attention started.
+
+    None when the model made no attention call over one sequence of the batch (windowed attention
+    (Swin), a CNN): the general rule applies then.
+    """
+    if not mode.attentions:
+        return None
+    last = mode.attentions[-1]
+    shape = mode.shapes[-1] or tuple(last.shape)
+    if len(shape) != 4 or shape[0] != batch:
+        return None
+    tokens = shape[-1]
+    caller = mode.names[-1]
+    if caller not in started:
+        return None
+    for record in reversed(records[: started[caller]]):
+        fits = record.shape is not None and len(record.shape) == 3 and record.shape[:2] == (batch, tokens)
+        if fits and record.calls == 1 and record.reaches_output:
+            return record.name
+    return None

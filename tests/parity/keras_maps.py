@@ -78,7 +78,11 @@ def main(cases: str, out: str) -> None:
     # The capture is what differs between frameworks (the method math is the core's): every
     # target form with and without gradients, every method once, more layer specs with one.
     cases = [(method, form, "stage3") for method in ("gradcam", "eigencam") for form in forms]
-    cases += [(method, "top_k", "stage3") for method in core.METHODS if method not in ("gradcam", "eigencam")]
+    cases += [
+        (method, "top_k", "stage3")
+        for method in core.METHODS
+        if method not in ("gradcam", "eigencam", *core.methods.ATTENTION_METHODS)
+    ]
     cases += [("gradcam", form, label) for form in ("argmax", "k_per_sample") for label in ("stage1", "two")]
     for method, form, label in cases:
         explainer = anycam.Explainer(model, LAYERS[label], method=method)

@@ -32,7 +32,7 @@ class TwoInputs(nn.Module):
         return self.fc(pooled + self.meta(meta))
 
 
-@pytest.mark.parametrize("method", sorted(core.METHODS))
+@pytest.mark.parametrize("method", sorted(set(core.METHODS) - set(core.methods.ATTENTION_METHODS)))
 @pytest.mark.parametrize("form", ["tuple", "dict"])
 def test_inputs_with_different_batch_sizes_are_refused_naming_each(form: str, method: str) -> None:
     """One image with three metadata rows: broadcasting would explain three samples of one image."""
@@ -49,7 +49,7 @@ def test_inputs_with_different_batch_sizes_are_refused_naming_each(form: str, me
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("method", sorted(core.METHODS))
+@pytest.mark.parametrize("method", sorted(set(core.METHODS) - set(core.methods.ATTENTION_METHODS)))
 def test_half_precision_models_run_every_method_with_their_own_scores(method: str, dtype: torch.dtype) -> None:
     torch.manual_seed(0)
     model = (

@@ -50,7 +50,7 @@ ERRORS = (RuntimeError, torch.OutOfMemoryError, ValueError)
 
 @pytest.mark.parametrize("error", ERRORS, ids=lambda e: e.__name__)
 @pytest.mark.parametrize("when", [1, 2, 3])
-@pytest.mark.parametrize("method", sorted(core.METHODS))
+@pytest.mark.parametrize("method", sorted(set(core.METHODS) - set(core.methods.ATTENTION_METHODS)))
 def test_the_models_own_exception_keeps_its_type(method: str, when: int, error: type[BaseException]) -> None:
     model = _model(Raises(error, when))
     explainer = anycam.Explainer(model, "1", method=method)
@@ -87,7 +87,7 @@ def test_the_models_exception_keeps_its_type_when_explain_runs_under_no_grad(met
     assert not isinstance(info.value, anycam.AnycamError)
 
 
-@pytest.mark.parametrize("method", sorted(core.METHODS))
+@pytest.mark.parametrize("method", sorted(set(core.METHODS) - set(core.methods.ATTENTION_METHODS)))
 def test_a_model_that_fails_only_without_grad_keeps_its_exception(method: str) -> None:
     model = _model(Raises(RuntimeError, 1, no_grad=True))
     explainer = anycam.Explainer(model, "1", method=method)
@@ -101,7 +101,7 @@ def test_a_model_that_fails_only_without_grad_keeps_its_exception(method: str) -
             assert model[2].calls == 0  # the method ran every forward with grad
 
 
-@pytest.mark.parametrize("method", sorted(core.METHODS))
+@pytest.mark.parametrize("method", sorted(set(core.METHODS) - set(core.methods.ATTENTION_METHODS)))
 def test_an_input_with_the_wrong_channels_is_still_an_input_error(method: str) -> None:
     model = _model(Raises(RuntimeError, 10**9))
     with pytest.raises(anycam.InputError, match="channel"):
