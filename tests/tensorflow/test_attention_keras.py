@@ -19,42 +19,7 @@ keras = pytest.importorskip("keras")
 import anycam  # noqa: E402
 from anycam.core import parse_target  # noqa: E402
 
-DIM, HEADS, BLOCKS, CLASSES, PATCH, SIDE = 16, 2, 2, 5, 4, 16
-TOKENS = 1 + (SIDE // PATCH) ** 2
-
-
-def _gelu(x: Any) -> Any:
-    return keras.activations.gelu(x, approximate=True)
-
-
-class Tokens(keras.layers.Layer):
-    """Prepends a learned class token and adds learned positions."""
-
-    def build(self, input_shape: Any) -> None:
-        init = keras.initializers.RandomNormal(stddev=1.0, seed=3)
-        self.cls = self.add_weight(shape=(1, 1, DIM), initializer=init, name="cls")
-        self.pos = self.add_weight(shape=(1, TOKENS, DIM), initializer=init, name="pos")
-
-    def call(self, x: Any) -> Any:
-        cls = keras.ops.broadcast_to(self.cls, (keras.ops.shape(x)[0], 1, DIM))
-        return keras.ops.concatenate([cls, x], axis=1) + self.pos
-
-
-def keras_vit(seed: int = 0) -> Any:
-    keras.utils.set_random_seed(seed)
-    layers = keras.layers
-    inputs = keras.Input((SIDE, SIDE, 3))
-    x = layers.Conv2D(DIM, PATCH, strides=PATCH, name="embed")(inputs)
-    x = Tokens(name="tokens")(layers.Reshape(((SIDE // PATCH) ** 2, DIM))(x))
-    for i in range(BLOCKS):
-        h = layers.LayerNormalization(epsilon=1e-6, name=f"block{i}_ln1")(x)
-        h = layers.MultiHeadAttention(HEADS, DIM // HEADS, name=f"block{i}_attn")(h, h)
-        x = layers.Add()([x, h])
-        h = layers.LayerNormalization(epsilon=1e-6, name=f"block{i}_ln2")(x)
-        h = layers.Dense(DIM, name=f"block{i}_fc2")(layers.Activation(_gelu)(layers.Dense(2 * DIM, name=f"block{i}_fc1")(h)))
-        x = layers.Add()([x, h])
-    x = layers.LayerNormalization(epsilon=1e-6, name="ln")(x[:, 0])
-    return keras.Model(inputs, layers.Dense(CLASSES, name="head")(x))
+from tests.parity.attention_keras_run import BLOCKS, DIM, HEADS, SIDE, TOKENS, keras_vit  # noqa: E402
 
 
 def oracle(model: Any, x: np.ndarray, deltas: Any = None) -> tuple[Any, list[Any]]:
