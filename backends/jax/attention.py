@@ -42,7 +42,15 @@ from anycam._errors import BackendError, UnsupportedError
 from anycam.core import TargetSpec, resolve_indices, spatial_shape
 from anycam.protocol.backend import AttentionCapture, select_output
 
-from .capture import _TRACE_INFO_LIMIT, _callable_scores, _class_outputs, _indices, _to_numpy, check_callable, target_mode
+from .capture import (
+    _TRACE_INFO_LIMIT,
+    _callable_scores,
+    _class_outputs,
+    _indices,
+    _to_numpy,
+    check_callable,
+    target_mode,
+)
 from .inputs import _call_model, run, structured
 from .models import _EquinoxProgram, _FunctionsProgram, _LinenProgram, _NnxProgram, _Program, _SequentialProgram
 
@@ -99,10 +107,10 @@ def _weights_function() -> Callable[..., jax.Array]:
     """Flax's explicit ``dot_product_attention_weights`` (NNX's when loaded: it knows ``is_causal``)."""
     nnx_attention = sys.modules.get("flax.nnx.nn.attention")
     if nnx_attention is not None:
-        return nnx_attention.dot_product_attention_weights  # type: ignore[no-any-return]
+        return nnx_attention.dot_product_attention_weights
     import flax.linen as nn
 
-    return nn.dot_product_attention_weights  # type: ignore[no-any-return]
+    return nn.dot_product_attention_weights
 
 
 def _explicit(name: str, bound: dict[str, Any] | None = None) -> Callable[..., jax.Array]:
@@ -126,8 +134,16 @@ def _explicit(name: str, bound: dict[str, Any] | None = None) -> Callable[..., j
         is_causal: bool = False,
         scale: float | None = None,
     ) -> jax.Array:
-        given = {"bias": bias, "mask": mask, "dropout_rate": dropout_rate, "deterministic": deterministic,
-                 "is_causal": is_causal, "scale": scale, "dtype": dtype, "precision": precision}
+        given = {
+            "bias": bias,
+            "mask": mask,
+            "dropout_rate": dropout_rate,
+            "deterministic": deterministic,
+            "is_causal": is_causal,
+            "scale": scale,
+            "dtype": dtype,
+            "precision": precision,
+        }
         given.update(bound)
         if given["dropout_rate"] and not given["deterministic"]:
             raise BackendError(
@@ -138,11 +154,19 @@ def _explicit(name: str, bound: dict[str, Any] | None = None) -> Callable[..., j
         if given["scale"] is not None:  # jax.nn.dot_product_attention's scale: fold it into q
             query = query * (given["scale"] * math.sqrt(query.shape[-1]))
         weights_fn = _weights_function()
-        arguments = {"bias": given["bias"], "mask": given["mask"], "dtype": given["dtype"],
-                     "precision": given["precision"], "deterministic": True, "dropout_rate": 0.0}
+        arguments = {
+            "bias": given["bias"],
+            "mask": given["mask"],
+            "dtype": given["dtype"],
+            "precision": given["precision"],
+            "deterministic": True,
+            "dropout_rate": 0.0,
+        }
         if given["is_causal"]:
             if "is_causal" not in _parameters(weights_fn):
-                raise UnsupportedError(f"the attention {name!r} is causal, which this Flax version cannot make explicit")
+                raise UnsupportedError(
+                    f"the attention {name!r} is causal, which this Flax version cannot make explicit"
+                )
             arguments["is_causal"] = True
         if given["mask"] is not None:
             arguments["mask"] = given["mask"].astype(bool)
@@ -171,8 +195,9 @@ def _checked_fn(module: Any, name: str) -> Callable[..., jax.Array]:
     """The explicit replacement of a Flax attention module's ``attention_fn``; refuses unknown functions."""
     bound = _accepted(module.attention_fn)
     if bound is None:
+        function_name = getattr(module.attention_fn, "__name__", module.attention_fn)
         raise UnsupportedError(
-            f"the attention module {name!r} uses attention_fn={getattr(module.attention_fn, '__name__', module.attention_fn)!r}, "
+            f"the attention module {name!r} uses attention_fn={function_name!r}, "
             "which anycam cannot run in its explicit form; the attention methods accept Flax's "
             "dot_product_attention and jax.nn.dot_product_attention (or functools.partial of them)"
         )
@@ -320,7 +345,7 @@ def _nnx_call(program: _Program, params: Any, x: Any) -> Any:
 
 
 class KerasAttentionProgram(_Program):
-    """A Keras model on JAX (``structure`` is ``(model,)``): ``stateless_call`` with every MultiHeadAttention explicit."""
+    """A Keras model on JAX (``structure`` is ``(model,)``): ``stateless_call``, every MultiHeadAttention explicit."""
 
 
 def keras_program(model: Any, kwargs: Any, output: Any) -> KerasAttentionProgram:

@@ -174,4 +174,3 @@ class JaxBackend(Backend):
         from . import attention
 
         return attention.attention_capture(self, inputs, target, gradients=gradients)
-

@@ -195,4 +195,3 @@ class KerasJaxBackend(JaxBackend):
         return attention.attention_capture(
             self, inputs, target, gradients=gradients, snapshot=lambda: (program, _weights(self.model))
         )
-

@@ -85,7 +85,7 @@ def _program(backend: TensorFlowBackend) -> Program:
         model = weakref.ref(backend.model)  # the compiled functions must not keep the model alive
         kwargs = dict(backend.model_kwargs)
         program.attention_model = lambda: (model(), kwargs)  # type: ignore[attr-defined]
-    return program  # type: ignore[no-any-return]
+    return program
 
 
 def attention_capture(

@@ -273,4 +273,3 @@ class TensorFlowBackend(Backend):
         from . import attention
 
         return attention.attention_capture(self, inputs, target, gradients=gradients)
-

@@ -169,7 +169,8 @@ def canonical_linen(variables: Any) -> dict[str, Any]:
     def block(b: Any) -> dict[str, Any]:
         a = b["attn"]
         return {
-            "ln1_s": b["ln1"]["scale"], "ln1_b": b["ln1"]["bias"], "ln2_s": b["ln2"]["scale"], "ln2_b": b["ln2"]["bias"],
+            "ln1_s": b["ln1"]["scale"], "ln1_b": b["ln1"]["bias"],
+            "ln2_s": b["ln2"]["scale"], "ln2_b": b["ln2"]["bias"],
             "wq": a["query"]["kernel"], "bq": a["query"]["bias"], "wk": a["key"]["kernel"], "bk": a["key"]["bias"],
             "wv": a["value"]["kernel"], "bv": a["value"]["bias"], "wo": a["out"]["kernel"], "bo": a["out"]["bias"],
             "w1": b["fc1"]["kernel"], "b1": b["fc1"]["bias"], "w2": b["fc2"]["kernel"], "b2": b["fc2"]["bias"],

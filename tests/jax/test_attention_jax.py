@@ -81,10 +81,11 @@ def _class_row(relevance: np.ndarray) -> np.ndarray:
     return relevance[..., 0, 1:].reshape(*relevance.shape[:-2], 4, 4)
 
 
+PICKED = np.array([[0, 3], [1, 2], [4, 4]])
 TARGETS = {
     "int": (2, lambda logits: logits[:, 2:3]),
     "per-sample": ([0, 4, 1], lambda logits: jnp.take_along_axis(logits, jnp.array([[0], [4], [1]]), 1)),
-    "(N,K)": (np.array([[0, 3], [1, 2], [4, 4]]), lambda logits: jnp.take_along_axis(logits, jnp.array([[0, 3], [1, 2], [4, 4]]), 1)),
+    "(N,K)": (PICKED, lambda logits: jnp.take_along_axis(logits, jnp.asarray(PICKED), 1)),
     "callable": (lambda out: out[:, 1] - out[:, 0], lambda logits: (logits[:, 1] - logits[:, 0])[:, None]),
 }  # fmt: skip
 
@@ -139,8 +140,6 @@ def test_attention_gradients_and_maps_equal_the_explicit_jnp_oracle(family: str,
         cam = ex.cam if ex.cam.ndim == 4 else ex.cam[:, None]
         np.testing.assert_allclose(cam, oracle, rtol=1e-5, atol=1e-5 * np.abs(oracle).max())
         assert ex.heatmap.shape[-2:] == (16, 16)
-
-
 
 
 def _fused_linen() -> tuple[Any, Any]:

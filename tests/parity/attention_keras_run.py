@@ -1,4 +1,4 @@
-"""Captures the Keras ViT's attention on the Keras backend named by KERAS_BACKEND; run by test_attention_keras_backends.py.
+"""Captures the Keras ViT's attention on the backend KERAS_BACKEND names; run by test_attention_keras_backends.py.
 
 ``python -m tests.parity.attention_keras_run WEIGHTS.npz OUT.npz``: builds the ViT below, loads
 the weights the test wrote (``arr_i`` in the order of ``model.get_weights()``), and writes the

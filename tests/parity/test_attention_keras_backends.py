@@ -38,7 +38,13 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, np.nda
     results = {}
     for backend in BACKENDS:  # one at a time: the machine's cores are shared
         env = {**os.environ, "KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "2"}
-        command = [sys.executable, "-m", "tests.parity.attention_keras_run", str(folder / "weights.npz"), str(folder / f"{backend}.npz")]
+        command = [
+            sys.executable,
+            "-m",
+            "tests.parity.attention_keras_run",
+            str(folder / "weights.npz"),
+            str(folder / f"{backend}.npz"),
+        ]
         done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, f"KERAS_BACKEND={backend} failed:\n{(done.stdout + done.stderr)[-4000:]}"
         with np.load(folder / f"{backend}.npz") as data:
@@ -47,18 +53,24 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, np.nda
 
 
 @pytest.mark.parametrize("backend", ["jax", "torch"])
-def test_keras_attention_on_jax_and_torch_equals_tensorflows(runs: dict[str, dict[str, np.ndarray]], backend: str) -> None:
+def test_keras_attention_on_jax_and_torch_equals_tensorflows(
+    runs: dict[str, dict[str, np.ndarray]], backend: str
+) -> None:
     reference, result = runs["tensorflow"], runs[backend]
     assert str(result["adapter"]) == ADAPTERS[backend]
     keys = sorted(k for k in reference if k.startswith(("attention/", "gradient/", "rollout/", "attention-grad/")))
-    assert keys and keys == sorted(k for k in result if k.startswith(("attention/", "gradient/", "rollout/", "attention-grad/")))
+    assert keys and keys == sorted(
+        k for k in result if k.startswith(("attention/", "gradient/", "rollout/", "attention-grad/"))
+    )
     for key in [*keys, "scores"]:
         scale = float(np.abs(reference[key]).max())
         np.testing.assert_allclose(result[key], reference[key], rtol=1e-4, atol=1e-5 * scale, err_msg=key)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_explicit_keras_attention_gives_the_fused_outputs_on_every_backend(runs: dict[str, dict[str, np.ndarray]], backend: str) -> None:
+def test_explicit_keras_attention_gives_the_fused_outputs_on_every_backend(
+    runs: dict[str, dict[str, np.ndarray]], backend: str
+) -> None:
     # Keras 3 runs MultiHeadAttention through ops.dot_product_attention (no dropout, no scores
     # asked): tf's, jax.nn's or torch's fused kernel. The explicit form must reproduce it.
     np.testing.assert_allclose(runs[backend]["explicit"], runs[backend]["own"], rtol=1e-5, atol=1e-5)

@@ -18,7 +18,6 @@ keras = pytest.importorskip("keras")
 
 import anycam  # noqa: E402
 from anycam.core import parse_target  # noqa: E402
-
 from tests.parity.attention_keras_run import BLOCKS, DIM, HEADS, SIDE, TOKENS, keras_vit  # noqa: E402
 
 
@@ -161,12 +160,21 @@ def test_keras_model_unchanged_also_when_the_capture_raises(vit: Any) -> None:
         explainer.explain(x, target=failing)
     explainer.explain(x)
     assert all("_compute_attention" not in vars(layer) for layer in attention)
-    assert all(layer._compute_attention.__func__ is keras.layers.MultiHeadAttention._compute_attention for layer in attention)
+    assert all(
+        layer._compute_attention.__func__ is keras.layers.MultiHeadAttention._compute_attention for layer in attention
+    )
     for b, a in zip(before, model.get_weights(), strict=True):
         np.testing.assert_array_equal(b, a)
 
 
 def test_a_keras_model_without_multi_head_attention_is_refused() -> None:
-    model = keras.Sequential([keras.Input((8, 8, 3)), keras.layers.Conv2D(4, 3), keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(2)])
+    model = keras.Sequential(
+        [
+            keras.Input((8, 8, 3)),
+            keras.layers.Conv2D(4, 3),
+            keras.layers.GlobalAveragePooling2D(),
+            keras.layers.Dense(2),
+        ]
+    )
     with pytest.raises(anycam.AnycamError, match="no keras.layers.MultiHeadAttention"):
         anycam.Explainer(model, None, method="rollout")(np.zeros((1, 8, 8, 3), np.float32))
