@@ -344,23 +344,10 @@ def _nnx_call(program: _Program, params: Any, x: Any) -> Any:
     return _call_model(model, x, program.kwargs)
 
 
-class KerasAttentionProgram(_Program):
-    """A Keras model on JAX (``structure`` is ``(model,)``): ``stateless_call``, every MultiHeadAttention explicit."""
-
-
-def keras_program(model: Any, kwargs: Any, output: Any) -> KerasAttentionProgram:
-    """Returns the attention program of a Keras model on JAX; its params are (trainable, non-trainable) weights."""
-    return KerasAttentionProgram((model,), (), (), output=output, vmap=False, kwargs=kwargs, key=("keras", id(model)))
-
-
 def _call(program: _Program, params: Any, x: Any) -> Any:
-    if isinstance(program, KerasAttentionProgram):
-        from .._keras.attention import explicit_attention
-        from .keras import _stateless
-
-        (model,) = program.structure
-        with explicit_attention(model, lambda name, value: _record(value, name)):
-            return _stateless(model, params, x, program.kwargs)
+    own = getattr(program, "attention_call", None)  # a Keras model on JAX (see keras.py)
+    if own is not None:
+        return own(params, x)
     if isinstance(program, _LinenProgram):
         return _linen_call(program, params, x)
     if isinstance(program, _NnxProgram):

@@ -39,6 +39,18 @@ from .layers import _Taps
 from .models import _Model, _Program
 
 
+class _KerasAttention(_Program):
+    """A Keras model on JAX for the attention capture: ``stateless_call`` with every MultiHeadAttention explicit."""
+
+    def attention_call(self, params: Any, x: Any) -> Any:
+        from .._keras.attention import explicit_attention
+        from .attention import _record
+
+        (model,) = self.structure
+        with explicit_attention(model, lambda name, value: _record(value, name)):
+            return _stateless(model, params, x, self.kwargs)
+
+
 class _KerasProgram(_Program):
     """A Keras model on JAX: ``stateless_call`` with the layers' ``call`` tapped while tracing.
 
@@ -191,7 +203,8 @@ class KerasJaxBackend(JaxBackend):
         """
         from . import attention
 
-        program = attention.keras_program(self.model, self._kwargs, self.output)
+        key = ("keras-attention", id(self.model))
+        program = _KerasAttention((self.model,), (), (), output=self.output, vmap=False, kwargs=self._kwargs, key=key)
         return attention.attention_capture(
             self, inputs, target, gradients=gradients, snapshot=lambda: (program, _weights(self.model))
         )
