@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from anycam.core import TargetSpec
-from anycam.protocol.backend import AblationHead, Backend, Capture, check_options
+from anycam.protocol.backend import AblationHead, AttentionCapture, Backend, Capture, check_options
 from anycam.protocol.layers import is_auto
 
 from . import capture, guided, head, pooled, randomize
@@ -64,7 +64,9 @@ class JaxBackend(Backend):
     """
 
     name = "jax"
-    capabilities = frozenset({"input_scores", "head_scores", "ablation_head", "guided_gradients", "randomize"})
+    capabilities = frozenset(
+        {"input_scores", "head_scores", "ablation_head", "guided_gradients", "randomize", "attention"}
+    )
 
     def __init__(
         self,
@@ -173,3 +175,11 @@ class JaxBackend(Backend):
     def randomized(self, layers: Sequence[str], seed: int = 0) -> JaxBackend:
         """Returns a backend over a copy of the model whose ``layers`` have fresh parameters (see ``randomize``)."""
         return randomize.randomized(self, layers, seed)
+
+    # -- Issue 22: the attention methods (capability "attention") --
+
+    def attention_capture(self, inputs: Any, target: TargetSpec, *, gradients: bool) -> AttentionCapture:
+        """Returns each attention call's probabilities and, if asked, ∂score/∂A, explicit form (see ``attention``)."""
+        from . import attention
+
+        return attention.attention_capture(self, inputs, target, gradients=gradients)

@@ -29,7 +29,7 @@ import numpy as np
 
 from anycam._errors import BackendError, ConfigTypeError
 from anycam.core import TargetSpec, spatial_shape
-from anycam.protocol.backend import Capture, check_options
+from anycam.protocol.backend import AttentionCapture, Capture, check_options
 from anycam.protocol.layers import choose_layer, is_auto
 
 from .. import _keras
@@ -37,6 +37,18 @@ from .backend import JaxBackend
 from .inputs import _Inputs
 from .layers import _Taps
 from .models import _Model, _Program
+
+
+class _KerasAttention(_Program):
+    """A Keras model on JAX for the attention capture: ``stateless_call`` with every MultiHeadAttention explicit."""
+
+    def attention_call(self, params: Any, x: Any) -> Any:
+        from .._keras.attention import explicit_attention
+        from .attention import _record
+
+        (model,) = self.structure
+        with explicit_attention(model, lambda name, value: _record(value, name)):
+            return _stateless(model, params, x, self.kwargs)
 
 
 class _KerasProgram(_Program):
@@ -180,3 +192,19 @@ class KerasJaxBackend(JaxBackend):
         clone._model = _keras_model(duplicate, clone.layers, self.layer_names, self.ports, self._kwargs, self.output)
         clone._traced = {}
         return clone
+
+    # -- Issue 22: the attention methods (capability "attention") --
+
+    def attention_capture(self, inputs: Any, target: TargetSpec, *, gradients: bool) -> AttentionCapture:
+        """Returns each MultiHeadAttention call's probabilities and, if asked, ∂score/∂A (see ``attention``).
+
+        Every ``MultiHeadAttention`` runs explicitly (``backends/_keras/attention.py``) inside the
+        stateless call, a zero delta added to its probabilities, as for a Flax model.
+        """
+        from . import attention
+
+        key = ("keras-attention", id(self.model))
+        program = _KerasAttention((self.model,), (), (), output=self.output, vmap=False, kwargs=self._kwargs, key=key)
+        return attention.attention_capture(
+            self, inputs, target, gradients=gradients, snapshot=lambda: (program, _weights(self.model))
+        )

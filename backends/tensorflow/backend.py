@@ -60,7 +60,7 @@ import tensorflow as tf
 
 from anycam._errors import BackendError, ConfigError, ConfigTypeError, LayerError
 from anycam.core import TargetSpec
-from anycam.protocol.backend import AblationHead, Backend, Capture, check_options
+from anycam.protocol.backend import AblationHead, AttentionCapture, Backend, Capture, check_options
 from anycam.protocol.inputs import Key
 from anycam.protocol.layers import is_auto
 
@@ -124,7 +124,9 @@ class TensorFlowBackend(Backend):
     """
 
     name = "tensorflow"
-    capabilities = frozenset({"input_scores", "head_scores", "ablation_head", "guided_gradients", "randomize"})
+    capabilities = frozenset(
+        {"input_scores", "head_scores", "ablation_head", "guided_gradients", "randomize", "attention"}
+    )
 
     def __init__(
         self,
@@ -263,3 +265,11 @@ class TensorFlowBackend(Backend):
     def randomized(self, layers: Sequence[str], seed: int = 0) -> TensorFlowBackend:
         """Returns a backend over a copy of the model whose ``layers`` have fresh weights (``randomize``)."""
         return randomize.randomized(self, layers, seed)
+
+    # -- Issue 22: the attention methods (capability "attention") --
+
+    def attention_capture(self, inputs: Any, target: TargetSpec, *, gradients: bool) -> AttentionCapture:
+        """Returns each MultiHeadAttention call's probabilities and, if asked, ∂score/∂A (``attention``)."""
+        from . import attention
+
+        return attention.attention_capture(self, inputs, target, gradients=gradients)

@@ -26,7 +26,7 @@ import torch
 
 from anycam._errors import AnycamError, InputError, LayerError
 from anycam.core import TargetSpec, spatial_shape
-from anycam.protocol.backend import Capture, check_options
+from anycam.protocol.backend import AttentionCapture, Capture, check_options, select_output
 from anycam.protocol.inputs import ModelInputs
 from anycam.protocol.layers import choose_layer
 
@@ -159,6 +159,53 @@ class KerasTorchBackend(TorchBackend):
     def parameter_layers(self, inputs: Any = None) -> tuple[str, ...]:
         """Returns the paths of the layers that own weights, input to output (as in TensorFlow)."""
         return _keras.parameter_layers(self.model)
+
+    # -- Issue 22: the attention methods (capability "attention") --
+
+    def attention_capture(self, inputs: Any, target: TargetSpec, *, gradients: bool) -> AttentionCapture:
+        """Returns each MultiHeadAttention call's probabilities and, if asked, ∂score/∂A.
+
+        Every ``MultiHeadAttention`` runs explicitly (``backends/_keras/attention.py``; Keras's
+        own path would call the fused ``F.scaled_dot_product_attention``), and a zero tensor that
+        requires grad is added to its probabilities: ∂score/∂zero is ∂score/∂A, while the
+        probabilities keep their dependence on the earlier blocks (a detached leaf would cut it).
+        """
+        from .._keras.attention import explicit_attention
+        from .attention import attention_gradients
+        from .capture import scores as target_scores
+        from .inputs import batch_of, inference_error, structure, to_numpy
+
+        given = structure(self, inputs)
+        batch = batch_of(given)
+        probabilities: list[torch.Tensor] = []
+        deltas: list[torch.Tensor] = []
+
+        def hook(name: str, value: torch.Tensor) -> torch.Tensor:
+            probabilities.append(value.detach())
+            if not gradients:
+                return value
+            delta = torch.zeros_like(value, requires_grad=True)
+            deltas.append(delta)
+            return value + delta
+
+        try:
+            with torch.inference_mode(False), torch.set_grad_enabled(gradients):
+                with explicit_attention(self.model, hook) as calls:
+                    output = self._call(given)
+                values, indices = target_scores(select_output(output, self.output), target, batch)
+                grads = attention_gradients(values, deltas) if gradients else None
+        except RuntimeError as exc:
+            if "Inference tensors" in str(exc):
+                raise inference_error(exc) from exc
+            raise
+        return AttentionCapture(
+            attentions=tuple(to_numpy(p) for p in probabilities),
+            gradients=None if grads is None else tuple(to_numpy(g) for g in grads),
+            scores=to_numpy(values.detach()),
+            target=indices,
+            input_spatial=spatial_shape(tuple(given.spatial_value.shape), self.input_layout),
+            names=tuple(calls),
+        )
 
     def randomized(self, layers: Sequence[str], seed: int = 0) -> KerasTorchBackend:
         """Returns a backend over a copy of the model whose ``layers`` have fresh weights.

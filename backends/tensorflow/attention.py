@@ -1,0 +1,141 @@
+"""Attention capture in TensorFlow: each ``MultiHeadAttention`` explicit, its probabilities on the tape.
+
+One ``tf.function`` per (target form, input signature) runs the model with every Keras
+``MultiHeadAttention`` in its explicit form (``backends/_keras/attention.py``): the
+probabilities ``A`` are watched by a ``GradientTape(watch_accessed_variables=False)`` as they
+are made, so ∂score/∂A comes from the tape — one backward for one target, K targets vectorised
+by ``pfor`` as in the layer capture. Nothing below the attention is differentiated and no
+variable is touched; the layers' own ``_compute_attention`` is back in ``finally``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+from typing import TYPE_CHECKING, Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from anycam._errors import TargetError, UnsupportedError
+from anycam.core import TargetSpec, spatial_shape
+from anycam.protocol.backend import AttentionCapture, select_output
+
+from .._keras.attention import explicit_attention
+from .capture import Program, as_numpy, given_indices, resolved_targets
+from .inputs import build, naming_inputs, run, structured
+
+if TYPE_CHECKING:
+    from .backend import TensorFlowBackend
+
+
+def _gradients(tape: tf.GradientTape, totals: tf.Tensor, probabilities: list[tf.Tensor]) -> list[tf.Tensor]:
+    """Returns ∂totals/∂A per call as (K, N, H, T, S) float32 (zero where A does not reach the score)."""
+    count = int(totals.shape[0])
+    zero = tf.UnconnectedGradients.ZERO
+    if count == 1:
+        return [tf.cast(g, tf.float32)[None] for g in tape.gradient(totals, probabilities, unconnected_gradients=zero)]
+    try:
+        jacobians = tape.jacobian(totals, probabilities, unconnected_gradients=zero, experimental_use_pfor=True)
+    except (ValueError, NotImplementedError, TypeError):  # pragma: no cover - an op without a pfor rule
+        columns = [
+            tape.gradient(totals, probabilities, output_gradients=tf.one_hot(k, count, dtype=totals.dtype),
+                          unconnected_gradients=zero)
+            for k in range(count)
+        ]  # fmt: skip
+        jacobians = [tf.stack(list(column), axis=0) for column in zip(*columns, strict=True)]
+    return [tf.cast(j, tf.float32) for j in jacobians]
+
+
+def _attend(program: Program, kind: str, target: str, param: Any, inputs: Any, indices: Any = None) -> tuple[Any, ...]:
+    """The traced graph: (probabilities per call, their gradients (K, N, …) or (), scores, chosen, outputs)."""
+    program.trace_count += 1
+    gradients, param = param
+    model, kwargs = program.attention_model()  # type: ignore[attr-defined]
+    tape = tf.GradientTape(watch_accessed_variables=False, persistent=True) if gradients else None
+    probabilities: list[tf.Tensor] = []
+
+    def hook(name: str, value: tf.Tensor) -> tf.Tensor:
+        # Watched where it is made, in float32 (cast back for the model: exact for float16 and bfloat16).
+        leaf = value if value.dtype == tf.float32 else tf.cast(value, tf.float32)
+        if tape is not None:
+            tape.watch(leaf)
+        probabilities.append(leaf)
+        return leaf if leaf is value else tf.cast(leaf, value.dtype)
+
+    with tape if tape is not None else contextlib.nullcontext():
+        with explicit_attention(model, hook) as calls:
+            output = model(inputs, training=False, **kwargs)
+        scores, chosen, outputs = program.target_scores(target, param, select_output(output, program.selector), indices)
+        if scores.shape[1] is None:
+            raise TargetError("a callable target must return a fixed number K of scores per sample")
+        # Summed over the batch on the tape: samples are independent in inference mode.
+        totals = tf.reduce_sum(scores, axis=0)
+    program.attention_names = tuple(calls)  # type: ignore[attr-defined]
+    grads = _gradients(tape, totals, probabilities) if tape is not None else []
+    return tuple(probabilities), tuple(grads), tf.cast(scores, tf.float32), chosen, outputs
+
+
+def _program(backend: TensorFlowBackend) -> Program:
+    """The backend's compiled attention captures (no layer is tapped: the attention layers are)."""
+    program = backend.__dict__.get("_attention_program")
+    if program is None:
+        program = backend.__dict__["_attention_program"] = Program(lambda *_: None, backend.output)
+        model = weakref.ref(backend.model)  # the compiled functions must not keep the model alive
+        kwargs = dict(backend.model_kwargs)
+        program.attention_model = lambda: (model(), kwargs)  # type: ignore[attr-defined]
+    return program
+
+
+def attention_capture(
+    backend: TensorFlowBackend, inputs: Any, target: TargetSpec, *, gradients: bool
+) -> AttentionCapture:
+    """Returns each ``MultiHeadAttention`` call's probabilities ``(N, H, T, S)`` and, if asked, ∂score/∂A.
+
+    Raises:
+        anycam.UnsupportedError: the model is not Keras, has no ``MultiHeadAttention``, or one
+            that overrides ``_compute_attention`` or attends over several axes.
+        anycam.TargetError: for targets that do not fit the output.
+    """
+    model = backend.model
+    if not isinstance(model, keras.Layer):
+        raise UnsupportedError(
+            "the attention methods need a Keras model with MultiHeadAttention layers; a (features, head) pair has none"
+        )
+    structure = structured(backend, inputs)
+    with naming_inputs(structure):
+        x = structure.container()
+        build(backend, x)  # not ready(): with layer=None it would choose a layer, which attention needs none of
+        spatial = structure.spatial_value
+        batch = int(spatial.shape[0])
+        program = _program(backend)
+        if target.kind == "callable":
+            compiled = program.method_function(_attend, "attention", "callable", (gradients, target.fn), x)
+            result = run(backend, lambda: compiled(x), structure)
+        elif target.kind in ("argmax", "topk"):
+            k = 1 if target.kind == "argmax" else target.k
+            compiled = program.method_function(_attend, "attention", "topk", (gradients, k), x)
+            result = run(backend, lambda: compiled(x), structure)
+        else:
+            given = given_indices(target, batch)
+            spec = tf.TensorSpec((None, given.shape[1]), tf.int64)
+            compiled = program.method_function(_attend, "attention", "indices", (gradients, given.shape[1]), x, spec)
+            result = run(backend, lambda: compiled(x, tf.constant(given)), structure)
+    probabilities, grads, scores, chosen, outputs = result
+    names = getattr(program, "attention_names", ())
+    for name, value in zip(names, probabilities, strict=False):
+        if value.shape.rank != 4:
+            raise UnsupportedError(
+                f"the attention {name!r} gives probabilities of shape {tuple(value.shape)}; the attention "
+                "methods need (N, heads, queries, keys): a MultiHeadAttention with one attention axis"
+            )
+    scores_np, indices = resolved_targets(scores, chosen, outputs, target, batch)
+    return AttentionCapture(
+        attentions=tuple(as_numpy(p) for p in probabilities),
+        gradients=tuple(np.moveaxis(as_numpy(g), 0, 1) for g in grads) if gradients else None,
+        scores=scores_np,
+        target=indices,
+        input_spatial=spatial_shape(tuple(spatial.shape), backend.input_layout),
+        names=names,
+    )
