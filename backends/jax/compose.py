@@ -30,7 +30,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from anycam import core
+import anycam.core as core
 from anycam._errors import AnycamError, BackendError, ConfigError, InputError, LayerError, TargetError
 
 from .capture import _callable_scores, _class_outputs, layouts_decided
@@ -294,7 +294,7 @@ def explain_fn(
             KPCA-CAM, RandomCAM.
         upsample, normalize, aggregate, relu, layout, token_grid, seed: as for the Explainer.
         differentiable: promise to take ``jax.grad`` of the maps (a training loss): refuses the
-            methods outside ``anycam.explain.explainer.DIFFERENTIABLE_METHODS`` at once. The
+            methods outside ``anycam.core.DIFFERENTIABLE_METHODS`` at once. The
             function is the same either way; JAX differentiates it by composition.
 
     Raises:
@@ -311,12 +311,10 @@ def explain_fn(
             "(Score-CAM and Ablation-CAM run the model many times, the guided methods need a modified "
             "backward pass): use anycam.Explainer for it"
         )
-    from anycam.explain.explainer import DIFFERENTIABLE_METHODS
-
-    if differentiable and method not in DIFFERENTIABLE_METHODS:
+    if differentiable and method not in core.DIFFERENTIABLE_METHODS:
         raise ConfigError(
             f"{method} cannot give differentiable maps (an SVD or eigendecomposition with a sign rule, or "
-            f"random weights); the differentiable methods are {', '.join(DIFFERENTIABLE_METHODS)}"
+            f"random weights); the differentiable methods are {', '.join(core.DIFFERENTIABLE_METHODS)}"
         )
     if upsample not in (None, *core.RESIZE_MODES):
         raise ConfigError(f"unknown upsample {upsample!r}; choose one of {core.RESIZE_MODES} or None")

@@ -31,7 +31,9 @@ from .layout import (
     token_grid,
 )
 from .methods import (
+    ATTENTION_METHODS,
     CAPTURE_METHODS,
+    DIFFERENTIABLE_METHODS,
     GRADIENT_METHODS,
     GUIDED_METHODS,
     METHODS,
@@ -70,7 +72,9 @@ from .targets import TargetSpec, TopK, one_hot, parse_target, resolve_indices, t
 
 __all__ = [
     "AGGREGATIONS",
+    "ATTENTION_METHODS",
     "CAPTURE_METHODS",
+    "DIFFERENTIABLE_METHODS",
     "GRADIENT_METHODS",
     "GUIDED_METHODS",
     "LAYOUTS",

@@ -495,6 +495,10 @@ ATTENTION_METHODS = _of_kind("attention")
 TARGET_FREE_METHODS = _of_kind("activation")
 """Capture methods whose map does not depend on the target (one map repeated for K targets):
 those of one capture without gradients."""
+DIFFERENTIABLE_METHODS = ("gradcam", "gradcam++", "xgradcam", "hirescam", "layercam", "gradcam-elementwise")
+"""The methods whose maps can carry gradients (``Explainer(differentiable=True)``, JAX's ``explain_fn``):
+smooth functions of the activations and their gradients. The Eigen methods (an SVD or eigendecomposition
+with a sign rule), RandomCAM, the perturbation and the guided methods are refused."""
 
 
 def compute_cam(

@@ -270,7 +270,7 @@ class Explainer:
 ARRAYS = ("numpy", "native")
 """The values of ``Explainer(arrays=...)``."""
 
-DIFFERENTIABLE_METHODS = ("gradcam", "gradcam++", "xgradcam", "hirescam", "layercam", "gradcam-elementwise")
+DIFFERENTIABLE_METHODS = core.DIFFERENTIABLE_METHODS
 """The methods whose maps can carry gradients (``differentiable=True``).
 
 Their maps are compositions of the layer's activations and gradients with products, sums,
