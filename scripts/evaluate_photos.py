@@ -203,7 +203,9 @@ def evaluate(
     target = probabilities.argmax(1)
     labels = [f"{class_names(int(c))} ({probabilities[i, c]:.0%})" for i, c in enumerate(target)]
     table = Table(list(photos), labels)
-    for method in methods if methods is not None else anycam.core.METHODS:
+    # EfficientNet is a CNN: the attention methods (rollout, attention-grad) have nothing to read.
+    cam_methods = [name for name, entry in anycam.core.METHODS.items() if entry.kind != "attention"]
+    for method in methods if methods is not None else cam_methods:
         clock = time.perf_counter()
         options = {"scorecam_top_k": scorecam_top_k} if method == "scorecam" else {}
         try:
