@@ -109,7 +109,7 @@ def test_the_photo_table_holds_every_method_and_the_controls_end_to_end(script: 
     script.write_block(page, script.markdown(table, "python scripts/evaluate_photos.py"))
     text = page.read_text()
     rows = [line for line in text.splitlines() if line.startswith("| ")]
-    assert len(rows) == 1 + len(anycam.core.METHODS) + len(script.CONTROLS)
+    assert len(rows) == 1 + len(cam_methods) + len(script.CONTROLS)
     assert all(len(row.split("|")) == len(script.COLUMNS) + 3 for row in rows)
     noise_row = next(row for row in rows if row.startswith(f"| *{script.CONTROLS[0]}*"))
     assert noise_row.split("|")[2].strip() == f"{want.mean():.3f}"
