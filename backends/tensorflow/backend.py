@@ -69,6 +69,10 @@ from . import capture, guided, head, pooled, randomize
 from .capture import Program, keras_program
 from .layers import PairForward
 
+# Issue 21 (c21-core-tf): loading the backend registers the TF namespace of the core, so
+# anycam.core computes on tf.Tensor arrays (native outputs) without a copy to NumPy.
+from . import namespace as _namespace  # noqa: E402,F401  (registers on import)
+
 
 def _keras_backend_check() -> None:
     """Raises anycam.BackendError unless Keras runs on TensorFlow."""

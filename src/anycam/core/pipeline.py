@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from .._errors import ConfigError, InputError, NonFiniteError
-from ._namespace import as_float, compute_dtype, namespace
+from ._namespace import as_float, compute_dtype, device_of, namespace
 from .layout import to_channels_first
 from .methods import compute_cam
 from .normalize import scaled
@@ -48,7 +48,9 @@ def _first_non_finite(xp: Any, array: Any, finite: Any) -> tuple[tuple[int, ...]
     """Returns (index of the first non-finite value in C order, whether it is NaN, how many) on device."""
     flat_bad = xp.reshape(~finite, (-1,))
     count = int(xp.sum(xp.astype(flat_bad, xp.int32)))  # int32: JAX has no int64 by default
-    first = int(xp.argmax(xp.astype(flat_bad, xp.int8)))  # the first maximum: the first True
+    # The smallest flat index where the value is bad (argmax's tie order is not portable).
+    positions = xp.arange(flat_bad.shape[0], device=device_of(array))
+    first = int(xp.min(xp.where(flat_bad, positions, xp.full_like(positions, flat_bad.shape[0]))))
     nan = bool(xp.isnan(xp.reshape(array, (-1,))[first]))
     index = []
     for size in reversed(tuple(int(d) for d in array.shape)):

@@ -65,7 +65,7 @@ _DEVICE_MATRICES_LIMIT = 64
 
 
 def device_matrix(xp: Any, size_in: int, size_out: int, mode: str, dtype: Any, device: Any) -> Any:
-    """Returns :func:`interpolation_matrix` as an array of namespace ``xp`` on ``device``, cached.
+    """Returns :func:`interpolation_matrix` transposed, ``(size_in, size_out)``, as an array of ``xp`` on ``device``, cached.
 
     Built once per (namespace, sizes, mode, dtype, device) on the host and copied over; later
     calls reuse the device copy (no host-to-device copy per call). Arrays that are not concrete
@@ -81,7 +81,7 @@ def device_matrix(xp: Any, size_in: int, size_out: int, mode: str, dtype: Any, d
         _DEVICE_MATRICES.move_to_end(key)
         return cached
     # A writable copy: torch warns on read-only NumPy memory (the host cache's matrices are frozen).
-    matrix = xp.asarray(np.array(interpolation_matrix(size_in, size_out, mode)), dtype=dtype, device=device)
+    matrix = xp.asarray(np.array(interpolation_matrix(size_in, size_out, mode).T), dtype=dtype, device=device)
     if key is not None and is_concrete(matrix):
         _DEVICE_MATRICES[key] = matrix
         if len(_DEVICE_MATRICES) > _DEVICE_MATRICES_LIMIT:
@@ -120,9 +120,9 @@ def resize(array: np.ndarray, size: Sequence[int], mode: str = "linear") -> np.n
         if out.shape[axis] == target:
             continue
         if xp is np:
-            matrix = interpolation_matrix(out.shape[axis], target, mode)
+            transposed = interpolation_matrix(out.shape[axis], target, mode).T
         else:
-            matrix = device_matrix(xp, int(out.shape[axis]), target, mode, dtype, device_of(out))
+            transposed = device_matrix(xp, int(out.shape[axis]), target, mode, dtype, device_of(out))
         moved = xp.moveaxis(out, axis, -1)
-        out = xp.moveaxis(moved @ matrix.T, -1, axis)
+        out = xp.moveaxis(moved @ transposed, -1, axis)
     return out
