@@ -70,7 +70,17 @@ class TorchBackend(Backend):
     """
 
     name = "torch"
-    capabilities = frozenset({"input_scores", "head_scores", "ablation_head", "guided_gradients", "randomize"})
+    capabilities = frozenset(
+        {
+            "input_scores",
+            "head_scores",
+            "ablation_head",
+            "guided_gradients",
+            "randomize",
+            "native_arrays",
+            "differentiable",
+        }
+    )
 
     def __init__(
         self,
@@ -139,8 +149,10 @@ class TorchBackend(Backend):
     def _warn_training(self) -> None:
         _inputs.warn_training(self)
 
-    def _forward(self, structure: ModelInputs, differentiable: bool) -> tuple[Any, list[torch.Tensor]]:
-        return _capture.forward(self, structure, differentiable)
+    def _forward(
+        self, structure: ModelInputs, differentiable: bool, keep_graph: bool = False
+    ) -> tuple[Any, list[torch.Tensor]]:
+        return _capture.forward(self, structure, differentiable, keep_graph)
 
     def _split(self) -> GraphSplit | None:
         return _head.split(self)
@@ -150,8 +162,21 @@ class TorchBackend(Backend):
 
     # -- the verbs --
 
-    def capture(self, inputs: Any, target: TargetSpec, *, gradients: bool = True) -> Capture:
-        return _capture.capture(self, inputs, target, gradients)
+    def capture(
+        self,
+        inputs: Any,
+        target: TargetSpec,
+        *,
+        gradients: bool = True,
+        native: bool = False,
+        differentiable: bool = False,
+    ) -> Capture:
+        return _capture.capture(self, inputs, target, gradients, native, differentiable)
+
+    def to_native(self, array: np.ndarray) -> torch.Tensor:
+        """Returns a host array as a tensor on the model's device."""
+        device, _ = _inputs.device_dtype(self.model)
+        return torch.as_tensor(np.ascontiguousarray(array), device=device)
 
     def predict(self, inputs: Any) -> np.ndarray:
         return _capture.predict(self, inputs)

@@ -41,8 +41,16 @@ class _RunsTwice(LayerError):
         self.index = index
 
 
-def forward(backend: TorchBackend, structure: ModelInputs, differentiable: bool) -> tuple[Any, list[torch.Tensor]]:
-    """Runs the model; returns its output and the captured layer outputs (or inputs)."""
+def forward(
+    backend: TorchBackend, structure: ModelInputs, differentiable: bool, keep_graph: bool = False
+) -> tuple[Any, list[torch.Tensor]]:
+    """Runs the model; returns its output and the captured layer outputs (or inputs).
+
+    ``differentiable``: the captured outputs are leaves that require grad, the network after
+    them is recorded. ``keep_graph`` (``Explainer(differentiable=True)``): the whole forward is
+    recorded and the captured outputs stay attached to it, so that gradients reach the
+    parameters before the layer and the input.
+    """
     check_hookable(backend)
     owner = threading.get_ident()
     captured: dict[int, torch.Tensor] = {}
@@ -65,6 +73,12 @@ def forward(backend: TorchBackend, structure: ModelInputs, differentiable: bool)
             captured[index] = value.detach().clone()
             return None
         torch.set_grad_enabled(True)
+        if keep_graph:
+            # The layer output itself, graph and all; the network goes on with a clone, so that
+            # in-place operations downstream cannot change what the map is computed from. A value
+            # that depends on nothing differentiable gets a leaf, as below.
+            captured[index] = value if value.requires_grad else value.detach().requires_grad_()
+            return captured[index].clone()
         leaf = value if value.requires_grad else value.detach().requires_grad_()
         captured[index] = leaf
         return leaf.clone()
@@ -103,8 +117,8 @@ def forward(backend: TorchBackend, structure: ModelInputs, differentiable: bool)
         for i, (module, port) in enumerate(zip(backend.modules, backend.ports, strict=True))
     ]
     try:
-        # no_grad() keeps everything before the layer graph-free.
-        with torch.no_grad():
+        # no_grad() keeps everything before the layer graph-free (unless the graph is wanted).
+        with torch.set_grad_enabled(keep_graph):
             output = backend._call(structure)
     except _RunsTwice as exc:
         for handle in handles:  # before the diagnosing pass below (removing twice is harmless)
@@ -172,8 +186,12 @@ def _runs_after(model: torch.nn.Module, structure: ModelInputs, shared: torch.nn
     return following[0] if following else None
 
 
-def scores(output: Any, target: TargetSpec, batch: int) -> tuple[torch.Tensor, np.ndarray | None]:
-    """Returns (N, K) scores and the (N, K) class indices (None for callables)."""
+def scores(output: Any, target: TargetSpec, batch: int, native: bool = False) -> tuple[torch.Tensor, np.ndarray | None]:
+    """Returns (N, K) scores and the (N, K) class indices (None for callables).
+
+    ``native``: argmax and top-k are taken on the model's device and only the (N, K) indices come
+    to the host (the NumPy rule: first maximum, ties in class order).
+    """
     if target.kind == "callable":
         assert target.fn is not None
         values = target.fn(output)
@@ -191,13 +209,33 @@ def scores(output: Any, target: TargetSpec, batch: int) -> tuple[torch.Tensor, n
             f"class-index targets need a model output of shape (N, classes), got {tuple(output.shape)}; "
             "pass a callable target that maps the output to (N,) scores"
         )
-    indices = resolve_indices(target, to_numpy(output))
+    if native:
+        indices = native_indices(target, output)
+    else:
+        indices = resolve_indices(target, to_numpy(output))
     values = output.gather(1, torch.as_tensor(indices, device=output.device))
     return values, indices
 
 
-def gradients(layer_names: tuple[str, ...], scores: torch.Tensor, leaves: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Returns per layer ∂scores/∂leaf as (N, K, ...) tensors."""
+def native_indices(target: TargetSpec, output: torch.Tensor) -> np.ndarray:
+    """``core.resolve_indices`` with the model output left on its device: (N, K) int64 indices."""
+    batch, classes = output.shape
+    if target.kind == "argmax":
+        chosen = torch.argmax(output.detach(), dim=1, keepdim=True)
+    elif target.kind == "topk":
+        if target.k > classes:
+            raise TargetError(f"top_k({target.k}) asks for more classes than the model has ({classes})")
+        chosen = torch.argsort(-output.detach(), dim=1, stable=True)[:, : target.k]
+    else:
+        # Given indices: the core checks them against the output's shape only (a zero-stride stand-in).
+        return resolve_indices(target, np.broadcast_to(np.float32(0), (batch, classes)))
+    return chosen.to("cpu", torch.int64).numpy()
+
+
+def gradients(
+    layer_names: tuple[str, ...], scores: torch.Tensor, leaves: list[torch.Tensor], create_graph: bool = False
+) -> list[torch.Tensor]:
+    """Returns per layer ∂scores/∂leaf as (N, K, ...) tensors (graph-carrying with ``create_graph``)."""
     if not scores.requires_grad:
         raise LayerError(
             f"the explained output does not depend on layer(s) {', '.join(map(repr, layer_names))}; "
@@ -207,7 +245,7 @@ def gradients(layer_names: tuple[str, ...], scores: torch.Tensor, leaves: list[t
     grads: tuple[torch.Tensor | None, ...]
     per_layer: list[torch.Tensor | None]
     if count == 1:
-        grads = torch.autograd.grad(scores.sum(), leaves, allow_unused=True)
+        grads = torch.autograd.grad(scores.sum(), leaves, allow_unused=True, create_graph=create_graph)
         per_layer = [None if g is None else g.unsqueeze(1) for g in grads]
     else:
         try:
@@ -220,11 +258,14 @@ def gradients(layer_names: tuple[str, ...], scores: torch.Tensor, leaves: list[t
                 is_grads_batched=True,
                 retain_graph=True,
                 allow_unused=True,
+                create_graph=create_graph,
             )
         except RuntimeError:
             # Some operators have no batching rule; fall back to one backward per target.
             columns = [
-                torch.autograd.grad(scores[:, k].sum(), leaves, retain_graph=True, allow_unused=True)
+                torch.autograd.grad(
+                    scores[:, k].sum(), leaves, retain_graph=True, allow_unused=True, create_graph=create_graph
+                )
                 for k in range(count)
             ]
             grads = tuple(
@@ -237,21 +278,36 @@ def gradients(layer_names: tuple[str, ...], scores: torch.Tensor, leaves: list[t
     return per_layer  # type: ignore[return-value]
 
 
-def capture(backend: TorchBackend, inputs: Any, target: TargetSpec, gradients: bool) -> Capture:
-    """Runs the model once with the layers hooked: activations, gradients of K targets, scores."""
+def capture(
+    backend: TorchBackend,
+    inputs: Any,
+    target: TargetSpec,
+    gradients: bool,
+    native: bool = False,
+    differentiable: bool = False,
+) -> Capture:
+    """Runs the model once with the layers hooked: activations, gradients of K targets, scores.
+
+    ``native``: the arrays stay tensors on the model's device (float32 unless float64), no host
+    copy; ``differentiable``: besides, they stay on the graph (the whole forward is recorded and
+    the gradients are taken with ``create_graph=True``), so a loss on the map reaches the
+    parameters and the input. ``autograd.grad`` never writes ``.grad``.
+    """
     # inference_mode(False) lets a call made inside the user's inference_mode() build the
     # small graph it needs.
     with torch.inference_mode(False):
         try:
-            return _capture(backend, inputs, target, gradients)
+            return _capture(backend, inputs, target, gradients, native or differentiable, differentiable)
         except RuntimeError as exc:
             if "Inference tensors" in str(exc):
                 raise inference_error(exc) from exc
             raise
 
 
-def _capture(backend: TorchBackend, inputs: Any, target: TargetSpec, with_gradients: bool) -> Capture:
-    given = structure(backend, inputs)
+def _capture(
+    backend: TorchBackend, inputs: Any, target: TargetSpec, with_gradients: bool, native: bool, keep_graph: bool
+) -> Capture:
+    given = structure(backend, inputs, keep_graph=keep_graph)
     backend._warn_training()
     # The batch size travels as an argument: one adapter serves every thread that shares the
     # Explainer, so nothing of a call may live on the adapter.
@@ -259,32 +315,50 @@ def _capture(backend: TorchBackend, inputs: Any, target: TargetSpec, with_gradie
     if backend.auto_layer and not backend.layer_names:
         backend._choose(given, target)
     _call_layouts.value = None
-    output, leaves = backend._forward(given, differentiable=with_gradients)
+    output, leaves = backend._forward(given, differentiable=with_gradients or keep_graph, keep_graph=keep_graph)
     found = _call_layouts.value or {}
     # Where no module decided a layout, None: torch's channels-first habit is no evidence for a
     # custom module's output, so the core takes a reading only where it is the one that fits
     # and otherwise asks for layout=.
     layouts = tuple(found.get(i) for i in range(len(leaves)))
     selected = select_output(output, backend.output)
+    grads: list[torch.Tensor] | None = None
     if with_gradients:
         with torch.enable_grad():
-            values, indices = scores(selected, target, batch)
-            grads = gradients(backend.layer_names, values, leaves)
-        grads_np: tuple[np.ndarray, ...] | None = tuple(to_numpy(g) for g in grads)
+            values, indices = scores(selected, target, batch, native)
+            grads = gradients(backend.layer_names, values, leaves, create_graph=keep_graph)
     else:
-        with torch.no_grad():
-            values, indices = scores(selected, target, batch)
-        grads_np = None
+        with torch.set_grad_enabled(keep_graph):
+            values, indices = scores(selected, target, batch, native)
+    if native:
+        kept = on_device if keep_graph else detached
+        activations: tuple[Any, ...] = tuple(kept(a) for a in leaves)
+        grads_out: tuple[Any, ...] | None = None if grads is None else tuple(kept(g) for g in grads)
+        values_out: Any = kept(values)
+    else:
+        activations = tuple(to_numpy(a) for a in leaves)
+        grads_out = None if grads is None else tuple(to_numpy(g) for g in grads)
+        values_out = to_numpy(values)
     return Capture(
-        activations=tuple(to_numpy(a) for a in leaves),
-        gradients=grads_np,
-        scores=to_numpy(values),
+        activations=activations,
+        gradients=grads_out,
+        scores=values_out,
         target=indices,
         input_spatial=spatial_shape(tuple(given.spatial_value.shape), backend.input_layout),
         layouts=layouts,
         input_shape=tuple(given.spatial_value.shape),
         input_layout=backend.input_layout,
     )
+
+
+def on_device(tensor: torch.Tensor) -> torch.Tensor:
+    """Returns ``tensor`` in the core's device precision, on its device, graph kept: float32 (float64 stays)."""
+    return tensor if tensor.dtype in (torch.float32, torch.float64) else tensor.float()
+
+
+def detached(tensor: torch.Tensor) -> torch.Tensor:
+    """Returns ``tensor`` off the graph, in the core's device precision, on its device."""
+    return on_device(tensor.detach())
 
 
 def predict(backend: TorchBackend, inputs: Any) -> np.ndarray:

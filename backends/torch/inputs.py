@@ -135,17 +135,23 @@ def float_parameter(model: torch.nn.Module) -> tuple[torch.device, torch.dtype] 
     return None
 
 
-def structure(backend: TorchBackend, inputs: Any) -> ModelInputs:
-    """Returns the call's inputs as one structure, every tensor converted and checked."""
+def structure(backend: TorchBackend, inputs: Any, keep_graph: bool = False) -> ModelInputs:
+    """Returns the call's inputs as one structure, every tensor converted and checked.
+
+    ``keep_graph`` (differentiable maps): the copies of the inputs stay on the autograd graph, so
+    that a map's gradient reaches an input that requires grad.
+    """
     given = structure_inputs(
         inputs, is_spatial=looks_spatial, spatial_input=backend.spatial_input, model_kwargs=backend.model_kwargs
     )
-    return given.map(lambda key, value: _as_tensor(backend, key, value, key == given.spatial, given))
+    return given.map(lambda key, value: _as_tensor(backend, key, value, key == given.spatial, given, keep_graph))
 
 
-def _as_tensor(backend: TorchBackend, key: Key, value: Any, spatial: bool, structure: ModelInputs) -> Any:
+def _as_tensor(
+    backend: TorchBackend, key: Key, value: Any, spatial: bool, structure: ModelInputs, keep_graph: bool = False
+) -> Any:
     what = "input" if structure.kind == "single" else f"input {key!r}"
-    value = _own(value)
+    value = _own(value, keep_graph)
     if isinstance(value, np.ndarray):
         device, dtype = device_dtype(backend.model)
         if np.issubdtype(value.dtype, np.floating):
@@ -168,11 +174,15 @@ def _as_tensor(backend: TorchBackend, key: Key, value: Any, spatial: bool, struc
     return value
 
 
-def _own(value: Any) -> Any:
+def _own(value: Any, keep_graph: bool = False) -> Any:
     """Returns a copy of a tensor or array the model could otherwise modify in place (``x.relu_()``
     on its input): the user's data stays as given, and every call of an explanation sees the same.
-    Made outside any grad recording (the model's inputs are never differentiated as given)."""
+    Made outside any grad recording (the model's inputs are never differentiated as given), except
+    for differentiable maps, whose gradient must reach an input that requires grad."""
     if isinstance(value, torch.Tensor):
+        if keep_graph:
+            with torch.enable_grad():
+                return value.clone()
         with torch.no_grad():
             return value.clone()
     if isinstance(value, np.ndarray):

@@ -101,8 +101,14 @@ class KerasTorchBackend(TorchBackend):
             chosen = choose_layer(records, input_spatial)
             self._set_layers([(chosen, paths[chosen], "output")])
 
-    def _forward(self, structure: ModelInputs, differentiable: bool) -> tuple[Any, list[torch.Tensor]]:
-        """Runs the model with the layers tapped; returns its output and the layers' tensors."""
+    def _forward(
+        self, structure: ModelInputs, differentiable: bool, keep_graph: bool = False
+    ) -> tuple[Any, list[torch.Tensor]]:
+        """Runs the model with the layers tapped; returns its output and the layers' tensors.
+
+        ``keep_graph`` (differentiable maps): the whole forward is recorded and the tapped
+        tensors stay on the graph, as in the torch adapter's hook.
+        """
         captured: dict[int, torch.Tensor] = {}
 
         def tap(index: int, value: Any) -> Any:
@@ -116,13 +122,16 @@ class KerasTorchBackend(TorchBackend):
                 captured[index] = value.detach()
                 return value
             torch.set_grad_enabled(True)  # no_grad() below ends it when the forward returns
+            if keep_graph:
+                captured[index] = value if value.requires_grad else value.detach().requires_grad_()
+                return captured[index].clone()
             leaf = value if value.requires_grad else value.detach().requires_grad_()
             captured[index] = leaf
             # A clone downstream: in-place ops after the layer must not change the captured tensor.
             return leaf.clone()
 
-        # no_grad() keeps everything before the layer graph-free.
-        with torch.no_grad():
+        # no_grad() keeps everything before the layer graph-free (unless the graph is wanted).
+        with torch.set_grad_enabled(keep_graph):
             output = _keras.run(lambda: self._call(structure), self.modules, self.layer_names, tap, self.ports)
         return output, [captured[index] for index in range(len(self.modules))]
 
@@ -135,8 +144,17 @@ class KerasTorchBackend(TorchBackend):
         layers, names, ports = self.modules[:1], self.layer_names[:1], self.ports[:1]
         return _keras.run(lambda: self._call(structure), layers, names, lambda index, value: replacement, ports)
 
-    def capture(self, inputs: Any, target: TargetSpec, *, gradients: bool = True) -> Capture:
-        return dataclasses.replace(super().capture(inputs, target, gradients=gradients), layouts=self.layouts)
+    def capture(
+        self,
+        inputs: Any,
+        target: TargetSpec,
+        *,
+        gradients: bool = True,
+        native: bool = False,
+        differentiable: bool = False,
+    ) -> Capture:
+        found = super().capture(inputs, target, gradients=gradients, native=native, differentiable=differentiable)
+        return dataclasses.replace(found, layouts=self.layouts)
 
     def parameter_layers(self, inputs: Any = None) -> tuple[str, ...]:
         """Returns the paths of the layers that own weights, input to output (as in TensorFlow)."""

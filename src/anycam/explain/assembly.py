@@ -2,11 +2,19 @@
 
 The functions every driver shares (the one-capture methods here, Score-CAM, Ablation-CAM and the
 guided methods in their own modules): they read the Explainer's public settings (``layout``,
-``token_grid``, ``relu``, ``normalize`` …) and leave every formula to the NumPy core.
+``token_grid``, ``relu``, ``normalize`` …) and leave every formula to the core.
+
+With ``arrays="native"`` the capture's arrays are the framework's, on the model's device, and
+they stay there: the core computes on their own namespace (``anycam.core._namespace``), layouts
+are read from shapes only, and the checks here sync one boolean per array (the host sees a
+whole array only on the error path, to name the first bad element). Drivers that still compute
+on the host (Score-CAM's weights, Ablation-CAM's, the guided methods) hand their NumPy results
+to :func:`native_explanation`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from typing import TYPE_CHECKING, Any
 
@@ -14,6 +22,7 @@ import numpy as np
 
 from .. import core
 from .._errors import AnycamError, ZeroMapWarning, user_stacklevel
+from ..core._namespace import is_numpy, namespace
 from ..protocol.backend import Capture
 from .explanation import Explanation
 
@@ -24,7 +33,50 @@ if TYPE_CHECKING:
 def capture(explainer: Explainer, inputs: Any, spec: core.TargetSpec) -> Explanation:
     """The driver of the one-capture methods: one forward (and backward) pass, then the core's map."""
     gradients = core.METHODS[explainer.method].kind == "gradient"
-    return explanation(explainer, explainer.backend.capture(inputs, spec, gradients=gradients), spec)
+    return explanation(explainer, capture_call(explainer, inputs, spec, gradients=gradients), spec)
+
+
+def capture_call(explainer: Explainer, inputs: Any, spec: core.TargetSpec, *, gradients: bool) -> Capture:
+    """Runs the backend's capture in the Explainer's array mode.
+
+    The ``native`` / ``differentiable`` keywords are passed only when True, so adapters that do
+    not declare those capabilities keep the protocol's original signature.
+    """
+    keywords: dict[str, bool] = {}
+    if explainer.arrays == "native":
+        keywords["native"] = True
+    if explainer.differentiable:
+        keywords["differentiable"] = True
+    return explainer.backend.capture(inputs, spec, gradients=gradients, **keywords)
+
+
+def check_finite(array: Any, what: str, name: str) -> None:
+    """``core.check_finite`` that syncs one boolean for a framework array (the whole array only when it fails)."""
+    if is_numpy(array):
+        core.check_finite(array, what, name)
+        return
+    xp = namespace(array)
+    if bool(xp.all(xp.isfinite(array))):
+        return
+    core.check_finite(host(array), what, name)
+
+
+def host(array: Any) -> np.ndarray:
+    """Returns a framework array as NumPy (error paths and host-only drivers; never in native maps)."""
+    if is_numpy(array):
+        return np.asarray(array)
+    xp = namespace(array)
+    try:
+        import array_api_compat
+
+        array = array_api_compat.to_device(array, "cpu")
+    except Exception:  # JAX and others convert from any device through __array__
+        pass
+    if hasattr(array, "detach"):  # a torch tensor that requires grad refuses __array__
+        array = array.detach()
+    if array.dtype not in (xp.float32, xp.float64, xp.bool, xp.int64, xp.int32):
+        array = xp.astype(array, xp.float32)  # bfloat16 has no NumPy dtype
+    return np.asarray(array)
 
 
 def explanation(explainer: Explainer, capture: Capture, spec: core.TargetSpec) -> Explanation:
@@ -65,11 +117,11 @@ def layer_results(explainer: Explainer, capture: Capture, method: str | None = N
     results = []
     for index, name in enumerate(explainer.layer_names):
         activations = capture.activations[index]
-        core.check_finite(activations, "activations", name)
+        check_finite(activations, "activations", name)
         gradients = None
         if capture.gradients is not None:
             gradients = capture.gradients[index]
-            core.check_finite(gradients, "gradients", name)
+            check_finite(gradients, "gradients", name)
         try:
             results.append(
                 core.layer_cam(
@@ -89,17 +141,23 @@ def layer_results(explainer: Explainer, capture: Capture, method: str | None = N
     return results
 
 
-def warn_zero(explainer: Explainer, cam: np.ndarray, gradients: np.ndarray | None, name: str) -> None:
-    """Warns once per Explainer when a map ``(N, K, *S)`` is flat (its heatmap all zeros)."""
+def warn_zero(explainer: Explainer, cam: Any, gradients: Any, name: str) -> None:
+    """Warns once per Explainer when a map ``(N, K, *S)`` is flat (its heatmap all zeros).
+
+    A framework array costs one boolean sync; the (N, K) flags come to the host only when a map
+    is flat.
+    """
     if explainer.warned_zero:
         return
-    flat = cam.reshape(*cam.shape[:2], -1)
-    dead = flat.max(axis=-1) <= flat.min(axis=-1)
-    if not dead.any():
+    xp = namespace(cam)
+    flat = xp.reshape(cam, (*cam.shape[:2], -1))
+    dead_native = xp.max(flat, axis=-1) <= xp.min(flat, axis=-1)
+    if not bool(xp.any(dead_native)):
         return
+    dead = host(dead_native)
     explainer.warned_zero = True
     sample, target = (int(i) for i in np.argwhere(dead)[0])
-    if gradients is not None and not np.any(gradients[sample, target]):
+    if gradients is not None and not bool(xp.any(gradients[sample, target, ...] != 0)):
         cause = (
             "its gradient is zero: the explained output does not depend on it there (e.g. the last "
             "ViT block after the class token was read, or a head that ignores the patch tokens); explain "
@@ -125,8 +183,8 @@ def assemble(
     capture: Capture,
     spec: core.TargetSpec,
     *,
-    heatmap: np.ndarray | None = None,
-    attribution: np.ndarray | None = None,
+    heatmap: Any = None,
+    attribution: Any = None,
 ) -> Explanation:
     """Returns the Explanation of per-layer maps ``(N, K, *S)``; ``heatmap`` overrides the usual one."""
     count = capture.scores.shape[1]
@@ -142,8 +200,8 @@ def assemble(
         )
     squeeze = spec.squeeze and count == 1
 
-    def shaped(array: np.ndarray | None) -> np.ndarray | None:
-        return array[:, 0] if squeeze and array is not None else array
+    def shaped(array: Any) -> Any:
+        return array[:, 0, ...] if squeeze and array is not None else array
 
     cams = tuple(shaped(r.cam) for r in results)
     target = capture.target
@@ -151,16 +209,42 @@ def assemble(
     # guided-backprop with layer=None/"auto" runs no capture, so no layer is ever chosen: it
     # reads none, and says so with an empty tuple.
     layer: str | tuple[str, ...] = names[0] if explainer.single_layer and names else names
-    return Explanation(
-        heatmap=shaped(heatmap),  # type: ignore[arg-type]
-        cam=cams[0],  # type: ignore[arg-type]
-        cams=cams,  # type: ignore[arg-type]
+    explained = Explanation(
+        heatmap=shaped(heatmap),
+        cam=cams[0],
+        cams=cams,
         weights=shaped(results[0].weights),
-        scores=shaped(capture.scores),  # type: ignore[arg-type]
+        scores=shaped(capture.scores),
         target=shaped(target),
         layer=layer,
         method=explainer.method,
         attribution=shaped(attribution),
+    )
+    if explainer.arrays == "native" and is_numpy(explained.heatmap):
+        return native_explanation(explainer, explained)
+    return explained
+
+
+def native_explanation(explainer: Explainer, explained: Explanation) -> Explanation:
+    """Returns an Explanation computed on the host with its arrays moved to the model's device.
+
+    For the drivers that still compute on the host (the guided methods; Score-CAM and
+    Ablation-CAM where the backend does not build their copies on the device): the
+    ``arrays="native"`` contract is about what the user gets, so it holds for every method.
+    """
+    to = explainer.backend.to_native
+
+    def moved(array: Any) -> Any:
+        return None if array is None else to(np.asarray(array))
+
+    return dataclasses.replace(
+        explained,
+        heatmap=moved(explained.heatmap),
+        cam=moved(explained.cam),
+        cams=tuple(moved(c) for c in explained.cams),
+        weights=moved(explained.weights),
+        scores=moved(explained.scores),
+        attribution=moved(explained.attribution),
     )
 
 

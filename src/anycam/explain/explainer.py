@@ -89,6 +89,14 @@ class Explainer:
         scorecam_top_k: Faster Score-CAM: score only the k channels of largest activation
             variance per sample (the others get weight 0). None scores every channel.
         seed: the seed of ``randomcam``'s weights.
+        arrays: what the Explanation's arrays are: ``"numpy"`` (the default unless
+            ``differentiable=True``: float32 NumPy, computed in float64 on the host) or
+            ``"native"``: heatmap, cam, cams, weights and scores are the model framework's
+            arrays on the model's device, computed there in float32 (float64 only for a float64
+            input); ``target`` stays an int64 NumPy array. See docs/devices.md.
+        differentiable: keep the autodiff graph: the heatmap and cam of the gradient methods
+            (:data:`DIFFERENTIABLE_METHODS`) carry gradients to the model's parameters and
+            input, for use in a training loss. Implies ``arrays="native"``.
         **options: backend-specific options (see each backend's docs).
 
     Raises:
@@ -98,7 +106,8 @@ class Explainer:
         anycam.ConfigError: an unknown method (the message lists them), normalisation,
             upsampling, aggregation, layout or Score-CAM variant; a ``batch_size`` or
             ``scorecam_top_k`` below 1; ``ablationcam`` or ``guided-gradcam`` with more than one
-            layer (also a ``ValueError``).
+            layer (also a ``ValueError``); an unknown ``arrays``; ``differentiable=True`` with
+            ``arrays="numpy"`` or with a method outside :data:`DIFFERENTIABLE_METHODS`.
         anycam.ConfigTypeError: an unknown backend option (also a ``TypeError``).
     """
 
@@ -124,6 +133,8 @@ class Explainer:
         scorecam: str = "probability",
         scorecam_top_k: int | None = None,
         seed: int = 0,
+        arrays: str | None = None,
+        differentiable: bool = False,
         **options: Any,
     ) -> None:
         # Imported here, not at module level: anycam.backends is a sibling folder mapped into
@@ -155,6 +166,7 @@ class Explainer:
         self.scorecam = scorecam
         self.progress = progress
         self.seed = int(seed)
+        self.arrays, self.differentiable = _array_mode(arrays, differentiable, method)
         if method in ("ablationcam", "guided-gradcam") and isinstance(layer, list) and len(layer) != 1:
             raise ConfigError(
                 f"{method} explains one layer, got {len(layer)}; pass a single layer (or one Explainer per layer)"
@@ -166,6 +178,15 @@ class Explainer:
             raise BackendError(
                 f"the {adapter.name} backend cannot run {method}: it does not declare the {needs} capability"
             )
+        for wanted, capability in (
+            (self.arrays == "native", "native_arrays"),
+            (self.differentiable, "differentiable"),
+        ):
+            if wanted and capability not in adapter.capabilities:
+                option = "differentiable=True" if capability == "differentiable" else 'arrays="native"'
+                raise BackendError(
+                    f"the {adapter.name} backend cannot give {option}: it does not declare the {capability} capability"
+                )
         self.spatial_input = spatial_input
         # Passed only when given, so a backend that does not take them yet says so by name.
         if spatial_input is not None:
@@ -236,6 +257,44 @@ class Explainer:
         """
         spec = core.parse_target(target)
         return DRIVERS[core.METHODS[self.method].kind](self, inputs, spec)
+
+
+ARRAYS = ("numpy", "native")
+"""The values of ``Explainer(arrays=...)``."""
+
+DIFFERENTIABLE_METHODS = ("gradcam", "gradcam++", "xgradcam", "hirescam", "layercam", "gradcam-elementwise")
+"""The methods whose maps can carry gradients (``differentiable=True``).
+
+Their maps are compositions of the layer's activations and gradients with products, sums,
+means, ReLU, resizing and min-max scaling, all differentiable almost everywhere. Refused:
+``eigencam``, ``eigengradcam`` and ``kpcacam`` (an SVD or eigendecomposition whose sign rule is
+a discontinuous choice, and whose derivative is unbounded near repeated singular values),
+``randomcam`` (a baseline with random weights: nothing to train towards), ``scorecam`` and
+``ablationcam`` (weights from forward passes of perturbed copies, taken without a graph) and the
+guided methods (guided backpropagation replaces the ReLU's derivative, so it is not the gradient
+of anything)."""
+
+
+def _array_mode(arrays: str | None, differentiable: Any, method: str) -> tuple[str, bool]:
+    """Returns the checked (arrays, differentiable) of an Explainer."""
+    if not isinstance(differentiable, (bool, np.bool_)):
+        raise ConfigTypeError(f"differentiable must be True or False, got {differentiable!r}")
+    differentiable = bool(differentiable)
+    if arrays is None:
+        arrays = "native" if differentiable else "numpy"
+    if arrays not in ARRAYS:
+        raise ConfigError(f"unknown arrays={arrays!r}; choose 'numpy' (the default) or 'native'")
+    if differentiable and arrays == "numpy":
+        raise ConfigError(
+            'differentiable=True keeps the graph in the framework\'s arrays, and arrays="numpy" asks for host '
+            'copies without it; leave arrays out (or pass arrays="native")'
+        )
+    if differentiable and method not in DIFFERENTIABLE_METHODS:
+        raise ConfigError(
+            f"{method} cannot give differentiable maps (see docs/devices.md); the differentiable methods are "
+            f"{', '.join(DIFFERENTIABLE_METHODS)}"
+        )
+    return arrays, differentiable
 
 
 def _positive(name: str, value: int | None) -> int | None:

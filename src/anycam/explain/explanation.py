@@ -11,6 +11,11 @@ import numpy as np
 class Explanation:
     """Everything one call computed.
 
+    With ``Explainer(arrays="native")`` (or ``differentiable=True``) ``heatmap``, ``cam``,
+    ``cams``, ``weights``, ``scores`` and ``attribution`` are the model framework's arrays on the
+    model's device (float32, float64 for a float64 input) instead of NumPy; ``target`` is NumPy
+    in every mode.
+
     Attributes:
         heatmap: ``(N, *input_spatial)`` or ``(N, K, *input_spatial)`` float32 in [0, 1].
         cam: the raw map of the (first) layer, ReLU(Σ_k α_k A^k) at layer resolution, not
@@ -63,7 +68,9 @@ class Explanation:
 
         if self.heatmap.ndim not in (3, 4):
             return None
-        shown = {f"{self.method} @ {self.layer}": self.heatmap[:8]}
+        from .assembly import host
+
+        shown = {f"{self.method} @ {self.layer}": host(self.heatmap[:8])}
         try:
             return to_png(plot(None, shown, colorbar=True), dpi=72)
         except MissingExtraError:

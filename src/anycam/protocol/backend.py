@@ -23,6 +23,10 @@ from ..core.targets import TargetSpec
 class Capture:
     """What one forward (and backward) pass of a backend hands to the core.
 
+    Arrays are float32 NumPy, unless the capture was asked for ``native=True``: then
+    ``activations``, ``gradients`` and ``scores`` are the framework's arrays on the model's device
+    (``target`` stays NumPy).
+
     Attributes:
         activations: per layer, ``(N, ...)`` float32 in the layer's own layout.
         gradients: per layer, ``(N, K, ...)`` float32 (∂ score_k / ∂ activations), or None when
@@ -44,9 +48,9 @@ class Capture:
             with it when the input turns out to be in the other layout.
     """
 
-    activations: tuple[np.ndarray, ...]
-    gradients: tuple[np.ndarray, ...] | None
-    scores: np.ndarray
+    activations: tuple[Any, ...]
+    gradients: tuple[Any, ...] | None
+    scores: Any
     target: np.ndarray | None
     input_spatial: tuple[int, ...]
     layouts: tuple[str | None, ...]
@@ -90,6 +94,9 @@ CAPABILITIES: Mapping[str, tuple[str, ...]] = {
     "ablation_head": ("ablation_head",),
     "guided_gradients": ("guided_gradients",),
     "randomize": ("parameter_layers", "randomized"),
+    # -- issue 21: maps where the model runs (native block) --
+    "native_arrays": ("capture", "to_native"),
+    "differentiable": ("capture",),
 }
 """The optional capabilities an adapter may declare, each with the verbs that implement it.
 
@@ -98,6 +105,12 @@ and the metrics, ``head_scores`` Ablation-CAM's copies (any one of its three ver
 others have defaults built on it), ``ablation_head`` Ablation-CAM's closed form (optional: the
 copies are the fallback), ``guided_gradients`` the guided methods, ``randomize`` the sanity check
 (both verbs).
+
+Native block (issue 21): ``native_arrays`` — :meth:`Backend.capture` takes ``native=True`` and
+returns the framework's arrays on the model's device, and :meth:`Backend.to_native` turns a
+host array into one (for the drivers that still compute on the host); ``differentiable`` —
+``capture`` takes ``differentiable=True`` and keeps the autodiff graph. ``capture`` is required
+of every adapter, so declaring these is the promise that its keywords work.
 """
 
 
@@ -172,7 +185,28 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def capture(self, inputs: Any, target: TargetSpec, *, gradients: bool = True) -> Capture:
-        """Runs the model once on ``inputs`` and returns what the core needs."""
+        """Runs the model once on ``inputs`` and returns what the core needs.
+
+        An adapter that declares ``native_arrays`` / ``differentiable`` adds the keywords
+        ``native: bool = False`` / ``differentiable: bool = False`` to its ``capture``; the
+        Explainer passes them only when they are True, so adapters without the capabilities keep
+        this signature.
+
+        Args:
+            inputs: the batch as the user gave it.
+            target: the parsed target.
+            gradients: compute the gradients of the scores with respect to the layers.
+            native: (capability ``native_arrays``) activations, gradients and scores are the
+                framework's arrays on the model's device, float32 (the model's float16/bfloat16
+                cast to float32 on the device; float64 stays float64); ``target`` stays an int64
+                NumPy array. False: float32 NumPy, as always. An adapter without the capability
+                is never called with True and may omit the keyword.
+            differentiable: (capability ``differentiable``; implies ``native``) activations and
+                gradients stay attached to the autodiff graph, so that what the core computes
+                from them is differentiable with respect to the model's parameters and input
+                (torch: ``create_graph=True``, no detach; TensorFlow: recorded by the caller's
+                outer tape; JAX: a traceable function of the parameters and inputs).
+        """
 
     @abc.abstractmethod
     def predict(self, inputs: Any) -> np.ndarray:
@@ -273,6 +307,10 @@ class Backend(abc.ABC):
         ablated copy.
         """
         return None
+
+    def to_native(self, array: np.ndarray) -> Any:
+        """Returns a host array as the framework's array on the model's device (``native_arrays``)."""
+        raise UnsupportedError(f"the {self.name} backend has no native arrays")
 
     def input_scores(
         self, inputs: Any, target: TargetSpec, indices: np.ndarray | None, *, probabilities: bool = False
@@ -438,6 +476,8 @@ EXPLAINER_ARGUMENTS = (
     "scorecam",
     "scorecam_top_k",
     "seed",
+    "arrays",
+    "differentiable",
 )
 """``anycam.Explainer``'s own arguments, for the near-miss hint of an unknown option (kept equal by a test)."""
 
