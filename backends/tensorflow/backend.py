@@ -128,7 +128,10 @@ class TensorFlowBackend(Backend):
     """
 
     name = "tensorflow"
-    capabilities = frozenset({"input_scores", "head_scores", "ablation_head", "guided_gradients", "randomize"})
+    capabilities = frozenset(
+        {"input_scores", "head_scores", "ablation_head", "guided_gradients", "randomize"}
+        | {"native_arrays", "differentiable"}  # issue 21: capture(native=, differentiable=), to_native
+    )
 
     def __init__(
         self,
@@ -210,9 +213,27 @@ class TensorFlowBackend(Backend):
 
     # -- the verbs, each delegating to the module of its capability -------------------------
 
-    def capture(self, inputs: Any, target: TargetSpec, *, gradients: bool = True) -> Capture:
-        """Runs the model once: the layers' activations and, per target, their gradients (``capture``)."""
-        return capture.capture(self, inputs, target, gradients=gradients)
+    # -- issue 21: native and differentiable captures (c21-core-tf) --
+
+    def capture(
+        self,
+        inputs: Any,
+        target: TargetSpec,
+        *,
+        gradients: bool = True,
+        native: bool = False,
+        differentiable: bool = False,
+    ) -> Capture:
+        """Runs the model once; ``native``: tf.Tensor arrays on the model's device; ``differentiable``: under the caller's tape."""
+        return capture.capture(self, inputs, target, gradients=gradients, native=native, differentiable=differentiable)
+
+    def to_native(self, array: np.ndarray) -> tf.Tensor:
+        """Returns a host array as a tensor on the device the model's variables live on."""
+        variables = getattr(self.model, "variables", None) or []
+        with tf.device(getattr(variables[0], "device", None) if variables else None):
+            return tf.constant(np.ascontiguousarray(array))
+
+    # -- end of issue 21 block --
 
     def predict(self, inputs: Any) -> np.ndarray:
         """Returns the (selected) model output as float32 NumPy (``capture``)."""
