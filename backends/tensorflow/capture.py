@@ -354,14 +354,14 @@ def capture(
 
     ``native``: the arrays stay ``tf.Tensor`` on the model's device, float32 (no NumPy copy; the
     (N, K) class indices come back to the host, and nothing else). ``differentiable`` (implies
-    native): the pass runs eagerly, not compiled, so that a ``tf.GradientTape`` the caller holds
-    records the forward pass and the inner tape's backward pass (nested tapes): the activations
-    and gradients, and every map the core computes from them, are differentiable with respect
-    to the model's variables and a watched input.
+    native): a ``tf.GradientTape`` the caller holds records the compiled pass, the inner tape's
+    backward pass included (nested tapes): the activations and gradients, and every map the core
+    computes from them, are differentiable with respect to the model's variables and a watched
+    input.
     """
     structure = structured(backend, inputs)
     with naming_inputs(structure):
-        return _capture(backend, structure, target, gradients, native or differentiable, differentiable)
+        return _capture(backend, structure, target, gradients, native or differentiable)
 
 
 def _capture(
@@ -370,7 +370,6 @@ def _capture(
     target: TargetSpec,
     gradients: bool,
     native: bool = False,
-    differentiable: bool = False,
 ) -> Capture:
     x = ready(backend, structure)
     spatial = structure.spatial_value
@@ -384,14 +383,11 @@ def _capture(
     else:
         given = given_indices(target, batch)
         kind, param, extra = "indices", given.shape[1], [tf.constant(given)]
-    if differentiable:
-        # Eager, under the caller's tape: a compiled call would hide the inner backward pass.
-        leaves, grads, scores, chosen, outputs = run(
-            backend, lambda: program._capture(kind, param, gradients, x, *extra), structure
-        )
-    else:
-        compiled = run(backend, lambda: program.function(kind, param, gradients, x), structure)
-        leaves, grads, scores, chosen, outputs = run(backend, lambda: compiled(x, *extra), structure)
+    # Differentiable needs nothing more: a caller's tape records the compiled call, and TF
+    # differentiates a tf.function's graph, the inner tape's backward pass included (second
+    # order through the layer's gradient). The captured tensors are not detached anywhere.
+    compiled = run(backend, lambda: program.function(kind, param, gradients, x), structure)
+    leaves, grads, scores, chosen, outputs = run(backend, lambda: compiled(x, *extra), structure)
     if native:
         indices = native_targets(scores, chosen, outputs, target, batch)
         return Capture(
