@@ -68,10 +68,11 @@ from .. import _keras
 from . import capture, guided, head, pooled, randomize
 from .capture import Program, keras_program
 from .layers import PairForward
+from .namespace import register as _register_namespace
 
-# Issue 21 (c21-core-tf): loading the backend registers the TF namespace of the core, so
-# anycam.core computes on tf.Tensor arrays (native outputs) without a copy to NumPy.
-from . import namespace as _namespace  # noqa: E402,F401  (registers on import)
+# Issue 21 (c21-core-tf): the core computes on tf.Tensor arrays (native outputs) with the TF
+# namespace, registered when the backend loads (the module registers on import; explicit here).
+_register_namespace()
 
 
 def _keras_backend_check() -> None:
@@ -224,7 +225,7 @@ class TensorFlowBackend(Backend):
         native: bool = False,
         differentiable: bool = False,
     ) -> Capture:
-        """Runs the model once; ``native``: tf.Tensor arrays on the model's device; ``differentiable``: under the caller's tape."""
+        """Runs the model once (``native``: tf.Tensor arrays on the model's device; ``differentiable``: taped)."""
         return capture.capture(self, inputs, target, gradients=gradients, native=native, differentiable=differentiable)
 
     def to_native(self, array: np.ndarray) -> tf.Tensor:

@@ -376,6 +376,7 @@ def _capture(
     batch = int(spatial.shape[0])
     program = backend._program
     extra: list[Any] = []
+    param: Any
     if target.kind == "callable":
         kind, param = "callable", target.fn
     elif target.kind in ("argmax", "topk"):

@@ -19,6 +19,7 @@ Deviations from the standard, all outside what the core relies on: ``max``/``min
 
 from __future__ import annotations
 
+import builtins
 from collections.abc import Sequence
 from types import SimpleNamespace
 from typing import Any
@@ -31,7 +32,8 @@ from anycam.core import _namespace
 __all__ = ["register"]
 
 float16, bfloat16, float32, float64 = tf.float16, tf.bfloat16, tf.float32, tf.float64
-int8, int32, int64, bool = tf.int8, tf.int32, tf.int64, tf.bool  # noqa: A001 (the standard's name)
+# The standard's names, shadowing builtins inside this module only (annotations use builtins.bool).
+int8, int32, int64, bool = tf.int8, tf.int32, tf.int64, tf.bool
 
 _LOG2 = float(np.log(2.0))
 
@@ -45,7 +47,7 @@ def device(x: tf.Tensor) -> str:
     return str(getattr(x, "device", "") or "")
 
 
-def is_concrete(x: tf.Tensor) -> bool:
+def is_concrete(x: tf.Tensor) -> builtins.bool:
     """Whether ``x`` holds values (an eager tensor), not a symbolic tensor of a ``tf.function`` graph."""
     return not tf.is_symbolic_tensor(x)
 
@@ -60,7 +62,7 @@ def asarray(obj: Any, /, *, dtype: Any = None, device: Any = None, copy: Any = N
         return tf.constant(values)
 
 
-def astype(x: tf.Tensor, dtype: Any, /, *, copy: bool = True) -> tf.Tensor:
+def astype(x: tf.Tensor, dtype: Any, /, *, copy: builtins.bool = True) -> tf.Tensor:
     """Returns ``x`` cast to ``dtype``."""
     return x if x.dtype == dtype else tf.cast(x, dtype)
 
@@ -118,7 +120,7 @@ def where(condition: tf.Tensor, x1: tf.Tensor, x2: tf.Tensor, /) -> tf.Tensor:
     return tf.where(condition, x1, x2)
 
 
-def clip(x: tf.Tensor, /, min: float, max: float) -> tf.Tensor:  # noqa: A002 (the standard's names)
+def clip(x: tf.Tensor, /, min: float, max: float) -> tf.Tensor:
     """Returns ``x`` clipped to [min, max]."""
     return tf.clip_by_value(x, tf.cast(min, x.dtype), tf.cast(max, x.dtype))
 
@@ -134,37 +136,37 @@ def maximum(x1: tf.Tensor, x2: tf.Tensor, /) -> tf.Tensor:
     return tf.where(tf.math.is_nan(x1), x1, tf.maximum(x1, x2))
 
 
-def sum(x: tf.Tensor, /, *, axis: Any = None, keepdims: bool = False) -> tf.Tensor:  # noqa: A001
+def sum(x: tf.Tensor, /, *, axis: Any = None, keepdims: builtins.bool = False) -> tf.Tensor:
     """Returns the sum over ``axis``."""
     return tf.reduce_sum(x, axis=_axes(axis), keepdims=keepdims)
 
 
-def mean(x: tf.Tensor, /, *, axis: Any = None, keepdims: bool = False) -> tf.Tensor:
+def mean(x: tf.Tensor, /, *, axis: Any = None, keepdims: builtins.bool = False) -> tf.Tensor:
     """Returns the mean over ``axis``."""
     return tf.reduce_mean(x, axis=_axes(axis), keepdims=keepdims)
 
 
-def max(x: tf.Tensor, /, *, axis: Any = None, keepdims: bool = False) -> tf.Tensor:  # noqa: A001
+def max(x: tf.Tensor, /, *, axis: Any = None, keepdims: builtins.bool = False) -> tf.Tensor:
     """Returns the maximum over ``axis``."""
     return tf.reduce_max(x, axis=_axes(axis), keepdims=keepdims)
 
 
-def min(x: tf.Tensor, /, *, axis: Any = None, keepdims: bool = False) -> tf.Tensor:  # noqa: A001
+def min(x: tf.Tensor, /, *, axis: Any = None, keepdims: builtins.bool = False) -> tf.Tensor:
     """Returns the minimum over ``axis``."""
     return tf.reduce_min(x, axis=_axes(axis), keepdims=keepdims)
 
 
-def all(x: tf.Tensor, /, *, axis: Any = None, keepdims: bool = False) -> tf.Tensor:  # noqa: A001
+def all(x: tf.Tensor, /, *, axis: Any = None, keepdims: builtins.bool = False) -> tf.Tensor:
     """Returns whether every element over ``axis`` is true."""
     return tf.reduce_all(tf.cast(x, tf.bool), axis=_axes(axis), keepdims=keepdims)
 
 
-def any(x: tf.Tensor, /, *, axis: Any = None, keepdims: bool = False) -> tf.Tensor:  # noqa: A001
+def any(x: tf.Tensor, /, *, axis: Any = None, keepdims: builtins.bool = False) -> tf.Tensor:
     """Returns whether some element over ``axis`` is true."""
     return tf.reduce_any(tf.cast(x, tf.bool), axis=_axes(axis), keepdims=keepdims)
 
 
-def abs(x: tf.Tensor, /) -> tf.Tensor:  # noqa: A001
+def abs(x: tf.Tensor, /) -> tf.Tensor:
     """Returns |x|."""
     return tf.abs(x)
 
@@ -199,7 +201,7 @@ def isnan(x: tf.Tensor, /) -> tf.Tensor:
     return tf.math.is_nan(x)
 
 
-def _svd(x: tf.Tensor, /, *, full_matrices: bool = True) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+def _svd(x: tf.Tensor, /, *, full_matrices: builtins.bool = True) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
     # The standard's order and Vᴴ; tf.linalg.svd returns (s, u, v).
     s, u, v = tf.linalg.svd(x, full_matrices=full_matrices)
     return u, s, tf.linalg.matrix_transpose(v)

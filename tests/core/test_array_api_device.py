@@ -16,7 +16,13 @@ from anycam import NonFiniteError, core
 
 pytest.importorskip("array_api_compat")
 
-from .test_array_api import SUM_METHODS, kind, to_numpy  # noqa: E402,F401  (fixture re-used)
+from .test_array_api import NAMESPACES, SUM_METHODS, to_numpy
+
+
+@pytest.fixture(params=sorted(NAMESPACES))
+def kind(request: pytest.FixtureRequest) -> Any:
+    """(to the namespace, is an array of it) for each namespace that can be imported."""
+    return NAMESPACES[request.param]()
 
 
 def _message(array: Any) -> str:
@@ -99,7 +105,9 @@ def test_resize_under_jax_jit_caches_no_tracer():
         np.testing.assert_allclose(np.asarray(jitted(jnp.asarray(maps))), core.resize(maps, (9, 17)), atol=1e-6)
     assert all("Tracer" not in type(m).__name__ for m in resize_module._DEVICE_MATRICES.values())
     # After the traces, an eager call still works (a leaked tracer would raise here).
-    np.testing.assert_allclose(np.asarray(core.resize(jnp.asarray(maps), (9, 17))), core.resize(maps, (9, 17)), atol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(core.resize(jnp.asarray(maps), (9, 17))), core.resize(maps, (9, 17)), atol=1e-6
+    )
 
 
 def overflowing_capture(seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -17,8 +17,9 @@ import pytest
 tf = pytest.importorskip("tensorflow")
 pytest.importorskip("array_api_compat")
 
-from anycam import InputError, core  # noqa: E402
 from anycam.backends.tensorflow import namespace as tf_namespace  # noqa: E402  (registers the namespace)
+
+from anycam import InputError, core  # noqa: E402
 from anycam.core import _namespace  # noqa: E402
 
 from ..core import test_array_api as shared  # noqa: E402
@@ -89,7 +90,9 @@ def test_the_core_runs_inside_a_tf_function(method):
 
     cam, heat = explain(tf.constant(acts), tf.constant(grads))
     expected = core.layer_cam(method, acts, grads, "channels_first", count=k)
-    scale = shared.scale_of(method, acts, grads) if method in shared.SUM_METHODS else float(np.max(np.abs(expected.cam)))
+    scale = (
+        shared.scale_of(method, acts, grads) if method in shared.SUM_METHODS else float(np.max(np.abs(expected.cam)))
+    )
     np.testing.assert_allclose(cam.numpy(), expected.cam, rtol=shared.RTOL, atol=1e-5 * scale)
     np.testing.assert_allclose(heat.numpy(), core.heatmaps([expected.cam], (9, 11)), atol=1e-5)
 

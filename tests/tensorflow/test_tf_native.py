@@ -8,7 +8,7 @@ with nested tapes (second-order gradients through the layer's gradient), with pl
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -166,7 +166,9 @@ def hand_written_cam(model: Any, x: Any, target: int, method: str) -> Any:
     elif method == "gradcam-elementwise":
         cam = tf.reduce_sum(tf.nn.relu(g * a), axis=-1)
     elif method == "xgradcam":
-        weights = tf.reduce_sum(g * a, axis=(1, 2), keepdims=True) / (tf.reduce_sum(a, axis=(1, 2), keepdims=True) + 1e-7)
+        weights = tf.reduce_sum(g * a, axis=(1, 2), keepdims=True) / (
+            tf.reduce_sum(a, axis=(1, 2), keepdims=True) + 1e-7
+        )
         cam = tf.reduce_sum(weights * a, axis=-1)
     elif method == "gradcam++":
         sums = tf.reduce_sum(a, axis=(1, 2), keepdims=True)

@@ -65,19 +65,19 @@ _DEVICE_MATRICES_LIMIT = 64
 
 
 def device_matrix(xp: Any, size_in: int, size_out: int, mode: str, dtype: Any, device: Any) -> Any:
-    """Returns :func:`interpolation_matrix` transposed, ``(size_in, size_out)``, as an array of ``xp`` on ``device``, cached.
+    """Returns :func:`interpolation_matrix` transposed, ``(size_in, size_out)``, in ``xp`` on ``device``, cached.
 
     Built once per (namespace, sizes, mode, dtype, device) on the host and copied over; later
     calls reuse the device copy (no host-to-device copy per call). Arrays that are not concrete
     (made while ``jax.jit`` traces or inside a ``tf.function`` graph) are never cached: they
     live only in their trace.
     """
+    key: tuple[Any, ...] | None = (xp, size_in, size_out, mode, dtype, device)
     try:
-        key: tuple[Any, ...] | None = (xp, size_in, size_out, mode, dtype, device)
         cached = _DEVICE_MATRICES.get(key)  # type: ignore[arg-type]
     except TypeError:  # a namespace with unhashable devices or dtypes: no cache
         key, cached = None, None
-    if cached is not None:
+    if key is not None and cached is not None:
         _DEVICE_MATRICES.move_to_end(key)
         return cached
     # A writable copy: torch warns on read-only NumPy memory (the host cache's matrices are frozen).
