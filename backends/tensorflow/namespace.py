@@ -115,6 +115,11 @@ def stack(arrays: Sequence[tf.Tensor], /, *, axis: int = 0) -> tf.Tensor:
     return tf.stack(list(arrays), axis=axis)
 
 
+def concat(arrays: Sequence[tf.Tensor], /, *, axis: int = 0) -> tf.Tensor:
+    """Returns the tensors joined along an existing axis."""
+    return tf.concat(list(arrays), axis=axis)
+
+
 def where(condition: tf.Tensor, x1: tf.Tensor, x2: tf.Tensor, /) -> tf.Tensor:
     """Returns ``x1`` where ``condition`` holds, else ``x2`` (broadcasting)."""
     return tf.where(condition, x1, x2)

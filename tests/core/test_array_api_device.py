@@ -16,7 +16,7 @@ from anycam import NonFiniteError, core
 
 pytest.importorskip("array_api_compat")
 
-from .test_array_api import NAMESPACES, SUM_METHODS, to_numpy
+from .test_array_api import NAMESPACES, SUM_METHODS, leading_component, to_numpy
 
 
 @pytest.fixture(params=sorted(NAMESPACES))
@@ -156,3 +156,37 @@ def test_power_of_two_scaling_leaves_ordinary_maps_bit_identical(method):
     else:
         cam = core.layer_cam(method, acts[:, 0], grads, "channels_first", count=2).cam
         assert torch.isfinite(cam).all()
+
+
+def test_kpcacam_builds_its_kernels_in_chunks_that_fit_the_budget(kind, monkeypatch):
+    """B × Z × Z kernels are built a few samples at a time; the maps equal NumPy's per-sample loop."""
+    convert, _ = kind
+    methods = importlib.import_module("anycam.core.methods")
+    acts, _ = leading_component(9)
+    acts = np.concatenate([acts, leading_component(10)[0], acts[:1]])  # 5 samples, Z = 35
+    kernel = 35 * 35 * 4
+    monkeypatch.setattr(methods, "KPCA_KERNEL_BYTES", 2 * kernel)  # 2 samples per chunk: 3 chunks
+    expected = core.kpcacam(acts, rectify=False)
+    result = core.kpcacam(convert(acts), rectify=False)
+    scale = float(np.abs(expected).max())
+    np.testing.assert_allclose(to_numpy(result), expected, rtol=1e-5, atol=1e-5 * scale)
+
+
+def test_kpcacam_chunks_call_eigh_once_per_chunk(monkeypatch):
+    torch = pytest.importorskip("torch")
+    from torch.overrides import TorchFunctionMode
+
+    methods = importlib.import_module("anycam.core.methods")
+    sizes: list[int] = []
+
+    class Record(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            if getattr(func, "__name__", "") == "linalg_eigh":
+                sizes.append(int(args[0].shape[0]))
+            return func(*args, **(kwargs or {}))
+
+    acts = torch.from_numpy(np.concatenate([leading_component(9)[0]] * 3))  # 6 samples, Z = 35
+    monkeypatch.setattr(methods, "KPCA_KERNEL_BYTES", 4 * 35 * 35 * 4)
+    with Record():
+        core.kpcacam(acts)
+    assert sizes == [4, 2]

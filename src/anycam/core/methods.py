@@ -284,13 +284,34 @@ def _positive_correlation(xp: Any, projection: Any, points: Any) -> Any:
     return xp.where(flip, -projection, projection)
 
 
+# KPCA-CAM's batched kernels are B × Z × Z: at most this many bytes of kernel are built at once
+# (Z = 8192 in float32 is 256 MiB per sample); larger batches are computed in chunks of samples.
+KPCA_KERNEL_BYTES = 2**28
+
+
 def _kpcacam_xp(xp: Any, acts: Any, lead: tuple[int, ...], spatial: tuple[int, ...], scale: float, coef0: float) -> Any:
     """Returns :func:`kpcacam`'s signed map on an array-API array: batched kernels and ``eigh``.
 
     The NumPy path's skips (λ₁ ≤ 0, an all-zero sample) become a mask applied to the result.
+    Samples are taken in chunks whose kernels fit :data:`KPCA_KERNEL_BYTES` (a static split, so
+    it also runs under ``jax.jit``).
     """
-    channels = acts.shape[len(lead)]
-    points = xp.permute_dims(xp.reshape(acts, (-1, channels, math.prod(spatial))), (0, 2, 1))  # (B, Z, C)
+    channels, positions = acts.shape[len(lead)], math.prod(spatial)
+    points = xp.permute_dims(xp.reshape(acts, (-1, channels, positions)), (0, 2, 1))  # (B, Z, C)
+    samples = int(points.shape[0])
+    itemsize = 8 if acts.dtype == xp.float64 else 4
+    chunk = max(1, KPCA_KERNEL_BYTES // (positions * positions * itemsize))
+    if samples > chunk:
+        parts = [
+            _kpca_projection(xp, points[start : min(start + chunk, samples), ...], scale, coef0)
+            for start in range(0, samples, chunk)
+        ]
+        return xp.reshape(xp.concat(parts, axis=0), (*lead, *spatial))
+    return xp.reshape(_kpca_projection(xp, points, scale, coef0), (*lead, *spatial))
+
+
+def _kpca_projection(xp: Any, points: Any, scale: float, coef0: float) -> Any:
+    """Returns the signed KPCA-CAM projections ``(B, Z)`` of ``(B, Z, C)`` points."""
     centred = points - xp.mean(points, axis=1, keepdims=True)
     kernel = xp.tanh(scale * xp.matmul(centred, xp.permute_dims(centred, (0, 2, 1))) + coef0)
     kernel = (
@@ -303,8 +324,7 @@ def _kpcacam_xp(xp: Any, acts: Any, lead: tuple[int, ...], spatial: tuple[int, .
     top = values[:, -1:]  # (B, 1), eigenvalues ascending
     keep = (top > 0) & xp.any(centred != 0, axis=(1, 2))[:, None]
     projection = vectors[:, :, -1] * xp.sqrt(xp.where(keep, top, constant(xp, 0.0, top)))
-    projection = xp.where(keep, _positive_correlation(xp, projection, points), constant(xp, 0.0, projection))
-    return xp.reshape(projection, (*lead, *spatial))
+    return xp.where(keep, _positive_correlation(xp, projection, points), constant(xp, 0.0, projection))
 
 
 def gradcam_elementwise(
