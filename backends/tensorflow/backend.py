@@ -68,6 +68,11 @@ from .. import _keras
 from . import capture, guided, head, pooled, randomize
 from .capture import Program, keras_program
 from .layers import PairForward
+from .namespace import register as _register_namespace
+
+# Issue 21 (c21-core-tf): the core computes on tf.Tensor arrays (native outputs) with the TF
+# namespace, registered when the backend loads (the module registers on import; explicit here).
+_register_namespace()
 
 
 def _keras_backend_check() -> None:
@@ -126,6 +131,7 @@ class TensorFlowBackend(Backend):
     name = "tensorflow"
     capabilities = frozenset(
         {"input_scores", "head_scores", "ablation_head", "guided_gradients", "randomize", "attention"}
+        | {"native_arrays", "differentiable"}  # issue 21: capture(native=, differentiable=), to_native
     )
 
     def __init__(
@@ -208,9 +214,27 @@ class TensorFlowBackend(Backend):
 
     # -- the verbs, each delegating to the module of its capability -------------------------
 
-    def capture(self, inputs: Any, target: TargetSpec, *, gradients: bool = True) -> Capture:
-        """Runs the model once: the layers' activations and, per target, their gradients (``capture``)."""
-        return capture.capture(self, inputs, target, gradients=gradients)
+    # -- issue 21: native and differentiable captures (c21-core-tf) --
+
+    def capture(
+        self,
+        inputs: Any,
+        target: TargetSpec,
+        *,
+        gradients: bool = True,
+        native: bool = False,
+        differentiable: bool = False,
+    ) -> Capture:
+        """Runs the model once (``native``: tf.Tensor arrays on the model's device; ``differentiable``: taped)."""
+        return capture.capture(self, inputs, target, gradients=gradients, native=native, differentiable=differentiable)
+
+    def to_native(self, array: np.ndarray) -> tf.Tensor:
+        """Returns a host array as a tensor on the device the model's variables live on."""
+        variables = getattr(self.model, "variables", None) or []
+        with tf.device(getattr(variables[0], "device", None) if variables else None):
+            return tf.constant(np.ascontiguousarray(array))
+
+    # -- end of issue 21 block --
 
     def predict(self, inputs: Any) -> np.ndarray:
         """Returns the (selected) model output as float32 NumPy (``capture``)."""

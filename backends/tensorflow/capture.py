@@ -341,28 +341,67 @@ def resolved(target: TargetSpec, indices: np.ndarray | None, batch: int) -> tupl
     return "indices", indices.shape[1], [tf.constant(indices.astype(np.int64))]
 
 
-def capture(backend: TensorFlowBackend, inputs: Any, target: TargetSpec, *, gradients: bool = True) -> Capture:
-    """Runs the model once: the layers' activations and, per target, their gradients."""
+def capture(
+    backend: TensorFlowBackend,
+    inputs: Any,
+    target: TargetSpec,
+    *,
+    gradients: bool = True,
+    native: bool = False,
+    differentiable: bool = False,
+) -> Capture:
+    """Runs the model once: the layers' activations and, per target, their gradients.
+
+    ``native``: the arrays stay ``tf.Tensor`` on the model's device, float32 (no NumPy copy; the
+    (N, K) class indices come back to the host, and nothing else). ``differentiable`` (implies
+    native): a ``tf.GradientTape`` the caller holds records the compiled pass, the inner tape's
+    backward pass included (nested tapes): the activations and gradients, and every map the core
+    computes from them, are differentiable with respect to the model's variables and a watched
+    input.
+    """
     structure = structured(backend, inputs)
     with naming_inputs(structure):
-        return _capture(backend, structure, target, gradients)
+        return _capture(backend, structure, target, gradients, native or differentiable)
 
 
-def _capture(backend: TensorFlowBackend, structure: ModelInputs, target: TargetSpec, gradients: bool) -> Capture:
+def _capture(
+    backend: TensorFlowBackend,
+    structure: ModelInputs,
+    target: TargetSpec,
+    gradients: bool,
+    native: bool = False,
+) -> Capture:
     x = ready(backend, structure)
     spatial = structure.spatial_value
     batch = int(spatial.shape[0])
+    program = backend._program
+    extra: list[Any] = []
+    param: Any
     if target.kind == "callable":
-        compiled = run(backend, lambda: backend._program.function("callable", target.fn, gradients, x), structure)
-        leaves, grads, scores, chosen, outputs = run(backend, lambda: compiled(x), structure)
+        kind, param = "callable", target.fn
     elif target.kind in ("argmax", "topk"):
-        k = 1 if target.kind == "argmax" else target.k
-        compiled = run(backend, lambda: backend._program.function("topk", k, gradients, x), structure)
-        leaves, grads, scores, chosen, outputs = run(backend, lambda: compiled(x), structure)
+        kind, param = "topk", 1 if target.kind == "argmax" else target.k
     else:
         given = given_indices(target, batch)
-        compiled = run(backend, lambda: backend._program.function("indices", given.shape[1], gradients, x), structure)
-        leaves, grads, scores, chosen, outputs = run(backend, lambda: compiled(x, tf.constant(given)), structure)
+        kind, param, extra = "indices", given.shape[1], [tf.constant(given)]
+    # Differentiable needs nothing more: a caller's tape records the compiled call, and TF
+    # differentiates a tf.function's graph, the inner tape's backward pass included (second
+    # order through the layer's gradient). The captured tensors are not detached anywhere.
+    compiled = run(backend, lambda: program.function(kind, param, gradients, x), structure)
+    leaves, grads, scores, chosen, outputs = run(backend, lambda: compiled(x, *extra), structure)
+    if native:
+        indices = native_targets(scores, chosen, outputs, target, batch)
+        return Capture(
+            activations=tuple(leaves),
+            # (K, N, ...) → (N, K, ...) on the device.
+            gradients=None if grads is None else tuple(tf.transpose(g, [1, 0, *range(2, g.shape.rank)]) for g in grads),
+            scores=scores,
+            target=indices,
+            input_spatial=spatial_shape(tuple(spatial.shape), backend.input_layout),
+            layouts=backend.layouts,
+            input_shape=tuple(spatial.shape),
+            input_layout=backend.input_layout,
+        )
     scores_np, indices = resolved_targets(scores, chosen, outputs, target, batch)
     return Capture(
         activations=tuple(as_numpy(a) for a in leaves),
@@ -374,6 +413,23 @@ def _capture(backend: TensorFlowBackend, structure: ModelInputs, target: TargetS
         input_shape=tuple(spatial.shape),
         input_layout=backend.input_layout,
     )
+
+
+def native_targets(scores: Any, chosen: Any, outputs: Any, target: TargetSpec, batch: int) -> np.ndarray | None:
+    """Returns the (N, K) int64 class indices of a native capture: the only values read back to the host.
+
+    Given indices are range-checked against the output's shape alone (``resolve_indices`` reads
+    nothing else of it for them), so the (N, classes) output stays on the device.
+    """
+    if outputs is not None:
+        return resolve_indices(target, np.broadcast_to(np.float32(0), tuple(int(d) for d in outputs.shape)))
+    if chosen is not None:
+        return np.asarray(chosen.numpy(), dtype=np.int64)
+    if int(scores.shape[0]) != batch:
+        raise TargetError(
+            f"a callable target must return (N,) or (N, K) scores with N={batch}, got {int(scores.shape[0])} rows"
+        )
+    return None
 
 
 def predict(backend: TensorFlowBackend, inputs: Any) -> np.ndarray:

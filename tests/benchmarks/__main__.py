@@ -60,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         "jax_methods",
         "native_jax",
         "road",
+        "attention",
         "ray",
     ]
     parser.add_argument("frameworks", nargs="*", default=everything)

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from .._errors import ConfigError
-from ._namespace import as_float, compute_dtype, constant, device_of, is_numpy, namespace
+from ._namespace import as_float, compute_dtype, constant, device_of, is_numpy, namespace, unit_scaled
 
 _F = np.float64
 
@@ -45,10 +45,16 @@ def _weighted_sum(activations: np.ndarray, weights: np.ndarray, channel_axis: in
     channel_axis = channel_axis % acts.ndim
     spatial = tuple(acts.shape[channel_axis + 1 :])
     flat = xp.reshape(acts, (*acts.shape[: channel_axis + 1], -1))
-    if xp is not np and is_numpy(weights):
+    if xp is np:
+        summed = np.matmul(np.asarray(weights, dtype)[..., None, :], flat)[..., 0, :]
+        return summed.reshape(*summed.shape[:-1], *spatial)
+    if is_numpy(weights):
         # Host weights (a user's class weights, RandomCAM's) go to the activations' device once.
         weights = xp.asarray(np.asarray(weights), dtype=dtype, device=device_of(acts))
-    summed = xp.matmul(as_float(xp, weights, dtype)[..., None, :], flat)[..., 0, :]
+    # Exact power-of-two scaling keeps float32 products from overflowing (see _namespace.unit_scaled).
+    weights, weight_factor = unit_scaled(xp, as_float(xp, weights, dtype), (-1,))
+    flat, act_factor = unit_scaled(xp, flat, (-2, -1))
+    summed = xp.matmul(weights[..., None, :], flat)[..., 0, :] * weight_factor * act_factor[..., 0]
     return xp.reshape(summed, (*summed.shape[:-1], *spatial))
 
 
@@ -79,7 +85,10 @@ def gradcam_weights(gradients: np.ndarray, channel_axis: int = 1) -> np.ndarray:
         grads = np.asarray(gradients)
         return np.asarray(np.mean(grads, axis=_spatial_axes(grads, channel_axis), dtype=_F))
     grads = as_float(xp, gradients, compute_dtype(xp, gradients))
-    return xp.mean(grads, axis=_spatial_axes(grads, channel_axis))
+    axes = _spatial_axes(grads, channel_axis)
+    # A float32 sum of large gradients can overflow where their mean does not: scaled exactly.
+    grads, factor = unit_scaled(xp, grads, axes)
+    return xp.mean(grads, axis=axes) * xp.reshape(factor, tuple(factor.shape[: grads.ndim - len(axes)]))
 
 
 def gradcampp_weights(activations: np.ndarray, gradients: np.ndarray, channel_axis: int = 1) -> np.ndarray:
@@ -100,11 +109,18 @@ def gradcampp_weights(activations: np.ndarray, gradients: np.ndarray, channel_ax
     if xp is not np:
         # In float32, g³ overflows from |g| ≈ 7e12 and silently shrinks α to 0; divided by g²
         # (the same mask: g ≠ 0 and 2 + Σ_s' A g ≠ 0) the form 1/(2 + Σ_s' A g) does not.
-        denominator = 2.0 + activation_sums * grads
+        # Where Σ_s' A g itself overflows, α·g = 1/(2/g + Σ_s' A) (divided by g once more) is
+        # used: the float32 1/inf = 0 would drop a term NumPy's float64 keeps.
+        product = activation_sums * grads
+        denominator = 2.0 + product
         safe = xp.where(denominator != 0, denominator, constant(xp, 1.0, denominator))
         valid = (grads != 0) & (denominator != 0)
         alpha = xp.where(valid, 1.0 / safe, constant(xp, 0.0, denominator))
-        return xp.sum(alpha * relu(grads), axis=axes)
+        term = alpha * relu(grads)
+        huge = ~xp.isfinite(product) & (grads > 0) & xp.isfinite(activation_sums)
+        reciprocal = 2.0 / xp.where(huge, grads, constant(xp, 1.0, grads)) + activation_sums
+        term = xp.where(huge, 1.0 / reciprocal, term)
+        return xp.sum(term, axis=axes)
     squared = grads * grads
     denominator = 2.0 * squared + activation_sums * squared * grads
     safe = xp.where(denominator != 0, denominator, constant(xp, 1.0, denominator))
@@ -126,7 +142,15 @@ def xgradcam_weights(
     dtype = compute_dtype(xp, activations, gradients)
     axes = _spatial_axes(gradients, channel_axis)
     acts = as_float(xp, activations, dtype)
-    return xp.sum(as_float(xp, gradients, dtype) * acts, axis=axes) / (xp.sum(acts, axis=axes) + eps)
+    if xp is np:
+        return xp.sum(as_float(xp, gradients, dtype) * acts, axis=axes) / (xp.sum(acts, axis=axes) + eps)
+    # Scaled exactly per channel (see _namespace.unit_scaled) so that neither sum overflows float32.
+    grads, grad_factor = unit_scaled(xp, as_float(xp, gradients, dtype), axes)
+    acts, act_factor = unit_scaled(xp, acts, axes)
+    lead = len(grads.shape) - len(axes)
+    grad_factor = xp.reshape(grad_factor, tuple(grad_factor.shape[:lead]))
+    act_factor = xp.reshape(act_factor, tuple(act_factor.shape[:lead]))
+    return xp.sum(grads * acts, axis=axes) / (xp.sum(acts, axis=axes) + eps / act_factor) * grad_factor
 
 
 def weighted_cam(
@@ -141,14 +165,44 @@ def weighted_cam(
     return relu(cam) if rectify else cam
 
 
+def _product(
+    xp: Any, gradients: Any, activations: Any, channel_axis: int, dtype: Any, *, positive: bool = False
+) -> tuple[Any, Any]:
+    """Returns (G ⊙ A / (f_G f_A), (f_G, f_A)): exact powers of two per sample and target (see _namespace.unit_scaled).
+
+    Each ``f`` has the product's shape without the channel and spatial axes (as size-1 axes,
+    the channel axis removed), ready to multiply a map summed over channels (:func:`_undo`).
+    NumPy: no scaling, factors None.
+    ``positive`` takes ReLU(G) (LayerCAM).
+    """
+    grads = as_float(xp, gradients, dtype)
+    if positive:
+        grads = relu(grads)
+    acts = as_float(xp, activations, dtype)
+    if xp is np:
+        return grads * acts, None
+    axes = tuple(range(channel_axis % grads.ndim, grads.ndim))
+    grads, grad_factor = unit_scaled(xp, grads, axes)
+    acts, act_factor = unit_scaled(xp, acts, axes)
+    axis = channel_axis % grads.ndim
+    return grads * acts, (xp.squeeze(grad_factor, axis=axis), xp.squeeze(act_factor, axis=axis))
+
+
+def _undo(cam: Any, factors: Any) -> Any:
+    """Returns ``cam`` times :func:`_product`'s factors, one at a time (2^126 · 2^126 overflows)."""
+    if not isinstance(factors, tuple):
+        return cam
+    return cam * factors[0] * factors[1]
+
+
 def hirescam(
     activations: np.ndarray, gradients: np.ndarray, channel_axis: int = 1, *, rectify: bool = True
 ) -> np.ndarray:
     """Returns ReLU(Σ_k G_k ⊙ A_k) (HiResCAM, Draelos & Carin 2020): no spatial averaging."""
     xp = namespace(activations, gradients)
     dtype = compute_dtype(xp, activations, gradients)
-    product = as_float(xp, gradients, dtype) * as_float(xp, activations, dtype)
-    cam = xp.sum(product, axis=channel_axis % product.ndim)
+    product, factor = _product(xp, gradients, activations, channel_axis, dtype)
+    cam = _undo(xp.sum(product, axis=channel_axis % product.ndim), factor)
     return relu(cam) if rectify else cam
 
 
@@ -158,8 +212,8 @@ def layercam(
     """Returns ReLU(Σ_k ReLU(G_k) ⊙ A_k) (LayerCAM, Jiang et al. 2021, eq. 5-6)."""
     xp = namespace(activations, gradients)
     dtype = compute_dtype(xp, activations, gradients)
-    product = relu(as_float(xp, gradients, dtype)) * as_float(xp, activations, dtype)
-    cam = xp.sum(product, axis=channel_axis % product.ndim)
+    product, factor = _product(xp, gradients, activations, channel_axis, dtype, positive=True)
+    cam = _undo(xp.sum(product, axis=channel_axis % product.ndim), factor)
     return relu(cam) if rectify else cam
 
 
@@ -230,13 +284,34 @@ def _positive_correlation(xp: Any, projection: Any, points: Any) -> Any:
     return xp.where(flip, -projection, projection)
 
 
+# KPCA-CAM's batched kernels are B × Z × Z: at most this many bytes of kernel are built at once
+# (Z = 8192 in float32 is 256 MiB per sample); larger batches are computed in chunks of samples.
+KPCA_KERNEL_BYTES = 2**28
+
+
 def _kpcacam_xp(xp: Any, acts: Any, lead: tuple[int, ...], spatial: tuple[int, ...], scale: float, coef0: float) -> Any:
     """Returns :func:`kpcacam`'s signed map on an array-API array: batched kernels and ``eigh``.
 
     The NumPy path's skips (λ₁ ≤ 0, an all-zero sample) become a mask applied to the result.
+    Samples are taken in chunks whose kernels fit :data:`KPCA_KERNEL_BYTES` (a static split, so
+    it also runs under ``jax.jit``).
     """
-    channels = acts.shape[len(lead)]
-    points = xp.permute_dims(xp.reshape(acts, (-1, channels, math.prod(spatial))), (0, 2, 1))  # (B, Z, C)
+    channels, positions = acts.shape[len(lead)], math.prod(spatial)
+    points = xp.permute_dims(xp.reshape(acts, (-1, channels, positions)), (0, 2, 1))  # (B, Z, C)
+    samples = int(points.shape[0])
+    itemsize = 8 if acts.dtype == xp.float64 else 4
+    chunk = max(1, KPCA_KERNEL_BYTES // (positions * positions * itemsize))
+    if samples > chunk:
+        parts = [
+            _kpca_projection(xp, points[start : min(start + chunk, samples), ...], scale, coef0)
+            for start in range(0, samples, chunk)
+        ]
+        return xp.reshape(xp.concat(parts, axis=0), (*lead, *spatial))
+    return xp.reshape(_kpca_projection(xp, points, scale, coef0), (*lead, *spatial))
+
+
+def _kpca_projection(xp: Any, points: Any, scale: float, coef0: float) -> Any:
+    """Returns the signed KPCA-CAM projections ``(B, Z)`` of ``(B, Z, C)`` points."""
     centred = points - xp.mean(points, axis=1, keepdims=True)
     kernel = xp.tanh(scale * xp.matmul(centred, xp.permute_dims(centred, (0, 2, 1))) + coef0)
     kernel = (
@@ -249,8 +324,7 @@ def _kpcacam_xp(xp: Any, acts: Any, lead: tuple[int, ...], spatial: tuple[int, .
     top = values[:, -1:]  # (B, 1), eigenvalues ascending
     keep = (top > 0) & xp.any(centred != 0, axis=(1, 2))[:, None]
     projection = vectors[:, :, -1] * xp.sqrt(xp.where(keep, top, constant(xp, 0.0, top)))
-    projection = xp.where(keep, _positive_correlation(xp, projection, points), constant(xp, 0.0, projection))
-    return xp.reshape(projection, (*lead, *spatial))
+    return xp.where(keep, _positive_correlation(xp, projection, points), constant(xp, 0.0, projection))
 
 
 def gradcam_elementwise(
@@ -267,8 +341,8 @@ def gradcam_elementwise(
     """
     xp = namespace(activations, gradients)
     dtype = compute_dtype(xp, activations, gradients)
-    product = relu(as_float(xp, gradients, dtype) * as_float(xp, activations, dtype))
-    return xp.sum(product, axis=channel_axis % product.ndim)
+    product, factor = _product(xp, gradients, activations, channel_axis, dtype)
+    return _undo(xp.sum(relu(product), axis=channel_axis % product.ndim), factor)
 
 
 def eigengradcam(
@@ -285,8 +359,9 @@ def eigengradcam(
     """
     xp = namespace(activations, gradients)
     dtype = compute_dtype(xp, activations, gradients)
-    product = as_float(xp, gradients, dtype) * as_float(xp, activations, dtype)
-    return eigencam(product, channel_axis, rectify=rectify)
+    product, factor = _product(xp, gradients, activations, channel_axis, dtype)
+    # Eigen-CAM's map is homogeneous of degree 1 in its input: the exact scale comes back out.
+    return _undo(eigencam(product, channel_axis, rectify=rectify), factor)
 
 
 # KPCA-CAM builds a Z × Z kernel per sample (Z = spatial positions); beyond this it is too slow.

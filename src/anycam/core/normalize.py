@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 
 from .._errors import ConfigError
-from ._namespace import compute_dtype, constant, namespace
+from ._namespace import compute_dtype, constant, namespace, unit_scaled
 
 NORMALIZATIONS = ("minmax", "max", None)
 
@@ -96,6 +96,10 @@ def _scaled_xp(xp: Any, values: Any, mode: str | None, spatial_ndim: int, dtype:
     """
     if mode is not None:
         axes = tuple(range(values.ndim - spatial_ndim, values.ndim))
+        # Exact powers of two bring each map's largest |value| into [1, 2): the result is the same
+        # (the formula is scale invariant, the scaling exact), but 1/span can no longer be a
+        # subnormal number that XLA and GPUs flush to zero (maps beyond 2^126 became all zeros).
+        values, _ = unit_scaled(xp, values, axes)
         high = xp.max(values, axis=axes, keepdims=True)
         if mode == "minmax":
             low = xp.min(values, axis=axes, keepdims=True)

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from .._errors import ConfigError, InputError, NonFiniteError
-from ._namespace import as_float, compute_dtype, namespace
+from ._namespace import as_float, compute_dtype, device_of, namespace
 from .layout import to_channels_first
 from .methods import compute_cam
 from .normalize import scaled
@@ -18,16 +19,44 @@ AGGREGATIONS = ("mean", "max")
 
 
 def check_finite(array: np.ndarray, what: str, layer: str) -> None:
-    """Raises NonFiniteError naming ``what`` and ``layer`` if ``array`` holds NaN or inf."""
-    finite = np.isfinite(array)
-    if not finite.all():
-        bad = np.argwhere(~finite)[0]
-        kind = "NaN" if np.isnan(array[tuple(bad)]) else "inf"
-        raise NonFiniteError(
-            f"{kind} in the {what} of layer {layer!r} (first at index {tuple(int(i) for i in bad)}, "
-            f"{int((~finite).sum())} values in all); check the input and the model's numerics "
-            "(a float16 overflow is a common cause)"
-        )
+    """Raises NonFiniteError naming ``what`` and ``layer`` if ``array`` holds NaN or inf.
+
+    Off NumPy the check reads one boolean from the array's device; only when something is
+    non-finite does it read the first bad index, its kind and the count (a few scalars, never
+    the whole array).
+    """
+    xp = namespace(array)
+    if xp is np:
+        finite = np.isfinite(array)
+        if finite.all():
+            return
+        bad = tuple(int(i) for i in np.argwhere(~finite)[0])
+        nan, count = bool(np.isnan(array[bad])), int((~finite).sum())
+    else:
+        finite = xp.isfinite(array)
+        if bool(xp.all(finite)):
+            return
+        bad, nan, count = _first_non_finite(xp, array, finite)
+    raise NonFiniteError(
+        f"{'NaN' if nan else 'inf'} in the {what} of layer {layer!r} (first at index {bad}, "
+        f"{count} values in all); check the input and the model's numerics "
+        "(a float16 overflow is a common cause)"
+    )
+
+
+def _first_non_finite(xp: Any, array: Any, finite: Any) -> tuple[tuple[int, ...], bool, int]:
+    """Returns (index of the first non-finite value in C order, whether it is NaN, how many) on device."""
+    flat_bad = xp.reshape(~finite, (-1,))
+    count = int(xp.sum(xp.astype(flat_bad, xp.int32)))  # int32: JAX has no int64 by default
+    # The smallest flat index where the value is bad (argmax's tie order is not portable).
+    positions = xp.arange(flat_bad.shape[0], device=device_of(array))
+    first = int(xp.min(xp.where(flat_bad, positions, xp.full_like(positions, flat_bad.shape[0]))))
+    nan = bool(xp.isnan(xp.reshape(array, (-1,))[first]))
+    index = []
+    for size in reversed(tuple(int(d) for d in array.shape)):
+        index.append(first % size)
+        first //= size
+    return tuple(reversed(index)), nan, count
 
 
 def _to_float32(array: np.ndarray) -> np.ndarray:

@@ -10,13 +10,15 @@ so any number of axes and any sizes (up or down, non-square) cost the same code.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Sequence
 from functools import lru_cache
+from typing import Any
 
 import numpy as np
 
 from .._errors import ConfigError, InputError
-from ._namespace import compute_dtype, device_of, namespace
+from ._namespace import compute_dtype, device_of, is_concrete, namespace
 
 RESIZE_MODES = ("linear", "nearest")
 
@@ -56,6 +58,37 @@ def interpolation_matrix(size_in: int, size_out: int, mode: str = "linear") -> n
     return matrix
 
 
+# Device copies of the matrices, keyed by everything they depend on: (namespace, sizes, mode,
+# dtype, device). A few kB each; least recently used dropped beyond the limit.
+_DEVICE_MATRICES: OrderedDict[tuple[Any, ...], Any] = OrderedDict()
+_DEVICE_MATRICES_LIMIT = 64
+
+
+def device_matrix(xp: Any, size_in: int, size_out: int, mode: str, dtype: Any, device: Any) -> Any:
+    """Returns :func:`interpolation_matrix` transposed, ``(size_in, size_out)``, in ``xp`` on ``device``, cached.
+
+    Built once per (namespace, sizes, mode, dtype, device) on the host and copied over; later
+    calls reuse the device copy (no host-to-device copy per call). Arrays that are not concrete
+    (made while ``jax.jit`` traces or inside a ``tf.function`` graph) are never cached: they
+    live only in their trace.
+    """
+    key: tuple[Any, ...] | None = (xp, size_in, size_out, mode, dtype, device)
+    try:
+        cached = _DEVICE_MATRICES.get(key)  # type: ignore[arg-type]
+    except TypeError:  # a namespace with unhashable devices or dtypes: no cache
+        key, cached = None, None
+    if key is not None and cached is not None:
+        _DEVICE_MATRICES.move_to_end(key)
+        return cached
+    # A writable copy: torch warns on read-only NumPy memory (the host cache's matrices are frozen).
+    matrix = xp.asarray(np.array(interpolation_matrix(size_in, size_out, mode).T), dtype=dtype, device=device)
+    if key is not None and is_concrete(matrix):
+        _DEVICE_MATRICES[key] = matrix
+        if len(_DEVICE_MATRICES) > _DEVICE_MATRICES_LIMIT:
+            _DEVICE_MATRICES.popitem(last=False)
+    return matrix
+
+
 def resize(array: np.ndarray, size: Sequence[int], mode: str = "linear") -> np.ndarray:
     """Returns ``array`` with its last ``len(size)`` axes resized to ``size``.
 
@@ -86,10 +119,10 @@ def resize(array: np.ndarray, size: Sequence[int], mode: str = "linear") -> np.n
     for axis, target in enumerate(size, start=first):
         if out.shape[axis] == target:
             continue
-        matrix = interpolation_matrix(out.shape[axis], target, mode)
-        if xp is not np:
-            # A few kB built on the host and copied once per axis and call (TODO: cache per device).
-            matrix = xp.asarray(matrix, dtype=dtype, device=device_of(out))
+        if xp is np:
+            transposed = interpolation_matrix(out.shape[axis], target, mode).T
+        else:
+            transposed = device_matrix(xp, int(out.shape[axis]), target, mode, dtype, device_of(out))
         moved = xp.moveaxis(out, axis, -1)
-        out = xp.moveaxis(moved @ matrix.T, -1, axis)
+        out = xp.moveaxis(moved @ transposed, -1, axis)
     return out
