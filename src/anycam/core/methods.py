@@ -5,11 +5,9 @@ spatial and the axes before it as batch-like, so ``(N, C, H, W)``, ``(N, K, C, D
 single ``(C, L)`` all work. On NumPy arrays arithmetic runs in float64 (a normalised heatmap must
 not become NaN because ``A·G`` overflowed float32); callers cast results back to float32.
 
-The Grad-CAM family (weights, weighted sums, HiResCAM, LayerCAM, element-wise Grad-CAM) also
-runs on torch, JAX and other array-API arrays, with their own namespace, on their device, in
-float32 (float64 for float64 inputs); see ``_namespace``. So do Eigen-CAM, Eigen-Grad-CAM and
-KPCA-CAM (one batched SVD or ``eigh``, no per-sample loop) and RandomCAM (NumPy's seeded weights,
-copied to the device).
+Every method also runs on torch, JAX, TensorFlow and other array-API arrays, with their own
+namespace, on their device, in float32 (float64 for float64 inputs; see ``_namespace``): the Eigen
+methods as one batched SVD or ``eigh``, RandomCAM with NumPy's seeded weights copied over.
 """
 
 from __future__ import annotations
@@ -168,12 +166,11 @@ def weighted_cam(
 def _product(
     xp: Any, gradients: Any, activations: Any, channel_axis: int, dtype: Any, *, positive: bool = False
 ) -> tuple[Any, Any]:
-    """Returns (G ⊙ A / (f_G f_A), (f_G, f_A)): exact powers of two per sample and target (see _namespace.unit_scaled).
+    """Returns (G ⊙ A / (f_G f_A), (f_G, f_A)), f exact powers of two per sample and target (``unit_scaled``).
 
-    Each ``f`` has the product's shape without the channel and spatial axes (as size-1 axes,
-    the channel axis removed), ready to multiply a map summed over channels (:func:`_undo`).
-    NumPy: no scaling, factors None.
-    ``positive`` takes ReLU(G) (LayerCAM).
+    Each ``f`` has the product's shape without the channel and spatial axes (as size-1 axes, the
+    channel axis removed), ready to multiply a map summed over channels (:func:`_undo`). NumPy: no
+    scaling, factors None. ``positive`` takes ReLU(G) (LayerCAM).
     """
     grads = as_float(xp, gradients, dtype)
     if positive:
@@ -446,18 +443,13 @@ def random_weights(channels: int, seed: int = 0) -> np.ndarray:
 def class_activation_map(activations: np.ndarray, class_weights: np.ndarray, channel_axis: int = 1) -> np.ndarray:
     """Returns M^c = Σ_k w_k^c A_k, CAM (Zhou et al. 2016) from a GAP → linear head.
 
-    Not rectified, as in the paper. On such a head Grad-CAM's α_k equals w_k^c / Z, so
-    Grad-CAM = ReLU(CAM) / Z: the oracle the tests use.
+    Not rectified, as in the paper. On such a head Grad-CAM's α_k = w_k^c / Z: Grad-CAM = ReLU(CAM) / Z.
 
     Args:
         activations: ``(..., C, *S)``.
         class_weights: ``(..., C)``, the linear head's row for the class of each sample.
     """
     return _weighted_sum(activations, class_weights, channel_axis)
-
-
-def _gradcam(activations: np.ndarray, gradients: np.ndarray, channel_axis: int) -> np.ndarray:
-    return gradcam_weights(gradients, channel_axis)
 
 
 def _with_weights(
@@ -502,6 +494,10 @@ def _randomcam(
     lead = acts.shape[: channel_axis % acts.ndim + 1]
     weights = np.broadcast_to(random_weights(acts.shape[channel_axis], seed), lead)
     return weighted_cam(acts, weights, channel_axis, rectify=rectify), np.array(weights, _F)
+
+
+def _gradcam(activations: np.ndarray, gradients: np.ndarray, channel_axis: int) -> np.ndarray:
+    return gradcam_weights(gradients, channel_axis)
 
 
 @dataclass(frozen=True)
@@ -568,12 +564,9 @@ GUIDED_METHODS = _of_kind("guided")
 ATTENTION_METHODS = _of_kind("attention")
 """Transformer-native methods from every block's attention (``Backend.attention_capture``)."""
 TARGET_FREE_METHODS = _of_kind("activation")
-"""Capture methods whose map does not depend on the target (one map repeated for K targets):
-those of one capture without gradients."""
+"""Capture methods without gradients, whose map does not depend on the target (repeated for K)."""
 DIFFERENTIABLE_METHODS = ("gradcam", "gradcam++", "xgradcam", "hirescam", "layercam", "gradcam-elementwise")
-"""The methods whose maps can carry gradients (``Explainer(differentiable=True)``, JAX's ``explain_fn``):
-smooth functions of the activations and their gradients. The Eigen methods (an SVD or eigendecomposition
-with a sign rule), RandomCAM, the perturbation and the guided methods are refused."""
+"""Maps that can carry gradients (``differentiable=True``, JAX ``explain_fn``); no SVD sign rule, no perturbation."""
 
 
 def compute_cam(
