@@ -78,6 +78,9 @@ def _backend_session(backend: str) -> None:
             "tests/contract",
             f"tests/{backend}",
             "tests/docs",
+            # The core on this framework's arrays (the core session has no framework: they skip there).
+            "tests/core/test_array_api.py",
+            "tests/core/test_array_api_device.py",
             f"--backends={backend}",
             *session.posargs,
             env=QUIET,
