@@ -120,6 +120,18 @@ def concat(arrays: Sequence[tf.Tensor], /, *, axis: int = 0) -> tf.Tensor:
     return tf.concat(list(arrays), axis=axis)
 
 
+def take(x: tf.Tensor, indices: tf.Tensor, /, *, axis: int | None = None) -> tf.Tensor:
+    """``x`` at the integer ``indices`` along ``axis`` (flattened when None), as ``xp.take``."""
+    if axis is None:
+        return tf.gather(tf.reshape(x, [-1]), indices)
+    return tf.gather(x, indices, axis=axis)
+
+
+def expand_dims(x: tf.Tensor, /, *, axis: int = 0) -> tf.Tensor:
+    """``x`` with a new axis of size 1 at ``axis``."""
+    return tf.expand_dims(x, axis)
+
+
 def where(condition: tf.Tensor, x1: tf.Tensor, x2: tf.Tensor, /) -> tf.Tensor:
     """Returns ``x1`` where ``condition`` holds, else ``x2`` (broadcasting)."""
     return tf.where(condition, x1, x2)

@@ -128,14 +128,18 @@ class _DeviceMasks:
     def masked(self, acts: Any, samples: np.ndarray, channels: np.ndarray, size: Any, corners: bool) -> Any:
         """Returns x[samples] · mask(acts[samples, channels]) on the device."""
         xp, to = self.xp, self.backend.to_native
+        # xp.take on flattened (sample, channel) pairs: the array API has no paired integer
+        # indexing (acts[rows, channels]), and TensorFlow has none at all.
+        batch, count = int(acts.shape[0]), int(acts.shape[1])
         rows = to(np.ascontiguousarray(samples, dtype=np.int64))
-        maps = acts[rows, to(np.ascontiguousarray(channels, dtype=np.int64)), ...]
+        pairs = to(np.ascontiguousarray(np.asarray(samples) * count + np.asarray(channels), dtype=np.int64))
+        maps = xp.take(xp.reshape(acts, (batch * count, *tuple(acts.shape[2:]))), pairs, axis=0)
         if corners:
             masks = core.normalize(self._corners(maps, size), "minmax", spatial_ndim=len(size))
         else:
             masks = core.scorecam_masks(maps, size)
         masks = xp.astype(masks, self.x.dtype)
-        return self.x[rows, ...] * xp.expand_dims(masks, axis=self.axis)
+        return xp.take(self.x, rows, axis=0) * xp.expand_dims(masks, axis=self.axis)
 
     def _corners(self, maps: Any, size: Any) -> Any:
         """``core.perturbation._resize_corners`` on the maps' namespace (the matrices copied over)."""
