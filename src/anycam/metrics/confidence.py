@@ -17,8 +17,7 @@ from typing import Any
 import numpy as np
 
 from .._errors import AnycamWarning, ConfigError, ConfigTypeError, InputError
-from .._progress import progress_bar
-from .scoring import Run, as_maps, chunks
+from .scoring import Run, as_maps, chunks, masked_scores
 
 
 class UndefinedCoherencyWarning(AnycamWarning):
@@ -101,7 +100,7 @@ def average_gain(
         anycam.TargetError, anycam.NonFiniteError: as in :func:`anycam.metrics.deletion`.
     """
     run = Run(predict, inputs, heatmaps, target, score, batch_size, input_layout)
-    original, masked, _ = _masked_scores(run, progress, "average gain")
+    original, masked, _ = masked_scores(run, progress, "average gain")
     for name, values in (("original", original), ("masked", masked)):
         if np.any(values < 0) or np.any(values > 1):
             raise InputError(
@@ -175,7 +174,8 @@ def adcc(
     if not callable(explain):
         raise ConfigTypeError(f"explain must be an anycam.Explainer or a callable, got {type(explain).__name__}")
     run = Run(predict, inputs, heatmaps, target, score, batch_size, input_layout)
-    original, masked, images = _masked_scores(run, progress, "ADCC", keep=True)
+    original, masked, images = masked_scores(run, progress, "ADCC", keep=True)
+    assert images is not None  # keep=True
     if np.any(original <= 0):
         raise InputError("ADCC's Average Drop divides by the original score, which is <= 0; use score='probability'")
     again = np.empty_like(run.heatmaps)
@@ -219,25 +219,3 @@ def adcc(
         masked=masked,
         target=run.target,
     )
-
-
-def _masked_scores(run: Run, progress: bool | None, label: str, keep: bool = False) -> tuple[Any, Any, Any]:
-    """Scores the images and the images ⊙ heatmap: ``(Y, O, masked images or None)``."""
-    low, high = float(run.heatmaps.min()), float(run.heatmaps.max())
-    if low < -1e-6 or high > 1 + 1e-6:
-        raise InputError(
-            f"heatmaps must lie in [0, 1] for {label}, got values in [{low:.4g}, {high:.4g}]; "
-            "normalise them first, e.g. anycam.core.normalize(maps)"
-        )
-    weights = run.channel_mask(np.clip(run.heatmaps, 0.0, 1.0))
-    kept = np.empty_like(run.inputs) if keep else None
-    with progress_bar(progress, 2 * run.count, label, "image", leave=False) as bar:
-        original = run.score_originals(bar)
-        masked = np.empty(run.count, dtype=np.float64)
-        for rows in chunks(run.count, run.batch_size):
-            images = (run.inputs[rows] * weights[rows]).astype(run.inputs.dtype, copy=False)
-            if kept is not None:
-                kept[rows] = images
-            masked[rows] = run.score(images, rows)
-            bar.update(len(rows))
-    return original, masked, kept

@@ -32,7 +32,7 @@ from .._errors import ConfigError, InputError, require
 from .._progress import progress_bar
 from ..core.layout import spatial_shape
 from .road import road_replace
-from .scoring import Run, as_inputs, check_input_layout, chunks, positive_int
+from .scoring import Run, as_inputs, check_input_layout, chunks, masked_scores, positive_int
 
 BASELINES = ("zeros", "mean", "blur", "road")
 SCORES = ("probability", "logit")
@@ -199,26 +199,7 @@ def average_drop_increase(
         anycam.TargetError, anycam.NonFiniteError: as in :func:`deletion`.
     """
     run = Run(predict, inputs, heatmaps, target, score, batch_size, input_layout)
-    low, high = float(run.heatmaps.min()), float(run.heatmaps.max())
-    if low < -1e-6 or high > 1 + 1e-6:
-        raise InputError(
-            f"heatmaps must lie in [0, 1] for Average Drop, got values in [{low:.4g}, {high:.4g}]; "
-            "normalise them first, e.g. anycam.core.normalize(maps)"
-        )
-    weights = run.channel_mask(np.clip(run.heatmaps, 0.0, 1.0))
-    with progress_bar(progress, 2 * run.count, "average drop", "image", leave=False) as bar:
-        original = run.score_originals(bar)
-        if np.any(original <= 0):
-            bad = np.flatnonzero(original <= 0)
-            raise InputError(
-                f"Average Drop divides by the original score, which is <= 0 for sample(s) "
-                f"{bad[:5].tolist()}; use score='probability' (softmax), which is always positive"
-            )
-        masked = np.empty(run.count, dtype=np.float64)
-        for rows in chunks(run.count, run.batch_size):
-            images = (run.inputs[rows] * weights[rows]).astype(run.inputs.dtype, copy=False)
-            masked[rows] = run.score(images, rows)
-            bar.update(len(rows))
+    original, masked, _ = masked_scores(run, progress, "average drop", name="Average Drop", positive=True)
     drop = np.maximum(0.0, original - masked) / original * 100.0
     increase = masked > original
     return ConfidenceResult(

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from .._errors import ConfigError, ConfigTypeError, InputError, NonFiniteError, TargetError
-from .._progress import Bar
+from .._progress import Bar, progress_bar
 from ..core.layout import canonical_layout, spatial_shape
 from ..core.targets import TargetSpec, parse_target
 
@@ -234,3 +234,40 @@ def positive_int(value: Any, name: str) -> int:
 def chunks(total: int, size: int) -> Iterator[np.ndarray]:
     for start in range(0, total, size):
         yield np.arange(start, min(start + size, total))
+
+
+def masked_scores(
+    run: Run, progress: bool | None, label: str, *, name: str | None = None, keep: bool = False, positive: bool = False
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Scores the images and the images ⊙ heatmap: ``(Y, O, masked images or None)``.
+
+    The one loop of Average Drop/Increase, Average Gain and ADCC. ``label`` names the progress
+    bar, ``name`` the metric in errors (default: ``label``); ``keep`` returns the masked images;
+    ``positive`` refuses original scores ≤ 0 before any masked image is scored (Average Drop
+    divides by them).
+    """
+    name = label if name is None else name
+    low, high = float(run.heatmaps.min()), float(run.heatmaps.max())
+    if low < -1e-6 or high > 1 + 1e-6:
+        raise InputError(
+            f"heatmaps must lie in [0, 1] for {name}, got values in [{low:.4g}, {high:.4g}]; "
+            "normalise them first, e.g. anycam.core.normalize(maps)"
+        )
+    weights = run.channel_mask(np.clip(run.heatmaps, 0.0, 1.0))
+    kept = np.empty_like(run.inputs) if keep else None
+    with progress_bar(progress, 2 * run.count, label, "image", leave=False) as bar:
+        original = run.score_originals(bar)
+        if positive and np.any(original <= 0):
+            bad = np.flatnonzero(original <= 0)
+            raise InputError(
+                f"{name} divides by the original score, which is <= 0 for sample(s) "
+                f"{bad[:5].tolist()}; use score='probability' (softmax), which is always positive"
+            )
+        masked = np.empty(run.count, dtype=np.float64)
+        for rows in chunks(run.count, run.batch_size):
+            images = (run.inputs[rows] * weights[rows]).astype(run.inputs.dtype, copy=False)
+            if kept is not None:
+                kept[rows] = images
+            masked[rows] = run.score(images, rows)
+            bar.update(len(rows))
+    return original, masked, kept
