@@ -7,7 +7,6 @@ use; as in ``test_peers_methods``, a stub module stands in for it where torchvis
 from __future__ import annotations
 
 import sys
-import types
 
 import numpy as np
 import pytest
@@ -15,33 +14,16 @@ import pytest
 torch = pytest.importorskip("torch")
 
 
-def _stub_torchvision() -> None:
-    try:
-        import torchvision  # noqa: F401
-    except Exception:  # missing, or not importable beside this torch build
-        pass
-    else:
-        return
-    package = types.ModuleType("torchvision")
-    transforms = types.ModuleType("torchvision.transforms")
-    functional = types.ModuleType("torchvision.transforms.functional")
-    for name in ("Compose", "Normalize", "ToTensor"):
-        setattr(transforms, name, None)
-    functional.resize = None  # type: ignore[attr-defined]
-    transforms.functional = functional  # type: ignore[attr-defined]
-    package.transforms = transforms  # type: ignore[attr-defined]
-    sys.modules.update(
-        {"torchvision": package, "torchvision.transforms": transforms, "torchvision.transforms.functional": functional}
-    )
-
-
 from anycam.metrics import noisy_linear_imputation  # noqa: E402
+
+from .peer_stubs import stub_torchvision  # noqa: E402
 
 
 @pytest.mark.parametrize("share", [0.1, 0.5, 0.9])
-def test_imputation_equals_pytorch_grad_cams_noisy_linear_imputer(share):
+def test_imputation_equals_pytorch_grad_cams_noisy_linear_imputer(share, monkeypatch):
     pytest.importorskip("cv2")
-    _stub_torchvision()
+    # Removed after the test: transformers, imported later, must not find a spec-less torchvision.
+    stub_torchvision(lambda name, module: monkeypatch.setitem(sys.modules, name, module))
     road_peer = pytest.importorskip("pytorch_grad_cam.metrics.road")
     rng = np.random.default_rng(7)
     image = rng.normal(size=(3, 20, 24)).astype(np.float32)

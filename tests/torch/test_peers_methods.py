@@ -8,44 +8,21 @@ grad-cam with ``--no-deps`` for the same reason.
 
 from __future__ import annotations
 
-import sys
-import types
-
 import numpy as np
 import pytest
 import torch
+from captum.attr import GuidedBackprop, GuidedGradCam
 from torch import nn
 
 import anycam
 
+from .peer_stubs import torchvision_stub
 
-def _stub_torchvision() -> None:
-    if "torchvision" in sys.modules:
-        return
-    package = types.ModuleType("torchvision")
-    transforms = types.ModuleType("torchvision.transforms")
-    functional = types.ModuleType("torchvision.transforms.functional")
-    for name in ("Compose", "Normalize", "ToTensor"):
-        setattr(transforms, name, None)
-    functional.resize = None  # type: ignore[attr-defined]
-    transforms.functional = functional  # type: ignore[attr-defined]
-    package.transforms = transforms  # type: ignore[attr-defined]
-    sys.modules.update(
-        {"torchvision": package, "torchvision.transforms": transforms, "torchvision.transforms.functional": functional}
-    )
-
-
-_stub_torchvision()
-from captum.attr import GuidedBackprop, GuidedGradCam  # noqa: E402
-from pytorch_grad_cam import (  # noqa: E402
-    KPCA_CAM,
-    AblationCAM,
-    EigenGradCAM,
-    GradCAMElementWise,
-    ScoreCAM,
-)
-from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget  # noqa: E402
-from pytorch_grad_cam.utils.svd_on_activations import get_2d_projection  # noqa: E402
+# pytorch-grad-cam imports torchvision names when it loads; the stand-in is gone afterwards.
+with torchvision_stub():
+    from pytorch_grad_cam import KPCA_CAM, AblationCAM, EigenGradCAM, GradCAMElementWise, ScoreCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+    from pytorch_grad_cam.utils.svd_on_activations import get_2d_projection
 
 
 def _net() -> nn.Module:
