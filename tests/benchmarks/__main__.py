@@ -67,7 +67,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny sizes, to check the benchmarks run")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     parser.add_argument("--phases", action="store_true", help="only the time breakdown of one call")
-    parser.add_argument("--batch", type=int, default=None, help="batch size for --phases (default 8)")
+    parser.add_argument(
+        "--batch", type=int, default=None, help="batch size for --phases and the benchmarks that take one (default 8)"
+    )
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        choices=("float32", "bfloat16", "float16"),
+        help="model and input dtype, for the benchmarks that take one (native_torch)",
+    )
     parser.add_argument("--repeats", type=int, default=None, help="timed rounds for --phases (default as run)")
     parser.add_argument(
         "--threads",
@@ -101,7 +109,12 @@ def main(argv: list[str] | None = None) -> int:
             if args.phases:
                 rows = module.phases(quick=args.quick, device=args.device, batch=args.batch, repeats=args.repeats)
             elif "device" in inspect.signature(module.run).parameters:
-                rows = module.run(quick=args.quick, device=args.device)
+                accepted = inspect.signature(module.run).parameters
+                extra = {key: value for key, value in (("batch", args.batch), ("dtype", args.dtype)) if key in accepted}
+                if args.dtype != "float32" and "dtype" not in extra:
+                    print(f"skipped {framework}: takes no --dtype", flush=True)
+                    continue
+                rows = module.run(quick=args.quick, device=args.device, **extra)
             elif args.device == "cpu":
                 rows = module.run(quick=args.quick)
             else:

@@ -116,14 +116,19 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _peers(model: nn.Module, x: torch.Tensor) -> tuple[dict[str, Callable[[], object]], list[str]]:
-    """Returns each importable peer's Grad-CAM at layer4 as a case, and why the others are absent."""
+def _peers(model: nn.Module, x: torch.Tensor, host: bool = True) -> tuple[dict[str, Callable[[], object]], list[str]]:
+    """Returns each importable peer's Grad-CAM at layer4 as a case, and why the others are absent.
+
+    ``host=True`` ends each map as a float32 NumPy array (as anycam's default mode does);
+    ``host=False`` leaves it upsampled on the model's device (as ``arrays="native"`` does).
+    """
     cases: dict[str, Callable[[], object]] = {}
     skipped: list[str] = []
     size = tuple(x.shape[2:])
 
-    def upsampled(maps: torch.Tensor) -> np.ndarray:
-        return F.interpolate(maps.detach(), size=size, mode="bilinear").cpu().numpy()
+    def upsampled(maps: torch.Tensor) -> object:
+        resized = F.interpolate(maps.detach().float(), size=size, mode="bilinear")
+        return resized.cpu().numpy() if host else resized
 
     try:
         from captum.attr import LayerGradCam
