@@ -17,6 +17,7 @@ import torch
 
 import anycam
 from anycam import metrics
+from tests.core.test_metrics_native import all_metrics, assert_same, boxes
 from tests.dataset.models import batches, images, tiny_model
 from tests.torch.test_native_arrays import HostCopies, device, no_host_copies
 
@@ -103,32 +104,7 @@ def test_native_tta_moves_a_numpy_batch_to_the_device_once_and_refuses_integer_i
 # The metrics
 
 
-def _all_metrics(predict: Any, x: Any, heatmaps: Any, target: Any, boxes: Any) -> dict[str, np.ndarray]:
-    """Every metric's per-sample numbers for one set of maps."""
-    out: dict[str, np.ndarray] = {}
-    out["deletion"] = metrics.deletion(predict, x, heatmaps, target, steps=4, progress=False).curves
-    out["insertion"] = metrics.insertion(predict, x, heatmaps, target, steps=4, progress=False).curves
-    drop = metrics.average_drop_increase(predict, x, heatmaps, target, progress=False)
-    out["drop"] = np.stack([drop.drop, drop.masked])
-    out["gain"] = metrics.average_gain(predict, x, heatmaps, target, progress=False).gain
-    out["adcc"] = metrics.adcc(predict, x, heatmaps, target, progress=False).per_sample
-    road = metrics.road(predict, x, heatmaps, target, percentages=(0.25, 0.5), progress=False)
-    out["road"] = np.stack([road.morf, road.lerf])
-    out["pointing"] = metrics.pointing_game(heatmaps, boxes, tolerance=1)
-    out["energy"] = metrics.energy_pointing_game(heatmaps, boxes)
-    streaming = anycam.StreamingMetrics(predict, ("deletion", "energy_pointing_game"), steps=4)
-    for name, values in streaming.update(x, heatmaps, target, regions=boxes).items():
-        out[f"streaming.{name}"] = values
-    return out
-
-
-def _assert_same(got: dict[str, np.ndarray], want: dict[str, np.ndarray]) -> None:
-    assert got.keys() == want.keys()
-    for name in want:
-        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
-
-
-BOXES = np.array([[0, 0, 8, 8], [4, 4, 12, 16], [8, 0, 16, 8], [2, 2, 14, 14]])
+BOXES = boxes(4, 16)
 
 
 @pytest.mark.parametrize("differentiable", [False, True], ids=["native", "differentiable"])
@@ -140,12 +116,12 @@ def test_the_metrics_give_the_numpy_numbers_for_native_heatmaps_and_explanations
     explanation = explainer.explain(x)
     assert explanation.heatmap.requires_grad == differentiable
     target = explanation.target
-    reference = _all_metrics(explainer, x, explanation.heatmap.detach().numpy(), target, BOXES)
-    _assert_same(_all_metrics(explainer, x, explanation.heatmap, target, BOXES), reference)
-    _assert_same(_all_metrics(explainer, x, explanation, target, BOXES), reference)
+    reference = all_metrics(explainer, x, explanation.heatmap.detach().numpy(), target, BOXES)
+    assert_same(all_metrics(explainer, x, explanation.heatmap, target, BOXES), reference)
+    assert_same(all_metrics(explainer, x, explanation, target, BOXES), reference)
     # Inputs, targets and regions as tensors too.
     tensors = (torch.from_numpy(x), explanation.heatmap, torch.from_numpy(target), torch.from_numpy(BOXES))
-    _assert_same(_all_metrics(explainer, *tensors), reference)
+    assert_same(all_metrics(explainer, *tensors), reference)
 
 
 def test_a_predict_returning_tensors_on_the_graph_scores_as_its_numpy_outputs() -> None:
