@@ -104,8 +104,9 @@ class Run:
         outputs = self.predict(images)
         if self.spec.kind == "callable":
             return outputs
+        outputs = to_numpy(outputs, "predict's outputs")
         try:
-            outputs = np.asarray(to_numpy(outputs, "predict's outputs"), dtype=np.float64)
+            outputs = np.asarray(outputs, dtype=np.float64)
         except (TypeError, ValueError, RuntimeError) as exc:
             raise InputError(
                 f"predict must return an array of numbers (NumPy or a framework's), got "
@@ -243,8 +244,9 @@ def to_numpy(value: Any, what: str) -> Any:
 
 
 def as_inputs(inputs: Any) -> np.ndarray:
+    inputs = to_numpy(inputs, "inputs")  # its own InputError for a tracer, not re-worded below
     try:
-        images = np.asarray(to_numpy(inputs, "inputs"))
+        images = np.asarray(inputs)
     except (TypeError, ValueError, RuntimeError) as exc:
         raise InputError(
             f"inputs must be an array (NumPy, or a torch, TensorFlow or JAX array), got {type(inputs).__name__}"
@@ -268,8 +270,9 @@ def host_maps(heatmaps: Any) -> Any:
 
 def as_maps(heatmaps: Any) -> np.ndarray:
     """Returns the heatmaps as checked float64 NumPy (see :func:`host_maps`)."""
+    heatmaps = host_maps(heatmaps)
     try:
-        maps = np.asarray(host_maps(heatmaps), dtype=np.float64)
+        maps = np.asarray(heatmaps, dtype=np.float64)
     except (TypeError, ValueError, RuntimeError) as exc:
         raise InputError(f"heatmaps must be a numeric array, got {type(heatmaps).__name__}") from exc
     if maps.ndim < 2:
