@@ -79,7 +79,12 @@ def test_bfloat16_jax_heatmaps_and_a_predict_returning_jax_arrays_are_read_as_nu
     np.testing.assert_array_equal(anycam.metrics.energy_pointing_game(low, regions), want)
     plain = anycam.metrics.deletion(explainer, x, maps, 1, steps=4, progress=False).curves
     jax_outputs = anycam.metrics.deletion(
-        lambda images: jnp.asarray(explainer.backend.predict(images)), x, maps, 1, steps=4, progress=False,
+        lambda images: jnp.asarray(explainer.backend.predict(images)),
+        x,
+        maps,
+        1,
+        steps=4,
+        progress=False,
         input_layout="channels_last",
     ).curves
     np.testing.assert_array_equal(jax_outputs, plain)

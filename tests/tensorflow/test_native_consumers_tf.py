@@ -47,12 +47,10 @@ def test_native_tta_gives_tf_tensors_equal_to_the_numpy_tta(any_size: Any, combi
     """Channels-last views (the network takes (N, H, W, C)), rescaled and flipped with TF ops (TF's
     namespace has no flip: the gather path)."""
     x = batch(2)
-    reference = anycam.TTAExplainer(anycam.Explainer(any_size, "features"), combine=combine, **TTA).explain(
-        x.numpy(), anycam.top_k(2)
-    )
-    native = anycam.TTAExplainer(anycam.Explainer(any_size, "features", arrays="native"), combine=combine, **TTA).explain(
-        x, anycam.top_k(2)
-    )
+    host = anycam.TTAExplainer(anycam.Explainer(any_size, "features"), combine=combine, **TTA)
+    device = anycam.TTAExplainer(anycam.Explainer(any_size, "features", arrays="native"), combine=combine, **TTA)
+    reference = host.explain(x.numpy(), anycam.top_k(2))
+    native = device.explain(x, anycam.top_k(2))
     assert isinstance(native.heatmap, tf.Tensor) and native.heatmap.dtype == tf.float32
     assert isinstance(native.cam, tf.Tensor) and isinstance(native.scores, tf.Tensor)
     np.testing.assert_array_equal(native.target, reference.target)

@@ -178,11 +178,10 @@ class TTAExplainer(Explainer):
             changes["attribution"] = None
         return dataclasses.replace(first, **changes)
 
-
     def _native_inputs(self, inputs: Any) -> Any:
         """Returns the images as the framework's array: a framework array as given (it stays on its
         device, and on its graph), a NumPy batch moved once to the model's device."""
-        if isinstance(inputs, (dict, list, tuple)) or is_numpy(inputs):
+        if isinstance(inputs, (dict, list, tuple)) or is_numpy(inputs) or not hasattr(inputs, "dtype"):
             return self.backend.to_native(_as_array(inputs))
         if "float" not in str(inputs.dtype):
             raise InputError(f"TTAExplainer needs floating-point images, got dtype {inputs.dtype}")
