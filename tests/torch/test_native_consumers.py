@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import anycam
 from anycam import metrics
@@ -98,6 +99,52 @@ def test_native_tta_moves_a_numpy_batch_to_the_device_once_and_refuses_integer_i
     assert isinstance(tta(images(2)), torch.Tensor)
     with pytest.raises(anycam.InputError, match="floating-point images"):
         tta(torch.zeros(2, 3, 16, 16, dtype=torch.int64))
+
+
+def _hand_written_tta(model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Grad-CAM TTA over scales (1, 0.5) × flips in plain torch, kept on the graph (``create_graph``):
+    the views, the maps on the 16 × 16 grid, their mean and the min-max scaling. No anycam code."""
+    maps = []
+    for scale in (1.0, 0.5):
+        view = x if scale == 1.0 else F.interpolate(x, scale_factor=scale, mode="bilinear", align_corners=False)
+        for flipped in (False, True):
+            seen = view.flip(-1) if flipped else view
+            kept: list[torch.Tensor] = []
+            handle = model.features.register_forward_hook(lambda module, args, out: kept.append(out))
+            try:
+                scores = model(seen)[torch.arange(len(seen)), target]
+            finally:
+                handle.remove()
+            grads = torch.autograd.grad(scores.sum(), kept[0], create_graph=True)[0]
+            cam = F.relu((grads.mean(dim=(2, 3), keepdim=True) * kept[0]).sum(dim=1, keepdim=True))
+            up = F.interpolate(cam, size=(16, 16), mode="bilinear", align_corners=False)[:, 0]
+            maps.append(up.flip(-1) if flipped else up)
+    combined = torch.stack(maps).mean(0)
+    low = combined.amin(dim=(1, 2), keepdim=True)
+    high = combined.amax(dim=(1, 2), keepdim=True)
+    return (combined - low) / (high - low)
+
+
+def test_differentiable_tta_carries_the_hand_written_gradient_to_the_weights() -> None:
+    """With ``differentiable=True`` the views, flips and average stay on the autograd graph: the
+    gradient of a loss on the TTA heatmap w.r.t. every parameter equals the hand-written one's."""
+    model, x = tiny_model(), torch.from_numpy(images(3))
+    target = torch.tensor([1, 3, 0])
+    explainer = anycam.Explainer(model, "features", differentiable=True)
+    heatmap = anycam.TTAExplainer(explainer, scales=(1.0, 0.5), flip=True).explain(x, target.numpy()).heatmap
+    expected = _hand_written_tta(model, x, target)
+    np.testing.assert_allclose(heatmap.detach().numpy(), expected.detach().numpy(), atol=2e-5)
+    weights = torch.rand(16, 16, generator=torch.Generator().manual_seed(2))
+    parameters = list(model.parameters())
+    got = torch.autograd.grad((heatmap * weights).sum(), parameters, allow_unused=True)
+    want = torch.autograd.grad((expected * weights).sum(), parameters, allow_unused=True)
+    for name, a, b in zip([n for n, _ in model.named_parameters()], got, want, strict=True):
+        if b is None or not torch.any(b):
+            assert a is None or not torch.any(a), name
+            continue
+        assert a is not None, name
+        scale = float(b.abs().max())
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-4, atol=1e-5 * scale, err_msg=name)
 
 
 # --------------------------------------------------------------------------------------------
