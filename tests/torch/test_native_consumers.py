@@ -110,7 +110,7 @@ def _hand_written_tta(model: torch.nn.Module, x: torch.Tensor, target: torch.Ten
         for flipped in (False, True):
             seen = view.flip(-1) if flipped else view
             kept: list[torch.Tensor] = []
-            handle = model.features.register_forward_hook(lambda module, args, out: kept.append(out))
+            handle = model.features.register_forward_hook(lambda module, args, out, kept=kept: kept.append(out))
             try:
                 scores = model(seen)[torch.arange(len(seen)), target]
             finally:
