@@ -74,11 +74,15 @@ def _torch_gradcam_on_grid(model, view, target, size):
     return F.interpolate(cam, size=size, mode="bilinear", align_corners=False)[:, 0].detach().double()
 
 
+@pytest.mark.parametrize("arrays", ["numpy", "native"])
 @pytest.mark.parametrize("combine", ["mean", "max"])
-def test_multi_scale_flip_equals_an_independent_torch_computation(model, combine):
+def test_multi_scale_flip_equals_an_independent_torch_computation(model, combine, arrays):
+    """In both array modes; in native mode the views, flips and average are taken on the device."""
     scales, x = (1.0, 0.5, 1.25), torch.from_numpy(images(3))
-    tta = anycam.TTAExplainer(anycam.Explainer(model, "features"), scales=scales, flip=True, combine=combine)
-    explanation = tta.explain(x.numpy())
+    explainer = anycam.Explainer(model, "features", arrays=arrays)
+    tta = anycam.TTAExplainer(explainer, scales=scales, flip=True, combine=combine)
+    explanation = tta.explain(x.numpy() if arrays == "numpy" else x)
+    heatmap = explanation.heatmap if arrays == "numpy" else explanation.heatmap.numpy()
     with torch.no_grad():
         target = model(x).argmax(1)  # resolved on the original view
     maps = []
@@ -91,7 +95,7 @@ def test_multi_scale_flip_equals_an_independent_torch_computation(model, combine
     low = combined.amin(dim=(1, 2), keepdim=True)
     high = combined.amax(dim=(1, 2), keepdim=True)
     expected = ((combined - low) / (high - low)).numpy()
-    np.testing.assert_allclose(explanation.heatmap, expected, atol=2e-5)
+    np.testing.assert_allclose(heatmap, expected, atol=2e-5)
     np.testing.assert_array_equal(explanation.target, target.numpy())
     assert explanation.weights is None and explanation.cam.shape == (3, 16, 16)
 

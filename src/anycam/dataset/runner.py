@@ -24,6 +24,7 @@ import numpy as np
 from .._errors import ConfigError, InputError, TargetError
 from .._progress import Bar, progress_bar
 from ..core.targets import TopK
+from ..metrics.scoring import to_numpy
 from .errors import StoreMismatchError, StoreWriteError
 from .fingerprint import inputs_digest, weights_digest
 from .lock import StoreLock
@@ -256,10 +257,8 @@ def parse_batch(batch: Any, keys: Keys, index: int) -> Batch:
 
 
 def _as_numpy(value: Any) -> np.ndarray:
-    """Returns a framework tensor (CPU or GPU) or array as NumPy, without importing a framework."""
-    if hasattr(value, "detach"):  # torch
-        value = value.detach().cpu()
-    return np.asarray(value)
+    """Returns a framework tensor (torch, TF, JAX, on any device) or array as NumPy, without importing a framework."""
+    return np.asarray(to_numpy(value, "the batch"))
 
 
 class Runner:
@@ -311,19 +310,28 @@ class Runner:
             raise TargetError(f"batch {index} carries its own targets and target= was given too; pass one of them")
         target = batch.target if batch.target is not None else self.target
         explanation = self.explainer.explain(batch.inputs, _as_numpy(target) if _is_array(target) else target)
+        # With a native-mode explainer the Explanation's arrays live on the model's device: only
+        # the kept fields (and the heatmap the metrics score) are copied to the host, once each.
+        host: dict[str, np.ndarray] = {}
+
+        def read(name: str) -> np.ndarray:
+            if name not in host:
+                value = getattr(explanation, name, None)
+                if value is None:
+                    raise InputError(_missing_field(name, explanation, self.explainer))
+                host[name] = np.asarray(to_numpy(value, name))
+            return host[name]
+
         columns: dict[str, np.ndarray] = {}
         for name in self.fields:
-            value = getattr(explanation, name, None)
-            if value is None:
-                raise InputError(_missing_field(name, explanation, self.explainer))
-            array = np.asarray(value)
+            array = read(name)
             if name == "heatmap":
                 array = array.astype(self.heatmap_dtype, copy=False)
             columns[name] = array
         if self.metrics is not None:
             # The class indices the maps explain; a callable target is handed on as it is.
             scored = explanation.target if explanation.target is not None else target
-            values = self.metrics.update(_as_numpy(batch.inputs), explanation.heatmap, scored, regions=batch.regions)
+            values = self.metrics.update(_as_numpy(batch.inputs), read("heatmap"), scored, regions=batch.regions)
             columns.update({f"metric.{k}": v for k, v in values.items()})
         return columns
 

@@ -5,6 +5,11 @@ IRN, SEAM): each view is explained, its raw layer map is resized straight to the
 grid (one interpolation, not two), flipped views are flipped back, and the views are averaged or
 maxed *before* the explainer's normalisation, as those pipelines sum raw CAMs and normalise once.
 With the identity view alone this is exactly what the wrapped Explainer computes.
+
+With a native-mode explainer (``arrays="native"`` or ``differentiable=True``) the views are made,
+mapped back and combined with the framework's own arrays on the model's device (the core's
+namespace functions), and the Explanation holds framework arrays: nothing goes to the host but
+the resolved target indices. Its values are the NumPy mode's up to float32 rounding.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import numpy as np
 from .. import core
 from .._errors import ConfigError, ConfigTypeError, InputError, TargetError
 from .._progress import progress_bar
+from ..core._namespace import device_of, is_numpy, namespace
 from .explainer import Explainer
 from .explanation import Explanation
 
@@ -112,14 +118,16 @@ class TTAExplainer(Explainer):
                 "the mirrored region (a box, a mask) and blur the map with its mirror image; pass flip=False, "
                 "or a class-index target (int, ints, top_k), which no flip changes"
             )
-        images = _as_array(inputs)
+        native = self.explainer.arrays == "native"
+        images = self._native_inputs(inputs) if native else _as_array(inputs)
+        xp = namespace(images) if native else np
         layout = self.backend.input_layout or "channels_first"
         if layout not in ("channels_first", "channels_last"):
             raise InputError(f"TTAExplainer needs image inputs, got input layout {layout!r}")
         spatial = core.spatial_shape(images.shape, layout)
         first_axis = 2 if layout == "channels_first" else 1
         width_axis = first_axis + len(spatial) - 1
-        combined: list[np.ndarray] | None = None
+        combined: list[Any] | None = None
         first: Explanation | None = None
         squeeze = False
         views = self.views()
@@ -128,12 +136,16 @@ class TTAExplainer(Explainer):
                 view = images
                 if scale != 1.0:
                     size = tuple(max(1, round(scale * s)) for s in spatial)
-                    moved = np.moveaxis(view, -1, 1) if layout == "channels_last" else view
-                    moved = core.resize(moved, size, "linear").astype(images.dtype)
-                    view = np.moveaxis(moved, 1, -1) if layout == "channels_last" else moved
+                    last = tuple(range(view.ndim))
+                    to_first = (0, view.ndim - 1, *last[1:-1])  # (N, *S, C) -> (N, C, *S)
+                    to_last = (0, *last[2:], 1)
+                    moved = _permute(xp, view, to_first) if layout == "channels_last" else view
+                    moved = _astype(xp, core.resize(moved, size, "linear"), images.dtype)
+                    view = _permute(xp, moved, to_last) if layout == "channels_last" else moved
                 if flipped:
-                    view = np.flip(view, axis=width_axis)
-                view = np.ascontiguousarray(view)
+                    view = _flip(xp, view, width_axis)
+                if xp is np:
+                    view = np.ascontiguousarray(view)
                 explanation = self.explainer.explain(view, target if first is None else _resolved(first, target))
                 if first is None:
                     first = explanation
@@ -142,13 +154,13 @@ class TTAExplainer(Explainer):
                 for cam in explanation.cams:
                     cam = cam[:, None] if squeeze else cam  # (N, K, *S_layer)
                     up = core.resize(cam, spatial[-(cam.ndim - 2) :], self.upsample or "linear")
-                    maps.append(np.flip(up, axis=-1) if flipped else up)
+                    maps.append(_flip(xp, up, up.ndim - 1) if flipped else up)
                 if combined is None:
                     combined = maps
                 elif self.combine == "mean":
                     combined = [total + m for total, m in zip(combined, maps, strict=True)]
                 else:
-                    combined = [np.maximum(total, m) for total, m in zip(combined, maps, strict=True)]
+                    combined = [xp.maximum(total, m) for total, m in zip(combined, maps, strict=True)]
                 bar.update(1)
         assert combined is not None and first is not None
         count = len(views)
@@ -158,13 +170,40 @@ class TTAExplainer(Explainer):
         cams = tuple(c[:, 0] if squeeze else c for c in combined)
         changes: dict[str, Any] = {
             "heatmap": heatmap[:, 0] if squeeze else heatmap,
-            "cam": cams[0].astype(np.float32),
-            "cams": tuple(c.astype(np.float32) for c in cams),
+            "cam": _astype(xp, cams[0], xp.float32),
+            "cams": tuple(_astype(xp, c, xp.float32) for c in cams),
             "weights": None,
         }
         if hasattr(first, "attribution"):  # a per-view attribution has no meaning once combined
             changes["attribution"] = None
         return dataclasses.replace(first, **changes)
+
+    def _native_inputs(self, inputs: Any) -> Any:
+        """Returns the images as the framework's array: a framework array as given (it stays on its
+        device, and on its graph), a NumPy batch moved once to the model's device."""
+        if isinstance(inputs, (dict, list, tuple)) or is_numpy(inputs) or not hasattr(inputs, "dtype"):
+            return self.backend.to_native(_as_array(inputs))
+        if "float" not in str(inputs.dtype):
+            raise InputError(f"TTAExplainer needs floating-point images, got dtype {inputs.dtype}")
+        return inputs
+
+
+def _flip(xp: Any, array: Any, axis: int) -> Any:
+    """Reverses ``array`` along ``axis`` in its own namespace (a gather where the namespace has no flip)."""
+    if xp is np:
+        return np.flip(array, axis=axis)
+    if hasattr(xp, "flip"):
+        return xp.flip(array, axis=axis)
+    reverse = xp.asarray(np.arange(array.shape[axis] - 1, -1, -1), device=device_of(array))
+    return xp.take(array, reverse, axis=axis)
+
+
+def _permute(xp: Any, array: Any, axes: tuple[int, ...]) -> Any:
+    return np.transpose(array, axes) if xp is np else xp.permute_dims(array, axes)  # NumPy < 2 has no permute_dims
+
+
+def _astype(xp: Any, array: Any, dtype: Any) -> Any:
+    return array.astype(dtype) if xp is np else xp.astype(array, dtype)
 
 
 def _resolved(first: Explanation, target: Any) -> Any:

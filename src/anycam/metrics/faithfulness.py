@@ -32,7 +32,7 @@ from .._errors import ConfigError, InputError, require
 from .._progress import progress_bar
 from ..core.layout import spatial_shape
 from .road import road_replace
-from .scoring import Run, as_inputs, check_input_layout, chunks, masked_scores, positive_int
+from .scoring import Run, as_inputs, check_input_layout, chunks, masked_scores, positive_int, to_numpy
 
 BASELINES = ("zeros", "mean", "blur", "road")
 SCORES = ("probability", "logit")
@@ -324,7 +324,7 @@ def _baseline(baseline: Any, inputs: np.ndarray, layout: str) -> np.ndarray:
         if isinstance(baseline, bool):
             raise InputError("baseline must be a string, a number or an array, not a bool")
         try:
-            values = np.asarray(baseline, dtype=np.float64)
+            values = np.asarray(to_numpy(baseline, "baseline"), dtype=np.float64)
         except (TypeError, ValueError) as exc:
             raise InputError(f"baseline must be a string, a number or an array, got {type(baseline).__name__}") from exc
         if not np.all(np.isfinite(values)):

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from .._errors import InputError, require
-from .scoring import as_maps
+from .scoring import as_maps, to_numpy
 
 
 def pointing_game(heatmaps: Any, regions: Any, tolerance: int = 0) -> np.ndarray:
@@ -82,10 +82,11 @@ def energy_pointing_game(heatmaps: Any, regions: Any) -> np.ndarray:
 def _region_masks(regions: Any, shape: tuple[int, ...]) -> np.ndarray:
     """Returns ``(N, *S)`` boolean masks from masks or boxes."""
     count = shape[0]
+    regions = to_numpy(regions, "regions")
     if isinstance(regions, (list, tuple)):
         if len(regions) != count:
             raise InputError(f"got {len(regions)} regions for {count} heatmaps; pass one per sample")
-        items = [np.asarray(item) for item in regions]
+        items = [np.asarray(to_numpy(item, "regions")) for item in regions]
         if all(item.dtype == bool for item in items):
             return _check_masks(np.stack(items) if items else np.zeros(shape, bool), shape)
         return _boxes_to_masks(items, shape)

@@ -29,7 +29,7 @@ import numpy as np
 
 from .._errors import ConfigError, InputError, require
 from .._progress import progress_bar
-from .scoring import Run, as_inputs, check_input_layout
+from .scoring import Run, as_inputs, check_input_layout, to_numpy
 
 #: The paper's neighbour weights (row offset, column offset) → weight: 1/6 for the four edge
 #: neighbours, 1/12 for the four diagonal ones (they sum to 1).
@@ -125,7 +125,7 @@ def noisy_linear_imputation(
     batch = images[None] if single else images
     if layout == "channels_last":
         batch = np.moveaxis(batch, -1, 1)
-    masks = np.asarray(removed_mask)
+    masks = np.asarray(to_numpy(removed_mask, "removed_mask"))
     if masks.ndim == 2 and single:
         masks = masks[None]
     if masks.shape != (batch.shape[0], *batch.shape[2:]):

@@ -4,6 +4,13 @@ A metric hands the model batches of modified images; :class:`Run` checks what th
 (inputs, heatmaps, target, score), resolves class targets on the original images and scores
 each batch's target, from an ``anycam.Explainer`` (its backend's ``predict``), an
 ``anycam.Backend`` or any NumPy callable. Nothing here imports a framework.
+
+The metrics compute in NumPy (and scipy) on the host. Framework arrays — torch tensors,
+TensorFlow tensors, JAX arrays, on any device, attached to a graph or not, such as the
+heatmaps of ``Explainer(arrays="native")`` or ``differentiable=True`` — are accepted wherever
+an array is (inputs, heatmaps, targets, baselines, regions, a ``predict``'s outputs) and are
+copied to the host once, when they enter, by :func:`to_numpy`: the numbers are those of the
+same values given as NumPy.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ import numpy as np
 
 from .._errors import ConfigError, ConfigTypeError, InputError, NonFiniteError, TargetError
 from .._progress import Bar, progress_bar
+from ..core._namespace import is_numpy
 from ..core.layout import canonical_layout, spatial_shape
 from ..core.targets import TargetSpec, parse_target
 
@@ -37,6 +45,7 @@ class Run:
         input_layout: str | None,
     ) -> None:
         self.predict, self.layout = predictor(predict, input_layout)
+        target = target if callable(target) else to_numpy(target, "target")
         self.inputs = as_inputs(inputs)
         self.spatial = spatial_shape(self.inputs.shape, self.layout)
         self.count = self.inputs.shape[0]
@@ -95,12 +104,13 @@ class Run:
         outputs = self.predict(images)
         if self.spec.kind == "callable":
             return outputs
+        outputs = to_numpy(outputs, "predict's outputs")
         try:
             outputs = np.asarray(outputs, dtype=np.float64)
         except (TypeError, ValueError, RuntimeError) as exc:
             raise InputError(
-                f"predict must return a NumPy array, got {type(outputs).__name__}; convert it "
-                "(e.g. .detach().cpu().numpy()), or pass the anycam.Explainer"
+                f"predict must return an array of numbers (NumPy or a framework's), got "
+                f"{type(outputs).__name__}; or pass the anycam.Explainer"
             ) from exc
         if outputs.ndim != 2 or outputs.shape[0] != len(images):
             raise TargetError(
@@ -113,7 +123,7 @@ class Run:
     def _scores(self, outputs: Any, rows: np.ndarray) -> np.ndarray:
         if self.spec.kind == "callable":
             assert self.spec.fn is not None
-            values = np.asarray(self.spec.fn(outputs), dtype=np.float64)
+            values = np.asarray(to_numpy(self.spec.fn(outputs), "the callable target's scores"), dtype=np.float64)
             if values.shape not in ((len(rows),), (len(rows), 1)):
                 raise TargetError(
                     f"a callable target must map a batch of {len(rows)} outputs to ({len(rows)},) "
@@ -198,13 +208,48 @@ def _softmax(outputs: np.ndarray) -> np.ndarray:
     return shifted / shifted.sum(axis=1, keepdims=True)
 
 
+def to_numpy(value: Any, what: str) -> Any:
+    """Returns a framework array as a NumPy array on the host; anything else unchanged.
+
+    The metrics' one rule for native outputs: a torch tensor is detached from its graph and
+    copied from its device (bfloat16 as float32, which NumPy lacks), a TensorFlow tensor is read
+    with ``.numpy()``, and a JAX array (any device) through ``numpy.asarray``. NumPy arrays,
+    Python numbers and sequences pass as they are, and callables (targets, score functions)
+    are left to the caller.
+
+    Raises:
+        anycam.InputError: an array with no values to read (a ``jax.jit`` tracer, a symbolic
+            ``tf.function`` or Keras tensor): metrics run on concrete arrays, outside a trace.
+    """
+    if value is None or is_numpy(value) or callable(value):
+        return value
+    module = type(value).__module__
+    try:
+        if hasattr(value, "detach") and hasattr(value, "device"):  # torch, on any device, with a graph or not
+            value = value.detach()
+            if str(value.dtype) == "torch.bfloat16":
+                value = value.float()
+            return value.cpu().numpy()
+        if module.startswith(("tensorflow", "tf_keras", "keras")):
+            # An eager tensor or variable (any device); a symbolic one has no values and no numpy().
+            return value.numpy()
+        if module.startswith(("jax", "jaxlib")):
+            return np.asarray(value)  # a JAX array, copied from its device; a tracer refuses
+    except (TypeError, ValueError, RuntimeError, AttributeError) as exc:
+        raise InputError(
+            f"{what} is a {module}.{type(value).__name__} without values to read (made inside jax.jit, "
+            f"tf.function or a symbolic graph?): the metrics run on concrete arrays, outside a trace ({exc})"
+        ) from exc
+    return value
+
+
 def as_inputs(inputs: Any) -> np.ndarray:
+    inputs = to_numpy(inputs, "inputs")  # its own InputError for a tracer, not re-worded below
     try:
         images = np.asarray(inputs)
     except (TypeError, ValueError, RuntimeError) as exc:
         raise InputError(
-            f"inputs must be a NumPy array, got {type(inputs).__name__}; convert framework tensors "
-            "first (e.g. x.detach().cpu().numpy())"
+            f"inputs must be an array (NumPy, or a torch, TensorFlow or JAX array), got {type(inputs).__name__}"
         ) from exc
     if not np.issubdtype(images.dtype, np.floating):
         raise InputError(f"inputs must be floating point, got dtype {images.dtype}; scale them to floats first")
@@ -213,7 +258,19 @@ def as_inputs(inputs: Any) -> np.ndarray:
     return images
 
 
+def host_maps(heatmaps: Any) -> Any:
+    """Returns heatmaps on the host: an array of any framework (:func:`to_numpy`), or an
+    ``anycam.Explanation``'s ``heatmap`` (in either array mode)."""
+    from ..explain.explanation import Explanation
+
+    if isinstance(heatmaps, Explanation):
+        heatmaps = heatmaps.heatmap
+    return to_numpy(heatmaps, "heatmaps")
+
+
 def as_maps(heatmaps: Any) -> np.ndarray:
+    """Returns the heatmaps as checked float64 NumPy (see :func:`host_maps`)."""
+    heatmaps = host_maps(heatmaps)
     try:
         maps = np.asarray(heatmaps, dtype=np.float64)
     except (TypeError, ValueError, RuntimeError) as exc:

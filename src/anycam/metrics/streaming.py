@@ -27,6 +27,7 @@ from .._errors import ConfigError, InputError
 from . import confidence, faithfulness, localisation
 from .road import ROAD_NOISE, ROAD_PERCENTAGES
 from .road import road as road_curves
+from .scoring import host_maps, to_numpy
 
 #: The metrics :class:`StreamingMetrics` can accumulate, and the summary keys of each.
 METRICS: dict[str, tuple[str, ...]] = {
@@ -133,8 +134,10 @@ class StreamingMetrics:
         """Scores one batch, adds it to the totals and returns its per-sample values.
 
         Args:
-            inputs: ``(N, C, *S)`` NumPy (or ``(N, *S, C)`` with a channels-last layout).
-            heatmaps: ``(N, *S)`` one map per sample.
+            inputs: ``(N, C, *S)`` (or ``(N, *S, C)`` with a channels-last layout), NumPy or a
+                framework's array (copied to the host once).
+            heatmaps: ``(N, *S)`` one map per sample, NumPy or a framework's array (native-mode
+                maps, copied to the host once), or an ``Explanation`` (its ``heatmap``).
             target: the explained classes ``(N,)`` (``Explanation.target``), None (argmax) or a
                 callable, as in ``anycam.metrics.deletion``.
             regions: masks or boxes for the pointing games (as in ``anycam.metrics.pointing_game``).
@@ -145,8 +148,9 @@ class StreamingMetrics:
         Raises:
             anycam.InputError: several maps per sample, or a pointing game without regions.
         """
-        maps = np.asarray(heatmaps)
-        images = np.asarray(inputs)
+        # Framework arrays (native-mode maps, device inputs) are copied to the host once, here.
+        maps = np.asarray(host_maps(heatmaps))
+        images = np.asarray(to_numpy(inputs, "inputs"))
         if maps.ndim != images.ndim - 1:
             raise InputError(
                 f"streaming metrics take one map per sample, got heatmaps of shape {maps.shape} for inputs "
