@@ -199,6 +199,18 @@ def test_resume_refuses_another_configuration_naming_each_difference(data, tmp_p
         anycam.explain_dataset(anycam.Explainer(tiny_model(), "features"), [data], out=out, heatmap_dtype="float16")
     with pytest.raises(ValueError, match=r"metadata: store has \{\}, this run has \{'weights': 'v2'\}"):
         anycam.explain_dataset(anycam.Explainer(tiny_model(), "features"), [data], out=out, metadata={"weights": "v2"})
+    native = anycam.Explainer(tiny_model(), "features", arrays="native")
+    with pytest.raises(anycam.StoreMismatchError, match=r"arrays: store has None, this run has 'native'"):
+        anycam.explain_dataset(native, [data], out=out)
+
+
+def test_a_native_store_is_resumed_only_in_native_mode_and_numpy_stores_keep_their_manifest(data, tmp_path):
+    anycam.explain_dataset(anycam.Explainer(tiny_model(), "features"), [data], out=tmp_path / "numpy")
+    assert "arrays" not in json.loads((tmp_path / "numpy" / MANIFEST).read_text())["config"]
+    out = tmp_path / "native"
+    anycam.explain_dataset(anycam.Explainer(tiny_model(), "features", arrays="native"), [data], out=out)
+    with pytest.raises(anycam.StoreMismatchError, match=r"arrays: store has 'native', this run has None"):
+        anycam.explain_dataset(anycam.Explainer(tiny_model(), "features"), [data], out=out)
 
 
 def test_resume_refuses_batches_that_come_back_different(explainer, tmp_path):

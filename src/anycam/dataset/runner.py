@@ -159,6 +159,11 @@ def explainer_config(explainer: Any) -> dict[str, Any]:
     }
     tta = getattr(explainer, "tta_config", None)
     config["tta"] = tta() if callable(tta) else None
+    # Native maps are float32 from the device, the NumPy mode's float64 from the host: they differ
+    # by rounding, so one store holds one mode. Recorded only when not NumPy: older stores still match.
+    arrays = getattr(getattr(explainer, "explainer", explainer), "arrays", "numpy")
+    if arrays != "numpy":
+        config["arrays"] = arrays
     return config
 
 
