@@ -8,8 +8,10 @@ automatic choice of ``layer="auto"`` from abstract passes (shapes only, no compu
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
-from collections.abc import Mapping, Sequence
+import sys
+from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import jax
@@ -25,12 +27,19 @@ if TYPE_CHECKING:
 
 
 class _Record:
-    """What ``layer="auto"`` reads from one abstract pass with every module tapped: order, calls, shapes."""
+    """What ``layer="auto"`` reads from one abstract pass with every module tapped: order, calls, shapes.
+
+    ``inner``: the modules that ran inside a transformation of their own within the model (an
+    Equinox block's ``jax.vmap(self.norm)``, a ``lax.scan``): their outputs are that
+    transformation's tracers and cannot be read out of it, so they are no candidates.
+    """
 
     def __init__(self) -> None:
         self.order: list[int] = []
         self.calls: dict[int, int] = {}
         self.shapes: dict[int, tuple[int, ...] | None] = {}
+        self.values: dict[int, Any] = {}
+        self.inner: set[int] = set()
 
     def note(self, index: int, value: Any) -> Any:
         self.calls[index] = self.calls.get(index, 0) + 1
@@ -38,7 +47,24 @@ class _Record:
             self.order.append(index)
             floating = isinstance(value, jax.Array) and jnp.issubdtype(value.dtype, jnp.floating)
             self.shapes[index] = tuple(value.shape) if floating else None
+            if floating:
+                self.values[index] = value
         return value
+
+    def settle(self) -> None:
+        """Marks the modules whose outputs escaped an inner transformation (called where the model returns)."""
+        self.inner |= {index for index, value in self.values.items() if _escaped(value)}
+        self.values.clear()
+
+
+def _escaped(value: Any) -> bool:
+    """Whether ``value`` is a tracer of a transformation that has already ended (it cannot be used here)."""
+    try:
+        # Using a finished transformation's tracer is what fails; the result is unused (no compute).
+        jax.lax.stop_gradient(value)
+    except jax.errors.UnexpectedTracerError:
+        return True
+    return False
 
 
 # Set while ``layer="auto"`` records a pass: every _Taps of that trace only notes what it sees.
@@ -104,12 +130,20 @@ class _Taps:
 
     def activations(self) -> tuple[jax.Array, ...]:
         if self.record is not None:
+            self.record.settle()
             return ()
         missing = [name for i, name in enumerate(self.names) if i not in self.found]
         if missing:
             raise LayerError(
                 f"layer(s) {', '.join(map(repr, missing))} did not run during the forward pass; "
                 "explain a layer on the path from the input to the output"
+            )
+        inner = [self.names[i] for i, value in self.found.items() if _escaped(value)]
+        if inner:
+            raise LayerError(
+                f"layer(s) {', '.join(map(repr, inner))} run inside a transformation of their own within the "
+                "model (a jax.vmap, lax.scan or checkpoint around the call), so their outputs cannot be read; "
+                "explain a module the model calls directly, e.g. the block around it"
             )
         return tuple(self.found[i] for i in range(len(self.names)))
 
@@ -189,7 +223,8 @@ def choose(backend: JaxBackend, x: Any) -> None:
         record = _Record()
         token = _RECORDING.set(record)
         try:
-            jax.eval_shape(lambda p, xs: program.run(p, xs, None)[0], params, x)
+            with _linen_attention_calls() as linen_attention:
+                jax.eval_shape(lambda p, xs: program.run(p, xs, None)[0], params, x)
         finally:
             _RECORDING.reset(token)
         batch = x.shape[0]
@@ -197,7 +232,8 @@ def choose(backend: JaxBackend, x: Any) -> None:
             i: None if shape is None else ((batch, *shape) if program.vmap else shape)
             for i, shape in record.shapes.items()
         }
-        once = [i for i in record.order if record.calls[i] == 1 and shapes[i] is not None]
+        order = [i for i in record.order if i not in record.inner]
+        once = [i for i in order if record.calls[i] == 1 and shapes[i] is not None]
         reaches: dict[int, bool] = {}
         if once:
             tapped = [backend._candidates[i] for i in once]
@@ -216,8 +252,77 @@ def choose(backend: JaxBackend, x: Any) -> None:
                 calls=record.calls[i],
                 reaches_output=reaches.get(i, True),
             )
-            for i in record.order
+            for i in order
         ]
-        chosen = choose_layer(records, spatial_shape(tuple(x.shape), backend.input_layout))
+        attention = _attention_modules(backend._model.source) | set(linen_attention)
+        chosen = _before_last_attention(records, attention, batch)
+        if chosen is not None:
+            backend.auto_note = (
+                f"a token model: {chosen!r} holds the tokens the last attention reads (the last module with "
+                "them before it); the attention methods (rollout, attention-grad) need no layer"
+            )
+        else:
+            chosen = choose_layer(records, spatial_shape(tuple(x.shape), backend.input_layout))
         backend._model = _resolve(backend._model.source, [chosen], backend._options, backend.output)
         backend.layer_names = backend._model.names
+
+
+# -- the token rule (issue 22): layer=None on a vision transformer ------------------------------
+
+
+def _attention_modules(model: Any) -> set[str]:
+    """Returns the names of an NNX or Equinox model's attention modules (linen's are recorded as they run)."""
+    nnx = sys.modules.get("flax.nnx")
+    equinox = sys.modules.get("equinox")
+    if nnx is not None and isinstance(model, nnx.Module):
+        found = nnx.iter_modules(model)
+        return {".".join(map(str, path)) for path, m in found if path and isinstance(m, nnx.MultiHeadAttention)}
+    if equinox is not None and isinstance(model, equinox.Module):
+        from .models import _equinox_modules
+
+        kind = equinox.nn.MultiheadAttention
+        return {".".join(map(str, path)) for path, m in _equinox_modules(model) if isinstance(m, kind)}
+    return set()
+
+
+@contextlib.contextmanager
+def _linen_attention_calls() -> Iterator[list[str]]:
+    """Records the paths of the linen attention modules called inside the block (none without linen)."""
+    found: list[str] = []
+    linen = sys.modules.get("flax.linen")
+    if linen is None:
+        yield found
+        return
+
+    def interceptor(next_fun: Any, args: Any, kwargs: Any, context: Any) -> Any:
+        module = context.module
+        if context.method_name == "__call__" and isinstance(module, linen.MultiHeadDotProductAttention):
+            found.append("/".join(module.path))
+        return next_fun(*args, **kwargs)
+
+    with linen.intercept_methods(interceptor):
+        yield found
+
+
+def _before_last_attention(records: Sequence[LayerRecord], attention: set[str], batch: int) -> str | None:
+    """The token rule: the last module with the ``(N, T, C)`` tokens of the last attention, ended before it.
+
+    As in torch (``backends/torch/layers.py``): the last block's input normalisation where the
+    block calls it directly, else the previous block's output — the tokens the last attention
+    reads. A module inside the attention (its projections) does not count. None when the model
+    has no attention module over the batch's whole token sequence: the general rule applies.
+    """
+    ends = [k for k, record in enumerate(records) if record.name in attention]
+    if not ends:
+        return None
+    last = records[ends[-1]]
+    if last.shape is None or len(last.shape) != 3 or last.shape[0] != batch:
+        return None
+    inside = (last.name + ".", last.name + "/")
+    for record in reversed(records[: ends[-1]]):
+        if record.name.startswith(inside):
+            continue
+        fits = record.shape is not None and len(record.shape) == 3 and record.shape[:2] == last.shape[:2]
+        if fits and record.calls == 1 and record.reaches_output:
+            return record.name
+    return None
