@@ -1,6 +1,6 @@
 """Scores the transformer methods on the demo ViT and writes the table into docs/transformers.md.
 
-    python scripts/evaluate_demo_vit.py              # several minutes on 2 busy cores
+    python scripts/evaluate_demo_vit.py              # about ten minutes on 2 busy cores
     python scripts/evaluate_demo_vit.py --print      # the table on stdout only
 
 The model is the small ViT of ``anycam.backends.torch.demo`` with the weights
@@ -182,7 +182,7 @@ def _plot(results: list[tuple[str, SanityResult]], path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=32, help="deletion/insertion steps")
-    parser.add_argument("--print", action="store_true", help="print the table, do not write the docs or the plot")
+    parser.add_argument("--print", action="store_true", help="print the table; write neither the docs nor the plot")
     args = parser.parse_args()
     text, accuracy, order = table(args.steps, plot=None if args.print else PLOT)
     block = (
