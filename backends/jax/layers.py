@@ -38,8 +38,8 @@ class _Record:
         self.order: list[int] = []
         self.calls: dict[int, int] = {}
         self.shapes: dict[int, tuple[int, ...] | None] = {}
-        self.values: dict[int, Any] = {}
         self.inner: set[int] = set()
+        self.trace: Any = None  # the trace the model's own call runs in (set by _Taps)
 
     def note(self, index: int, value: Any) -> Any:
         self.calls[index] = self.calls.get(index, 0) + 1
@@ -47,24 +47,29 @@ class _Record:
             self.order.append(index)
             floating = isinstance(value, jax.Array) and jnp.issubdtype(value.dtype, jnp.floating)
             self.shapes[index] = tuple(value.shape) if floating else None
-            if floating:
-                self.values[index] = value
+            if floating and _inner(value, self.trace):
+                self.inner.add(index)
         return value
 
-    def settle(self) -> None:
-        """Marks the modules whose outputs escaped an inner transformation (called where the model returns)."""
-        self.inner |= {index for index, value in self.values.items() if _escaped(value)}
-        self.values.clear()
 
-
-def _escaped(value: Any) -> bool:
-    """Whether ``value`` is a tracer of a transformation that has already ended (it cannot be used here)."""
+def _current_trace() -> Any:
+    """The trace JAX is tracing in now (None where this JAX does not say)."""
     try:
-        # Using a finished transformation's tracer is what fails; the result is unused (no compute).
-        jax.lax.stop_gradient(value)
-    except jax.errors.UnexpectedTracerError:
-        return True
-    return False
+        from jax._src import core as jax_src_core  # no public API names the current trace
+
+        return jax_src_core.trace_ctx.trace
+    except (ImportError, AttributeError):
+        return None
+
+
+def _inner(value: Any, trace: Any) -> bool:
+    """Whether ``value`` belongs to a transformation inside the model's call (not to its ``trace``).
+
+    Looked up, not computed: an operation on such a tracer would be recorded in the outer program
+    and fail there, later. Where JAX does not say, nothing counts as inner (the old behaviour).
+    """
+    own = getattr(value, "_trace", None)
+    return trace is not None and own is not None and own is not trace
 
 
 # Set while ``layer="auto"`` records a pass: every _Taps of that trace only notes what it sees.
@@ -99,6 +104,8 @@ class _Taps:
         self.deltas = deltas
         self.found: dict[int, jax.Array] = {}
         self.record = _RECORDING.get()
+        if self.record is not None:
+            self.record.trace = _current_trace()
 
     def __call__(self, index: int, value: Any) -> Any:
         if self.record is not None:
@@ -130,20 +137,12 @@ class _Taps:
 
     def activations(self) -> tuple[jax.Array, ...]:
         if self.record is not None:
-            self.record.settle()
             return ()
         missing = [name for i, name in enumerate(self.names) if i not in self.found]
         if missing:
             raise LayerError(
                 f"layer(s) {', '.join(map(repr, missing))} did not run during the forward pass; "
                 "explain a layer on the path from the input to the output"
-            )
-        inner = [self.names[i] for i, value in self.found.items() if _escaped(value)]
-        if inner:
-            raise LayerError(
-                f"layer(s) {', '.join(map(repr, inner))} run inside a transformation of their own within the "
-                "model (a jax.vmap, lax.scan or checkpoint around the call), so their outputs cannot be read; "
-                "explain a module the model calls directly, e.g. the block around it"
             )
         return tuple(self.found[i] for i in range(len(self.names)))
 
@@ -257,6 +256,9 @@ def choose(backend: JaxBackend, x: Any) -> None:
         attention = _attention_modules(backend._model.source) | set(linen_attention)
         chosen = _before_last_attention(records, attention, batch)
         if chosen is not None:
+            # The rule chose it for holding the attention's (N, T, C) tokens: that is its layout
+            # (a tiny ViT's 17 tokens of 16 channels read as channels-last as well).
+            backend.layer_layout = "tokens"
             backend.auto_note = (
                 f"a token model: {chosen!r} holds the tokens the last attention reads (the last module with "
                 "them before it); the attention methods (rollout, attention-grad) need no layer"

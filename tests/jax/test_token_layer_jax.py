@@ -38,8 +38,11 @@ def _model(family: str) -> tuple[Any, np.ndarray, str]:
 @pytest.mark.parametrize("family", ["nnx", "linen", "equinox"])
 def test_layer_none_on_a_jax_vit_chooses_the_tokens_the_last_attention_reads(family: str) -> None:
     model, x, expected = _model(family)
-    # 17 tokens of 16 channels read as channels-last too: the tiny config needs the layout named.
-    explanation = anycam.Explainer(model, None, method="gradcam", layout="tokens").explain(x)
+    # The rule's choice holds tokens, and a Flax model's layouts follow it, though 17 tokens of 16
+    # channels read as channels-last too. An Equinox model of Linear layers has no layout
+    # convention the capture trusts (backends/jax/capture.py, layouts_decided): it needs it named.
+    layout = "tokens" if family == "equinox" else None
+    explanation = anycam.Explainer(model, None, method="gradcam", layout=layout).explain(x)
     assert explanation.layer == expected
     assert explanation.cam.shape == (3, 4, 4)  # the 4 × 4 patch grid, the class token dropped
     assert np.abs(explanation.cam).max() > 0
@@ -49,7 +52,7 @@ def test_layer_none_gradcam_on_an_nnx_vit_equals_gradcam_written_by_hand_on_its_
     pytest.importorskip("flax")
     vit = attention_vits.nnx_vit(seed=2)
     x = attention_vits.images(3, seed=1)
-    explanation = anycam.Explainer(vit, None, method="gradcam", layout="tokens", relu=False).explain(x)
+    explanation = anycam.Explainer(vit, None, method="gradcam", relu=False).explain(x)
 
     tokens = attention_vits.patchify(jnp.asarray(x)) @ vit.embed.kernel[...] + vit.embed.bias[...]
     cls = jnp.broadcast_to(vit.cls[...], (3, 1, attention_vits.DIM))
@@ -71,11 +74,3 @@ def test_layer_none_gradcam_on_an_nnx_vit_equals_gradcam_written_by_hand_on_its_
     expected = np.einsum("nc,ntc->nt", alpha, patches).reshape(3, 4, 4)
     np.testing.assert_array_equal(explanation.target, classes)
     np.testing.assert_allclose(explanation.cam, expected, rtol=1e-5, atol=1e-6 * np.abs(expected).max())
-
-
-def test_a_layer_inside_a_vmap_of_the_model_is_refused_by_name_not_with_a_tracer_error() -> None:
-    pytest.importorskip("equinox")
-    model = attention_vits.equinox_vit()
-    explainer = anycam.Explainer(model, "blocks.1.ln1", method="gradcam", layout="tokens")
-    with pytest.raises(anycam.LayerError, match=r"blocks\.1\.ln1.*inside a transformation"):
-        explainer.explain(attention_vits.images(3, channels_first=True))
