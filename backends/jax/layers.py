@@ -8,8 +8,10 @@ automatic choice of ``layer="auto"`` from abstract passes (shapes only, no compu
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
-from collections.abc import Mapping, Sequence
+import sys
+from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import jax
@@ -25,12 +27,19 @@ if TYPE_CHECKING:
 
 
 class _Record:
-    """What ``layer="auto"`` reads from one abstract pass with every module tapped: order, calls, shapes."""
+    """What ``layer="auto"`` reads from one abstract pass with every module tapped: order, calls, shapes.
+
+    ``inner``: the modules that ran inside a transformation of their own within the model (an
+    Equinox block's ``jax.vmap(self.norm)``, a ``lax.scan``): their outputs are that
+    transformation's tracers and cannot be read out of it, so they are no candidates.
+    """
 
     def __init__(self) -> None:
         self.order: list[int] = []
         self.calls: dict[int, int] = {}
         self.shapes: dict[int, tuple[int, ...] | None] = {}
+        self.inner: set[int] = set()
+        self.trace: Any = None  # the trace the model's own call runs in (set by _Taps)
 
     def note(self, index: int, value: Any) -> Any:
         self.calls[index] = self.calls.get(index, 0) + 1
@@ -38,7 +47,29 @@ class _Record:
             self.order.append(index)
             floating = isinstance(value, jax.Array) and jnp.issubdtype(value.dtype, jnp.floating)
             self.shapes[index] = tuple(value.shape) if floating else None
+            if floating and _inner(value, self.trace):
+                self.inner.add(index)
         return value
+
+
+def _current_trace() -> Any:
+    """The trace JAX is tracing in now (None where this JAX does not say)."""
+    try:
+        from jax._src import core as jax_src_core  # no public API names the current trace
+
+        return jax_src_core.trace_ctx.trace
+    except (ImportError, AttributeError):
+        return None
+
+
+def _inner(value: Any, trace: Any) -> bool:
+    """Whether ``value`` belongs to a transformation inside the model's call (not to its ``trace``).
+
+    Looked up, not computed: an operation on such a tracer would be recorded in the outer program
+    and fail there, later. Where JAX does not say, nothing counts as inner (the old behaviour).
+    """
+    own = getattr(value, "_trace", None)
+    return trace is not None and own is not None and own is not trace
 
 
 # Set while ``layer="auto"`` records a pass: every _Taps of that trace only notes what it sees.
@@ -73,6 +104,8 @@ class _Taps:
         self.deltas = deltas
         self.found: dict[int, jax.Array] = {}
         self.record = _RECORDING.get()
+        if self.record is not None:
+            self.record.trace = _current_trace()
 
     def __call__(self, index: int, value: Any) -> Any:
         if self.record is not None:
@@ -189,7 +222,8 @@ def choose(backend: JaxBackend, x: Any) -> None:
         record = _Record()
         token = _RECORDING.set(record)
         try:
-            jax.eval_shape(lambda p, xs: program.run(p, xs, None)[0], params, x)
+            with _linen_attention_calls() as linen_attention:
+                jax.eval_shape(lambda p, xs: program.run(p, xs, None)[0], params, x)
         finally:
             _RECORDING.reset(token)
         batch = x.shape[0]
@@ -197,7 +231,8 @@ def choose(backend: JaxBackend, x: Any) -> None:
             i: None if shape is None else ((batch, *shape) if program.vmap else shape)
             for i, shape in record.shapes.items()
         }
-        once = [i for i in record.order if record.calls[i] == 1 and shapes[i] is not None]
+        order = [i for i in record.order if i not in record.inner]
+        once = [i for i in order if record.calls[i] == 1 and shapes[i] is not None]
         reaches: dict[int, bool] = {}
         if once:
             tapped = [backend._candidates[i] for i in once]
@@ -216,8 +251,80 @@ def choose(backend: JaxBackend, x: Any) -> None:
                 calls=record.calls[i],
                 reaches_output=reaches.get(i, True),
             )
-            for i in record.order
+            for i in order
         ]
-        chosen = choose_layer(records, spatial_shape(tuple(x.shape), backend.input_layout))
+        attention = _attention_modules(backend._model.source) | set(linen_attention)
+        chosen = _before_last_attention(records, attention, batch)
+        if chosen is not None:
+            # The rule chose it for holding the attention's (N, T, C) tokens: that is its layout
+            # (a tiny ViT's 17 tokens of 16 channels read as channels-last as well).
+            backend.layer_layout = "tokens"
+            backend.auto_note = (
+                f"a token model: {chosen!r} holds the tokens the last attention reads (the last module with "
+                "them before it); the attention methods (rollout, attention-grad) need no layer"
+            )
+        else:
+            chosen = choose_layer(records, spatial_shape(tuple(x.shape), backend.input_layout))
         backend._model = _resolve(backend._model.source, [chosen], backend._options, backend.output)
         backend.layer_names = backend._model.names
+
+
+# -- the token rule (issue 22): layer=None on a vision transformer ------------------------------
+
+
+def _attention_modules(model: Any) -> set[str]:
+    """Returns the names of an NNX or Equinox model's attention modules (linen's are recorded as they run)."""
+    nnx = sys.modules.get("flax.nnx")
+    equinox = sys.modules.get("equinox")
+    if nnx is not None and isinstance(model, nnx.Module):
+        found = nnx.iter_modules(model)
+        return {".".join(map(str, path)) for path, m in found if path and isinstance(m, nnx.MultiHeadAttention)}
+    if equinox is not None and isinstance(model, equinox.Module):
+        from .models import _equinox_modules
+
+        kind = equinox.nn.MultiheadAttention
+        return {".".join(map(str, path)) for path, m in _equinox_modules(model) if isinstance(m, kind)}
+    return set()
+
+
+@contextlib.contextmanager
+def _linen_attention_calls() -> Iterator[list[str]]:
+    """Records the paths of the linen attention modules called inside the block (none without linen)."""
+    found: list[str] = []
+    linen = sys.modules.get("flax.linen")
+    if linen is None:
+        yield found
+        return
+
+    def interceptor(next_fun: Any, args: Any, kwargs: Any, context: Any) -> Any:
+        module = context.module
+        if context.method_name == "__call__" and isinstance(module, linen.MultiHeadDotProductAttention):
+            found.append("/".join(module.path))
+        return next_fun(*args, **kwargs)
+
+    with linen.intercept_methods(interceptor):
+        yield found
+
+
+def _before_last_attention(records: Sequence[LayerRecord], attention: set[str], batch: int) -> str | None:
+    """The token rule: the last module with the ``(N, T, C)`` tokens of the last attention, ended before it.
+
+    As in torch (``backends/torch/layers.py``): the last block's input normalisation where the
+    block calls it directly, else the previous block's output — the tokens the last attention
+    reads. A module inside the attention (its projections) does not count. None when the model
+    has no attention module over the batch's whole token sequence: the general rule applies.
+    """
+    ends = [k for k, record in enumerate(records) if record.name in attention]
+    if not ends:
+        return None
+    last = records[ends[-1]]
+    if last.shape is None or len(last.shape) != 3 or last.shape[0] != batch:
+        return None
+    inside = (last.name + ".", last.name + "/")
+    for record in reversed(records[: ends[-1]]):
+        if record.name.startswith(inside):
+            continue
+        fits = record.shape is not None and len(record.shape) == 3 and record.shape[:2] == last.shape[:2]
+        if fits and record.calls == 1 and record.reaches_output:
+            return record.name
+    return None

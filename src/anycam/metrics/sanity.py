@@ -10,7 +10,7 @@ warning sign: the map reflects the input (edges, bright blobs) more than the mod
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -141,7 +141,7 @@ def sanity_check(
     target: Any = None,
     *,
     mode: str = "cascading",
-    layers: Sequence[str] | None = None,
+    layers: Sequence[str] | Mapping[str, Sequence[str]] | None = None,
     seed: int = 0,
     progress: bool | None = None,
 ) -> SanityResult:
@@ -156,13 +156,16 @@ def sanity_check(
             ``"independent"`` (one layer at a time, the rest original) or ``"full"`` (one step,
             every layer randomised: the cascade's last step, at a fraction of its cost).
         layers: the layers to randomise, ordered from input to output; default: every layer
-            with parameters.
+            with parameters. A mapping ``{step name: [layers]}`` (input to output) makes each
+            step randomise a group at once — a transformer's block is several layers (its norms,
+            attention projections and MLP), and its cascade goes block by block.
         seed: seeds the framework's initialiser.
         progress: a bar over the randomised models: True always, False never, None (default)
             once the check has run over 2 s (the rule of every anycam progress bar).
 
     Returns:
-        A :class:`SanityResult` with one row per layer, in randomisation order.
+        A :class:`SanityResult` with one row per layer (or per step of a mapping), in
+        randomisation order.
 
     Raises:
         anycam.ConfigTypeError: ``explainer`` is not an ``anycam.Explainer``.
@@ -184,26 +187,26 @@ def sanity_check(
     guided = explainer.method in core.GUIDED_METHODS
     signed = explainer if guided else replace_explainer(explainer, relu=False)
     original = explainer.explain(inputs, target)
-    order = list(layers) if layers is not None else list(backend.parameter_layers(inputs))
-    if not order:
-        raise InputError("the model has no layers with parameters to randomise")
+    groups = _groups(layers if layers is not None else backend.parameter_layers(inputs))
     if original.scores.ndim != 1:
         raise InputError("the sanity check explains one map per sample: pass None, an int, N ints or a callable")
     fixed_target = original.target if original.target is not None else target
     reference_signed = signed.explain(inputs, fixed_target)
 
-    steps = list(reversed(order))
+    # From the output down; a step randomises its whole group (a cascade step adds one group).
+    steps = [name for name, _ in reversed(groups)]
+    members = [list(group) for _, group in reversed(groups)]
     if mode == "cascading":
-        plan = [steps[: index + 1] for index in range(len(steps))]
+        plan = [[layer for group in members[: index + 1] for layer in group] for index in range(len(members))]
     elif mode == "independent":
-        plan = [[layer] for layer in steps]
+        plan = members
     else:
-        plan, steps = [steps], ["all"]
+        plan, steps = [[layer for group in members for layer in group]], ["all"]
     two_d = original.heatmap.ndim == 3
     size = original.heatmap.shape[1:]
     rows: tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]] = ([], [], [])
     # "full" uses the seed of the cascade's last step, so it reproduces that step exactly.
-    first_seed = seed + len(order) - 1 if mode == "full" else seed
+    first_seed = seed + len(groups) - 1 if mode == "full" else seed
     with progress_bar(progress, len(plan), f"anycam sanity_check {mode}", "model") as bar:
         for index, chosen in enumerate(plan):
             flipped = replace_explainer(signed, backend=backend.randomized(chosen, seed=first_seed + index)).explain(
@@ -251,6 +254,27 @@ def _compare(
             aggregate=explainer.aggregate,
         )[:, 0]
         rows_ssim.append(ssim(original.heatmap, heat))
+
+
+def _groups(layers: Sequence[str] | Mapping[str, Sequence[str]]) -> list[tuple[str, tuple[str, ...]]]:
+    """Returns the randomisation steps, input to output, as (step name, the layers it randomises)."""
+    if isinstance(layers, Mapping):
+        groups = [(str(name), _names(members, f"step {name!r}")) for name, members in layers.items()]
+    else:
+        groups = [(name, (name,)) for name in _names(layers, "layers")]
+    if not groups:
+        raise InputError("the model has no layers with parameters to randomise")
+    empty = [name for name, members in groups if not members]
+    if empty:
+        raise ConfigError(f"randomisation step(s) {', '.join(map(repr, empty))} name no layers")
+    return groups
+
+
+def _names(layers: Any, what: str) -> tuple[str, ...]:
+    """Returns ``layers`` as a tuple of layer names (refusing one string, which would split into letters)."""
+    if isinstance(layers, str):
+        raise ConfigTypeError(f"{what} must be a sequence of layer names, got the string {layers!r}")
+    return tuple(layers)
 
 
 def replace_explainer(explainer: Explainer, **changes: Any) -> Explainer:
