@@ -188,5 +188,5 @@ def evaluate_photos(session: nox.Session) -> None:
 @nox.session(name="evaluate-vit", default=False)
 def evaluate_vit(session: nox.Session) -> None:
     """The demo ViT's transformer-method table in docs/transformers.md (scripts/evaluate_demo_vit.py)."""
-    session.install(*CONSTRAINTS, "-e", ".[torch,metrics]")
+    session.install(*CONSTRAINTS, "-e", ".[torch,metrics,viz]")
     session.run("python", "scripts/evaluate_demo_vit.py", *session.posargs, env=QUIET)
