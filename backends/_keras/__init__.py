@@ -19,8 +19,10 @@ from __future__ import annotations
 from .intercept import Intercept, Tap, run
 from .layers import (
     FORMATS,
+    TOKEN_NOTE,
     all_layers,
     backend,
+    before_last_attention,
     data_format,
     input_layout,
     input_spec,
@@ -54,11 +56,13 @@ from .randomize import (
 __all__ = [
     "FORMATS",
     "INITIALIZER_ALIASES",
+    "TOKEN_NOTE",
     "Intercept",
     "PooledHead",
     "Tap",
     "all_layers",
     "backend",
+    "before_last_attention",
     "built_model",
     "clone_graph",
     "copy_model",

@@ -145,7 +145,8 @@ def resolve_layer(model: Any, layer: Any) -> tuple[str, Any]:
     """
     paths = layer_paths(model)
     unbuilt = (
-        "" if getattr(model, "built", True)
+        ""
+        if getattr(model, "built", True)
         else "; the model is not built yet: call it once on a batch so its layers exist"
     )
     if isinstance(layer, str):
@@ -170,17 +171,13 @@ def resolve_layer(model: Any, layer: Any) -> tuple[str, Any]:
         for path, candidate in paths.items():
             if candidate is layer:
                 return path, candidate
-        raise LayerError(
-            f"the {type(layer).__name__} {layer.name!r} given as layer is not part of the model"
-        )
+        raise LayerError(f"the {type(layer).__name__} {layer.name!r} given as layer is not part of the model")
     if layer is None:
         raise LayerError(
             "name the layer to explain: its name (e.g. 'conv5_block3_out'), its path in "
             "nested models ('resnet50/conv5_block3_out') or the layer object"
         )
-    raise LayerError(
-        f"a Keras layer is a layer name, a path or a layer object, got {type(layer).__name__}"
-    )
+    raise LayerError(f"a Keras layer is a layer name, a path or a layer object, got {type(layer).__name__}")
 
 
 def resolve_spec(model: Any, layer: Any) -> tuple[str, Any, str]:
@@ -296,6 +293,41 @@ def layer_records(
         for i in order
     ]
     return records, paths
+
+
+def before_last_attention(records: Sequence[Any], paths: dict[str, Any], batch: int) -> str | None:
+    """The token rule (issue 22) on Keras: the layer holding the tokens the last attention reads.
+
+    Among ``layer_records``' records (in the order the calls returned), the last layer that returned
+    ``(N, T, C)`` tokens before the model's last ``keras.layers.MultiHeadAttention`` call started
+    (its own sublayers excluded), that runs once and reaches the output. ``T`` is the attention's
+    query length, which must equal its key length (self-attention over the whole sequence). None
+    when the model has no such attention (a CNN; windowed attention, whose batch is N·windows):
+    the general rule applies then.
+    """
+    calls = [i for i, r in enumerate(records) if isinstance(paths.get(r.name), keras.layers.MultiHeadAttention)]
+    if not calls:
+        return None
+    last = records[calls[-1]]
+    shape = last.shape
+    if shape is None or len(shape) != 3 or shape[0] != batch:
+        return None
+    tokens = shape[1]
+    inside = [i for i, r in enumerate(records) if r.name.startswith(last.name + "/")]
+    keys = [r.shape for r in records if r.name == f"{last.name}/key"]  # (N, S, heads, head_dim)
+    if keys and (keys[0] is None or len(keys[0]) < 2 or keys[0][1] != tokens):
+        return None
+    for record in reversed(records[: min([calls[-1], *inside])]):
+        fits = record.shape is not None and len(record.shape) == 3 and record.shape[:2] == (batch, tokens)
+        if fits and record.calls == 1 and record.reaches_output:
+            return str(record.name)
+    return None
+
+
+TOKEN_NOTE = (
+    "a token model: {!r} holds the tokens the last attention reads (the last layer with them before "
+    "it); the attention methods (rollout, attention-grad) need no layer"
+)
 
 
 def layouts(layers: Sequence[Any]) -> tuple[str, ...]:

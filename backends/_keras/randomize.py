@@ -77,10 +77,7 @@ def twins(model: Any, duplicate: Any) -> list[tuple[Any, Any]]:
         pairs.append((original, twin))
         where = repr(path) if path else "the model itself"
         if signature(original) != signature(twin):
-            raise ValueError(
-                f"the weights of {where} differ in the copy: {signature(twin)} for "
-                f"{signature(original)}"
-            )
+            raise ValueError(f"the weights of {where} differ in the copy: {signature(twin)} for {signature(original)}")
         children, twin_children = sublayers(original), sublayers(twin)
         if len(children) != len(twin_children):
             raise ValueError(f"{where} has {len(children)} sublayers, its copy {len(twin_children)}")
@@ -94,9 +91,7 @@ def twins(model: Any, duplicate: Any) -> list[tuple[Any, Any]]:
 
 def is_graph_model(model: Any) -> bool:
     """True for Sequential and Functional models (and their subclasses), which Keras can clone."""
-    return isinstance(model, keras.Sequential) or any(
-        cls.__name__ == "Functional" for cls in type(model).__mro__
-    )
+    return isinstance(model, keras.Sequential) or any(cls.__name__ == "Functional" for cls in type(model).__mro__)
 
 
 def clone_graph(model: Any) -> Any:
@@ -239,8 +234,7 @@ def randomized_copy(model: Any, layers: Sequence[Any], seed: int) -> tuple[Any, 
             inside = [p for p, _ in weight_owners(layer)]
             hint = f"; randomise its layers: {', '.join(repr(f'{path}/{p}') for p in inside)}"
             raise LayerError(
-                f"layer {path!r} ({type(layer).__name__}) owns no weights to randomise"
-                + (hint if inside else "")
+                f"layer {path!r} ({type(layer).__name__}) owns no weights to randomise" + (hint if inside else "")
             )
     duplicate, pairs = copy_model(model)
     for path, layer in chosen:

@@ -162,8 +162,15 @@ class KerasJaxBackend(JaxBackend):
                 return jax.eval_shape(lambda p, xs: _stateless(self.model, p, xs, self._kwargs), weights, x)
 
             records, paths = _keras.layer_records(self.model, forward, _is_feature)
-            chosen = choose_layer(records, spatial_shape(tuple(x.shape), self.input_layout))
+            token = _keras.before_last_attention(records, paths, int(x.shape[0]))
+            if token is None:
+                chosen = choose_layer(records, spatial_shape(tuple(x.shape), self.input_layout))
+            else:
+                chosen = token
+                self.auto_note = _keras.TOKEN_NOTE.format(chosen)
             self._set_layers([(chosen, paths[chosen], "output")])
+            if token is not None:  # chosen for holding the attention's (N, T, C) tokens: that is its layout
+                self.layer_layout = "tokens"
 
     def capture(self, inputs: Any, target: TargetSpec, *, gradients: bool = True, native: bool = False) -> Capture:
         if self.auto_layer and not self.layer_names:

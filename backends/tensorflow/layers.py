@@ -45,8 +45,7 @@ def _watched(output: Any, name: str, tape: tf.GradientTape | None) -> tuple[tf.T
         if tf.is_tensor(output):
             kind = f"a {output.dtype.name} tensor"
         raise LayerError(
-            f"layer {name!r} returns {kind}, not a floating-point tensor; explain a layer whose "
-            "output is a feature map"
+            f"layer {name!r} returns {kind}, not a floating-point tensor; explain a layer whose output is a feature map"
         )
     leaf = output if output.dtype == tf.float32 else tf.cast(output, tf.float32)
     if tape is not None:
@@ -137,5 +136,12 @@ def choose(backend: TensorFlowBackend, inputs: Any, spatial: tf.Tensor) -> None:
         records, paths = _keras.layer_records(
             backend.model, lambda: backend.model(inputs, training=False, **backend.model_kwargs), is_feature
         )
-        chosen = choose_layer(records, spatial_shape(tuple(spatial.shape), backend.input_layout))
+        token = _keras.before_last_attention(records, paths, int(spatial.shape[0]))
+        if token is None:
+            chosen = choose_layer(records, spatial_shape(tuple(spatial.shape), backend.input_layout))
+        else:
+            chosen = token
+            backend.auto_note = _keras.TOKEN_NOTE.format(chosen)
         backend._set_layers([(chosen, paths[chosen], "output")])
+        if token is not None:  # chosen for holding the attention's (N, T, C) tokens: that is its layout
+            backend.layouts = ("tokens",)

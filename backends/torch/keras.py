@@ -98,8 +98,15 @@ class KerasTorchBackend(TorchBackend):
             with torch.no_grad():
                 records, paths = _keras.layer_records(self.model, lambda: self._call(structure), _is_feature)
             input_spatial = spatial_shape(tuple(structure.spatial_value.shape), self.input_layout)
-            chosen = choose_layer(records, input_spatial)
+            token = _keras.before_last_attention(records, paths, int(structure.spatial_value.shape[0]))
+            if token is None:
+                chosen = choose_layer(records, input_spatial)
+            else:
+                chosen = token
+                self.auto_note = _keras.TOKEN_NOTE.format(chosen)
             self._set_layers([(chosen, paths[chosen], "output")])
+            if token is not None:  # chosen for holding the attention's (N, T, C) tokens: that is its layout
+                self.layouts = ("tokens",)
 
     def _forward(
         self, structure: ModelInputs, differentiable: bool, keep_graph: bool = False

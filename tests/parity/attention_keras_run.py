@@ -71,6 +71,10 @@ def main(weights: str, out: str) -> None:
         results[f"attention/{i}"], results[f"gradient/{i}"] = a, g
     for method in ("rollout", "attention-grad"):
         results[f"{method}/cam"] = anycam.Explainer(model, None, method=method).explain(x, anycam.top_k(2)).cam
+    auto = anycam.Explainer(model, None).explain(x, anycam.top_k(2))  # Grad-CAM, the token rule's layer
+    results["auto/layer"], results["auto/cam"] = np.array(auto.layer), auto.cam
+    named = anycam.Explainer(model, "block1_ln1", layout="tokens").explain(x, anycam.top_k(2))
+    results["named/cam"] = named.cam
     results["own"] = keras.ops.convert_to_numpy(model(x, training=False))
     explicit = explainer.backend.attention_capture(x, parse_target(lambda out: out), gradients=False)
     results["explicit"] = explicit.scores

@@ -22,7 +22,7 @@ pytest.importorskip("tensorflow")
 pytest.importorskip("jax")
 pytest.importorskip("torch")
 
-from tests.parity.attention_keras_run import SIDE, keras_vit  # noqa: E402
+from tests.parity.attention_keras_run import PATCH, SIDE, keras_vit  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 BACKENDS = ("tensorflow", "jax", "torch")
@@ -74,3 +74,16 @@ def test_explicit_keras_attention_gives_the_fused_outputs_on_every_backend(
     # Keras 3 runs MultiHeadAttention through ops.dot_product_attention (no dropout, no scores
     # asked): tf's, jax.nn's or torch's fused kernel. The explicit form must reproduce it.
     np.testing.assert_allclose(runs[backend]["explicit"], runs[backend]["own"], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_layer_none_on_a_keras_vit_takes_the_tokens_the_last_attention_reads_on_every_backend(
+    runs: dict[str, dict[str, np.ndarray]], backend: str
+) -> None:
+    # Before the token rule, layer=None took block1_attn/value: a (heads, head_dim) "map" of nothing.
+    result = runs[backend]
+    assert str(result["auto/layer"]) == "block1_ln1"
+    assert result["auto/cam"].shape == (3, 2, SIDE // PATCH, SIDE // PATCH)
+    np.testing.assert_array_equal(result["auto/cam"], result["named/cam"])
+    scale = float(np.abs(runs["tensorflow"]["auto/cam"]).max())
+    np.testing.assert_allclose(result["auto/cam"], runs["tensorflow"]["auto/cam"], rtol=1e-4, atol=1e-5 * scale)
