@@ -16,8 +16,8 @@ raises an error saying so (BatchNorm in training mode mixes the samples of a bat
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Hashable, Sequence
-from typing import Any
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from typing import Any, ClassVar
 
 import jax
 import numpy as np
@@ -125,7 +125,7 @@ class JaxBackend(Backend):
     # "differentiable" is not declared: a JAX array carries no graph, so differentiable maps are
     # a function to compose with jax.grad (anycam.backends.jax.explain_fn), not an Explainer mode.
     capabilities = capabilities | frozenset({"native_arrays"})
-    instead = {
+    instead: ClassVar[Mapping[str, str]] = {
         "differentiable": (
             "a JAX array carries no autodiff graph, so differentiable maps are a function to compose "
             "with jax.grad: f = anycam.backends.jax.explain_fn(model, layer, method, differentiable=True), "

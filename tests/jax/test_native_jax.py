@@ -258,14 +258,14 @@ def test_native_mode_warns_of_a_flat_map_once_as_the_numpy_mode_does(demo) -> No
         return output[:, 0] * 0.0
 
     messages = []
-    for arrays, inputs in (("numpy", np.asarray(x)), ("native", x)):
+    for arrays, batch in (("numpy", np.asarray(x)), ("native", x)):
         explainer = anycam.Explainer(model, layer="stage3", arrays=arrays)
-        explainer.explain(inputs, TARGET)
+        explainer.explain(batch, TARGET)
         with pytest.warns(anycam.ZeroMapWarning) as record:
-            found = explainer.explain(inputs, flat)
+            found = explainer.explain(batch, flat)
         with warnings.catch_warnings():
             warnings.simplefilter("error", anycam.ZeroMapWarning)
-            explainer.explain(inputs, flat)  # once per Explainer
+            explainer.explain(batch, flat)  # once per Explainer
         messages.append([str(w.message) for w in record])
         assert not np.asarray(found.heatmap).any()
     assert messages[0] == messages[1] and len(messages[0]) == 1
