@@ -35,6 +35,27 @@ _COMPILED_LIMIT = 32
 """How many jitted cores one adapter keeps (one per target count and layout reading in practice)."""
 
 
+def _traced_or_eager(
+    cache: dict[Hashable, Callable[..., Any]], key: Hashable, fn: Callable[..., Any]
+) -> Callable[..., Any]:
+    """Returns ``jax.jit(fn)`` that falls back to ``fn`` op by op, for good, if ``fn`` cannot be traced.
+
+    A core step that reads a value on the host cannot run under ``jit``; it then runs as it
+    always did (slower, never failing where the uncompiled path works).
+    """
+    jitted = jax.jit(fn)
+
+    def call(*args: Any) -> Any:
+        try:
+            return jitted(*args)
+        except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError,
+                jax.errors.TracerIntegerConversionError):  # fmt: skip
+            cache[key] = fn
+            return fn(*args)
+
+    return call
+
+
 class JaxBackend(Backend):
     """Adapter for JAX models: Flax linen and NNX, Equinox, or a (features, head) split.
 
@@ -147,7 +168,7 @@ class JaxBackend(Backend):
             if jitted is None:
                 if len(self._compiled) >= _COMPILED_LIMIT:
                     self._compiled.pop(next(iter(self._compiled)))  # the oldest: bounded, like jit's own cache
-                jitted = self._compiled[key] = jax.jit(fn)
+                jitted = self._compiled[key] = _traced_or_eager(self._compiled, key, fn)
         return jitted
 
     def capture(self, inputs: Any, target: TargetSpec, *, gradients: bool = True, native: bool = False) -> Capture:

@@ -269,3 +269,22 @@ def test_native_mode_warns_of_a_flat_map_once_as_the_numpy_mode_does(demo) -> No
         messages.append([str(w.message) for w in record])
         assert not np.asarray(found.heatmap).any()
     assert messages[0] == messages[1] and len(messages[0]) == 1
+
+
+def test_a_core_step_that_reads_a_value_on_the_host_runs_op_by_op_instead_of_failing(demo, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """A core step that cannot be traced (it reads a value) falls back to the uncompiled core, for good."""
+    model, x = demo
+    layer_cam = anycam.core.layer_cam
+    calls = []
+
+    def reads_a_value(method, activations, *args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(bool(jnp.any(activations > 0)))  # a host read: refused while jax.jit traces
+        return layer_cam(method, activations, *args, **kwargs)
+
+    monkeypatch.setattr(anycam.core, "layer_cam", reads_a_value)
+    explainer = anycam.Explainer(model, layer="stage3", arrays="native")
+    reference = anycam.Explainer(model, layer="stage3").explain(np.asarray(x), TARGET)
+    for _ in range(2):
+        found = explainer.explain(x, TARGET)
+        np.testing.assert_allclose(np.asarray(found.heatmap), reference.heatmap, atol=1e-5)
+    assert len(calls) == 3  # the reference, then once per native call: op by op

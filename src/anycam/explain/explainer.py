@@ -314,7 +314,7 @@ def compiled_capture(explainer: Explainer, inputs: Any, spec: core.TargetSpec) -
         return assembly.explanation(explainer, captured, spec)  # the same error, in the same order
     if not bool(finite):
         return assembly.explanation(explainer, captured, spec)  # raises NonFiniteError naming the element
-    if bool(flat) and not explainer.warned_zero:
+    if not explainer.warned_zero and bool(flat):
         for index, name in enumerate(explainer.layer_names):
             grads = None if captured.gradients is None else captured.gradients[index]
             assembly.warn_zero(explainer, cams[index], grads, name)
