@@ -16,9 +16,10 @@ raises an error saying so (BatchNorm in training mode mixes the samples of a bat
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from typing import Any, ClassVar
 
+import jax
 import numpy as np
 
 from anycam.core import TargetSpec
@@ -29,6 +30,30 @@ from . import capture, guided, head, pooled, randomize
 from .inputs import structured
 from .layers import choose
 from .models import _all_layers, _resolve
+
+_COMPILED_LIMIT = 32
+"""How many jitted cores one adapter keeps (one per target count and layout reading in practice)."""
+
+
+def _traced_or_eager(
+    cache: dict[Hashable, Callable[..., Any]], key: Hashable, fn: Callable[..., Any]
+) -> Callable[..., Any]:
+    """Returns ``jax.jit(fn)`` that falls back to ``fn`` op by op, for good, if ``fn`` cannot be traced.
+
+    A core step that reads a value on the host cannot run under ``jit``; it then runs as it
+    always did (slower, never failing where the uncompiled path works).
+    """
+    jitted = jax.jit(fn)
+
+    def call(*args: Any) -> Any:
+        try:
+            return jitted(*args)
+        except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError,
+                jax.errors.TracerIntegerConversionError):  # fmt: skip
+            cache[key] = fn
+            return fn(*args)
+
+    return call
 
 
 class JaxBackend(Backend):
@@ -98,6 +123,8 @@ class JaxBackend(Backend):
         self._traced: dict[Any, tuple[int, tuple[int, ...]]] = {}
         # (program, callable, input shape) of the callable targets whose indexing was checked.
         self._checked: dict[Any, Callable[[Any], Any]] = {}
+        # key → the jitted core of the native driver (see ``compiled``).
+        self._compiled: dict[Hashable, Callable[..., Any]] = {}
         # (shape, dtype) of the last batch: a linen module's init needs an input to run on.
         self._example: tuple[tuple[int, ...], Any] | None = None
 
@@ -119,6 +146,30 @@ class JaxBackend(Backend):
     # "differentiable" is not declared: a JAX array carries no graph, so differentiable maps are
     # a function to compose with jax.grad (anycam.backends.jax.explain_fn), not an Explainer mode.
     capabilities = capabilities | frozenset({"native_arrays"})
+    instead: ClassVar[Mapping[str, str]] = {
+        "differentiable": (
+            "a JAX array carries no autodiff graph, so differentiable maps are a function to compose "
+            "with jax.grad: f = anycam.backends.jax.explain_fn(model, layer, method, differentiable=True), "
+            "then jax.grad(lambda w: loss(f(w, x)))(f.weights) (see docs/jax.md)"
+        )
+    }
+    """What to use for a capability this adapter does not declare (the Explainer's refusal says it)."""
+
+    def compiled(self, key: Hashable, fn: Callable[..., Any]) -> Callable[..., Any]:
+        """Returns ``jax.jit(fn)``, made once per ``key`` (the native driver's core, see ``Explainer``).
+
+        ``key`` names everything ``fn`` closes over (method, target count, layer readings,
+        settings); jit adds its arguments' shapes, dtypes and devices. Op by op, ``jax.numpy``
+        pays a dispatch per operation, which made the native mode slower than NumPy's.
+        Nothing concrete is cached inside the trace (the core caches only concrete arrays).
+        """
+        with self._choose_lock:
+            jitted = self._compiled.get(key)
+            if jitted is None:
+                if len(self._compiled) >= _COMPILED_LIMIT:
+                    self._compiled.pop(next(iter(self._compiled)))  # the oldest: bounded, like jit's own cache
+                jitted = self._compiled[key] = _traced_or_eager(self._compiled, key, fn)
+        return jitted
 
     def capture(self, inputs: Any, target: TargetSpec, *, gradients: bool = True, native: bool = False) -> Capture:
         return capture.capture(self, inputs, target, gradients=gradients, native=native)

@@ -14,6 +14,7 @@ The control test shows the recorder catches exactly that (``np.asarray(activatio
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator
 
 import jax
@@ -161,7 +162,129 @@ def test_to_native_puts_host_arrays_on_the_weights_device() -> None:
     np.testing.assert_array_equal(moved, np.arange(6).reshape(2, 3))
 
 
-def test_jax_refuses_differentiable_explainers_and_names_explain_fn() -> None:
+def test_jax_refuses_differentiable_explainers_and_names_explain_fn_and_jax_grad() -> None:
     form = FORMS["functions"]()
-    with pytest.raises(anycam.AnycamError, match="differentiable"):
+    with pytest.raises(anycam.BackendError, match="differentiable=True") as refused:
         anycam.Explainer(form.model, layer=None, method="gradcam", backend="jax", differentiable=True)
+    message = str(refused.value)
+    assert "anycam.backends.jax.explain_fn" in message and "jax.grad" in message, message
+
+
+def _count_core_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Records every Python call of ``core.layer_cam`` (a jitted core calls it only while tracing)."""
+    calls: list[str] = []
+    layer_cam = anycam.core.layer_cam
+
+    def counted(method, *args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(method)
+        return layer_cam(method, *args, **kwargs)
+
+    monkeypatch.setattr(anycam.core, "layer_cam", counted)
+    return calls
+
+
+def test_native_core_runs_as_one_compiled_program_reused_across_calls(demo, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Op by op, jax.numpy pays a dispatch per operation (the native mode was 1.10× the NumPy mode)."""
+    model, x = demo
+    explainer = anycam.Explainer(model, layer="stage3", arrays="native")
+    calls = _count_core_calls(monkeypatch)
+    first = explainer.explain(x, TARGET)
+    assert calls == ["gradcam"]  # traced once
+    for _ in range(3):
+        again = explainer.explain(x, TARGET)
+    assert calls == ["gradcam"], "the core ran in Python again: not compiled, or compiled anew per call"
+    np.testing.assert_array_equal(np.asarray(again.heatmap), np.asarray(first.heatmap))
+    explainer.explain(x, np.stack([TARGET, TARGET], axis=1))  # K = 2: a new program
+    assert calls == ["gradcam", "gradcam"]
+
+
+@pytest.mark.parametrize(
+    ("start", "change"),
+    [
+        ({}, {"relu": False}),
+        ({"relu": False}, {"normalize": "max"}),
+        ({}, {"normalize": None}),
+        ({}, {"upsample": "nearest"}),
+        ({}, {"upsample": None}),
+        ({}, {"method": "layercam"}),
+        ({}, {"method": "eigencam"}),
+        ({"method": "randomcam"}, {"seed": 3}),
+    ],
+    ids=lambda setting: "-".join(f"{k}={v}" for k, v in setting.items()) or "defaults",
+)
+def test_compiled_native_maps_follow_every_setting_changed_between_calls(demo, start, change) -> None:  # type: ignore[no-untyped-def]
+    """The jitted core is keyed by every setting it closes over: a setting changed on the same
+    Explainer (its attributes are public) gives that setting's map, equal to the NumPy mode's."""
+    model, x = demo
+    native = anycam.Explainer(model, layer="stage3", arrays="native", **start)
+    native.explain(x, TARGET)  # compiled with the first settings
+    for name, value in change.items():
+        setattr(native, name, value)
+    reference = anycam.Explainer(model, layer="stage3", **start, **change).explain(np.asarray(x), TARGET)
+    found = native.explain(x, TARGET)
+    assert found.heatmap.shape == reference.heatmap.shape
+    np.testing.assert_allclose(np.asarray(found.heatmap), reference.heatmap, atol=1e-5)
+    scale = float(np.abs(reference.cam).max())
+    np.testing.assert_allclose(np.asarray(found.cam) / scale, reference.cam / scale, atol=1e-5)
+
+
+def test_compiled_native_maps_follow_a_new_input_size_and_batch(demo) -> None:  # type: ignore[no-untyped-def]
+    model, x = demo
+    native = anycam.Explainer(model, layer="stage3", arrays="native")
+    native.explain(x, TARGET)
+    smaller = x[:3, 4:-4, 4:-4, :]
+    reference = anycam.Explainer(model, layer="stage3").explain(np.asarray(smaller), TARGET[:3])
+    found = native.explain(smaller, TARGET[:3])
+    assert found.heatmap.shape == reference.heatmap.shape == (3, *smaller.shape[1:3])
+    np.testing.assert_allclose(np.asarray(found.heatmap), reference.heatmap, atol=1e-5)
+
+
+def test_native_mode_names_a_non_finite_value_as_the_numpy_mode_does(demo) -> None:  # type: ignore[no-untyped-def]
+    model, x = demo
+    native = anycam.Explainer(model, layer="stage3", arrays="native")
+    native.explain(x, TARGET)  # compiled on finite values first
+    bad = x.at[1, 3, 5, 0].set(jnp.nan)
+    with pytest.raises(anycam.NonFiniteError) as expected:
+        anycam.Explainer(model, layer="stage3").explain(np.asarray(bad), TARGET)
+    with pytest.raises(anycam.NonFiniteError) as found:
+        native.explain(bad, TARGET)
+    assert str(found.value) == str(expected.value)
+
+
+def test_native_mode_warns_of_a_flat_map_once_as_the_numpy_mode_does(demo) -> None:  # type: ignore[no-untyped-def]
+    model, x = demo
+
+    def flat(output: jax.Array) -> jax.Array:  # a score the layer does not move: zero gradient, zero map
+        return output[:, 0] * 0.0
+
+    messages = []
+    for arrays, batch in (("numpy", np.asarray(x)), ("native", x)):
+        explainer = anycam.Explainer(model, layer="stage3", arrays=arrays)
+        explainer.explain(batch, TARGET)
+        with pytest.warns(anycam.ZeroMapWarning) as record:
+            found = explainer.explain(batch, flat)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", anycam.ZeroMapWarning)
+            explainer.explain(batch, flat)  # once per Explainer
+        messages.append([str(w.message) for w in record])
+        assert not np.asarray(found.heatmap).any()
+    assert messages[0] == messages[1] and len(messages[0]) == 1
+
+
+def test_a_core_step_that_reads_a_value_on_the_host_runs_op_by_op_instead_of_failing(demo, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """A core step that cannot be traced (it reads a value) falls back to the uncompiled core, for good."""
+    model, x = demo
+    layer_cam = anycam.core.layer_cam
+    calls = []
+
+    def reads_a_value(method, activations, *args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(bool(jnp.any(activations > 0)))  # a host read: refused while jax.jit traces
+        return layer_cam(method, activations, *args, **kwargs)
+
+    monkeypatch.setattr(anycam.core, "layer_cam", reads_a_value)
+    explainer = anycam.Explainer(model, layer="stage3", arrays="native")
+    reference = anycam.Explainer(model, layer="stage3").explain(np.asarray(x), TARGET)
+    for _ in range(2):
+        found = explainer.explain(x, TARGET)
+        np.testing.assert_allclose(np.asarray(found.heatmap), reference.heatmap, atol=1e-5)
+    assert len(calls) == 3  # the reference, then once per native call: op by op

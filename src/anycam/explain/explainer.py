@@ -15,7 +15,8 @@ from typing import Any
 import numpy as np
 
 from .. import core
-from .._errors import BackendError, ConfigError, ConfigTypeError
+from .._errors import AnycamError, BackendError, ConfigError, ConfigTypeError
+from ..core._namespace import namespace
 from ..protocol.backend import Backend, as_list
 from ..protocol.layers import is_auto
 from . import assembly, attention, guided, perturbation
@@ -189,8 +190,11 @@ class Explainer:
         ):
             if wanted and capability not in adapter.capabilities:
                 option = "differentiable=True" if capability == "differentiable" else 'arrays="native"'
+                # An adapter may say what to use instead (JAX: explain_fn composed with jax.grad).
+                instead = getattr(adapter, "instead", {}).get(capability)
                 raise BackendError(
                     f"the {adapter.name} backend cannot give {option}: it does not declare the {capability} capability"
+                    + (f"; {instead}" if instead else "")
                 )
         if core.METHODS[method].kind == "attention" and not is_auto(layer):
             # The attention methods read every attention call; a layer would be silently ignored.
@@ -264,7 +268,115 @@ class Explainer:
             anycam.NonFiniteError: NaN or inf in the input, activations or gradients.
         """
         spec = core.parse_target(target)
-        return DRIVERS[core.METHODS[self.method].kind](self, inputs, spec)
+        kind = core.METHODS[self.method].kind
+        if kind in ("gradient", "activation") and self.arrays == "native" and not self.differentiable:
+            if callable(getattr(self.backend, "compiled", None)):
+                return compiled_capture(self, inputs, spec)
+        return DRIVERS[kind](self, inputs, spec)
+
+
+def compiled_capture(explainer: Explainer, inputs: Any, spec: core.TargetSpec) -> Explanation:
+    """The one-capture driver in native mode, its core compiled by the backend (``backend.compiled``).
+
+    Same result as ``assembly.capture``: the core's maps of the capture's arrays, on the device.
+    Run op by op, the core costs one framework dispatch per array operation (JAX: about 50 ms a
+    call, more than the map's arithmetic); a backend that can compile a function of its arrays
+    (JAX's ``jax.jit``) offers ``compiled(key, fn)``, and the maps, the finiteness check and the
+    flat-map check run as one program. Only two booleans come to the host. When either says
+    something is wrong (a NaN or inf, a flat map not yet warned about), or when the core refuses
+    the shapes while tracing, the uncompiled driver runs on the same capture: it raises or warns
+    exactly as it always does, naming the layer and the first bad element.
+    """
+    gradients = core.METHODS[explainer.method].kind == "gradient"
+    captured = assembly.capture_call(explainer, inputs, spec, gradients=gradients)
+    input_spatial, readings = assembly.read_layouts(explainer, captured)
+    # Everything the compiled function depends on besides its arguments' shapes and dtypes
+    # (which jax.jit keys on itself).
+    key = (
+        "maps",
+        explainer.method,
+        captured.scores.shape[1],
+        tuple(readings),
+        explainer.relu,
+        explainer.seed,
+        None if explainer.upsample is None else tuple(input_spatial),
+        explainer.normalize,
+        explainer.upsample,
+        explainer.aggregate,
+        explainer.layer_names,
+    )
+    fn = _maps_function(*key[1:])
+    try:
+        heatmap, cams, weights, finite, flat = explainer.backend.compiled(key, fn)(  # type: ignore[attr-defined]
+            tuple(captured.activations), None if captured.gradients is None else tuple(captured.gradients)
+        )
+    except AnycamError:
+        return assembly.explanation(explainer, captured, spec)  # the same error, in the same order
+    if not bool(finite):
+        return assembly.explanation(explainer, captured, spec)  # raises NonFiniteError naming the element
+    if not explainer.warned_zero and bool(flat):
+        for index, name in enumerate(explainer.layer_names):
+            grads = None if captured.gradients is None else captured.gradients[index]
+            assembly.warn_zero(explainer, cams[index], grads, name)
+    results = [core.LayerResult(cam, weight) for cam, weight in zip(cams, weights, strict=True)]
+    return assembly.assemble(explainer, results, captured, spec, heatmap=heatmap)
+
+
+def _maps_function(
+    method: str,
+    count: int,
+    readings: tuple[core.LayerReading, ...],
+    relu: bool,
+    seed: int,
+    spatial: tuple[int, ...] | None,
+    normalize: str | None,
+    upsample: str | None,
+    aggregate: str,
+    names: tuple[str, ...],
+) -> Callable[[tuple[Any, ...], tuple[Any, ...] | None], tuple[Any, ...]]:
+    """Returns ``f(activations, gradients) -> (heatmap, cams, weights, all finite, some map flat)``.
+
+    A pure function of the arrays (the settings are closed over), so a backend can compile it:
+    the core's formulas as ``assembly.layer_results`` and ``assembly.assemble`` call them, plus
+    the two checks as device booleans instead of host reads.
+    """
+
+    def maps(activations: tuple[Any, ...], gradients: tuple[Any, ...] | None) -> tuple[Any, ...]:
+        xp = namespace(*activations)
+        checked = [*activations, *(gradients or ())]
+        finite = xp.all(xp.stack([xp.all(xp.isfinite(a)) for a in checked]))
+        results = []
+        for index, name in enumerate(names):
+            try:
+                results.append(
+                    core.layer_cam(
+                        method,
+                        activations[index],
+                        None if gradients is None else gradients[index],
+                        readings[index].layout,
+                        count=count,
+                        grid=readings[index].grid,
+                        rectify=relu,
+                        seed=seed,
+                    )
+                )
+            except AnycamError as exc:
+                raise type(exc)(f"layer {name!r}: {exc}") from exc
+        heatmap = core.heatmaps(
+            [r.cam for r in results],
+            spatial,
+            normalization=normalize,
+            resize_mode=upsample,
+            aggregate=aggregate,
+            aligned=[r.aligned for r in readings],
+        )
+        flat = []
+        for r in results:
+            values = xp.reshape(r.cam, (*r.cam.shape[:2], -1))
+            flat.append(xp.any(xp.max(values, axis=-1) <= xp.min(values, axis=-1)))
+        return heatmap, tuple(r.cam for r in results), tuple(r.weights for r in results), finite, xp.any(xp.stack(flat))
+
+    return maps
 
 
 ARRAYS = ("numpy", "native")
