@@ -173,6 +173,16 @@ class Backend(abc.ABC):
     Explainer refuses a method whose capability is missing before any work; a subclass that
     declares one without overriding its verbs fails when the class is defined."""
 
+    instead: ClassVar[Mapping[str, str]] = {}
+    """For a capability this adapter does not declare, what to use instead; the Explainer appends
+    it to its refusal (JAX: ``differentiable`` → ``explain_fn`` composed with ``jax.grad``)."""
+
+    # An adapter may also offer ``compiled(key, fn) -> callable``: ``fn``, a pure function of the
+    # backend's arrays (the core of one call), compiled once per ``key``, which must hold everything
+    # ``fn`` closes over. With it, the native mode runs the core as one program
+    # (``anycam.explain.explainer``'s compiled driver); without it, op by op. Not a capability:
+    # nothing is refused for lacking it.
+
     input_layout: str = "channels_first"
     """The layout of the (spatial) input, ``"channels_first"`` or ``"channels_last"``."""
 
