@@ -123,7 +123,10 @@ def ablation_scorer(
     x, spatial, _ = model_inputs(backend, inputs)
     batch = int(spatial.shape[0])
     form, param, extra = resolved(target, indices, batch)
-    values = tf.constant(np.asarray(activations, dtype=np.float32))
+    if isinstance(activations, tf.Tensor):  # a native capture's tensor stays on the device
+        values = tf.cast(activations, tf.float32)
+    else:
+        values = tf.constant(np.asarray(activations, dtype=np.float32))
     if values.shape.rank < 2 or values.shape[0] != batch:
         raise InputError(f"activations must be (N, ...) with N={batch}, got shape {tuple(values.shape)}")
     axis = int(channel_axis) % values.shape.rank

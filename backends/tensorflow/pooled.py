@@ -106,13 +106,14 @@ def ablation_head(
     connections over the layer, shared layers, subclassed models): Ablation-CAM then runs
     the network after the layer on every copy.
     """
-    values = np.asarray(activations)
+    # A native capture's tensor stays on the device; a NumPy one becomes a tensor once.
+    values = activations if isinstance(activations, tf.Tensor) else tf.constant(np.asarray(activations))
     refused = len(backend.layers) != 1 or backend.ports[0] != "output" or backend.output is not None
     if refused or backend.model_kwargs or isinstance(inputs, (list, tuple, dict)):
         return None
-    if values.dtype != np.float32 or values.ndim < 3:
+    if values.dtype != tf.float32 or values.shape.rank < 3:
         return None
-    batch, rank = values.shape[0], values.ndim
+    batch, rank = int(values.shape[0]), values.shape.rank
     axis = int(channel_axis) % rank
     heads = backend._program.heads
     if (rank, axis) not in heads:
@@ -121,8 +122,8 @@ def ablation_head(
     if tail is None:
         return None
     form, param, extra = resolved(target, indices, batch)
-    pooled_tensor = tail.pooling()(tf.constant(values))
-    channels = values.shape[axis]
+    pooled_tensor = tail.pooling()(values)
+    channels = int(values.shape[axis])
     if pooled_tensor.shape.num_elements() != batch * channels:
         return None
     pooled = as_numpy(pooled_tensor).reshape(batch, channels)

@@ -160,7 +160,8 @@ def ablation_head(
     pooling) on the B·N feature rows, or vmapped over the B copies when the rows do not stay
     independent. float32 models only.
     """
-    if len(backend.modules) != 1 or backend.ports != ["output"] or activations.dtype != np.float32:
+    float32 = activations.dtype in (np.float32, torch.float32)  # NumPy, or a native capture's tensor
+    if len(backend.modules) != 1 or backend.ports != ["output"] or not float32:
         return None
     device, dtype = device_dtype(backend.model)
     split = backend._split()

@@ -10,6 +10,7 @@ frameworks the process imported. Keras fixes its backend at import, hence one pr
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 
@@ -59,6 +60,15 @@ def targets(data: np.lib.npyio.NpzFile) -> dict[str, object]:
     }
 
 
+def on_host(explained: anycam.Explanation) -> anycam.Explanation:
+    """A native Explanation with its arrays as NumPy, after checking they are the framework's."""
+    fields = ("heatmap", "cam", "weights", "scores")
+    arrays = {name: getattr(explained, name) for name in fields if getattr(explained, name) is not None}
+    assert all(keras.ops.is_tensor(a) and not isinstance(a, np.ndarray) for a in arrays.values()), arrays
+    host = {name: keras.ops.convert_to_numpy(a) for name, a in arrays.items()}
+    return dataclasses.replace(explained, **host)
+
+
 def main(cases: str, out: str) -> None:
     data = np.load(cases)
     weights = {key[len("w/") :]: data[key] for key in data.files if key.startswith("w/")}
@@ -88,6 +98,12 @@ def main(cases: str, out: str) -> None:
         explainer = anycam.Explainer(model, LAYERS[label], method=method)
         picked.add((explainer.backend.name, type(explainer.backend).__name__))
         record(f"{method}/{form}/{label}", explainer.explain(x, forms[form]))
+    # arrays="native": the core on the framework's own arrays (issue 21), every method and form
+    # at stage3; the test compares them with the NumPy mode's above and across backends.
+    for method, form, label in cases:
+        if label == "stage3":
+            native = anycam.Explainer(model, label, method=method, arrays="native").explain(x, forms[form])
+            record(f"native/{method}/{form}/{label}", on_host(native))
     nested = Wrapped(model)
     nested(x[:1])
     for layer in ("demo_net_2d/stage3", "stage2", "scale"):

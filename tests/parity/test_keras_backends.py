@@ -117,6 +117,40 @@ def test_keras_on_jax_and_torch_gives_the_tensorflow_maps(runs: dict[str, dict[s
     np.testing.assert_allclose(result["randomized/unchanged"], result["gradcam/argmax/stage3/cam"], rtol=1e-6)
 
 
+@pytest.mark.parametrize("backend", KERAS_BACKENDS)
+def test_native_keras_maps_equal_the_numpy_mode(runs: dict[str, dict[str, np.ndarray]], backend: str) -> None:
+    """``arrays="native"`` on each Keras backend against its NumPy mode (docs/devices.md, Precision).
+
+    Raw maps within 1e-5 relative + 1e-5 of each map's largest value (5e-5 of it for the Eigen
+    methods), heatmaps within 1e-5 (5e-5) plus min-max scaling's 4·e/span, scores and targets
+    equal, finite wherever the NumPy mode is. (The cross-backend comparison above covers the
+    native keys too.)
+    """
+    result = runs[backend]
+    keys = sorted(k for k in result if k.startswith("native/"))
+    assert len(keys) >= 4 * len(anycam.core.CAPTURE_METHODS), keys
+    for key in keys:
+        method, field = key.split("/")[1], key.rsplit("/", 1)[-1]
+        got, want = result[key].astype(np.float64), result[key[len("native/") :]].astype(np.float64)
+        assert got.shape == want.shape, key
+        assert np.isfinite(got[np.isfinite(want)]).all(), key
+        eigen = method in ("eigencam", "eigengradcam", "kpcacam")
+        if field in ("target", "scores"):
+            np.testing.assert_allclose(got, want, rtol=1e-6, atol=0, err_msg=key)
+        elif field == "cam":
+            top = np.abs(want).max(axis=(-2, -1), keepdims=True)
+            allowed = 5e-5 * top if eigen else 1e-5 * np.abs(want) + 1e-5 * top
+            assert np.all(np.abs(got - want) <= allowed), key
+        elif field == "heatmap":
+            cam_key = key[: -len("heatmap")] + "cam"
+            cam, cam_want = result[cam_key], result[cam_key[len("native/") :]]
+            error = np.abs(cam.astype(np.float64) - cam_want).max(axis=(-2, -1))
+            span = cam_want.max(axis=(-2, -1)) - cam_want.min(axis=(-2, -1))
+            amplified = np.where(span > 0, 4 * error / np.where(span > 0, span, 1), 0)
+            base = 5e-5 if eigen else 1e-5
+            assert np.all(np.abs(got - want).max(axis=(-2, -1)) <= base + amplified), key
+
+
 def test_mobilenet_maps_are_nonzero_and_auto_is_the_last_stage(runs: dict[str, dict[str, np.ndarray]]) -> None:
     reference = runs["tensorflow"]
     assert np.abs(reference["app/argmax/cam"]).max() > 0

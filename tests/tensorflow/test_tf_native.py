@@ -134,6 +134,24 @@ def test_native_mode_reads_nothing_but_the_target_indices_to_the_host(model, met
     assert host.reads == allowed
 
 
+@pytest.mark.parametrize("method", ["scorecam", "ablationcam"])
+def test_perturbation_methods_in_native_mode_read_no_input_activation_or_map_to_the_host(model, method):
+    """Score-CAM's input and Ablation-CAM's layer output stay on the device, and so do the maps.
+
+    Their weights are computed on the host from the scores of the perturbed copies, so those
+    rows may be read: at most N·C copies × 3 classes = 36 values per model call. The input
+    (600 values), the layer's activations (1200) and the maps (400) are each larger.
+    """
+    explainer = anycam.Explainer(model, "features", method=method, arrays="native")
+    x = batch(1)
+    explainer.explain(x, target=anycam.top_k(2))  # compiled outside the count
+    with HostReads() as host:
+        explained = explainer.explain(x, target=anycam.top_k(2))
+    assert isinstance(explained.heatmap, tf.Tensor) and isinstance(explained.cam, tf.Tensor)
+    large = [read for read in host.reads if int(np.prod(read[1])) > 36]
+    assert not large, large
+
+
 def test_the_host_read_counter_sees_a_copy():
     """The counter used above fails when something copies a tensor to NumPy (as the NumPy mode does)."""
     explainer = anycam.Explainer(network(), "features", method="gradcam")

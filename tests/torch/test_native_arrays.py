@@ -189,6 +189,21 @@ def test_native_mode_copies_no_activation_gradient_or_map_to_the_host(method: st
     assert explanation.heatmap.device == x.device
 
 
+@pytest.mark.parametrize("method", ["scorecam", "ablationcam"])
+def test_perturbation_methods_in_native_mode_copy_no_input_activation_or_map_to_the_host(method: str) -> None:
+    """Score-CAM's input and Ablation-CAM's layer output stay on the device, and so do both maps.
+
+    Their weights are computed on the host from the scores of the perturbed copies, so those
+    rows may come over: at most N·C copies × 4 classes = 64 values per call of the model. The
+    input (864 values), the layer's activations (576) and the maps (144) are each larger.
+    """
+    model, x = network().to(device()), batch().to(device())
+    explainer = anycam.Explainer(model, "3", method, arrays="native")
+    with no_host_copies(allowed=64):
+        explanation = explainer.explain(x, anycam.top_k(2))
+    assert explanation.heatmap.device == x.device and explanation.cam.device == x.device
+
+
 def test_the_host_copy_probe_sees_a_copy_of_the_activations() -> None:
     """The probe above is not blind: the NumPy mode's copy of the activations is caught."""
     model, x = network(), batch()

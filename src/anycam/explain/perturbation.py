@@ -8,6 +8,7 @@ every formula to the NumPy core; no framework is imported here.
 from __future__ import annotations
 
 import dataclasses
+import math
 import warnings
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -73,10 +74,13 @@ class _MaskedInputs:
     unbatched values (flags, None) pass unchanged.
     """
 
-    def __init__(self, inputs: Any, spatial_input: Any) -> None:
+    def __init__(self, inputs: Any, spatial_input: Any, *, host_copy: bool = True) -> None:
         self.structure = structure_inputs(inputs, is_spatial=looks_spatial, spatial_input=spatial_input)
-        self.x = numpy_input(self.structure.spatial_value)
-        batch = self.x.shape[0]
+        value = self.structure.spatial_value
+        # With device masks a framework array stays where it is (_DeviceMasks casts it there):
+        # copying it to the host only to move it back is the per-call copy issue 21 removes.
+        self.x = numpy_input(value) if host_copy or not _framework_array(value) else value
+        batch = int(self.x.shape[0])
 
         def batched(key: Any, value: Any) -> Any:
             if key == self.structure.spatial or getattr(value, "shape", None) is None:
@@ -95,6 +99,16 @@ class _MaskedInputs:
             return value[samples] if isinstance(value, np.ndarray) else value
 
         return self.others.map(pick).container()
+
+
+def _framework_array(value: Any) -> bool:
+    """Whether ``value`` is an array of a namespace the core computes on, other than NumPy."""
+    if is_numpy(value) or not hasattr(value, "shape"):
+        return False
+    try:
+        return namespace(value) is not np
+    except Exception:  # not an array-API array: the host copy, as before
+        return False
 
 
 def _mask_input(x: np.ndarray, masks: np.ndarray, input_layout: str) -> np.ndarray:
@@ -119,9 +133,13 @@ class _DeviceMasks:
     namespace ``core.scorecam_masks(align_corners=True)`` would replace ``_corners``).
     """
 
-    def __init__(self, backend: Backend, x: np.ndarray, input_layout: str) -> None:
+    def __init__(self, backend: Backend, x: Any, input_layout: str) -> None:
         self.backend = backend
-        self.x = backend.to_native(x)
+        if is_numpy(x):
+            self.x = backend.to_native(np.asarray(x, dtype=np.float32))
+        else:  # the caller's framework array, float32 on its device (as numpy_input makes the host one)
+            self.xp = namespace(x)
+            self.x = x if x.dtype == self.xp.float32 else self.xp.astype(x, self.xp.float32)
         self.xp = namespace(self.x)
         self.axis = 1 if input_layout == "channels_first" else x.ndim - 1
 
@@ -180,7 +198,7 @@ def scorecam(explainer: Explainer, inputs: Any, spec: core.TargetSpec) -> Explan
             f"scorecam weights each channel by the target's class score, and {exc}; for a model whose "
             "output is not class scores pass a callable target that returns the score to weight by"
         ) from exc
-    given = _MaskedInputs(inputs, explainer.spatial_input)
+    given = _MaskedInputs(inputs, explainer.spatial_input, host_copy=not on_device)
     x = given.x
     input_layout = backend.input_layout
     device = _DeviceMasks(backend, x, input_layout) if on_device else None
@@ -196,7 +214,7 @@ def scorecam(explainer: Explainer, inputs: Any, spec: core.TargetSpec) -> Explan
     probabilities = probabilities and not sigmoid
     corners = explainer.scorecam == "pytorch-grad-cam"
     per_sample = spec.kind == "callable"
-    rows = _rows(explainer, x[0].size, SCORECAM_VALUES)
+    rows = _rows(explainer, math.prod(int(d) for d in x.shape[1:]), SCORECAM_VALUES)
     count = capture.scores.shape[1]
     results = []
     _, readings = read_layouts(explainer, capture)
@@ -285,14 +303,21 @@ def _one_output(backend: Backend, inputs: Any, capture: Any) -> bool:
 def ablationcam(explainer: Explainer, inputs: Any, spec: core.TargetSpec) -> Explanation:
     """Ablation-CAM (Desai & Ramaswamy 2020): weights from the score drop when a channel is zeroed."""
     backend = explainer.backend
-    capture = backend.capture(inputs, spec, gradients=False)
+    # A backend with native_arrays keeps the layer output on the device in every mode: its
+    # ablation_head / ablation_scorer take it there (no copy to the host and back per call);
+    # only the NumPy mode's map is made from a host copy, as from a NumPy capture.
+    on_device = backend.can("native_arrays")
+    capture = backend.capture(inputs, spec, gradients=False, **({"native": True} if on_device else {}))
+    scores = host(capture.scores)  # (N, K): the weights are computed on the host from them
+    if explainer.arrays != "native":
+        capture = dataclasses.replace(capture, scores=scores)
     name = explainer.layer_names[0]
     activations = capture.activations[0]
-    core.check_finite(activations, "activations", name)
+    check_finite(activations, "activations", name)
     reading = read_layouts(explainer, capture)[1][0]
     layout = reading.layout
     channel_axis = 1 if layout == "channels_first" else -1
-    batch, channels = activations.shape[0], activations.shape[channel_axis]
+    batch, channels = int(activations.shape[0]), int(activations.shape[channel_axis])
     count = capture.scores.shape[1]
     # A backend that keeps the part before the layer between chunks (it overrides head_scorer or
     # ablation_scorer) loses nothing by small chunks, and cache-sized ones are faster.
@@ -301,15 +326,19 @@ def ablationcam(explainer: Explainer, inputs: Any, spec: core.TargetSpec) -> Exp
         or type(backend).ablation_scorer is not Backend.ablation_scorer
     )
     budget = ABLATION_VALUES_KEPT if keeps_prefix else ABLATION_VALUES
-    per_copy = max(1, _rows(explainer, activations[0].size, budget) // batch)
+    per_copy = max(1, _rows(explainer, math.prod(int(d) for d in activations.shape[1:]), budget) // batch)
     scorer: Any = None
     head = backend.ablation_head(inputs, spec, capture.target, activations, channel_axis)
-    if head is not None and _head_agrees(head, capture.scores, name):
+    if head is not None and _head_agrees(head, scores, name):
         scorer = _head_scorer(head)
         features = head.pooled.shape[1] if head.weight is None else head.weight.shape[1]
         per_copy = max(1, _rows(explainer, features, ABLATION_VALUES_KEPT) // batch)
     if scorer is None:
-        scorer = backend.ablation_scorer(inputs, spec, capture.target, activations, channel_axis)
+        if type(backend).ablation_scorer is Backend.ablation_scorer and not is_numpy(activations):
+            activations_for = host(activations)  # the protocol's default builds its copies in NumPy
+        else:
+            activations_for = activations
+        scorer = backend.ablation_scorer(inputs, spec, capture.target, activations_for, channel_axis)
     ablated = np.zeros((batch, count, channels), dtype=np.float64)
     with progress_bar(explainer.progress, channels * batch, f"anycam ablationcam {name}", "row") as bar:
         for start in range(0, channels, per_copy):
@@ -318,10 +347,15 @@ def ablationcam(explainer: Explainer, inputs: Any, spec: core.TargetSpec) -> Exp
             ablated[:, :, chunk] = out.transpose(1, 2, 0)
             bar.update(len(chunk) * batch)
     core.check_finite(ablated, "ablated scores", name)
-    weights = core.ablation_weights(capture.scores, ablated)
+    weights = core.ablation_weights(scores, ablated)
+    if explainer.arrays != "native" and not is_numpy(activations):
+        activations = host(activations)
     acts = core.to_channels_first(activations, layout, lead=1, grid=reading.grid)
     cam = core.weighted_cam(acts[:, None], weights, channel_axis=2, rectify=explainer.relu)
-    result = core.LayerResult(float32(cam), float32(weights))
+    if is_numpy(cam):
+        result = core.LayerResult(float32(cam), float32(weights))
+    else:  # native mode: the map on the device, the host-computed weights moved beside it
+        result = core.LayerResult(cam, backend.to_native(float32(weights)))
     return assemble(explainer, [result], capture, spec)
 
 
