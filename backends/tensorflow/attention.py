@@ -30,7 +30,9 @@ if TYPE_CHECKING:
     from .backend import TensorFlowBackend
 
 
-def _gradients(tape: tf.GradientTape, totals: tf.Tensor, probabilities: list[tf.Tensor], names: list[str]) -> list[tf.Tensor]:
+def _gradients(
+    tape: tf.GradientTape, totals: tf.Tensor, probabilities: list[tf.Tensor], names: list[str]
+) -> list[tf.Tensor]:
     """Returns ∂totals/∂A per call as (K, N, H, T, S) float32.
 
     Raises:
@@ -41,7 +43,9 @@ def _gradients(tape: tf.GradientTape, totals: tf.Tensor, probabilities: list[tf.
     none = tf.UnconnectedGradients.NONE
     grads: list[tf.Tensor | None]
     if count == 1:
-        grads = [None if g is None else g[None] for g in tape.gradient(totals, probabilities, unconnected_gradients=none)]
+        grads = [
+            None if g is None else g[None] for g in tape.gradient(totals, probabilities, unconnected_gradients=none)
+        ]
     else:
         try:
             grads = list(tape.jacobian(totals, probabilities, unconnected_gradients=none, experimental_use_pfor=True))
@@ -51,7 +55,9 @@ def _gradients(tape: tf.GradientTape, totals: tf.Tensor, probabilities: list[tf.
                               unconnected_gradients=none)
                 for k in range(count)
             ]  # fmt: skip
-            grads = [None if column[0] is None else tf.stack(list(column), axis=0) for column in zip(*columns, strict=True)]
+            grads = [
+                None if column[0] is None else tf.stack(list(column), axis=0) for column in zip(*columns, strict=True)
+            ]
     unreached = [index for index, g in enumerate(grads) if g is None]
     if unreached:
         raise LayerError(
@@ -59,7 +65,7 @@ def _gradients(tape: tf.GradientTape, totals: tf.Tensor, probabilities: list[tf.
             "output (the tape has no gradient for them); the attention methods need every attention on the path "
             "to the output"
         )
-    return [tf.cast(g, tf.float32) for g in grads]  # type: ignore[arg-type]
+    return [tf.cast(g, tf.float32) for g in grads]
 
 
 def _attend(program: Program, kind: str, target: str, param: Any, inputs: Any, indices: Any = None) -> tuple[Any, ...]:
@@ -96,7 +102,10 @@ def _attend(program: Program, kind: str, target: str, param: Any, inputs: Any, i
     program.attention_names = tuple(calls)  # type: ignore[attr-defined]
     grads = _gradients(tape, totals, probabilities, list(calls)) if tape is not None else []
     if reduced and grads:
-        grads = [tf.reduce_mean(tf.nn.relu(g * p[None]), axis=2, keepdims=True) for g, p in zip(grads, probabilities, strict=True)]
+        grads = [
+            tf.reduce_mean(tf.nn.relu(g * p[None]), axis=2, keepdims=True)
+            for g, p in zip(grads, probabilities, strict=True)
+        ]
         probabilities = [tf.ones_like(g[0]) for g in grads]
     elif reduced:
         probabilities = [tf.reduce_mean(p, axis=1, keepdims=True) if p.shape.rank == 4 else p for p in probabilities]

@@ -27,7 +27,6 @@ import math
 import threading
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
@@ -234,7 +233,7 @@ def _attention_capture(
             handle.remove()
     attentions = mode.attentions
     grid = _config_grid(backend.model, tuple(given.spatial_value.shape), backend.input_layout, attentions[-1:])
-    out = detached if native else to_numpy
+    out: Any = detached if native else to_numpy  # the protocol types NumPy; native mode hands tensors
     grads_out: tuple[Any, ...] | None = None
     if with_gradients and reduced:
         weighted = weighted_gradients(values, attentions, mode.shapes, leaf)
@@ -247,7 +246,9 @@ def _attention_capture(
         if with_gradients:
             grads = attention_gradients(values, attentions)
             grads_out = tuple(out(_heads(g, shape, 1)) for g, shape in zip(grads, mode.shapes, strict=True))
-        attentions_out = tuple(out(_heads(a.detach(), shape, 0)) for a, shape in zip(attentions, mode.shapes, strict=True))
+        attentions_out = tuple(
+            out(_heads(a.detach(), shape, 0)) for a, shape in zip(attentions, mode.shapes, strict=True)
+        )
     return AttentionCapture(
         attentions=attentions_out,
         gradients=grads_out,
@@ -294,12 +295,12 @@ def weighted_gradients(
     for k in range(count):
         found: list[torch.Tensor | None] = [None] * len(attentions)
 
-        def reduce(index: int, grad: torch.Tensor) -> None:
+        def reduce(index: int, grad: torch.Tensor, found: list[torch.Tensor | None] = found) -> None:
             probabilities = _heads(attentions[index].detach(), shapes[index], 0).float()
             found[index] = torch.relu(_heads(grad, shapes[index], 0).float() * probabilities).mean(dim=-3, keepdim=True)
 
         handles = [
-            a.register_hook(lambda grad, index=index: reduce(index, grad))  # type: ignore[misc]
+            a.register_hook(lambda grad, index=index: reduce(index, grad))
             for index, a in enumerate(attentions)
         ]
         direct = [a for a, hit in zip(attentions, via_leaf, strict=True) if not hit]

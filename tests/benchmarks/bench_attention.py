@@ -150,8 +150,10 @@ def run_torch(quick: bool = False, device: str = "cpu") -> list[dict]:
     memory = memory_of("bench_attention", quick) if device == "cpu" else {}
     model, x = _torch_setup(quick, device)
     s = vit_shape(quick)
-    name = ("ViT-B/16-shaped" if not quick else "tiny ViT") + f" {s['side']}², HF sdpa" + (
-        "" if device == "cpu" else f", {device}"
+    name = (
+        ("ViT-B/16-shaped" if not quick else "tiny ViT")
+        + f" {s['side']}², HF sdpa"
+        + ("" if device == "cpu" else f", {device}")
     )
     cases = _torch_cases(model, x)
     if device == "cuda":

@@ -18,7 +18,6 @@ from .bench_attention import memory_of, report, vit_shape
 from .timing import DeviceUnavailable
 
 
-
 def build(quick: bool) -> tuple[Any, np.ndarray]:
     import keras
 

@@ -13,12 +13,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+
+import anycam
 from anycam.core import parse_target
 from anycam.core.attention import AttentionRequest
 
-import anycam
-
-from .test_attention_torch import X, TinyViT, chefer_map, reference, rollout_map
+from .test_attention_torch import TinyViT, X, chefer_map, reference, rollout_map
 from .test_native_arrays import no_host_copies
 
 TARGETS = torch.tensor([[1, 4], [0, 2]])
@@ -53,7 +53,7 @@ def test_reduced_rollout_capture_hands_the_head_means(vit: TinyViT) -> None:
 
 
 def test_a_whole_block_capture_is_still_given_to_callers_that_ask_with_a_bool(vit: TinyViT) -> None:
-    attentions, grads = reference(vit, X, TARGETS)
+    _, grads = reference(vit, X, TARGETS)
     capture = anycam.Explainer(vit, method="attention-grad").backend.attention_capture(
         X, parse_target(TARGETS.numpy()), gradients=True
     )

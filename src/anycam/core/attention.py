@@ -301,14 +301,14 @@ def token_rows(
         if weighted:
             assert gradients is not None
             gradient = as_float(xp, gradients[index], dtype)
-            product = gradient * attention[:, None]
+            product = gradient * xp.expand_dims(attention, axis=1)
             block = xp.mean(xp.maximum(product, constant(xp, 0.0, product)), axis=2)  # Ē: (N, K, T, T)
             row = row + xp.matmul(row, block)
         else:
-            mean = xp.mean(attention, axis=1)[:, None]  # (N, 1, T, T)
+            mean = xp.mean(attention, axis=1, keepdims=True)  # (N, 1, T, T)
             # (Â + I) with each row i divided by its sum s_i: v (Â + I)/s = (v/s) Â + v/s.
             sums = xp.sum(mean, axis=-1) + 1.0  # (N, 1, T)
-            scaled = row / sums[:, :, None, :]
+            scaled = row / xp.expand_dims(sums, axis=2)
             row = xp.matmul(scaled, mean) + scaled
     rows = row[:, :, 0, :]
     if not weighted:
