@@ -40,6 +40,7 @@ import numpy as np
 
 from anycam._errors import BackendError, LayerError, UnsupportedError
 from anycam.core import TargetSpec, resolve_indices, spatial_shape
+from anycam.core.attention import requested
 from anycam.protocol.backend import AttentionCapture, select_output
 
 from .capture import (
@@ -485,7 +486,7 @@ def _attend(
 
 
 def attention_capture(
-    backend: JaxBackend, inputs: Any, target: TargetSpec, *, gradients: Any, snapshot: Any = None
+    backend: JaxBackend, inputs: Any, target: TargetSpec, *, gradients: bool, snapshot: Any = None
 ) -> AttentionCapture:
     """Returns every attention call's probabilities ``(N, H, T, T)`` and, if asked, ∂score/∂A ``(N, K, H, T, T)``.
 
@@ -503,11 +504,10 @@ def attention_capture(
         anycam.TargetError: for targets that do not fit the output.
         anycam.LayerError: an attention call that does not reach the explained output.
 
-    ``gradients`` is a bool or the driver's ``AttentionRequest`` (truthy when gradients are
-    asked); with ``reduced`` the arrays are what the method reads, reduced inside the program.
+    When the driver requests ``reduced`` (``anycam.core.attention.requested()``), the arrays
+    are what the method reads, reduced inside the program.
     """
-    request = (bool(gradients), bool(getattr(gradients, "reduced", False)))
-    gradients = request[0]
+    request = (gradients, requested().reduced)
     # Not backend._as_input: with layer=None it would choose a layer, which attention needs none of.
     x = structured(backend, inputs)
     batch = x.shape[0]

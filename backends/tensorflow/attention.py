@@ -20,6 +20,7 @@ import tensorflow as tf
 
 from anycam._errors import LayerError, TargetError, UnsupportedError
 from anycam.core import TargetSpec, spatial_shape
+from anycam.core.attention import requested
 from anycam.protocol.backend import AttentionCapture, select_output
 
 from .._keras.attention import explicit_attention
@@ -124,12 +125,12 @@ def _program(backend: TensorFlowBackend) -> Program:
 
 
 def attention_capture(
-    backend: TensorFlowBackend, inputs: Any, target: TargetSpec, *, gradients: Any
+    backend: TensorFlowBackend, inputs: Any, target: TargetSpec, *, gradients: bool
 ) -> AttentionCapture:
     """Returns each ``MultiHeadAttention`` call's probabilities ``(N, H, T, S)`` and, if asked, ∂score/∂A.
 
-    ``gradients``: a bool or the driver's ``AttentionRequest`` (truthy when gradients are
-    asked); with ``reduced`` the arrays are what the method reads, reduced inside the graph.
+    When the driver requests ``reduced`` (``anycam.core.attention.requested()``), the arrays
+    are what the method reads, reduced inside the graph.
 
     Raises:
         anycam.UnsupportedError: the model is not Keras, has no ``MultiHeadAttention``, or one
@@ -137,8 +138,7 @@ def attention_capture(
         anycam.TargetError: for targets that do not fit the output.
         anycam.LayerError: an attention call that does not reach the explained output.
     """
-    request = (bool(gradients), bool(getattr(gradients, "reduced", False)))
-    gradients = bool(gradients)
+    request = (gradients, requested().reduced)
     model = backend.model
     if not isinstance(model, keras.Layer):
         raise UnsupportedError(

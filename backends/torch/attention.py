@@ -33,6 +33,7 @@ from torch.overrides import TorchFunctionMode
 
 from anycam._errors import LayerError, TargetError
 from anycam.core import TargetSpec
+from anycam.core.attention import requested
 from anycam.core.layout import spatial_shape
 from anycam.protocol.backend import AttentionCapture, select_output
 
@@ -168,21 +169,18 @@ def _operands(args: Any) -> list[Any]:
     return list(rest[0]) if len(rest) == 1 and isinstance(rest[0], (list, tuple)) else rest
 
 
-def attention_capture(backend: TorchBackend, inputs: Any, target: TargetSpec, gradients: Any) -> AttentionCapture:
+def attention_capture(backend: TorchBackend, inputs: Any, target: TargetSpec, gradients: bool) -> AttentionCapture:
     """Every attention call's probabilities (and ∂score/∂A for K targets) from one forward pass.
 
-    ``gradients`` is a bool or the driver's ``AttentionRequest`` (truthy when gradients are
-    asked): with ``reduced`` the capture holds what the method reads, reduced on the device as
-    the pass goes (the head means; per block Ē = mean_h ReLU(∂score/∂A ⊙ A), formed inside the
-    backward as each block's gradient arrives); with ``native`` the arrays stay tensors on the
-    model's device.
+    As the driver requests (``anycam.core.attention.requested()``): ``reduced``, the capture
+    holds what the method reads, reduced on the device as the pass goes (the head means; per
+    block Ē = mean_h ReLU(∂score/∂A ⊙ A), formed inside the backward as each block's gradient
+    arrives); ``native``, the arrays stay tensors on the model's device.
     """
+    request = requested()
     with torch.inference_mode(False):
         try:
-            return _attention_capture(
-                backend, inputs, target, bool(gradients), getattr(gradients, "reduced", False),
-                getattr(gradients, "native", False),
-            )  # fmt: skip
+            return _attention_capture(backend, inputs, target, gradients, request.reduced, request.native)
         except RuntimeError as exc:
             if "Inference tensors" in str(exc):
                 raise inference_error(exc) from exc
@@ -299,10 +297,7 @@ def weighted_gradients(
             probabilities = _heads(attentions[index].detach(), shapes[index], 0).float()
             found[index] = torch.relu(_heads(grad, shapes[index], 0).float() * probabilities).mean(dim=-3, keepdim=True)
 
-        handles = [
-            a.register_hook(lambda grad, index=index: reduce(index, grad))
-            for index, a in enumerate(attentions)
-        ]
+        handles = [a.register_hook(lambda grad, index=index: reduce(index, grad)) for index, a in enumerate(attentions)]
         direct = [a for a, hit in zip(attentions, via_leaf, strict=True) if not hit]
         try:
             torch.autograd.grad(

@@ -17,7 +17,8 @@ Peak memory per case: in a fresh interpreter each (CPU: resident memory above wh
 held before the call, ``timing.peak_of``; CUDA: ``max_memory_allocated``), ratios against both
 baselines. For scale, the attention maps of all blocks with every head are N·L·H·T² floats.
 
-``python -m tests.benchmarks attention [--quick] [--threads 1 --clock cpu]``.
+``python -m tests.benchmarks attention [--quick] [--threads 1 --clock cpu]`` (one framework:
+``attention_torch``, ``attention_keras``, ``attention_jax``).
 """
 
 from __future__ import annotations

@@ -299,21 +299,19 @@ def test_attention_dropout_in_training_mode_is_refused() -> None:
 def test_reduced_capture_hands_chefers_block_terms_and_head_means() -> None:
     """What the driver asks for (issue 22, speed): per block Ē = mean_h ReLU(∂score/∂A ⊙ A) reduced in the
     compiled program, and the head means for rollout; the oracle is the plain-jnp ViT reduced in NumPy."""
-    from anycam.core.attention import AttentionRequest
-
     model, weights, x, nhwc = _built("nnx")
     _, probabilities = V.oracle(weights, jnp.asarray(nhwc))
     attentions = [np.asarray(a) for a in probabilities]
     gradients = _oracle_gradients(weights, nhwc, TARGETS["(N,K)"][1])
     backend = anycam.Explainer(model, None, method="attention-grad").backend
-    capture = backend.attention_capture(x, parse_target(PICKED), gradients=AttentionRequest(True))
+    capture = _reduced(backend, x, parse_target(PICKED), True)
     assert capture.gradients is not None
     for a, g, kept, ones in zip(attentions, gradients, capture.gradients, capture.attentions, strict=True):
         expected = np.maximum(g * a[:, None], 0).mean(axis=2, keepdims=True)
         assert kept.shape == expected.shape == (3, 2, 1, V.TOKENS, V.TOKENS)
         np.testing.assert_allclose(kept, expected, atol=1e-5 * np.abs(expected).max())
         np.testing.assert_array_equal(ones, np.ones((3, 1, V.TOKENS, V.TOKENS)))
-    means = backend.attention_capture(x, parse_target(None), gradients=AttentionRequest(False)).attentions
+    means = _reduced(backend, x, parse_target(None), False).attentions
     for a, kept in zip(attentions, means, strict=True):
         np.testing.assert_allclose(kept, a.mean(axis=1, keepdims=True), atol=1e-6)
 
@@ -355,3 +353,11 @@ def test_an_attention_behind_stop_gradient_raises_layer_error() -> None:
 
     with pytest.raises(anycam.LayerError, match=r"\['attn'\] do not reach"):
         anycam.Explainer(Stopped(), None, method="attention-grad").explain(V.images())
+
+
+def _reduced(backend: Any, x: Any, target: Any, gradients: bool) -> Any:
+    """The capture as the attention driver asks for it: reduced on the device as the pass goes."""
+    from anycam.core.attention import AttentionRequest, requesting
+
+    with requesting(AttentionRequest(reduced=True)):
+        return backend.attention_capture(x, target, gradients=gradients)

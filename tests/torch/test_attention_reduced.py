@@ -10,18 +10,27 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 import torch
 
 import anycam
 from anycam.core import parse_target
-from anycam.core.attention import AttentionRequest
 
 from .test_attention_torch import TinyViT, X, chefer_map, reference, rollout_map
 from .test_native_arrays import no_host_copies
 
 TARGETS = torch.tensor([[1, 4], [0, 2]])
+
+
+def _reduced(backend: Any, x: Any, target: Any, gradients: bool) -> Any:
+    """The capture as the attention driver asks for it: reduced on the device as the pass goes."""
+    from anycam.core.attention import AttentionRequest, requesting
+
+    with requesting(AttentionRequest(reduced=True)):
+        return backend.attention_capture(x, target, gradients=gradients)
 
 
 @pytest.fixture()
@@ -33,7 +42,7 @@ def vit() -> TinyViT:
 def test_reduced_capture_hands_chefers_block_terms_not_every_heads_gradients(vit: TinyViT) -> None:
     attentions, grads = reference(vit, X, TARGETS)
     backend = anycam.Explainer(vit, method="attention-grad").backend
-    capture = backend.attention_capture(X, parse_target(TARGETS.numpy()), gradients=AttentionRequest(True))
+    capture = _reduced(backend, X, parse_target(TARGETS.numpy()), True)
     assert capture.gradients is not None and len(capture.gradients) == len(attentions)
     for attention, grad, kept, ones in zip(attentions, grads, capture.gradients, capture.attentions, strict=True):
         n, k, _, t, _ = grad.shape
@@ -46,7 +55,7 @@ def test_reduced_capture_hands_chefers_block_terms_not_every_heads_gradients(vit
 def test_reduced_rollout_capture_hands_the_head_means(vit: TinyViT) -> None:
     attentions, _ = reference(vit, X, TARGETS[:, :1])
     backend = anycam.Explainer(vit, method="rollout").backend
-    capture = backend.attention_capture(X, parse_target(None), gradients=AttentionRequest(False))
+    capture = _reduced(backend, X, parse_target(None), False)
     assert capture.gradients is None
     for attention, kept in zip(attentions, capture.attentions, strict=True):
         np.testing.assert_allclose(kept, attention.mean(dim=1, keepdim=True).numpy(), rtol=1e-5, atol=1e-7)

@@ -24,8 +24,10 @@ which the attention capture does not provide; it is not offered.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,25 +46,41 @@ each needs the gradients ∂score/∂A."""
 
 @dataclass(frozen=True)
 class AttentionRequest:
-    """What the driver asks of ``Backend.attention_capture``; passed as its ``gradients`` argument.
+    """What the driver asks of ``Backend.attention_capture`` besides ``gradients``, for the call's duration.
 
-    Truthy exactly when gradients are asked, so an adapter that reads ``gradients`` as a bool
-    serves it unchanged (whole blocks, on the host). An adapter that knows it may instead:
+    Set by :func:`requesting` around the call (a context variable, so a backend that does not
+    read it — and every direct caller of ``attention_capture`` — keeps the protocol's whole
+    blocks on the host). An adapter that reads it (:func:`requested`) may:
 
     * ``reduced``: hand what the method reads, reduced on its device as the pass goes, so that
       neither all heads' A nor their gradients are kept or copied: without gradients the head
       mean ``(N, 1, T, T)``; with them, per block ``Ē_b = mean_h ReLU(∂score/∂A_b ⊙ A_b)`` as
-      ``gradients`` ``(N, K, 1, T, T)`` with ``attentions`` an all-ones ``(N, 1, T, T)`` (a
-      broadcast view), for which the core's formula gives back ``Ē_b`` (:func:`token_rows`);
+      ``gradients`` ``(N, K, 1, T, T)`` beside all-ones ``attentions`` ``(N, 1, T, T)``, for
+      which the core's formula gives back ``Ē_b`` (:func:`token_rows`);
     * ``native``: leave the arrays as the framework's, on the model's device.
     """
 
-    gradients: bool
-    reduced: bool = True
+    reduced: bool = False
     native: bool = False
 
-    def __bool__(self) -> bool:
-        return self.gradients
+
+_REQUEST: ContextVar[AttentionRequest | None] = ContextVar("anycam_attention_request", default=None)
+_WHOLE = AttentionRequest()
+
+
+def requested() -> AttentionRequest:
+    """Returns the request of the attention capture in progress (whole blocks on the host by default)."""
+    return _REQUEST.get() or _WHOLE
+
+
+@contextlib.contextmanager
+def requesting(request: AttentionRequest) -> Iterator[None]:
+    """Makes :func:`requested` answer ``request`` while the block runs (this thread / task only)."""
+    token = _REQUEST.set(request)
+    try:
+        yield
+    finally:
+        _REQUEST.reset(token)
 
 
 def check_attentions(attentions: Sequence[np.ndarray], batch: int, names: Sequence[str] = ()) -> tuple[int, int]:
@@ -264,7 +282,7 @@ def token_rows(
     ``Ē_b = mean_h ReLU(G_b ⊙ A_b)`` is formed here from what the backend hands over: whole
     ``(N, H, T, T)`` / ``(N, K, H, T, T)`` blocks, or blocks a backend reduced on its device as
     the gradients arrived (one "head" with ``A = 1`` and ``G = Ē_b ≥ 0``: the same formula then
-    returns ``Ē_b``; see ``backends/torch/attention.py``). NumPy arrays are computed in float64
+    returns ``Ē_b``; :class:`AttentionRequest`). NumPy arrays are computed in float64
     (the reference); other arrays with their own namespace in float32 (float64 stays).
 
     >>> a = np.array([[[[0.5, 0.5], [0.0, 1.0]]]])

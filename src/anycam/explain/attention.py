@@ -31,9 +31,8 @@ def attention(explainer: Explainer, inputs: Any, spec: core.TargetSpec) -> Expla
     """
     method = explainer.method
     native = explainer.arrays == "native"
-    request = math.AttentionRequest(math.GRADIENT_ATTENTION_METHODS[method], reduced=True, native=native)
-    # The protocol types ``gradients`` as bool; the request is truthy exactly when gradients are asked.
-    capture = explainer.backend.attention_capture(inputs, spec, gradients=request)  # type: ignore[arg-type]
+    with math.requesting(math.AttentionRequest(reduced=True, native=native)):
+        capture = explainer.backend.attention_capture(inputs, spec, gradients=math.GRADIENT_ATTENTION_METHODS[method])
     scores = capture.scores
     batch, count = scores.shape[0], scores.shape[1]
     names = tuple(capture.names)
