@@ -38,8 +38,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from anycam._errors import BackendError, UnsupportedError
+from anycam._errors import BackendError, LayerError, UnsupportedError
 from anycam.core import TargetSpec, resolve_indices, spatial_shape
+from anycam.core.attention import requested
 from anycam.protocol.backend import AttentionCapture, select_output
 
 from .capture import (
@@ -399,9 +400,50 @@ class _Explicit:
 _NAMES: dict[Any, tuple[str, ...]] = {}
 
 
+def _reaching(closed: Any) -> list[bool]:
+    """Per input of a closed jaxpr: whether a differentiable path leads from it to an output.
+
+    A dataflow pass over the equations: ``stop_gradient`` and equations whose outputs are all
+    integers or booleans (argmax, comparisons) cut the path, as they cut torch's autograd graph
+    and TensorFlow's tape; an equation with a nested program (``pjit``, ``custom_jvp_call``,
+    ``scan`` …) is taken as joining all its inputs to all its outputs, which can only over-report
+    a path, never miss one.
+    """
+    jaxpr = closed.jaxpr
+    depends: dict[Any, frozenset[int]] = {var: frozenset({i}) for i, var in enumerate(jaxpr.invars)}
+
+    def sources(var: Any) -> frozenset[int]:
+        return depends.get(var, frozenset()) if not hasattr(var, "val") else frozenset()
+
+    for eqn in jaxpr.eqns:
+        found = frozenset().union(*(sources(var) for var in eqn.invars))
+        if not found or eqn.primitive.name == "stop_gradient":
+            continue
+        for var in eqn.outvars:
+            dtype = getattr(getattr(var, "aval", None), "dtype", None)
+            if dtype is not None and jnp.issubdtype(dtype, jnp.inexact):
+                depends[var] = found
+    reached = frozenset().union(*(sources(var) for var in jaxpr.outvars))
+    return [i in reached for i in range(len(jaxpr.invars))]
+
+
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
-def _attend(program: _Program, mode: tuple[Any, ...], gradients: bool, params: Any, x: Any, given: Any) -> Any:
-    """Returns (probabilities per call, their gradients ``(N, K, ...)`` or None, scores, indices, outputs)."""
+def _attend(
+    program: _Program, mode: tuple[Any, ...], request: tuple[bool, bool], params: Any, x: Any, given: Any
+) -> Any:
+    """Returns (probabilities per call, their gradients ``(N, K, ...)`` or None, scores, indices, outputs).
+
+    ``request`` is (gradients, reduced); reduced, what leaves the program is what the method
+    reads: without gradients each call's head mean ``(N, 1, T, S)``; with them each call's
+    ``Ē = mean_h ReLU(∂score/∂A ⊙ A)`` ``(N, K, 1, T, S)`` (XLA fuses it into the backward) and
+    all-ones probabilities ``(N, 1, T, S)`` beside it.
+
+    Raises:
+        anycam.LayerError: (when tracing) an attention call that does not reach the explained
+            output — no differentiable path from its probabilities to the scores — the rule the
+            torch and TensorFlow adapters follow.
+    """
+    gradients, reduced = request
     batch = x.shape[0]
     shapes = jax.eval_shape(lambda xs: _forward(program, params, xs, None)[1], x)
     deltas = tuple(jnp.zeros(s.shape, s.dtype) for s in shapes)
@@ -415,7 +457,18 @@ def _attend(program: _Program, mode: tuple[Any, ...], gradients: bool, params: A
     if not gradients:
         outputs, weights = outputs_of(deltas)
         indices = _indices(outputs, mode, given)
+        if reduced:
+            weights = tuple(w.mean(axis=1, keepdims=True) if w.ndim == 4 else w for w in weights)
         return weights, None, jnp.take_along_axis(outputs, indices, axis=1), indices, outputs
+    reaching = _reaching(jax.make_jaxpr(lambda d: outputs_of(d)[0])(deltas))
+    unreached = [index for index, hit in enumerate(reaching) if not hit]
+    if unreached:
+        names = _NAMES.get(program, ())
+        raise LayerError(
+            f"attention call(s) {[names[i] if i < len(names) else i for i in unreached]} do not reach the "
+            "explained output (no differentiable path from their probabilities to it); the attention methods "
+            "need every attention on the path to the output"
+        )
     outputs, vjp_fn, weights = jax.vjp(outputs_of, deltas, has_aux=True)
     indices = _indices(outputs, mode, given)
     cotangents = jax.nn.one_hot(indices.T, outputs.shape[1], dtype=outputs.dtype)
@@ -423,6 +476,12 @@ def _attend(program: _Program, mode: tuple[Any, ...], gradients: bool, params: A
         grads = tuple(g[:, None] for g in vjp_fn(cotangents[0])[0])
     else:
         grads = tuple(jnp.moveaxis(g, 0, 1) for g in jax.vmap(vjp_fn)(cotangents)[0])
+    if reduced:
+        grads = tuple(
+            jnp.maximum(g.astype(jnp.float32) * w.astype(jnp.float32)[:, None], 0.0).mean(axis=2, keepdims=True)
+            for g, w in zip(grads, weights, strict=True)
+        )
+        weights = tuple(jnp.ones_like(g[:, 0]) for g in grads)
     return weights, grads, jnp.take_along_axis(outputs, indices, axis=1), indices, outputs
 
 
@@ -443,7 +502,12 @@ def attention_capture(
             whose probabilities are not ``(N, H, T, S)``, or an unknown ``attention_fn``.
         anycam.BackendError: an attention applies dropout (training mode).
         anycam.TargetError: for targets that do not fit the output.
+        anycam.LayerError: an attention call that does not reach the explained output.
+
+    When the driver requests ``reduced`` (``anycam.core.attention.requested()``), the arrays
+    are what the method reads, reduced inside the program.
     """
+    request = (gradients, requested().reduced)
     # Not backend._as_input: with layer=None it would choose a layer, which attention needs none of.
     x = structured(backend, inputs)
     batch = x.shape[0]
@@ -457,7 +521,7 @@ def attention_capture(
     if mode[0] == "callable":
         # The layer taps of an automatic layer choice have no part here: check on the explicit forward.
         check_callable(backend, _Explicit(program), params, x, mode[1])  # type: ignore[arg-type]
-    result = run(backend, lambda: jax.device_get(_attend(program, mode, gradients, params, x, given)), x)
+    result = run(backend, lambda: jax.device_get(_attend(program, mode, request, params, x, given)), x)
     weights, grads, scores, found, outputs = result
     names = _NAMES.get(program, ())
     if len(_NAMES) > _TRACE_INFO_LIMIT:

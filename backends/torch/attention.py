@@ -27,16 +27,17 @@ import math
 import threading
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from anycam._errors import LayerError, TargetError
 from anycam.core import TargetSpec
+from anycam.core.attention import requested
 from anycam.core.layout import spatial_shape
 from anycam.protocol.backend import AttentionCapture, select_output
 
+from .capture import detached
 from .capture import scores as target_scores
 from .inputs import batch_of, inference_error, structure, to_numpy
 
@@ -169,10 +170,17 @@ def _operands(args: Any) -> list[Any]:
 
 
 def attention_capture(backend: TorchBackend, inputs: Any, target: TargetSpec, gradients: bool) -> AttentionCapture:
-    """Every attention call's probabilities (and ∂score/∂A for K targets) from one forward pass."""
+    """Every attention call's probabilities (and ∂score/∂A for K targets) from one forward pass.
+
+    As the driver requests (``anycam.core.attention.requested()``): ``reduced``, the capture
+    holds what the method reads, reduced on the device as the pass goes (the head means; per
+    block Ē = mean_h ReLU(∂score/∂A ⊙ A), formed inside the backward as each block's gradient
+    arrives); ``native``, the arrays stay tensors on the model's device.
+    """
+    request = requested()
     with torch.inference_mode(False):
         try:
-            return _attention_capture(backend, inputs, target, gradients)
+            return _attention_capture(backend, inputs, target, gradients, request.reduced, request.native)
         except RuntimeError as exc:
             if "Inference tensors" in str(exc):
                 raise inference_error(exc) from exc
@@ -180,12 +188,13 @@ def attention_capture(backend: TorchBackend, inputs: Any, target: TargetSpec, gr
 
 
 def _attention_capture(
-    backend: TorchBackend, inputs: Any, target: TargetSpec, with_gradients: bool
+    backend: TorchBackend, inputs: Any, target: TargetSpec, with_gradients: bool, reduced: bool, native: bool
 ) -> AttentionCapture:
     given = structure(backend, inputs)
     backend._warn_training()
     batch = batch_of(given)
     model_input = given
+    leaf: torch.Tensor | None = None
     if with_gradients and given.spatial_value.is_floating_point():
         # An input that requires grad puts every attention in the graph even when the model's
         # parameters are frozen; the model gets a non-leaf copy (its in-place ops stay possible).
@@ -211,29 +220,129 @@ def _attention_capture(
             if name:
                 handles.append(module.register_forward_pre_hook(entering(name)))
                 handles.append(module.register_forward_hook(leaving, always_call=True))
+        # Rollout reads no gradient: no graph is recorded (not inference mode: a model that caches a
+        # tensor made in its forward would keep an inference tensor that later backward passes refuse).
         with torch.set_grad_enabled(with_gradients):
             with mode:
                 output = backend._call(model_input)
-            values, indices = target_scores(select_output(output, backend.output), target, batch)
+            values, indices = target_scores(select_output(output, backend.output), target, batch, native)
     finally:
         for handle in handles:
             handle.remove()
     attentions = mode.attentions
-    grads_np: tuple[np.ndarray, ...] | None = None
-    if with_gradients:
-        grads = attention_gradients(values, attentions)
-        grads_np = tuple(to_numpy(_heads(g, shape, 1)) for g, shape in zip(grads, mode.shapes, strict=True))
+    grid = _config_grid(backend.model, tuple(given.spatial_value.shape), backend.input_layout, attentions[-1:])
+    out: Any = detached if native else to_numpy  # the protocol types NumPy; native mode hands tensors
+    grads_out: tuple[Any, ...] | None = None
+    if with_gradients and reduced:
+        weighted = weighted_gradients(values, attentions, mode.shapes, leaf)
+        del attentions, mode.attentions  # the graph is spent; nothing of all heads is kept
+        grads_out = tuple(out(w) for w in weighted)
+        ones = torch.ones((), dtype=torch.float32, device=weighted[0].device)
+        # A = 1 with G = Ē ≥ 0: the core's mean_h ReLU(G ⊙ A) gives Ē back (AttentionRequest).
+        attentions_out = tuple(out(ones.expand(w.shape[0], 1, *w.shape[-2:])) for w in weighted)
+    else:
+        if with_gradients:
+            grads = attention_gradients(values, attentions)
+            grads_out = tuple(out(_heads(g, shape, 1)) for g, shape in zip(grads, mode.shapes, strict=True))
+        attentions_out = tuple(
+            out(_heads(a.detach(), shape, 0)) for a, shape in zip(attentions, mode.shapes, strict=True)
+        )
     return AttentionCapture(
-        attentions=tuple(
-            to_numpy(_heads(a.detach(), shape, 0)) for a, shape in zip(attentions, mode.shapes, strict=True)
-        ),
-        gradients=grads_np,
-        scores=to_numpy(values.detach()),
+        attentions=attentions_out,
+        gradients=grads_out,
+        scores=out(values.detach()),
         target=indices,
         input_spatial=spatial_shape(tuple(given.spatial_value.shape), backend.input_layout),
-        grid=_config_grid(backend.model, tuple(given.spatial_value.shape), backend.input_layout, attentions[-1:]),
+        grid=grid,
         names=tuple(mode.names),
     )
+
+
+def weighted_gradients(
+    scores: torch.Tensor,
+    attentions: list[torch.Tensor],
+    shapes: list[tuple[int, ...] | None],
+    leaf: torch.Tensor | None,
+) -> list[torch.Tensor]:
+    """Returns per call Chefer's ``Ē = mean_h ReLU(∂score_k/∂A ⊙ A)`` as ``(N, K, 1, T, S)`` float32.
+
+    Each block's Ē is formed by a hook on its A the moment its gradient exists, inside the one
+    backward pass per target; the gradient then flows on unchanged and is freed with the graph,
+    so neither the L blocks' (N, H, T, S) gradients nor a copy of them are ever held. The
+    backward runs to the input leaf (no parameter gradients), which executes every attention on
+    the input's path; attentions reached from the scores but not on that path (none in a ViT)
+    are asked for directly.
+
+    Raises:
+        anycam.LayerError: an attention call that does not reach the explained output.
+        anycam.TargetError: the explained output does not depend on the attention.
+    """
+    if not attentions:
+        return []
+    if not scores.requires_grad:
+        raise TargetError("the explained output does not depend on the attention")
+    reached, via_leaf = _reach(scores, attentions, leaf)
+    unreached = [index for index, hit in enumerate(reached) if not hit]
+    if unreached:
+        raise LayerError(
+            f"attention call(s) {unreached} do not reach the explained output (their gradient is None); "
+            "the attention methods need every recorded attention on the path to the output"
+        )
+    count = scores.shape[1]
+    columns: list[list[torch.Tensor | None]] = []
+    for k in range(count):
+        found: list[torch.Tensor | None] = [None] * len(attentions)
+
+        def reduce(index: int, grad: torch.Tensor, found: list[torch.Tensor | None] = found) -> None:
+            probabilities = _heads(attentions[index].detach(), shapes[index], 0).float()
+            found[index] = torch.relu(_heads(grad, shapes[index], 0).float() * probabilities).mean(dim=-3, keepdim=True)
+
+        handles = [a.register_hook(lambda grad, index=index: reduce(index, grad)) for index, a in enumerate(attentions)]
+        direct = [a for a, hit in zip(attentions, via_leaf, strict=True) if not hit]
+        try:
+            torch.autograd.grad(
+                scores[:, k].sum(),
+                ([leaf] if leaf is not None and any(via_leaf) else []) + direct,
+                retain_graph=k < count - 1,
+                allow_unused=True,
+            )
+        finally:
+            for handle in handles:
+                handle.remove()
+        columns.append(found)
+    return [torch.stack([column[index] for column in columns], dim=1) for index in range(len(attentions))]  # type: ignore[misc]
+
+
+def _reach(
+    scores: torch.Tensor, attentions: list[torch.Tensor], leaf: torch.Tensor | None
+) -> tuple[list[bool], list[bool]]:
+    """Per attention: whether the scores depend on it, and whether a backward to ``leaf`` passes through it.
+
+    A walk of the autograd graph from the scores (a few thousand nodes for a ViT-B), no arithmetic.
+    """
+    targets = {a.grad_fn: index for index, a in enumerate(attentions) if a.grad_fn is not None}
+    leaf_node = None
+    if leaf is not None:
+        view = leaf.view_as(leaf)  # the leaf's AccumulateGrad node, as the model's graph meets it
+        leaf_node = view.grad_fn.next_functions[0][0] if view.grad_fn is not None else None
+    reached = [False] * len(attentions)
+    reaches_leaf: dict[Any, bool] = {}
+    stack: list[tuple[Any, bool]] = [(scores.grad_fn, False)]
+    while stack:
+        node, expanded = stack.pop()
+        if node is None or (not expanded and node in reaches_leaf):
+            continue
+        children = [child for child, _ in node.next_functions if child is not None]
+        if not expanded:
+            reaches_leaf[node] = False  # on the stack: a provisional value (the graph is acyclic)
+            if node in targets:
+                reached[targets[node]] = True
+            stack.append((node, True))
+            stack.extend((child, False) for child in children if child not in reaches_leaf)
+        else:
+            reaches_leaf[node] = node is leaf_node or any(reaches_leaf.get(child, False) for child in children)
+    via_leaf = [bool(reached[i]) and reaches_leaf.get(a.grad_fn, False) for i, a in enumerate(attentions)]
+    return reached, via_leaf
 
 
 def attention_gradients(scores: torch.Tensor, attentions: list[torch.Tensor]) -> list[torch.Tensor]:

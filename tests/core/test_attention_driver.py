@@ -36,7 +36,7 @@ class Attending(Backend):
         return SCORES
 
     def attention_capture(self, inputs: Any, target: core.TargetSpec, *, gradients: bool) -> AttentionCapture:
-        Attending.calls.append(("attention_capture", gradients))
+        Attending.calls.append(("attention_capture", bool(gradients)))
         indices = core.resolve_indices(target, SCORES)
         count = indices.shape[1]
         # ∂score_k/∂A = (k + 1) everywhere: target k's relevance differs from the others'.

@@ -140,3 +140,85 @@ def test_windowed_attention_is_refused_with_a_clear_error() -> None:
         att.check_attentions(windows, 2, ("swin.layer0",))
     with pytest.raises(InputError, match="no attention call"):
         att.check_attentions([], 2)
+
+
+def _loop_matrices(blocks: list[np.ndarray], grads: list[np.ndarray] | None) -> np.ndarray:
+    """Both recursions as plain per-sample loops over the full T × T matrices: (N, K, T, T)."""
+    n, t = blocks[0].shape[0], blocks[0].shape[-1]
+    k = 1 if grads is None else grads[0].shape[1]
+    out = np.zeros((n, k, t, t))
+    for sample in range(n):
+        for target in range(k):
+            relevance = np.eye(t)
+            for index, block in enumerate(blocks):
+                mean = block[sample].mean(axis=0)
+                if grads is None:
+                    step = (mean + np.eye(t)) / (mean.sum(axis=1, keepdims=True) + 1)
+                    relevance = step @ relevance
+                else:
+                    e = np.maximum(grads[index][sample, target] * block[sample], 0).mean(axis=0)
+                    relevance = relevance + e @ relevance
+            out[sample, target] = relevance
+    return out
+
+
+@pytest.mark.parametrize("prefix", [0, 1, 3])
+@pytest.mark.parametrize("method", ["rollout", "attention-grad"])
+def test_token_rows_are_the_rows_token_map_reads_of_the_loop_recursions(method: str, prefix: int) -> None:
+    """The driver's row-vector form (last block first, O(L·T²)) against the full matrices built in loops:
+    the class token's row with leading tokens, the mean over rows without."""
+    rng = np.random.default_rng(4)
+    n, k, h, t = 2, 3, 2, 6
+    blocks = [_softmax_rows(rng, (n, h, t, t)) for _ in range(3)]
+    grads = [rng.normal(size=(n, k, h, t, t)) for _ in range(3)] if method == "attention-grad" else None
+    full = _loop_matrices(blocks, grads)
+    expected = full[..., 0, :] if prefix else full.mean(axis=-2)
+    got = att.token_rows(method, blocks, grads, k, prefix)
+    assert got.shape == (n, k, t) and got.dtype == np.float64
+    np.testing.assert_allclose(got, np.broadcast_to(expected, (n, k, t)), rtol=1e-12, atol=1e-15)
+
+
+def test_token_rows_of_blocks_reduced_by_an_adapter_equal_those_of_whole_blocks() -> None:
+    """``AttentionRequest(reduced=True)``: an adapter hands Ē_b (N, K, 1, T, T) beside all-ones A; the same
+    formula gives the whole blocks' rows (Ē ≥ 0, so ReLU(Ē·1) = Ē); rollout takes head means alike."""
+    rng = np.random.default_rng(5)
+    blocks = [_softmax_rows(rng, (2, 3, 5, 5)) for _ in range(3)]
+    grads = [rng.normal(size=(2, 2, 3, 5, 5)) for _ in range(3)]
+    reduced = [np.maximum(g * a[:, None], 0).mean(axis=2, keepdims=True) for a, g in zip(blocks, grads, strict=True)]
+    ones = [np.ones((2, 1, 5, 5))] * 3
+    whole = att.token_rows("attention-grad", blocks, grads, 2, 1)
+    np.testing.assert_allclose(att.token_rows("attention-grad", ones, reduced, 2, 1), whole, rtol=1e-12)
+    means = [b.mean(axis=1, keepdims=True) for b in blocks]
+    np.testing.assert_allclose(
+        att.token_rows("rollout", means, None, 2, 1), att.token_rows("rollout", blocks, None, 2, 1), rtol=1e-12
+    )
+
+
+def test_row_map_drops_the_prefix_and_reshapes_like_token_map() -> None:
+    relevance = np.arange(2 * 7 * 7, dtype=np.float64).reshape(2, 7, 7)
+    rows = relevance[:, 0]
+    np.testing.assert_array_equal(
+        att.row_map(rows, prefix=3, grid=(2, 2)), att.token_map(relevance, prefix=3, grid=(2, 2))
+    )
+    with pytest.raises(InputError, match="do not make"):
+        att.row_map(rows, prefix=1, grid=(2, 2))
+
+
+@pytest.mark.parametrize("method", ["rollout", "attention-grad"])
+def test_token_rows_on_another_namespace_compute_there_in_float32(method: str) -> None:
+    """Arrays of another library (array-api-strict stands in for torch/JAX) stay in it, in float32; the
+    float64 NumPy result is the reference, to float32's rounding over 3 blocks of 6-term sums."""
+    xp = pytest.importorskip("array_api_strict")
+    rng = np.random.default_rng(6)
+    blocks = [_softmax_rows(rng, (2, 2, 6, 6)) for _ in range(3)]
+    grads = [rng.normal(size=(2, 2, 2, 6, 6)) for _ in range(3)] if method == "attention-grad" else None
+    expected = att.token_rows(method, blocks, grads, 2, 1)
+    got = att.token_rows(
+        method,
+        [xp.asarray(b, dtype=xp.float32) for b in blocks],
+        None if grads is None else [xp.asarray(g, dtype=xp.float32) for g in grads],
+        2,
+        1,
+    )
+    assert got.dtype == xp.float32 and not isinstance(got, np.ndarray)
+    np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-5, atol=1e-6 * np.abs(expected).max())

@@ -294,3 +294,70 @@ def test_attention_dropout_in_training_mode_is_refused() -> None:
     x = np.ones((1, 2, 2, 3), np.float32)
     with pytest.raises(anycam.AnycamError, match="training mode"):
         anycam.Explainer(Model(), None, method="rollout")(x)
+
+
+def test_reduced_capture_hands_chefers_block_terms_and_head_means() -> None:
+    """What the driver asks for (issue 22, speed): per block Ē = mean_h ReLU(∂score/∂A ⊙ A) reduced in the
+    compiled program, and the head means for rollout; the oracle is the plain-jnp ViT reduced in NumPy."""
+    model, weights, x, nhwc = _built("nnx")
+    _, probabilities = V.oracle(weights, jnp.asarray(nhwc))
+    attentions = [np.asarray(a) for a in probabilities]
+    gradients = _oracle_gradients(weights, nhwc, TARGETS["(N,K)"][1])
+    backend = anycam.Explainer(model, None, method="attention-grad").backend
+    capture = _reduced(backend, x, parse_target(PICKED), True)
+    assert capture.gradients is not None
+    for a, g, kept, ones in zip(attentions, gradients, capture.gradients, capture.attentions, strict=True):
+        expected = np.maximum(g * a[:, None], 0).mean(axis=2, keepdims=True)
+        assert kept.shape == expected.shape == (3, 2, 1, V.TOKENS, V.TOKENS)
+        np.testing.assert_allclose(kept, expected, atol=1e-5 * np.abs(expected).max())
+        np.testing.assert_array_equal(ones, np.ones((3, 1, V.TOKENS, V.TOKENS)))
+    means = _reduced(backend, x, parse_target(None), False).attentions
+    for a, kept in zip(attentions, means, strict=True):
+        np.testing.assert_allclose(kept, a.mean(axis=1, keepdims=True), atol=1e-6)
+
+
+def test_an_attention_that_does_not_reach_the_score_raises_layer_error() -> None:
+    """The rule of every framework: no differentiable path from an attention's probabilities to the score
+    is a LayerError (as torch's autograd and TensorFlow's tape say), never a map built on silent zeros."""
+    from flax import nnx
+
+    inner = V.nnx_vit()
+
+    class Discards(nnx.Module):
+        def __init__(self) -> None:
+            self.inner = inner
+            self.extra = nnx.MultiHeadAttention(num_heads=2, in_features=48, decode=False, rngs=nnx.Rngs(1))
+
+        def __call__(self, images: jax.Array) -> jax.Array:
+            self.extra(V.patchify(images))  # the result is thrown away
+            return self.inner(images)
+
+    x = V.images()
+    with pytest.raises(anycam.LayerError, match=r"\['extra'\] do not reach the explained output"):
+        anycam.Explainer(Discards(), None, method="attention-grad").explain(x)
+
+
+def test_an_attention_behind_stop_gradient_raises_layer_error() -> None:
+    """``jax.lax.stop_gradient`` cuts the path, as ``detach`` does in torch."""
+    from flax import nnx
+
+    class Stopped(nnx.Module):
+        def __init__(self) -> None:
+            self.attn = nnx.MultiHeadAttention(num_heads=2, in_features=48, decode=False, rngs=nnx.Rngs(1))
+            self.head = nnx.Linear(48, 3, rngs=nnx.Rngs(2))
+
+        def __call__(self, images: jax.Array) -> jax.Array:
+            tokens = V.patchify(images)
+            mixed = jax.lax.stop_gradient(self.attn(tokens))
+            return self.head((tokens + mixed).mean(axis=1))
+
+    with pytest.raises(anycam.LayerError, match=r"\['attn'\] do not reach"):
+        anycam.Explainer(Stopped(), None, method="attention-grad").explain(V.images())
+
+
+def _reduced(backend: Any, x: Any, target: Any, gradients: bool) -> Any:
+    """The capture as the attention driver asks for it: reduced on the device as the pass goes."""
+    from anycam.core.attention import AttentionRequest, requesting
+
+    with requesting(AttentionRequest(reduced=True)):
+        return backend.attention_capture(x, target, gradients=gradients)

@@ -178,3 +178,53 @@ def test_a_keras_model_without_multi_head_attention_is_refused() -> None:
     )
     with pytest.raises(anycam.AnycamError, match="no keras.layers.MultiHeadAttention"):
         anycam.Explainer(model, None, method="rollout")(np.zeros((1, 8, 8, 3), np.float32))
+
+
+def test_reduced_capture_hands_chefers_block_terms_and_head_means(vit: Any) -> None:
+    """What the driver asks for (issue 22, speed): per block Ē = mean_h ReLU(∂score/∂A ⊙ A) reduced in the
+    graph, and the head means for rollout; the oracle is the plain-TF ViT reduced here in NumPy."""
+    model, x = vit
+    _, probabilities = oracle(model, x)
+    attentions = [a.numpy() for a in probabilities]
+    gradients = oracle_gradients(model, x, lambda out: tf.gather(out, PICKED, batch_dims=1))
+    backend = anycam.Explainer(model, None, method="attention-grad").backend
+    capture = _reduced(backend, x, parse_target(PICKED), True)
+    assert capture.gradients is not None
+    for a, g, kept, ones in zip(attentions, gradients, capture.gradients, capture.attentions, strict=True):
+        expected = np.maximum(g * a[:, None], 0).mean(axis=2, keepdims=True)
+        assert kept.shape == expected.shape == (3, 2, 1, TOKENS, TOKENS)
+        np.testing.assert_allclose(kept, expected, atol=1e-5 * np.abs(expected).max())
+        np.testing.assert_array_equal(ones, np.ones((3, 1, TOKENS, TOKENS)))
+    means = _reduced(backend, x, parse_target(None), False).attentions
+    for a, kept in zip(attentions, means, strict=True):
+        np.testing.assert_allclose(kept, a.mean(axis=1, keepdims=True), atol=1e-6)
+
+
+def test_an_attention_that_does_not_reach_the_score_raises_layer_error(vit: Any) -> None:
+    """The rule of every framework: no gradient path from an attention's probabilities to the score is a
+    LayerError (the tape gives None for it), never a map built on silent zeros."""
+    inner, x = vit
+
+    class Discards(keras.Model):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = inner
+            self.extra = keras.layers.MultiHeadAttention(2, 4, name="extra")
+
+        def call(self, images: Any, training: Any = None) -> Any:
+            tokens = keras.ops.reshape(images, (-1, SIDE * SIDE // 16, 48))
+            self.extra(tokens, tokens)  # the result is thrown away
+            return self.inner(images)
+
+    model = Discards()
+    model(x)
+    with pytest.raises(anycam.LayerError, match=r"\['extra'\] do not reach the explained output"):
+        anycam.Explainer(model, None, method="attention-grad").explain(x)
+
+
+def _reduced(backend: Any, x: Any, target: Any, gradients: bool) -> Any:
+    """The capture as the attention driver asks for it: reduced on the device as the pass goes."""
+    from anycam.core.attention import AttentionRequest, requesting
+
+    with requesting(AttentionRequest(reduced=True)):
+        return backend.attention_capture(x, target, gradients=gradients)

@@ -12,6 +12,11 @@ gradients ``G_b = ∂ score_k / ∂ A_b`` ``(N, K, H, T, T)``. Everything here i
   ``R ← R + Ē_b R`` with ``Ē_b = mean_h ReLU(G_b ⊙ A_b)``. One relevance per target.
 * :func:`token_map` — a relevance ``(…, T, T)`` to a map on the patch grid: the class token's
   row when the model has leading non-patch tokens, the mean over all rows when it has none.
+* :func:`token_rows` and :func:`row_map` — what the driver computes: only that row, as a row
+  vector multiplied through the blocks last → first (both recursions are products of per-block
+  matrices, ``R = (Â_L) ⋯ (Â_1)`` and ``R = (I + Ē_L) ⋯ (I + Ē_1)``), which costs O(L·T²) per
+  sample instead of the O(L·T³) of the full matrices, on the arrays' own namespace (NumPy in
+  float64, the reference; torch/JAX arrays in float32 where they live).
 
 LeGrad (Bousselham et al. 2024) needs each block's class token scored through the model's head,
 which the attention capture does not provide; it is not offered.
@@ -19,12 +24,17 @@ which the attention capture does not provide; it is not offered.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from .._errors import ConfigError, InputError, UnsupportedError
+from ._namespace import as_float, compute_dtype, constant, device_of, namespace
 from .layout import token_grid
 
 _F = np.float64
@@ -32,6 +42,45 @@ _F = np.float64
 GRADIENT_ATTENTION_METHODS = {"rollout": False, "attention-grad": True}
 """The attention methods (``anycam.core.METHODS`` entries of kind ``"attention"``) and whether
 each needs the gradients ∂score/∂A."""
+
+
+@dataclass(frozen=True)
+class AttentionRequest:
+    """What the driver asks of ``Backend.attention_capture`` besides ``gradients``, for the call's duration.
+
+    Set by :func:`requesting` around the call (a context variable, so a backend that does not
+    read it — and every direct caller of ``attention_capture`` — keeps the protocol's whole
+    blocks on the host). An adapter that reads it (:func:`requested`) may:
+
+    * ``reduced``: hand what the method reads, reduced on its device as the pass goes, so that
+      neither all heads' A nor their gradients are kept or copied: without gradients the head
+      mean ``(N, 1, T, T)``; with them, per block ``Ē_b = mean_h ReLU(∂score/∂A_b ⊙ A_b)`` as
+      ``gradients`` ``(N, K, 1, T, T)`` beside all-ones ``attentions`` ``(N, 1, T, T)``, for
+      which the core's formula gives back ``Ē_b`` (:func:`token_rows`);
+    * ``native``: leave the arrays as the framework's, on the model's device.
+    """
+
+    reduced: bool = False
+    native: bool = False
+
+
+_REQUEST: ContextVar[AttentionRequest | None] = ContextVar("anycam_attention_request", default=None)
+_WHOLE = AttentionRequest()
+
+
+def requested() -> AttentionRequest:
+    """Returns the request of the attention capture in progress (whole blocks on the host by default)."""
+    return _REQUEST.get() or _WHOLE
+
+
+@contextlib.contextmanager
+def requesting(request: AttentionRequest) -> Iterator[None]:
+    """Makes :func:`requested` answer ``request`` while the block runs (this thread / task only)."""
+    token = _REQUEST.set(request)
+    try:
+        yield
+    finally:
+        _REQUEST.reset(token)
 
 
 def check_attentions(attentions: Sequence[np.ndarray], batch: int, names: Sequence[str] = ()) -> tuple[int, int]:
@@ -216,3 +265,84 @@ def token_map(relevance: np.ndarray, *, prefix: int, grid: tuple[int, ...]) -> n
         raise InputError(f"{prefix} leading tokens and a {grid} grid do not make {tokens} tokens")
     rows = relevance[..., 0, :] if prefix > 0 else relevance.mean(axis=-2)
     return rows[..., prefix:].reshape(*rows.shape[:-1], *grid)
+
+
+def token_rows(
+    method: str,
+    attentions: Sequence[Any],
+    gradients: Sequence[Any] | None,
+    count: int,
+    prefix: int,
+) -> Any:
+    """Returns the rows ``(N, K, T)`` of the relevance that :func:`token_map` reads, on the arrays' namespace.
+
+    Equal to ``relevance(method, …)[..., 0, :]`` (``prefix`` ≥ 1: the class token's row) or its
+    mean over rows (``prefix == 0``), computed as a row vector ``v`` times the blocks from the
+    last to the first: rollout ``v ← v Â_b``, gradient-weighted attention ``v ← v + v Ē_b``.
+    ``Ē_b = mean_h ReLU(G_b ⊙ A_b)`` is formed here from what the backend hands over: whole
+    ``(N, H, T, T)`` / ``(N, K, H, T, T)`` blocks, or blocks a backend reduced on its device as
+    the gradients arrived (one "head" with ``A = 1`` and ``G = Ē_b ≥ 0``: the same formula then
+    returns ``Ē_b``; :class:`AttentionRequest`). NumPy arrays are computed in float64
+    (the reference); other arrays with their own namespace in float32 (float64 stays).
+
+    >>> a = np.array([[[[0.5, 0.5], [0.0, 1.0]]]])
+    >>> token_rows("rollout", [a, a], None, 1, prefix=1)[0, 0]  # row 0 of (Â)²
+    array([0.5625, 0.4375])
+    """
+    if method not in GRADIENT_ATTENTION_METHODS:
+        raise ConfigError(
+            f"{method!r} is not an attention method; choose one of {', '.join(GRADIENT_ATTENTION_METHODS)}"
+        )
+    if not attentions:
+        raise InputError(f"{method} needs at least one attention block")
+    weighted = GRADIENT_ATTENTION_METHODS[method]
+    if weighted and gradients is None:
+        raise InputError(f"{method} needs the gradients of the scores with respect to the attention")
+    if weighted and gradients is not None and len(attentions) != len(gradients):
+        raise InputError(f"{len(attentions)} attention blocks but {len(gradients)} gradients")
+    xp = namespace(*attentions, *(gradients or ()))
+    dtype = compute_dtype(xp, attentions[0])
+    batch, tokens = attentions[0].shape[0], attentions[0].shape[-1]
+    targets = count if weighted else 1
+    if xp is np:
+        unit = np.full(tokens, 1.0 / tokens) if prefix == 0 else np.eye(1, tokens)[0]
+        row = np.broadcast_to(unit.astype(dtype), (batch, targets, 1, tokens))
+    else:
+        first = as_float(xp, attentions[0], dtype)
+        if prefix > 0:
+            unit = xp.astype(xp.arange(tokens, device=device_of(first)) == 0, dtype)
+        else:
+            unit = xp.ones((tokens,), dtype=dtype, device=device_of(first)) / tokens
+        row = xp.broadcast_to(xp.reshape(unit, (1, 1, 1, tokens)), (batch, targets, 1, tokens))
+    for index in reversed(range(len(attentions))):
+        attention = as_float(xp, attentions[index], dtype)
+        if weighted:
+            assert gradients is not None
+            gradient = as_float(xp, gradients[index], dtype)
+            product = gradient * xp.expand_dims(attention, axis=1)
+            block = xp.mean(xp.maximum(product, constant(xp, 0.0, product)), axis=2)  # Ē: (N, K, T, T)
+            row = row + xp.matmul(row, block)
+        else:
+            mean = xp.mean(attention, axis=1, keepdims=True)  # (N, 1, T, T)
+            # (Â + I) with each row i divided by its sum s_i: v (Â + I)/s = (v/s) Â + v/s.
+            sums = xp.sum(mean, axis=-1) + 1.0  # (N, 1, T)
+            scaled = row / xp.expand_dims(sums, axis=2)
+            row = xp.matmul(scaled, mean) + scaled
+    rows = row[:, :, 0, :]
+    if not weighted:
+        rows = xp.broadcast_to(rows, (batch, count, tokens))
+    return rows
+
+
+def row_map(rows: Any, *, prefix: int, grid: tuple[int, ...]) -> Any:
+    """Returns the map ``(..., *grid)`` of token rows ``(..., T)``: prefix columns dropped, reshaped.
+
+    >>> row_map(np.arange(5.0)[None], prefix=1, grid=(2, 2))
+    array([[[1., 2.],
+            [3., 4.]]])
+    """
+    tokens = rows.shape[-1]
+    if prefix + math.prod(grid) != tokens:
+        raise InputError(f"{prefix} leading tokens and a {grid} grid do not make {tokens} tokens")
+    xp = namespace(rows)
+    return xp.reshape(rows[..., prefix:], (*rows.shape[:-1], *grid))
