@@ -297,7 +297,7 @@ def ablation_head(
     several layers, a layer's input, or a non-float32 layer.
     """
     program, params = backend._model.snapshot()
-    values = np.asarray(activations)
+    values = activations  # a native capture's array stays on the device (only .dtype, .shape, .ndim are read)
     if len(program.names) != 1 or program.ports[0] != "output" or values.dtype != np.float32:
         return None
     x = backend._as_input(inputs)
