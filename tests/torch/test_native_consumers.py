@@ -8,6 +8,7 @@ records every ``.numpy()``, ``np.asarray``, ``.tolist()``, ``.item()`` and devic
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 
 import anycam
 from anycam import metrics
+from anycam.dataset import MANIFEST
 from tests.core.test_metrics_native import all_metrics, assert_same, boxes
 from tests.dataset.models import batches, images, tiny_model
 from tests.torch.test_native_arrays import HostCopies, device, no_host_copies
@@ -252,7 +254,8 @@ def test_the_runner_copies_only_the_fields_it_keeps_each_once(fields: tuple[str,
 
 def test_a_native_store_is_byte_equal_to_a_numpy_store_of_the_same_maps_and_resumes(tmp_path: Path) -> None:
     """The store of a native-mode run equals, byte for byte, the store the NumPy-mode runner writes
-    from the same maps as NumPy arrays; and a native run stopped after one part resumes to it."""
+    from the same maps as NumPy arrays (its manifest also records the mode); and a native run
+    stopped after one part resumes to it."""
     model, data = tiny_model(), batches(images(6), 2)
     fields = ("heatmap", "cam", "scores", "target")
     native = anycam.Explainer(model, "features", arrays="native")
@@ -277,6 +280,10 @@ def test_a_native_store_is_byte_equal_to_a_numpy_store_of_the_same_maps_and_resu
     anycam.explain_dataset(native, data, out=tmp_path / "resumed", **options)
     files = {name: {p.name: p.read_bytes() for p in sorted((tmp_path / name).iterdir())} for name in ("numpy", "whole")}
     resumed = {p.name: p.read_bytes() for p in sorted((tmp_path / "resumed").iterdir())}
-    assert files["whole"] == files["numpy"] and resumed == files["whole"]
+    assert resumed == files["whole"]
+    # The parts are byte-equal; the manifests differ only in the recorded mode (a store holds one).
+    manifests = {name: json.loads(files[name].pop(MANIFEST)) for name in ("numpy", "whole")}
+    assert manifests["whole"]["config"].pop("arrays") == "native" and "arrays" not in manifests["numpy"]["config"]
+    assert manifests["whole"] == manifests["numpy"] and files["whole"] == files["numpy"]
     stored = anycam.dataset.ExplanationStore(tmp_path / "whole").read("heatmap")
     assert stored.dtype == np.float32 and stored.shape == (6, 16, 16)
