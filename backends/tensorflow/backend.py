@@ -51,7 +51,8 @@ rule), ``randomize`` (copies for the sanity check). This class holds the state a
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
 import keras
@@ -111,6 +112,27 @@ def _split_recipe(model: Any) -> str:
     )
 
 
+
+_COMPILED_LIMIT = 32
+_COMPILED_LOCK = threading.Lock()
+
+
+def _traced_or_eager(
+    cache: dict[Hashable, Callable[..., Any]], key: Hashable, fn: Callable[..., Any]
+) -> Callable[..., Any]:
+    """Returns ``tf.function(fn)`` that falls back to ``fn`` op by op, for good, if ``fn`` cannot be traced."""
+    traced = tf.function(fn, reduce_retracing=True, autograph=False)  # plain Python on tensors: nothing to convert
+
+    def call(*args: Any) -> Any:
+        try:
+            return traced(*args)
+        except (tf.errors.OperatorNotAllowedInGraphError, NotImplementedError, AttributeError):
+            # A Python bool of a tensor, .numpy() of a symbolic tensor: a step that needs the host.
+            cache[key] = fn
+            return fn(*args)
+
+    return call
+
 class TensorFlowBackend(Backend):
     """Adapter for Keras 3 models (on Keras's TensorFlow backend) and TF ``(features, head)`` pairs.
 
@@ -159,6 +181,7 @@ class TensorFlowBackend(Backend):
         self._input_shape: tuple[Any, ...] | None = None
         self._input_dtype = keras.config.floatx()
         self._built = True
+        self._compiled: dict[Hashable, Callable[..., Any]] = {}
         self.layers: list[Any]
         self.ports: list[str]
         self.layouts: tuple[str, ...]
@@ -233,6 +256,22 @@ class TensorFlowBackend(Backend):
         variables = getattr(self.model, "variables", None) or []
         with tf.device(getattr(variables[0], "device", None) if variables else None):
             return tf.constant(np.ascontiguousarray(array))
+
+    def compiled(self, key: Hashable, fn: Callable[..., Any]) -> Callable[..., Any]:
+        """Returns ``tf.function(fn)``, made once per ``key`` (the native driver's core, see ``Explainer``).
+
+        ``key`` names everything ``fn`` closes over; tf.function adds its arguments' shapes and
+        dtypes. Op by op, every TF operation pays an eager dispatch, which made the native mode
+        slower than the NumPy mode's. A core step that cannot be traced (it reads a value on the
+        host) runs op by op instead, for good, for that key.
+        """
+        with _COMPILED_LOCK:
+            compiled = self._compiled.get(key)
+            if compiled is None:
+                if len(self._compiled) >= _COMPILED_LIMIT:
+                    self._compiled.pop(next(iter(self._compiled)))  # the oldest: bounded
+                compiled = self._compiled[key] = _traced_or_eager(self._compiled, key, fn)
+        return compiled
 
     # -- end of issue 21 block --
 
