@@ -19,8 +19,8 @@ from __future__ import annotations
 from .intercept import Intercept, Tap, run
 from .layers import (
     FORMATS,
-    TOKEN_NOTE,
     all_layers,
+    auto_choice,
     backend,
     before_last_attention,
     data_format,
@@ -56,11 +56,11 @@ from .randomize import (
 __all__ = [
     "FORMATS",
     "INITIALIZER_ALIASES",
-    "TOKEN_NOTE",
     "Intercept",
     "PooledHead",
     "Tap",
     "all_layers",
+    "auto_choice",
     "backend",
     "before_last_attention",
     "built_model",

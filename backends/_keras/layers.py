@@ -15,7 +15,7 @@ from typing import Any
 import keras
 
 from anycam._errors import BackendError, ConfigTypeError, LayerError
-from anycam.protocol.layers import layer_not_found
+from anycam.protocol.layers import choose_layer, layer_not_found
 
 from .intercept import Intercept
 
@@ -324,10 +324,23 @@ def before_last_attention(records: Sequence[Any], paths: dict[str, Any], batch: 
     return None
 
 
-TOKEN_NOTE = (
-    "a token model: {!r} holds the tokens the last attention reads (the last layer with them before "
-    "it); the attention methods (rollout, attention-grad) need no layer"
-)
+def auto_choice(
+    records: Sequence[Any], paths: dict[str, Any], batch: int, input_spatial: Sequence[int]
+) -> tuple[str, str | None]:
+    """The ``layer="auto"`` choice on every Keras backend: ``(layer path, token note)``.
+
+    The token rule (``before_last_attention``) first; else ``choose_layer``'s general rule. The
+    note is None for the general rule; when the token rule chose, the caller reads the layer as
+    tokens and shows the note in the Explainer's repr.
+    """
+    token = before_last_attention(records, paths, batch)
+    if token is None:
+        return choose_layer(records, input_spatial), None
+    note = (
+        f"a token model: {token!r} holds the tokens the last attention reads (the last layer with them "
+        "before it); the attention methods (rollout, attention-grad) need no layer"
+    )
+    return token, note
 
 
 def layouts(layers: Sequence[Any]) -> tuple[str, ...]:

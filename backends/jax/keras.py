@@ -30,7 +30,7 @@ import numpy as np
 from anycam._errors import BackendError, ConfigTypeError
 from anycam.core import TargetSpec, spatial_shape
 from anycam.protocol.backend import AttentionCapture, Capture, check_options
-from anycam.protocol.layers import choose_layer, is_auto
+from anycam.protocol.layers import is_auto
 
 from .. import _keras
 from .backend import JaxBackend
@@ -162,15 +162,11 @@ class KerasJaxBackend(JaxBackend):
                 return jax.eval_shape(lambda p, xs: _stateless(self.model, p, xs, self._kwargs), weights, x)
 
             records, paths = _keras.layer_records(self.model, forward, _is_feature)
-            token = _keras.before_last_attention(records, paths, int(x.shape[0]))
-            if token is None:
-                chosen = choose_layer(records, spatial_shape(tuple(x.shape), self.input_layout))
-            else:
-                chosen = token
-                self.auto_note = _keras.TOKEN_NOTE.format(chosen)
+            input_spatial = spatial_shape(tuple(x.shape), self.input_layout)
+            chosen, note = _keras.auto_choice(records, paths, int(x.shape[0]), input_spatial)
             self._set_layers([(chosen, paths[chosen], "output")])
-            if token is not None:  # chosen for holding the attention's (N, T, C) tokens: that is its layout
-                self.layer_layout = "tokens"
+            if note is not None:  # chosen for holding the attention's (N, T, C) tokens: that is its layout
+                self.auto_note, self.layer_layout = note, "tokens"
 
     def capture(self, inputs: Any, target: TargetSpec, *, gradients: bool = True, native: bool = False) -> Capture:
         if self.auto_layer and not self.layer_names:

@@ -17,7 +17,6 @@ import tensorflow as tf
 
 from anycam._errors import InputError, LayerError
 from anycam.core import spatial_shape
-from anycam.protocol.layers import choose_layer
 
 from .. import _keras
 
@@ -136,12 +135,8 @@ def choose(backend: TensorFlowBackend, inputs: Any, spatial: tf.Tensor) -> None:
         records, paths = _keras.layer_records(
             backend.model, lambda: backend.model(inputs, training=False, **backend.model_kwargs), is_feature
         )
-        token = _keras.before_last_attention(records, paths, int(spatial.shape[0]))
-        if token is None:
-            chosen = choose_layer(records, spatial_shape(tuple(spatial.shape), backend.input_layout))
-        else:
-            chosen = token
-            backend.auto_note = _keras.TOKEN_NOTE.format(chosen)
+        input_spatial = spatial_shape(tuple(spatial.shape), backend.input_layout)
+        chosen, note = _keras.auto_choice(records, paths, int(spatial.shape[0]), input_spatial)
         backend._set_layers([(chosen, paths[chosen], "output")])
-        if token is not None:  # chosen for holding the attention's (N, T, C) tokens: that is its layout
-            backend.layouts = ("tokens",)
+        if note is not None:  # chosen for holding the attention's (N, T, C) tokens: that is its layout
+            backend.auto_note, backend.layouts = note, ("tokens",)

@@ -28,7 +28,6 @@ from anycam._errors import AnycamError, InputError, LayerError
 from anycam.core import TargetSpec, spatial_shape
 from anycam.protocol.backend import AttentionCapture, Capture, check_options, select_output
 from anycam.protocol.inputs import ModelInputs
-from anycam.protocol.layers import choose_layer
 
 from .. import _keras
 from .backend import OPTIONS, TorchBackend
@@ -98,15 +97,11 @@ class KerasTorchBackend(TorchBackend):
             with torch.no_grad():
                 records, paths = _keras.layer_records(self.model, lambda: self._call(structure), _is_feature)
             input_spatial = spatial_shape(tuple(structure.spatial_value.shape), self.input_layout)
-            token = _keras.before_last_attention(records, paths, int(structure.spatial_value.shape[0]))
-            if token is None:
-                chosen = choose_layer(records, input_spatial)
-            else:
-                chosen = token
-                self.auto_note = _keras.TOKEN_NOTE.format(chosen)
+            batch = int(structure.spatial_value.shape[0])
+            chosen, note = _keras.auto_choice(records, paths, batch, input_spatial)
             self._set_layers([(chosen, paths[chosen], "output")])
-            if token is not None:  # chosen for holding the attention's (N, T, C) tokens: that is its layout
-                self.layouts = ("tokens",)
+            if note is not None:  # chosen for holding the attention's (N, T, C) tokens: that is its layout
+                self.auto_note, self.layouts = note, ("tokens",)
 
     def _forward(
         self, structure: ModelInputs, differentiable: bool, keep_graph: bool = False
